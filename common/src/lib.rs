@@ -1,0 +1,23 @@
+//! Fleet's shared foundation, used by the scheduler, the workers, the reaper and `fleetctl`.
+//!
+//! # Layout
+//! - [`cli`]: the `--config` / `--check-config` arguments of every service.
+//! - [`settings`]: typed settings with defaults → TOML file → `FLEET__*` environment layering.
+//! - [`priority`]: the four priority levels.
+//! - [`topics`]: every Kafka topic name.
+//! - [`kafka`]: producer/consumer/admin configuration and topic creation.
+//! - [`store`]: the Redis key schema, Lua scripts and connection.
+//! - [`telemetry`]: `tracing` set-up.
+//! - [`shutdown`]: signal handling and the drain-with-deadline supervisor.
+
+pub mod cli;
+pub mod kafka;
+pub mod priority;
+pub mod settings;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod topics;
+
+pub use priority::Priority;
+pub use topics::Topics;

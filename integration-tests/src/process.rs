@@ -1,0 +1,188 @@
+//! Child processes that cannot outlive the test that started them.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::state_dir;
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A child process killed when dropped, also when the test panics, and by the kernel if the
+/// test process itself dies (`PR_SET_PDEATHSIG` through `setpriv`).
+#[derive(Debug)]
+pub struct ManagedProcess {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    registry_entry: PathBuf,
+}
+
+impl ManagedProcess {
+    /// Starts `program args…` with `envs`, stdout and stderr appended to `log`.
+    ///
+    /// Call this from the test's own thread (not from `spawn_blocking`): the death signal is
+    /// tied to the thread that forks.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(String, String)],
+        log: &Path,
+    ) -> Self {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open log file");
+        let err = out.try_clone().expect("clone log handle");
+        let child = Command::new("setpriv")
+            .arg("--pdeathsig")
+            .arg("KILL")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}); is util-linux's setpriv installed?",
+                    program.display()
+                )
+            });
+        let registry_entry = registry_dir().join(format!("{}-{}", std::process::id(), child.id()));
+        std::fs::write(&registry_entry, program.to_string_lossy().as_bytes())
+            .expect("write pid registry");
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+            registry_entry,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until the process accepts TCP connections on `port`; panics with its log if it
+    /// exits or does not listen in time.
+    pub fn wait_for_port(&self, port: u16, timeout: Duration) {
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > timeout {
+                self.print_log_tail(40);
+                panic!(
+                    "{} did not listen on 127.0.0.1:{port} within {timeout:?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (e.g. "KILL", "STOP", "CONT", "TERM") to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "kill -{signal} {} failed",
+            self.pid()
+        );
+    }
+
+    /// Waits for the process to exit and returns its exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        let child = self.child.as_mut().expect("process already reaped");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for child") {
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                self.print_log_tail(40);
+                panic!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Prints the last `lines` lines of the process's log to stderr.
+    pub fn print_log_tail(&self, lines: usize) {
+        let Ok(file) = File::open(&self.log) else {
+            return;
+        };
+        let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+        eprintln!(
+            "---- last {lines} lines of {} ({}) ----",
+            self.name,
+            self.log.display()
+        );
+        for line in &all[all.len().saturating_sub(lines)..] {
+            eprintln!("{line}");
+        }
+    }
+}
+
+impl Drop for ManagedProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.registry_entry);
+    }
+}
+
+fn registry_dir() -> PathBuf {
+    let dir = state_dir().join("pids");
+    std::fs::create_dir_all(&dir).expect("create pid registry");
+    dir
+}
+
+/// Kills processes recorded by test processes that no longer exist. Each entry is named
+/// `<test pid>-<child pid>` and holds the child's program path, which is compared with
+/// `/proc/<pid>/cmdline` so a recycled pid is never killed.
+pub(crate) fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(registry_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((owner, child)) = name.split_once('-') else {
+            continue;
+        };
+        if Path::new("/proc").join(owner).exists() {
+            continue; // its test is still running
+        }
+        let program = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let cmdline =
+            std::fs::read(Path::new("/proc").join(child).join("cmdline")).unwrap_or_default();
+        if !program.is_empty() && String::from_utf8_lossy(&cmdline).contains(&program) {
+            let _ = Command::new("kill").arg("-9").arg(child).status();
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+}

@@ -1,0 +1,318 @@
+//! The foundation against real dependencies: Kafka consumer groups and offsets on tansu, Lua on
+//! redis-server, the services' configuration handling, and the harness's own cleanup.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_common::{kafka, store};
+use fleet_integration_tests::{TestEnv, eventually, fleet_binary};
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// (consumer, partition, offset, value) of every record a consumer saw.
+type Seen = Arc<Mutex<Vec<(usize, i32, i64, u32)>>>;
+
+fn group_consumer(env: &TestEnv, topic: &str) -> Arc<StreamConsumer> {
+    let settings = env.settings();
+    let mut config =
+        kafka::consumer_config(&settings.kafka, &format!("{}-group", env.prefix), "it");
+    config.set("enable.auto.commit", "false"); // this test commits by hand
+    let consumer: StreamConsumer = config.create().expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    Arc::new(consumer)
+}
+
+/// Consumes forever, committing each record synchronously after recording it.
+fn consume(id: usize, consumer: Arc<StreamConsumer>, seen: Seen) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stream = consumer.stream();
+        while let Some(Ok(msg)) = stream.next().await {
+            let value: u32 = std::str::from_utf8(msg.payload().unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            seen.lock()
+                .unwrap()
+                .push((id, msg.partition(), msg.offset(), value));
+            consumer
+                .commit_message(&msg, CommitMode::Sync)
+                .expect("commit");
+        }
+    })
+}
+
+async fn produce(env: &TestEnv, topic: &str, values: std::ops::Range<u32>) {
+    let producer: FutureProducer = kafka::producer_config(&env.settings().kafka, "it")
+        .create()
+        .expect("producer");
+    let sends = values.map(|v| {
+        let producer = producer.clone();
+        let topic = topic.to_string();
+        async move {
+            let (key, payload) = (format!("k{v}"), v.to_string());
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("delivered");
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_group_of_two_shares_partitions_and_committed_offsets_survive_restart() {
+    let env = TestEnv::start("group");
+    let topic = format!("{}.roundtrip", env.prefix);
+    let settings = env.settings();
+    let statuses = kafka::ensure_topics(
+        &settings.kafka,
+        std::slice::from_ref(&topic),
+        4,
+        1,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("create topic");
+    assert_eq!((statuses[0].created, statuses[0].partitions), (true, 4));
+    let again = kafka::ensure_topics(
+        &settings.kafka,
+        std::slice::from_ref(&topic),
+        4,
+        1,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("create topic again");
+    assert!(
+        !again[0].created,
+        "a second create leaves the topic as it is"
+    );
+
+    // Two members of one group: wait until the group has split the four partitions.
+    let (a, b) = (group_consumer(&env, &topic), group_consumer(&env, &topic));
+    let seen: Seen = Arc::default();
+    let loops = [
+        consume(0, a.clone(), seen.clone()),
+        consume(1, b.clone(), seen.clone()),
+    ];
+    eventually(WAIT, "both members own partitions", || {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let (na, nb) = (
+                a.assignment().unwrap().count(),
+                b.assignment().unwrap().count(),
+            );
+            na > 0 && nb > 0 && na + nb == 4
+        }
+    })
+    .await;
+
+    produce(&env, &topic, 0..200).await;
+    eventually(WAIT, "all 200 records consumed", || async {
+        seen.lock().unwrap().len() >= 200
+    })
+    .await;
+    let first: Vec<_> = seen.lock().unwrap().clone();
+    let values: BTreeSet<u32> = first.iter().map(|r| r.3).collect();
+    assert_eq!(values.len(), 200, "every record seen");
+    assert_eq!(first.len(), 200, "no record seen twice");
+    for member in 0..2 {
+        assert!(
+            first.iter().any(|r| r.0 == member),
+            "member {member} got a share"
+        );
+    }
+    // Each partition went to exactly one member.
+    let mut owner: BTreeMap<i32, BTreeSet<usize>> = BTreeMap::new();
+    for (member, partition, _, _) in &first {
+        owner.entry(*partition).or_default().insert(*member);
+    }
+    assert!(
+        owner.values().all(|m| m.len() == 1),
+        "partition owners: {owner:?}"
+    );
+    // Close the members one at a time, letting the group settle in between, as a rolling
+    // restart does. (tansu can keep a departed leader when both leave in the same instant;
+    // see the README's notes on the local broker.)
+    // The remaining member keeps polling so that it can take part in the rebalance.
+    let [loop_a, loop_b] = loops;
+    loop_a.abort();
+    let _ = loop_a.await;
+    drop(a);
+    eventually(WAIT, "the remaining member owns every partition", || {
+        let b = b.clone();
+        async move { b.assignment().unwrap().count() == 4 }
+    })
+    .await;
+    loop_b.abort();
+    let _ = loop_b.await;
+    drop(b);
+
+    // Restart: a new member of the same group starts at the committed offsets.
+    produce(&env, &topic, 200..300).await;
+    let c = group_consumer(&env, &topic);
+    let after: Seen = Arc::default();
+    let handle = consume(2, c.clone(), after.clone());
+    eventually(
+        WAIT,
+        "the 100 new records consumed after restart",
+        || async { after.lock().unwrap().iter().filter(|r| r.3 >= 200).count() >= 100 },
+    )
+    .await;
+    handle.abort();
+    let after = after.lock().unwrap().clone();
+    let old: Vec<_> = after.iter().filter(|r| r.3 < 200).collect();
+    // Within a partition records arrive in offset order, so a replay of a committed record
+    // would have come before the new ones.
+    assert!(old.is_empty(), "records replayed after restart: {old:?}");
+    assert_eq!(
+        after.iter().map(|r| r.3).collect::<BTreeSet<_>>().len(),
+        100
+    );
+}
+
+#[tokio::test]
+async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
+    let env = TestEnv::start("lua");
+    let settings = env.settings();
+    let mut conn = store::connect(&settings.redis).await.expect("connect");
+    let keys = store::Keys::new(&settings.redis.key_prefix);
+
+    assert!(
+        store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+        "first call records it"
+    );
+    assert!(
+        !store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+        "second call only checks"
+    );
+
+    let mut raw = env.redis_conn().await;
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.schema())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(fields["version"], store::SCHEMA_VERSION.to_string());
+    assert_eq!(fields["created_by"], "test");
+    assert!(
+        fields["created_ms"].parse::<u64>().unwrap() > 1_600_000_000_000,
+        "Redis server time in ms"
+    );
+
+    // EVALSHA falls back to loading the script after the cache is emptied.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(!store::check_schema(&mut conn, &keys, "test").await.unwrap());
+
+    // Data in a layout this build does not know is refused, and left untouched.
+    let () = redis::cmd("HSET")
+        .arg(keys.schema())
+        .arg("version")
+        .arg(99)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let err = store::check_schema(&mut conn, &keys, "test")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, store::StoreError::SchemaMismatch { found: 99, .. }),
+        "{err}"
+    );
+    let version: String = redis::cmd("HGET")
+        .arg(keys.schema())
+        .arg("version")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(version, "99");
+}
+
+/// Runs a Fleet binary with `env` and returns (exit code, stdout, stderr).
+fn run_binary(name: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(fleet_binary(name))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
+    for binary in ["fleet-scheduler", "fleet-worker", "fleetctl"] {
+        let args: &[&str] = if binary == "fleetctl" {
+            &["ping"]
+        } else {
+            &["--check-config"]
+        };
+        let (code, _, err) = run_binary(binary, args, &[("FLEET__WORKER__CONCURENCY", "8")]);
+        if binary == "fleet-worker" {
+            assert_eq!(code, 2, "{binary}: {err}");
+            assert!(
+                err.contains("worker.concurency") && err.contains("unknown field"),
+                "{binary}: {err}"
+            );
+        }
+        let (code, _, err) = run_binary(binary, args, &[("FLEET__LEASE__HEARTBEAT_MS", "20000")]);
+        assert_eq!(code, 2, "{binary}: {err}");
+        assert!(err.contains("lease.heartbeat_ms"), "{binary}: {err}");
+        let (code, _, err) = run_binary(binary, args, &[("FLEET__REDIS__URL", "junk\u{7f}")]);
+        assert_eq!(code, 2, "{binary}: {err}");
+        assert!(err.contains("redis.url"), "{binary}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[scheduler]\ngroup_id = 7\nextra = true\n").unwrap();
+    let (code, _, err) = run_binary(
+        "fleet-scheduler",
+        &["--check-config", "--config", bad.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("scheduler."), "{err}");
+    let (code, _, err) = run_binary("fleet-scheduler", &["--config", "/nonexistent.toml"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+    let (code, _, err) = run_binary("fleet-scheduler", &["--no-such-flag"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--no-such-flag"), "{err}");
+}
+
+#[test]
+fn check_config_prints_effective_settings_without_secrets() {
+    let (code, out, err) = run_binary(
+        "fleet-worker",
+        &["--check-config"],
+        &[
+            ("FLEET__REDIS__URL", "redis://u:canary-pw@cache:6379"),
+            ("FLEET__WORKER__CONCURRENCY", "7"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("concurrency: 7"), "{out}");
+    assert!(
+        out.contains("cache:6379") && !out.contains("canary-pw"),
+        "{out}"
+    );
+}

@@ -1,0 +1,3 @@
+//! The scheduler: validates submissions and routes them onto the priority topics.
+
+pub mod settings;

@@ -1,0 +1,3 @@
+//! The worker runtime: consumes the priority topics and runs task handlers.
+
+pub mod settings;
