@@ -1,10 +1,12 @@
-//! Command-line arguments every Fleet service accepts.
+//! Command-line arguments and the `main` shape every Fleet service shares.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use serde::de::DeserializeOwned;
-
-use crate::settings::{self, SettingsError, Validate};
+use crate::settings::{self, ServiceSettings, SettingsError};
+use crate::shutdown::Outcome;
+use crate::telemetry;
 
 /// `--config PATH` and `--check-config`, shared by the services' command lines.
 #[derive(Debug, Clone, clap::Args)]
@@ -19,7 +21,55 @@ pub struct ServiceArgs {
 
 impl ServiceArgs {
     /// Loads the service's settings from defaults, `--config` and the environment.
-    pub fn load<T: DeserializeOwned + Validate>(&self) -> Result<T, SettingsError> {
+    pub fn load<T: ServiceSettings>(&self) -> Result<T, SettingsError> {
         settings::load(self.config.as_deref())
+    }
+}
+
+/// Exit code for settings that cannot be loaded or are unsafe.
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+/// Runs a service: loads settings (exit 2 with a message naming the key if they are bad),
+/// honours `--check-config`, sets up logging, then runs `service` on a multi-threaded runtime.
+/// Exit 0 after a clean drain, 1 if the service failed or had to be aborted.
+pub fn run_service<T, F, Fut, E>(name: &str, args: &ServiceArgs, service: F) -> ExitCode
+where
+    T: ServiceSettings,
+    F: FnOnce(T) -> Fut,
+    Fut: Future<Output = Result<Outcome, E>>,
+    E: std::fmt::Debug,
+{
+    let settings: T = match args.load() {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if args.check_config {
+        println!("{settings:#?}");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(err) = telemetry::init(settings.log()) {
+        eprintln!("{name}: invalid log settings: {err}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("{name}: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(service(settings)) {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Unclean) => ExitCode::FAILURE,
+        Err(err) => {
+            tracing::error!(error = ?err, "{name} failed.");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -4,18 +4,22 @@
 //! - [`cli`]: the `--config` / `--check-config` arguments of every service.
 //! - [`settings`]: typed settings with defaults → TOML file → `FLEET__*` environment layering.
 //! - [`priority`]: the four priority levels.
+//! - [`task`]: the submission format, the stored record, the envelope, the states.
 //! - [`topics`]: every Kafka topic name.
 //! - [`kafka`]: producer/consumer/admin configuration and topic creation.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
+//! - [`retry`]: retrying a call on a dependency that is briefly away.
 //! - [`telemetry`]: `tracing` set-up.
 //! - [`shutdown`]: signal handling and the drain-with-deadline supervisor.
 
 pub mod cli;
 pub mod kafka;
 pub mod priority;
+pub mod retry;
 pub mod settings;
 pub mod shutdown;
 pub mod store;
+pub mod task;
 pub mod telemetry;
 pub mod topics;
 

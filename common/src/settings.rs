@@ -40,6 +40,11 @@ pub trait Validate {
     fn validate(&self) -> Result<(), SettingsError>;
 }
 
+/// A whole service's settings (made by [`service_settings!`](crate::service_settings)).
+pub trait ServiceSettings: DeserializeOwned + Validate + fmt::Debug {
+    fn log(&self) -> &LogSettings;
+}
+
 /// Loads `T` from defaults, the optional TOML `file`, and the process environment.
 pub fn load<T>(file: Option<&Path>) -> Result<T, SettingsError>
 where
@@ -469,21 +474,119 @@ impl LeaseSettings {
     }
 }
 
+/// `[tasks]`: limits and defaults of the task lifecycle, shared by every service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskSettings {
+    /// Largest accepted submission, in bytes.
+    pub max_task_bytes: usize,
+    /// `max_attempts` of tasks that do not set one.
+    pub default_max_attempts: u32,
+    /// `timeout_ms` of tasks that do not set one; 0 means no timeout.
+    pub default_timeout_ms: u64,
+    /// How long terminal tasks stay in Redis.
+    pub retention_ms: u64,
+    /// How long an `idempotency_key` keeps mapping to its task.
+    pub idempotency_window_ms: u64,
+    /// How long a dispatched task may wait for its Kafka acknowledgement before the relay
+    /// publishes it again (the outbox sweep).
+    pub redeliver_ms: u64,
+    /// Retry backoff: after failed attempt n, wait a random time up to
+    /// `min(retry_cap_ms, retry_base_ms × 2^(n-1))` (exponential backoff with full jitter).
+    pub retry_base_ms: u64,
+    pub retry_cap_ms: u64,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            max_task_bytes: 1 << 20,
+            default_max_attempts: 5,
+            default_timeout_ms: 0,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            idempotency_window_ms: 24 * 3600 * 1000,
+            redeliver_ms: 10_000,
+            retry_base_ms: 1_000,
+            retry_cap_ms: 300_000,
+        }
+    }
+}
+
+impl TaskSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !(1024..=16 << 20).contains(&self.max_task_bytes) {
+            return Err(SettingsError::invalid(
+                "tasks.max_task_bytes",
+                "expected 1024 to 16777216",
+            ));
+        }
+        if !(1..=crate::task::MAX_ATTEMPTS_LIMIT).contains(&self.default_max_attempts) {
+            return Err(SettingsError::invalid(
+                "tasks.default_max_attempts",
+                "expected 1 to 100",
+            ));
+        }
+        if self.default_timeout_ms > crate::task::MAX_TIMEOUT_MS {
+            return Err(SettingsError::invalid(
+                "tasks.default_timeout_ms",
+                "at most one week",
+            ));
+        }
+        if self.retention_ms < 1000 || self.idempotency_window_ms < 1000 {
+            return Err(SettingsError::invalid(
+                "tasks.retention_ms",
+                "retention and idempotency window must be at least 1000 ms",
+            ));
+        }
+        if self.retry_base_ms == 0 || self.retry_cap_ms < self.retry_base_ms {
+            return Err(SettingsError::invalid(
+                "tasks.retry_cap_ms",
+                "retry_base_ms must be positive and at most retry_cap_ms",
+            ));
+        }
+        if self.redeliver_ms < 100 {
+            return Err(SettingsError::invalid(
+                "tasks.redeliver_ms",
+                "at least 100 ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The delay before retrying after failed attempt `attempt` (1-based), given a uniform
+    /// random `unit` in [0, 1).
+    pub fn retry_delay_ms(&self, attempt: u32, unit: f64) -> u64 {
+        let exp = self
+            .retry_base_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(40));
+        (exp.min(self.retry_cap_ms) as f64 * unit.clamp(0.0, 1.0)) as u64
+    }
+
+    pub fn defaults(&self) -> crate::task::TaskDefaults {
+        crate::task::TaskDefaults {
+            max_attempts: self.default_max_attempts,
+            timeout_ms: self.default_timeout_ms,
+        }
+    }
+}
+
 /// Validates the sections every service shares.
 pub fn validate_common(
     kafka: &KafkaSettings,
     redis: &RedisSettings,
     topics: &TopicSettings,
     lease: &LeaseSettings,
+    tasks: &TaskSettings,
 ) -> Result<(), SettingsError> {
     kafka.validate()?;
     redis.validate()?;
     topics.validate()?;
-    lease.validate()
+    lease.validate()?;
+    tasks.validate()
 }
 
 /// Declares a service's settings struct: the shared sections (`kafka`, `redis`, `topics`,
-/// `lease`, `log`) plus the service's own section, with unknown keys rejected at every level.
+/// `lease`, `tasks`, `log`) plus the service's own section, with unknown keys rejected at every level.
 /// (`serde(flatten)` would lose `deny_unknown_fields` and precise error paths, hence a macro.)
 #[macro_export]
 macro_rules! service_settings {
@@ -496,13 +599,22 @@ macro_rules! service_settings {
             pub redis: $crate::settings::RedisSettings,
             pub topics: $crate::settings::TopicSettings,
             pub lease: $crate::settings::LeaseSettings,
+            pub tasks: $crate::settings::TaskSettings,
             pub log: $crate::settings::LogSettings,
             $(pub $section: $ty,)*
         }
 
+        impl $crate::settings::ServiceSettings for $name {
+            fn log(&self) -> &$crate::settings::LogSettings {
+                &self.log
+            }
+        }
+
         impl $crate::settings::Validate for $name {
             fn validate(&self) -> Result<(), $crate::settings::SettingsError> {
-                $crate::settings::validate_common(&self.kafka, &self.redis, &self.topics, &self.lease)?;
+                $crate::settings::validate_common(
+                    &self.kafka, &self.redis, &self.topics, &self.lease, &self.tasks,
+                )?;
                 $($crate::settings::Validate::validate(&self.$section)?;)*
                 Ok(())
             }

@@ -7,6 +7,7 @@
 //! was killed before that could happen.
 
 mod eventually;
+pub mod fleet;
 mod process;
 
 use std::path::{Path, PathBuf};

@@ -1,3 +1,10 @@
-//! The scheduler: validates submissions and routes them onto the priority topics.
+//! The scheduler crate: ingest of submissions, routing onto the priority topics, the relay
+//! (delay/retry timer and outbox), and the reaper. Two binaries use it: `fleet-scheduler`
+//! (ingest + relay) and `fleet-reaper` (reaper + relay).
 
+pub mod ingest;
+pub mod publish;
+pub mod reaper;
+pub mod relay;
+pub mod service;
 pub mod settings;

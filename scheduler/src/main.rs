@@ -1,14 +1,16 @@
-//! `fleet-scheduler`: validates submitted tasks and routes them onto the priority topics.
+//! `fleet-scheduler`: validates submitted tasks, records them in Redis, routes them onto the
+//! priority topics, and relays due tasks (delays, retries, unconfirmed dispatches).
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use fleet_common::cli::ServiceArgs;
+use fleet_common::cli::{ServiceArgs, run_service};
 use fleet_common::shutdown::{self, Outcome, Supervisor};
-use fleet_common::{Topics, kafka, store, telemetry};
 use fleet_scheduler::settings::SchedulerSettings;
+use fleet_scheduler::{ingest, relay, service};
+use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -19,58 +21,40 @@ struct Cli {
     service: ServiceArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings: SchedulerSettings = match cli.service.load() {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("fleet-scheduler: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    if cli.service.check_config {
-        println!("{settings:#?}");
-        return ExitCode::SUCCESS;
-    }
-    if let Err(err) = telemetry::init(&settings.log) {
-        eprintln!("fleet-scheduler: invalid log settings: {err}");
-        return ExitCode::from(2);
-    }
-    match run(settings).await {
-        Ok(Outcome::Clean) => ExitCode::SUCCESS,
-        Ok(Outcome::Unclean) => ExitCode::FAILURE,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "Scheduler failed to start.");
-            ExitCode::FAILURE
-        }
-    }
+    run_service("fleet-scheduler", &cli.service, run)
 }
 
 async fn run(settings: SchedulerSettings) -> anyhow::Result<Outcome> {
-    let mut conn = store::connect(&settings.redis)
-        .await
-        .context("connecting to Redis")?;
-    let keys = store::Keys::new(&settings.redis.key_prefix);
-    store::check_schema(&mut conn, &keys, "fleet-scheduler")
-        .await
-        .context("checking the Redis schema")?;
-    let topics = Topics::from_settings(&settings.topics);
-    kafka::ensure_topics(
-        &settings.kafka,
-        &topics.all(),
-        settings.topics.partitions,
-        settings.topics.replication_factor,
-        Duration::from_secs(15),
-    )
-    .await
-    .context("creating topics")?;
-
+    let (store, publisher) = service::connect(&settings, "fleet-scheduler").await?;
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
-    let supervisor = Supervisor::new(token);
-    info!(brokers = %settings.kafka.brokers, "Scheduler started.");
+    let settings = Arc::new(settings);
+    let mut supervisor = Supervisor::new(token.clone());
+    supervisor.spawn(
+        "ingest",
+        ingest::run(
+            settings.clone(),
+            store.clone(),
+            publisher.clone(),
+            token.child_token(),
+        ),
+    );
+    supervisor.spawn(
+        "relay",
+        relay::run(
+            store,
+            publisher.clone(),
+            settings.scheduler.relay_interval(),
+            token.child_token(),
+        ),
+    );
+    info!(brokers = %settings.kafka.brokers, group = %settings.scheduler.group_id, "Scheduler started.");
     let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
+    let _ = publisher
+        .producer()
+        .flush(std::time::Duration::from_secs(5));
     info!(?outcome, "Scheduler stopped.");
     Ok(outcome)
 }

@@ -1,4 +1,4 @@
-//! The scheduler's settings: the shared sections plus `[scheduler]`.
+//! The settings of `fleet-scheduler` and `fleet-reaper`: the shared sections plus `[scheduler]`.
 
 use std::time::Duration;
 
@@ -6,14 +6,31 @@ use fleet_common::service_settings;
 use fleet_common::settings::{SettingsError, Validate};
 use serde::Deserialize;
 
+/// How tasks without a `key` are spread over a priority topic's partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partitioner {
+    /// The producer picks a partition at random (librdkafka's default for keyless records).
+    #[default]
+    Random,
+    /// Each task goes to the next partition in turn.
+    RoundRobin,
+}
+
 /// `[scheduler]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerSection {
     /// Consumer group of the scheduler replicas on the submit topic.
     pub group_id: String,
-    /// How long a stopping scheduler may take to finish in-flight submissions.
+    /// How long a stopping scheduler or reaper may take to finish its current batch.
     pub shutdown_grace_ms: u64,
+    /// Spreading of keyless tasks; tasks with a `key` always go by the key's hash.
+    pub partitioner: Partitioner,
+    /// Most submissions handled in one Redis call.
+    pub batch_size: usize,
+    /// How often the relay looks for due tasks (delays, retries, unconfirmed dispatches).
+    pub relay_interval_ms: u64,
 }
 
 impl Default for SchedulerSection {
@@ -21,6 +38,9 @@ impl Default for SchedulerSection {
         Self {
             group_id: "fleet-scheduler".into(),
             shutdown_grace_ms: 10_000,
+            partitioner: Partitioner::Random,
+            batch_size: 500,
+            relay_interval_ms: 250,
         }
     }
 }
@@ -28,6 +48,10 @@ impl Default for SchedulerSection {
 impl SchedulerSection {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn relay_interval(&self) -> Duration {
+        Duration::from_millis(self.relay_interval_ms)
     }
 }
 
@@ -39,11 +63,23 @@ impl Validate for SchedulerSection {
                 "must not be empty",
             ));
         }
+        if !(1..=10_000).contains(&self.batch_size) {
+            return Err(SettingsError::invalid(
+                "scheduler.batch_size",
+                "expected 1 to 10000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.relay_interval_ms) {
+            return Err(SettingsError::invalid(
+                "scheduler.relay_interval_ms",
+                "expected 10 to 60000",
+            ));
+        }
         Ok(())
     }
 }
 
 service_settings! {
-    /// Everything `fleet-scheduler` reads.
+    /// Everything `fleet-scheduler` and `fleet-reaper` read.
     SchedulerSettings { scheduler: SchedulerSection }
 }

@@ -1,15 +1,15 @@
-//! `fleet-worker`: consumes the priority topics and runs task handlers.
+//! `fleet-worker`: a worker replica running the built-in handlers (`noop`, `echo`, `sleep`,
+//! `fail`, `crash`). Your own worker is the same few lines with your handlers registered.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use fleet_common::cli::ServiceArgs;
-use fleet_common::shutdown::{self, Outcome, Supervisor};
-use fleet_common::{store, telemetry};
+use fleet_common::cli::{ServiceArgs, run_service};
+use fleet_common::shutdown::{self, Outcome};
 use fleet_worker::settings::WorkerSettings;
+use fleet_worker::{Worker, builtin};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 #[derive(Debug, Parser)]
 #[command(name = "fleet-worker", version, about)]
@@ -18,48 +18,15 @@ struct Cli {
     service: ServiceArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings: WorkerSettings = match cli.service.load() {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("fleet-worker: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    if cli.service.check_config {
-        println!("{settings:#?}");
-        return ExitCode::SUCCESS;
-    }
-    if let Err(err) = telemetry::init(&settings.log) {
-        eprintln!("fleet-worker: invalid log settings: {err}");
-        return ExitCode::from(2);
-    }
-    match run(settings).await {
-        Ok(Outcome::Clean) => ExitCode::SUCCESS,
-        Ok(Outcome::Unclean) => ExitCode::FAILURE,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "Worker failed to start.");
-            ExitCode::FAILURE
-        }
-    }
+    run_service("fleet-worker", &cli.service, run)
 }
 
 async fn run(settings: WorkerSettings) -> anyhow::Result<Outcome> {
-    let mut conn = store::connect(&settings.redis)
-        .await
-        .context("connecting to Redis")?;
-    let keys = store::Keys::new(&settings.redis.key_prefix);
-    store::check_schema(&mut conn, &keys, "fleet-worker")
-        .await
-        .context("checking the Redis schema")?;
-
     let token = CancellationToken::new();
     shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
-    let supervisor = Supervisor::new(token);
-    info!(brokers = %settings.kafka.brokers, "Worker started.");
-    let outcome = supervisor.run(settings.worker.shutdown_grace()).await;
-    info!(?outcome, "Worker stopped.");
-    Ok(outcome)
+    Ok(Worker::new(settings, builtin::registry())
+        .run(token)
+        .await?)
 }

@@ -10,20 +10,33 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerSection {
+    /// This worker's name in Redis and logs; empty: `<hostname>-<pid>`. On Kubernetes use the
+    /// pod name.
+    pub id: String,
     /// Consumer group shared by every worker replica.
     pub group_id: String,
     /// Tasks one worker runs at once.
     pub concurrency: usize,
     /// How long a stopping worker lets running tasks finish before handing them back.
     pub shutdown_grace_ms: u64,
+    /// Share of free slots given to critical, high, normal and low when all have work waiting.
+    pub priority_weights: [u32; 4],
+    /// Always start the most urgent waiting task first (lower levels can starve).
+    pub strict_priority: bool,
+    /// Most deliveries claimed in one Redis call.
+    pub claim_batch: usize,
 }
 
 impl Default for WorkerSection {
     fn default() -> Self {
         Self {
+            id: String::new(),
             group_id: "fleet-workers".into(),
             concurrency: 32,
             shutdown_grace_ms: 20_000,
+            priority_weights: [8, 4, 2, 1],
+            strict_priority: false,
+            claim_batch: 256,
         }
     }
 }
@@ -32,10 +45,35 @@ impl WorkerSection {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
     }
+
+    /// The configured id, or `<hostname>-<pid>`.
+    pub fn worker_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".into());
+        format!("{host}-{}", std::process::id())
+    }
 }
 
 impl Validate for WorkerSection {
     fn validate(&self) -> Result<(), SettingsError> {
+        if self.id.len() > 128
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+        {
+            return Err(SettingsError::invalid(
+                "worker.id",
+                "up to 128 letters, digits, '_', '.', ':' or '-'",
+            ));
+        }
         if self.group_id.trim().is_empty() {
             return Err(SettingsError::invalid(
                 "worker.group_id",
@@ -45,6 +83,18 @@ impl Validate for WorkerSection {
         if !(1..=10_000).contains(&self.concurrency) {
             return Err(SettingsError::invalid(
                 "worker.concurrency",
+                "expected 1 to 10000",
+            ));
+        }
+        if self.priority_weights.contains(&0) || self.priority_weights.iter().any(|w| *w > 1000) {
+            return Err(SettingsError::invalid(
+                "worker.priority_weights",
+                "four weights from 1 to 1000 (critical, high, normal, low)",
+            ));
+        }
+        if !(1..=10_000).contains(&self.claim_batch) {
+            return Err(SettingsError::invalid(
+                "worker.claim_batch",
                 "expected 1 to 10000",
             ));
         }

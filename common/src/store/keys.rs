@@ -1,7 +1,10 @@
 //! The Redis key schema. Every key Fleet reads or writes is built here and nowhere else.
 //!
 //! All keys of one fleet share the hash tag `{<prefix>}`, so every Lua script touches keys of a
-//! single hash slot and runs unchanged on Redis Cluster.
+//! single hash slot and runs unchanged on Redis Cluster. Scripts receive every key they touch
+//! in `KEYS`: first the [`Keys::globals`] block, then per-task keys.
+
+use crate::task::State;
 
 /// Builds Fleet's Redis keys under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,6 +12,9 @@ pub struct Keys {
     /// `{prefix}`, the hash-tagged root of every key.
     root: String,
 }
+
+/// How many keys [`Keys::globals`] returns; per-task keys start after them.
+pub const GLOBAL_KEYS: usize = 11;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -21,6 +27,75 @@ impl Keys {
     pub fn schema(&self) -> String {
         format!("{}:schema", self.root)
     }
+
+    /// Hash of one task: state, attempt, owner, timestamps, stored record, result or error.
+    pub fn task(&self, id: &str) -> String {
+        format!("{}:task:{id}", self.root)
+    }
+
+    /// Sorted set of running task ids scored by lease deadline (Redis time, ms).
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.root)
+    }
+
+    /// Sorted set of task ids to (re)publish, scored by when: the delay/retry timer and the
+    /// outbox of dispatches not yet acknowledged by Kafka.
+    pub fn due(&self) -> String {
+        format!("{}:due", self.root)
+    }
+
+    /// Sorted set of failed task ids whose dead-letter record is not yet on Kafka.
+    pub fn dead_outbox(&self) -> String {
+        format!("{}:dead-outbox", self.root)
+    }
+
+    /// Sorted set of task ids in `state`, scored by when they entered it (ms).
+    pub fn state_index(&self, state: State) -> String {
+        format!("{}:state:{}", self.root, state.as_str())
+    }
+
+    /// Set of queue names that have ever had a task.
+    pub fn queues(&self) -> String {
+        format!("{}:queues", self.root)
+    }
+
+    /// Sorted set of the task ids of one queue, scored by creation time (ms).
+    pub fn queue_index(&self, queue: &str) -> String {
+        format!("{}:queue:{queue}", self.root)
+    }
+
+    /// Sorted set of worker ids scored by their last heartbeat (ms).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.root)
+    }
+
+    /// Hash describing one live worker; expires when its heartbeats stop.
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}:worker:{id}", self.root)
+    }
+
+    /// Idempotency key → task id, expiring after the idempotency window.
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.root)
+    }
+
+    /// The keys every transition script receives first, in this order: leases, due,
+    /// dead outbox, the six state indexes (in [`State::ALL`] order), queues, workers.
+    pub fn globals(&self) -> [String; GLOBAL_KEYS] {
+        [
+            self.leases(),
+            self.due(),
+            self.dead_outbox(),
+            self.state_index(State::Pending),
+            self.state_index(State::Scheduled),
+            self.state_index(State::Running),
+            self.state_index(State::Succeeded),
+            self.state_index(State::Failed),
+            self.state_index(State::Cancelled),
+            self.queues(),
+            self.workers(),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -31,5 +106,10 @@ mod tests {
     fn keys_share_one_hash_tag() {
         let keys = Keys::new("fleet");
         assert_eq!(keys.schema(), "{fleet}:schema");
+        assert_eq!(keys.task("t1"), "{fleet}:task:t1");
+        assert_eq!(keys.state_index(State::Running), "{fleet}:state:running");
+        for key in keys.globals() {
+            assert!(key.starts_with("{fleet}:"), "{key}");
+        }
     }
 }

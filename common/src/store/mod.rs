@@ -3,12 +3,14 @@
 
 pub mod keys;
 pub mod scripts;
+mod tasks;
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use keys::Keys;
+pub use tasks::{Accepted, Attempt, Claim, Completion, Dispatch, NewTask, Outcome, Requeue, Store};
 
 use crate::settings::RedisSettings;
 
@@ -27,6 +29,8 @@ pub enum StoreError {
          refusing to touch data in an unknown layout"
     )]
     SchemaMismatch { found: u32, expected: u32 },
+    #[error("unexpected reply from a Fleet script: {0}")]
+    Protocol(&'static str),
 }
 
 /// Opens a reconnecting connection to Redis and checks that it answers.

@@ -1,12 +1,45 @@
 //! Lua scripts, one per `.lua` file under `common/lua/`, compiled into the binary.
 //!
-//! `Script::invoke_async` sends EVALSHA and loads the script on NOSCRIPT, so a Redis restart or
-//! `SCRIPT FLUSH` is handled without any bookkeeping here.
+//! Transition scripts get `lua/prelude.lua` prepended (key names, Redis time, index moves), so
+//! that shared code is written once. `Script::invoke_async` sends EVALSHA and loads the script
+//! on NOSCRIPT, so a Redis restart or `SCRIPT FLUSH` needs no bookkeeping here.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// See `lua/schema.lua` for KEYS/ARGV.
+const PRELUDE: &str = include_str!("../../lua/prelude.lua");
+
+macro_rules! transition {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(&[PRELUDE, include_str!(concat!("../../lua/", $file))].concat())
+        })
+    };
+}
+
+/// See `lua/schema.lua`.
 pub static SCHEMA: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/schema.lua")));
+/// See `lua/expired.lua`.
+pub static EXPIRED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/expired.lua")));
+/// See `lua/take_due.lua`.
+pub static TAKE_DUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/take_due.lua")));
+/// See `lua/accept.lua`.
+pub static ACCEPT: LazyLock<Script> = transition!("accept.lua");
+/// See `lua/dispatched.lua`.
+pub static DISPATCHED: LazyLock<Script> = transition!("dispatched.lua");
+/// See `lua/claim.lua`.
+pub static CLAIM: LazyLock<Script> = transition!("claim.lua");
+/// See `lua/extend.lua`.
+pub static EXTEND: LazyLock<Script> = transition!("extend.lua");
+/// See `lua/complete.lua`.
+pub static COMPLETE: LazyLock<Script> = transition!("complete.lua");
+/// See `lua/release.lua`.
+pub static RELEASE: LazyLock<Script> = transition!("release.lua");
+/// See `lua/prepare_dispatch.lua`.
+pub static PREPARE_DISPATCH: LazyLock<Script> = transition!("prepare_dispatch.lua");
+/// See `lua/requeue.lua`.
+pub static REQUEUE: LazyLock<Script> = transition!("requeue.lua");

@@ -1,0 +1,453 @@
+//! [`Store`]: every task transition as one batched script call.
+
+use std::collections::HashMap;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+
+use super::StoreError;
+use super::keys::Keys;
+use super::scripts;
+use crate::task::{State, TaskRecord};
+
+/// A validated task ready to be recorded.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub record: TaskRecord,
+    /// `record` serialized once, stored in Redis and embedded in every envelope.
+    pub record_json: String,
+    pub idempotency_key: Option<String>,
+    /// Unix ms before which the task must not run; 0 for now.
+    pub run_at_ms: u64,
+}
+
+/// What [`Store::accept`] did with one submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// New and pending: publish it now.
+    Pending(String),
+    /// New and waiting for its run time: the relay publishes it then.
+    Scheduled(String),
+    /// Already known (same id or idempotency key): the existing task's id.
+    Duplicate(String),
+}
+
+/// One task's claim result, see `lua/claim.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    /// The same attempt is already running (a duplicate delivery).
+    Busy,
+    /// An older attempt's delivery.
+    Stale,
+    /// The task already ended.
+    Done,
+    /// An attempt beyond the next: the message did not come from Fleet's own dispatch.
+    Future,
+    /// No such task in Redis.
+    Unknown,
+    /// The task is not pending (scheduled for later, or still running an older attempt).
+    NotReady,
+}
+
+impl Claim {
+    fn from_code(code: i64) -> Self {
+        match code {
+            1 => Claim::Claimed,
+            2 => Claim::Busy,
+            3 => Claim::Stale,
+            4 => Claim::Done,
+            5 => Claim::Future,
+            6 => Claim::Unknown,
+            _ => Claim::NotReady,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Claim::Claimed => "claimed",
+            Claim::Busy => "busy",
+            Claim::Stale => "stale",
+            Claim::Done => "done",
+            Claim::Future => "future",
+            Claim::Unknown => "unknown",
+            Claim::NotReady => "not_ready",
+        }
+    }
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Succeeded with this result (JSON text).
+    Ok(String),
+    /// Failed, may be retried after `delay_ms` if attempts are left.
+    Retry { error: String, delay_ms: u64 },
+    /// Failed for good.
+    Fail(String),
+}
+
+/// The answer to one reported outcome, see `lua/complete.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Succeeded,
+    /// Retry scheduled.
+    Scheduled,
+    Failed,
+    /// This attempt had already ended the task (a repeated report).
+    Already,
+    /// Not the current attempt of this worker: nothing changed.
+    Fenced,
+}
+
+/// A task to publish: its next attempt and stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    pub id: String,
+    pub attempt: u32,
+    pub record_json: String,
+}
+
+/// What the reaper did with one expired lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    Requeued(Dispatch),
+    Failed(String),
+    Skipped(String),
+}
+
+/// The Redis state store of one fleet. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    retention_ms: u64,
+    redeliver_ms: u64,
+    idempotency_window_ms: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `(task id, attempt)` pairs, the unit of fencing.
+pub type Attempt<'a> = (&'a str, u32);
+
+impl Store {
+    pub fn new(conn: ConnectionManager, keys: Keys, tasks: &crate::settings::TaskSettings) -> Self {
+        Self {
+            conn,
+            keys,
+            retention_ms: tasks.retention_ms,
+            redeliver_ms: tasks.redeliver_ms,
+            idempotency_window_ms: tasks.idempotency_window_ms,
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A connection for plain commands (reads, pipelines).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for key in self.keys.globals() {
+            inv.key(key);
+        }
+        inv
+    }
+
+    /// Records new submissions, in one call.
+    pub async fn accept(&self, tasks: &[NewTask]) -> Result<Vec<Accepted>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::ACCEPT);
+        inv.arg(tasks.len())
+            .arg(self.redeliver_ms)
+            .arg(self.idempotency_window_ms);
+        for task in tasks {
+            let key = self.keys.task(&task.record.id);
+            let idem = task
+                .idempotency_key
+                .as_deref()
+                .map_or_else(|| key.clone(), |k| self.keys.idempotency(k));
+            inv.key(key)
+                .key(idem)
+                .key(self.keys.queue_index(&task.record.queue));
+            inv.arg(&task.record.id)
+                .arg(&task.record.queue)
+                .arg(task.record.priority.as_str())
+                .arg(task.record.max_attempts)
+                .arg(&task.record_json)
+                .arg(u8::from(task.idempotency_key.is_some()))
+                .arg(task.run_at_ms);
+        }
+        let rows: Vec<(String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, id)| match state.as_str() {
+                "pending" => Accepted::Pending(id),
+                "scheduled" => Accepted::Scheduled(id),
+                _ => Accepted::Duplicate(id),
+            })
+            .collect())
+    }
+
+    /// Confirms that Kafka acknowledged these `(id, published attempt)` messages.
+    pub async fn dispatched(&self, sent: &[Attempt<'_>]) -> Result<(), StoreError> {
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.invocation(&scripts::DISPATCHED);
+        inv.arg(sent.len());
+        for (id, attempt) in sent {
+            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+        }
+        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Claims deliveries for `worker`, in one call.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        lease_ms: u64,
+        deliveries: &[Attempt<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::CLAIM);
+        inv.arg(deliveries.len()).arg(worker).arg(lease_ms);
+        for (id, attempt) in deliveries {
+            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+        }
+        let codes: Vec<i64> = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(codes.into_iter().map(Claim::from_code).collect())
+    }
+
+    /// Extends the leases of `running` and records the worker as alive; returns the positions
+    /// (0-based) of the tasks whose lease is lost.
+    pub async fn extend(
+        &self,
+        worker: &str,
+        lease_ms: u64,
+        info: &str,
+        running: &[Attempt<'_>],
+    ) -> Result<Vec<usize>, StoreError> {
+        let mut inv = self.invocation(&scripts::EXTEND);
+        inv.key(self.keys.worker(worker));
+        inv.arg(running.len()).arg(worker).arg(lease_ms).arg(info);
+        for (id, attempt) in running {
+            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+        }
+        let lost: Vec<usize> = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(lost.into_iter().map(|p| p - 1).collect())
+    }
+
+    /// Records the outcomes of attempts run by `worker`, in one call.
+    pub async fn complete(
+        &self,
+        worker: &str,
+        outcomes: &[(Attempt<'_>, &Outcome)],
+    ) -> Result<Vec<Completion>, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::COMPLETE);
+        inv.arg(outcomes.len()).arg(worker).arg(self.retention_ms);
+        for ((id, attempt), outcome) in outcomes {
+            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+            match outcome {
+                Outcome::Ok(result) => inv.arg("ok").arg(result).arg(0),
+                Outcome::Retry { error, delay_ms } => inv.arg("retry").arg(error).arg(*delay_ms),
+                Outcome::Fail(error) => inv.arg("fail").arg(error).arg(0),
+            };
+        }
+        let answers: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(answers
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "succeeded" => Completion::Succeeded,
+                "scheduled" => Completion::Scheduled,
+                "failed" => Completion::Failed,
+                "already" => Completion::Already,
+                _ => Completion::Fenced,
+            })
+            .collect())
+    }
+
+    /// Hands `worker`'s running tasks back for immediate redelivery; returns how many it owned.
+    pub async fn release(
+        &self,
+        worker: &str,
+        running: &[Attempt<'_>],
+    ) -> Result<usize, StoreError> {
+        if running.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.invocation(&scripts::RELEASE);
+        inv.arg(running.len()).arg(worker);
+        for (id, attempt) in running {
+            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+        }
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+    }
+
+    /// Ids of tasks whose lease has expired (by Redis time), at most `limit`.
+    pub async fn expired_leases(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(scripts::EXPIRED
+            .key(self.keys.leases())
+            .arg(limit)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// Requeues (or fails) tasks whose lease expired; see `lua/requeue.lua`.
+    pub async fn requeue(&self, ids: &[String]) -> Result<Vec<Requeue>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::REQUEUE);
+        inv.arg(ids.len())
+            .arg(self.retention_ms)
+            .arg(self.redeliver_ms);
+        for id in ids {
+            inv.key(self.keys.task(id)).arg(id);
+        }
+        let rows: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn.clone()).await?;
+        rows.into_iter()
+            .map(|row| {
+                let id = text(row.first())?;
+                Ok(match text(row.get(1))?.as_str() {
+                    "requeued" => Requeue::Requeued(Dispatch {
+                        attempt: number(row.get(2))? as u32,
+                        record_json: text(row.get(3))?,
+                        id,
+                    }),
+                    "failed" => Requeue::Failed(id),
+                    _ => Requeue::Skipped(id),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes up to `limit` due tasks (timer and outbox) and prepares them for publication.
+    pub async fn take_due(&self, limit: usize) -> Result<Vec<Dispatch>, StoreError> {
+        let ids: Vec<String> = scripts::TAKE_DUE
+            .key(self.keys.due())
+            .arg(limit)
+            .arg(self.redeliver_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::PREPARE_DISPATCH);
+        inv.arg(ids.len());
+        for id in &ids {
+            inv.key(self.keys.task(id)).arg(id);
+        }
+        let rows: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn.clone()).await?;
+        let mut out = Vec::new();
+        for row in rows {
+            if row.len() == 3 {
+                out.push(Dispatch {
+                    id: text(row.first())?,
+                    attempt: number(row.get(1))? as u32,
+                    record_json: text(row.get(2))?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes up to `limit` failed tasks whose dead-letter record is not yet on Kafka. Call
+    /// [`Store::dead_letter_sent`] once it is.
+    pub async fn take_dead_letters(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(scripts::TAKE_DUE
+            .key(self.keys.dead_outbox())
+            .arg(limit)
+            .arg(self.redeliver_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    pub async fn dead_letter_sent(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let () = redis::cmd("ZREM")
+            .arg(self.keys.dead_outbox())
+            .arg(ids)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Every field of one task's hash; `None` if there is no such task.
+    pub async fn task(&self, id: &str) -> Result<Option<HashMap<String, String>>, StoreError> {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.task(id))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok((!fields.is_empty()).then_some(fields))
+    }
+
+    /// How many tasks are in each state.
+    pub async fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
+        let mut pipe = redis::pipe();
+        for state in State::ALL {
+            pipe.zcard(self.keys.state_index(state));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(State::ALL.into_iter().zip(counts).collect())
+    }
+
+    /// Removes index entries of terminal tasks older than the retention period (their hashes
+    /// expire on their own). Returns how many entries were removed.
+    pub async fn trim_terminal_indexes(&self) -> Result<u64, StoreError> {
+        let time: (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let cutoff = (time.0 * 1000 + time.1 / 1000).saturating_sub(self.retention_ms);
+        let mut pipe = redis::pipe();
+        for state in State::ALL.into_iter().filter(|s| s.is_terminal()) {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(self.keys.state_index(state))
+                .arg("-inf")
+                .arg(cutoff);
+        }
+        let removed: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(removed.into_iter().sum())
+    }
+}
+
+fn text(value: Option<&Value>) -> Result<String, StoreError> {
+    match value {
+        Some(v) => redis::from_redis_value_ref(v)
+            .map_err(|_| StoreError::Protocol("expected text in script reply")),
+        None => Err(StoreError::Protocol(
+            "script reply is shorter than expected",
+        )),
+    }
+}
+
+fn number(value: Option<&Value>) -> Result<i64, StoreError> {
+    match value {
+        Some(v) => redis::from_redis_value_ref(v)
+            .map_err(|_| StoreError::Protocol("expected a number in script reply")),
+        None => Err(StoreError::Protocol(
+            "script reply is shorter than expected",
+        )),
+    }
+}

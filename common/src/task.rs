@@ -1,0 +1,451 @@
+//! The task model: what producers submit ([`TaskSpec`]), what Redis stores and the task topics
+//! carry ([`TaskRecord`] inside a versioned [`Envelope`]), and the lifecycle [`State`]s.
+//!
+//! A submission is parsed once, into typed structs that reject unknown fields. The payload is
+//! kept as raw JSON text from then on: the scheduler never re-parses it, and a worker parses it
+//! only when its handler asks for it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::priority::Priority;
+
+/// Version of the [`Envelope`] format on the task topics.
+pub const ENVELOPE_VERSION: u32 = 1;
+/// Longest `id`, `kind`, `queue`, `key` or `idempotency_key`.
+pub const MAX_NAME_LEN: usize = 128;
+/// Upper bound of `max_attempts`.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// Upper bound of `timeout_ms` (one week).
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The queue of tasks that name none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A task as producers submit it (JSON on the submit topic or the HTTP API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Client-chosen id; resubmitting the same id returns the existing task.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Which handler runs the task.
+    pub kind: String,
+    /// Handler input, any JSON (default `null`).
+    #[serde(default)]
+    pub payload: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Logical queue for listing, pausing and per-queue limits (default `default`).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Partition key: tasks with the same key land on the same partition, in order.
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Maps to one task id within the idempotency window.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Why a submission was refused. The text is safe to return to the submitter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidTask {
+    #[error("task is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("task is not valid UTF-8")]
+    NotUtf8,
+    #[error("task is not valid JSON: {0}")]
+    Json(String),
+    #[error("`{field}` {problem}")]
+    Field {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl InvalidTask {
+    /// A short machine-readable code for headers, metrics and HTTP bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidTask::TooLarge { .. } => "too_large",
+            InvalidTask::NotUtf8 => "not_utf8",
+            InvalidTask::Json(_) => "invalid_json",
+            InvalidTask::Field { .. } => "invalid_field",
+        }
+    }
+
+    fn field(field: &'static str, problem: impl Into<String>) -> Self {
+        Self::Field {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Validates a name-like field: 1–128 characters of `[A-Za-z0-9_.:/-]`.
+fn check_name(field: &'static str, value: &str) -> Result<(), InvalidTask> {
+    if value.is_empty() || value.len() > MAX_NAME_LEN {
+        return Err(InvalidTask::field(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.:/-".contains(&b))
+    {
+        return Err(InvalidTask::field(
+            field,
+            "may only contain letters, digits and _ . : / -",
+        ));
+    }
+    Ok(())
+}
+
+impl TaskSpec {
+    /// Parses and validates a submission of at most `max_bytes`.
+    pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Self, InvalidTask> {
+        if bytes.len() > max_bytes {
+            return Err(InvalidTask::TooLarge {
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| InvalidTask::NotUtf8)?;
+        let spec: TaskSpec = serde_json::from_str(text).map_err(|e| {
+            let mut message = e.to_string();
+            message.truncate(200);
+            InvalidTask::Json(message)
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks every field's form and range.
+    pub fn validate(&self) -> Result<(), InvalidTask> {
+        check_name("kind", &self.kind)?;
+        if let Some(id) = &self.id {
+            check_name("id", id)?;
+        }
+        if let Some(queue) = &self.queue {
+            check_name("queue", queue)?;
+        }
+        if let Some(key) = &self.key
+            && (key.is_empty() || key.len() > MAX_NAME_LEN)
+        {
+            return Err(InvalidTask::field(
+                "key",
+                format!("must be 1 to {MAX_NAME_LEN} bytes"),
+            ));
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > MAX_NAME_LEN)
+        {
+            return Err(InvalidTask::field(
+                "idempotency_key",
+                format!("must be 1 to {MAX_NAME_LEN} bytes"),
+            ));
+        }
+        if let Some(n) = self.max_attempts
+            && !(1..=MAX_ATTEMPTS_LIMIT).contains(&n)
+        {
+            return Err(InvalidTask::field(
+                "max_attempts",
+                format!("must be 1 to {MAX_ATTEMPTS_LIMIT}"),
+            ));
+        }
+        if let Some(ms) = self.timeout_ms
+            && !(1..=MAX_TIMEOUT_MS).contains(&ms)
+        {
+            return Err(InvalidTask::field(
+                "timeout_ms",
+                format!("must be 1 to {MAX_TIMEOUT_MS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A task as stored in Redis (`spec` field) and carried in every [`Envelope`]: the validated
+/// submission with its defaults filled in. The attempt lives outside it, in the envelope.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRecord {
+    pub id: String,
+    pub kind: String,
+    pub payload: Box<RawValue>,
+    pub priority: Priority,
+    pub queue: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub max_attempts: u32,
+    /// 0 when the task has no timeout of its own.
+    pub timeout_ms: u64,
+}
+
+/// Defaults applied to submissions that leave a field out.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskDefaults {
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+}
+
+impl TaskRecord {
+    /// Fills in defaults; `new_id` supplies an id when the submission has none.
+    pub fn from_spec(
+        spec: TaskSpec,
+        defaults: TaskDefaults,
+        new_id: impl FnOnce() -> String,
+    ) -> Self {
+        let null = || RawValue::from_string("null".into()).expect("null is JSON");
+        Self {
+            id: spec.id.unwrap_or_else(new_id),
+            kind: spec.kind,
+            payload: spec.payload.unwrap_or_else(null),
+            priority: spec.priority,
+            queue: spec.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
+            key: spec.key,
+            max_attempts: spec.max_attempts.unwrap_or(defaults.max_attempts),
+            timeout_ms: spec.timeout_ms.unwrap_or(defaults.timeout_ms),
+        }
+    }
+
+    /// The record as stored in Redis and embedded in envelopes.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a task record always serializes")
+    }
+}
+
+/// A fresh task id: a UUIDv7, so ids sort by creation time.
+pub fn new_task_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// One delivery of a task on a task topic: `{"v":1,"attempt":N,"task":{…}}`. The attempt is
+/// the fencing token the claim will take.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub v: u32,
+    pub attempt: u32,
+    pub task: TaskRecord,
+}
+
+/// Why a record on a task topic is not a usable envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidEnvelope {
+    #[error("record has no value")]
+    Empty,
+    #[error("record is not a task envelope: {0}")]
+    Malformed(String),
+    #[error("envelope version {0} is not supported (this build reads {ENVELOPE_VERSION})")]
+    Version(u32),
+    #[error("envelope attempt must be at least 1")]
+    ZeroAttempt,
+}
+
+impl Envelope {
+    /// Builds the envelope text around a stored record without re-serializing it.
+    pub fn encode(record_json: &str, attempt: u32) -> String {
+        format!("{{\"v\":{ENVELOPE_VERSION},\"attempt\":{attempt},\"task\":{record_json}}}")
+    }
+
+    /// Parses and checks a record from a task topic.
+    pub fn decode(bytes: Option<&[u8]>) -> Result<Self, InvalidEnvelope> {
+        let bytes = bytes
+            .filter(|b| !b.is_empty())
+            .ok_or(InvalidEnvelope::Empty)?;
+        let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| {
+            let mut message = e.to_string();
+            message.truncate(200);
+            InvalidEnvelope::Malformed(message)
+        })?;
+        if envelope.v != ENVELOPE_VERSION {
+            return Err(InvalidEnvelope::Version(envelope.v));
+        }
+        if envelope.attempt == 0 {
+            return Err(InvalidEnvelope::ZeroAttempt);
+        }
+        Ok(envelope)
+    }
+}
+
+/// Where a task is in its life. Redis holds the current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Accepted; its message is on, or on its way to, a task topic.
+    Pending,
+    /// Waiting for its run time or a retry backoff.
+    Scheduled,
+    /// Claimed by one worker, lease held.
+    Running,
+    Succeeded,
+    /// Attempts exhausted or a permanent error; a dead-letter record is written.
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Pending,
+        State::Scheduled,
+        State::Running,
+        State::Succeeded,
+        State::Failed,
+        State::Cancelled,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Scheduled => "scheduled",
+            State::Running => "running",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown state `{}`", s.chars().take(32).collect::<String>()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 1 << 20;
+    const DEFAULTS: TaskDefaults = TaskDefaults {
+        max_attempts: 5,
+        timeout_ms: 0,
+    };
+
+    #[test]
+    fn minimal_submission_gets_defaults() {
+        let spec = TaskSpec::parse(br#"{"kind":"noop"}"#, LIMIT).unwrap();
+        let record = TaskRecord::from_spec(spec, DEFAULTS, || "id-1".into());
+        assert_eq!(record.id, "id-1");
+        assert_eq!(record.priority, Priority::Normal);
+        assert_eq!(record.queue, "default");
+        assert_eq!(record.max_attempts, 5);
+        assert_eq!(record.payload.get(), "null");
+    }
+
+    #[test]
+    fn full_submission_round_trips_through_an_envelope() {
+        let text = br#"{"id":"a-1","kind":"echo","payload":{"x":[1,2,{"y":"z"}]},"priority":"critical",
+            "queue":"emails","key":"user:7","max_attempts":3,"timeout_ms":5000,"idempotency_key":"k"}"#;
+        let spec = TaskSpec::parse(text, LIMIT).unwrap();
+        let record = TaskRecord::from_spec(spec, DEFAULTS, || unreachable!());
+        let wire = Envelope::encode(&record.to_json(), 4);
+        let envelope = Envelope::decode(Some(wire.as_bytes())).unwrap();
+        assert_eq!(envelope.attempt, 4);
+        assert_eq!(envelope.task.id, "a-1");
+        assert_eq!(envelope.task.payload.get(), r#"{"x":[1,2,{"y":"z"}]}"#);
+        assert_eq!(envelope.task.priority, Priority::Critical);
+        assert_eq!(envelope.task.key.as_deref(), Some("user:7"));
+    }
+
+    #[test]
+    fn bad_submissions_are_refused_with_a_reason() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "invalid_json"),
+            (b"\xff\xfe{}", "not_utf8"),
+            (br#"{"kind":"noop","tenant":"b"}"#, "invalid_json"),
+            (br#"{"kind":7}"#, "invalid_json"),
+            (br#"{"payload":1}"#, "invalid_json"),
+            (br#"{"kind":""}"#, "invalid_field"),
+            (br#"{"kind":"a b"}"#, "invalid_field"),
+            (br#"{"kind":"noop","priority":"urgent"}"#, "invalid_json"),
+            (br#"{"kind":"noop","max_attempts":0}"#, "invalid_field"),
+            (br#"{"kind":"noop","max_attempts":-1}"#, "invalid_json"),
+            (br#"{"kind":"noop","max_attempts":1e99}"#, "invalid_json"),
+            (br#"{"kind":"noop","timeout_ms":0}"#, "invalid_field"),
+            (br#"{"kind":"noop","kind":"echo"}"#, "invalid_json"),
+            (b"", "invalid_json"),
+            (b"[]", "invalid_json"),
+        ];
+        for (input, code) in cases {
+            let err = TaskSpec::parse(input, LIMIT).unwrap_err();
+            assert_eq!(
+                err.code(),
+                *code,
+                "{} → {err}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        let long_id = format!(r#"{{"kind":"noop","id":"{}"}}"#, "x".repeat(200));
+        assert_eq!(
+            TaskSpec::parse(long_id.as_bytes(), LIMIT)
+                .unwrap_err()
+                .code(),
+            "invalid_field"
+        );
+    }
+
+    #[test]
+    fn oversized_and_deeply_nested_input_is_refused_without_crashing() {
+        let big = format!(r#"{{"kind":"noop","payload":"{}"}}"#, "x".repeat(LIMIT));
+        assert_eq!(
+            TaskSpec::parse(big.as_bytes(), LIMIT).unwrap_err().code(),
+            "too_large"
+        );
+        let deep = format!(
+            r#"{{"kind":"noop","payload":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            TaskSpec::parse(deep.as_bytes(), LIMIT).unwrap_err().code(),
+            "invalid_json"
+        );
+    }
+
+    #[test]
+    fn envelopes_are_checked() {
+        assert_eq!(Envelope::decode(None).unwrap_err(), InvalidEnvelope::Empty);
+        assert!(matches!(
+            Envelope::decode(Some(b"{}")),
+            Err(InvalidEnvelope::Malformed(_))
+        ));
+        let record = r#"{"id":"a","kind":"noop","payload":null,"priority":"low","queue":"q","max_attempts":1,"timeout_ms":0}"#;
+        let v2 = format!(r#"{{"v":2,"attempt":1,"task":{record}}}"#);
+        assert_eq!(
+            Envelope::decode(Some(v2.as_bytes())).unwrap_err(),
+            InvalidEnvelope::Version(2)
+        );
+        let zero = Envelope::encode(record, 0);
+        assert_eq!(
+            Envelope::decode(Some(zero.as_bytes())).unwrap_err(),
+            InvalidEnvelope::ZeroAttempt
+        );
+        let negative = format!(r#"{{"v":1,"attempt":-1,"task":{record}}}"#);
+        assert!(Envelope::decode(Some(negative.as_bytes())).is_err());
+    }
+}

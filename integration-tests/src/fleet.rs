@@ -1,0 +1,145 @@
+//! Running Fleet's real binaries against a [`TestEnv`], submitting tasks, and reading back what
+//! happened: task states from Redis and handler executions from the workers' own logs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleet_common::settings::Secret;
+use fleet_common::store::{Keys, Store};
+use fleet_common::{Topics, kafka};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::{ManagedProcess, TestEnv, fleet_binary};
+
+impl TestEnv {
+    /// Starts a Fleet binary (`fleet-scheduler`, `fleet-reaper`, `fleet-worker`) named `name`
+    /// with this environment's settings plus `extra` variables. Its JSON log goes to
+    /// `<test dir>/<name>.log`.
+    pub fn spawn(&self, binary: &str, name: &str, extra: &[(&str, &str)]) -> ManagedProcess {
+        let mut vars = self.env_vars();
+        vars.push(("FLEET__WORKER__ID".into(), name.into()));
+        vars.push(("RUST_LOG".into(), "info".into()));
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        if binary != "fleet-worker" {
+            vars.retain(|(k, _)| !k.starts_with("FLEET__WORKER__"));
+        }
+        let path = fleet_binary(binary);
+        let log = self.dir.join(format!("{name}.log"));
+        ManagedProcess::spawn(name, &path, &[], &vars, &log)
+    }
+
+    /// Log file of the process started as `name`.
+    pub fn log_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    /// A producer for the submit topic (or any other).
+    pub fn producer(&self) -> FutureProducer {
+        kafka::producer_config(&self.settings().kafka, "it-submitter")
+            .create()
+            .expect("producer")
+    }
+
+    /// Publishes submissions (raw JSON texts) to the submit topic and waits for the acks.
+    pub async fn submit(&self, submissions: &[String]) {
+        let producer = self.producer();
+        let topic = Topics::from_settings(&self.settings().topics).submit();
+        for chunk in submissions.chunks(1000) {
+            let sends = chunk.iter().map(|body| {
+                let producer = producer.clone();
+                let topic = topic.clone();
+                async move {
+                    producer
+                        .send(
+                            FutureRecord::<(), _>::to(&topic).payload(body.as_bytes()),
+                            Duration::from_secs(30),
+                        )
+                        .await
+                        .expect("submission delivered");
+                }
+            });
+            futures::future::join_all(sends).await;
+        }
+    }
+
+    /// Creates every Fleet topic (as `fleetctl topics create` does) before anything produces.
+    pub async fn create_topics(&self) {
+        let s = self.settings();
+        kafka::ensure_topics(
+            &s.kafka,
+            &Topics::from_settings(&s.topics).all(),
+            s.topics.partitions,
+            1,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("create topics");
+    }
+
+    /// A store client on this environment's Redis.
+    pub async fn store(&self) -> Store {
+        let s = self.settings();
+        let conn = fleet_common::store::connect(&s.redis).await.expect("redis");
+        Store::new(conn, Keys::new(&s.redis.key_prefix), &s.tasks)
+    }
+
+    /// The fields of every listed task (missing tasks are absent from the map).
+    pub async fn tasks(&self, ids: &[String]) -> HashMap<String, HashMap<String, String>> {
+        let store = self.store().await;
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(fields) = store.task(id).await.expect("read task") {
+                out.insert(id.clone(), fields);
+            }
+        }
+        out
+    }
+
+    /// Redis URL as a settings secret (for building settings by hand).
+    pub fn redis_secret(&self) -> Secret {
+        Secret::new(self.redis_url.clone())
+    }
+}
+
+/// One JSON log event of a Fleet process.
+pub type LogEvent = serde_json::Map<String, serde_json::Value>;
+
+/// Every JSON event in the log files of `names`, with a `process` field added.
+pub fn log_events(env: &TestEnv, names: &[&str]) -> Vec<LogEvent> {
+    let mut events = Vec::new();
+    for name in names {
+        let text = std::fs::read_to_string(env.log_of(name)).unwrap_or_default();
+        for line in text.lines() {
+            if let Ok(serde_json::Value::Object(mut event)) = serde_json::from_str(line) {
+                event.insert(
+                    "process".into(),
+                    serde_json::Value::String(name.to_string()),
+                );
+                events.push(event);
+            }
+        }
+    }
+    events
+}
+
+/// Handler executions per task id, as `(attempt, process)` pairs, from "Handler started."
+/// events: the workers' own record of every execution, independent of Redis.
+pub fn executions(env: &TestEnv, workers: &[&str]) -> BTreeMap<String, Vec<(u64, String)>> {
+    let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for event in log_events(env, workers) {
+        if event.get("message").and_then(|m| m.as_str()) == Some("Handler started.") {
+            let id = event["task_id"].as_str().unwrap_or_default().to_string();
+            let attempt = event["attempt"].as_u64().unwrap_or(0);
+            let process = event["process"].as_str().unwrap_or_default().to_string();
+            out.entry(id).or_default().push((attempt, process));
+        }
+    }
+    out
+}
+
+/// A submission JSON for `kind` with `payload`, an explicit id and `priority`.
+pub fn task_json(id: &str, kind: &str, priority: &str, payload: serde_json::Value) -> String {
+    serde_json::json!({ "id": id, "kind": kind, "priority": priority, "payload": payload })
+        .to_string()
+}

@@ -1,0 +1,201 @@
+//! Ingest: consumes the submit topic as a consumer group, validates each submission, records
+//! the valid ones in Redis and publishes them, and refuses the rest onto the rejected topic.
+//!
+//! A batch's offsets are stored only after Redis accepted its tasks and the rejected records are
+//! acknowledged, so a scheduler killed at any moment loses nothing: the next owner of the
+//! partition reads the batch again, and acceptance is idempotent (ids of id-less submissions are
+//! derived from the record's position, so a replay names the same task).
+
+use std::sync::Arc;
+
+use fleet_common::store::{Accepted, NewTask, Store};
+use fleet_common::task::{TaskRecord, TaskSpec};
+use fleet_common::{Topics, kafka};
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::publish::Publisher;
+use crate::settings::SchedulerSettings;
+use fleet_common::retry::retry_until;
+
+/// Runs ingest until `token` is cancelled.
+pub async fn run(
+    settings: Arc<SchedulerSettings>,
+    store: Store,
+    publisher: Publisher,
+    token: CancellationToken,
+) -> fleet_common::shutdown::TaskResult {
+    let topics = Topics::from_settings(&settings.topics);
+    let client_id = format!("fleet-scheduler-{}", std::process::id());
+    let consumer: StreamConsumer =
+        kafka::consumer_config(&settings.kafka, &settings.scheduler.group_id, &client_id)
+            .create()?;
+    consumer.subscribe(&[&topics.submit()])?;
+    info!(topic = %topics.submit(), group = %settings.scheduler.group_id, "Ingest started.");
+
+    let mut batches = consumer
+        .stream()
+        .ready_chunks(settings.scheduler.batch_size);
+    loop {
+        let batch = tokio::select! {
+            () = token.cancelled() => break,
+            batch = batches.next() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+        };
+        let mut messages = Vec::with_capacity(batch.len());
+        for item in batch {
+            match item {
+                Ok(message) => messages.push(message),
+                Err(err) => warn!(error = %err, "Kafka consumer error; continuing."),
+            }
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        if !handle_batch(&settings, &store, &publisher, &messages, &token).await {
+            break; // cancelled before the batch was safe: its offsets stay unstored
+        }
+        for message in &messages {
+            // ERR__STATE after a revoke only means the next owner re-reads it: harmless.
+            if let Err(err) =
+                consumer.store_offset(message.topic(), message.partition(), message.offset() + 1)
+            {
+                debug!(error = %err, "Offset not stored (partition revoked).");
+            }
+        }
+    }
+    drop(batches);
+    if let Err(err) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        debug!(error = %err, "Final offset commit skipped.");
+    }
+    info!("Ingest stopped.");
+    Ok(())
+}
+
+/// A submission's id when it has none: derived from where the record sits in Kafka, so that a
+/// replay of the same record after a crash names the same task. Shaped like a UUIDv7 (the
+/// record's timestamp first) so ids still sort by time.
+fn derived_id(message: &BorrowedMessage<'_>) -> String {
+    let ts = message.timestamp().to_millis().unwrap_or(0).max(0) as u64;
+    let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h2: u64 = 0x8422_2325_cbf2_9ce4;
+    let coordinates = format!(
+        "{}/{}/{}/{ts}",
+        message.topic(),
+        message.partition(),
+        message.offset()
+    );
+    for b in coordinates.bytes() {
+        h1 = (h1 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        h2 = (h2 ^ u64::from(b))
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(7);
+    }
+    let bytes: u128 = (u128::from(ts & 0xffff_ffff_ffff) << 80)
+        | (0x7u128 << 76)
+        | (u128::from(h1 & 0x0fff) << 64)
+        | (0x2u128 << 62)
+        | u128::from(h2 >> 2);
+    uuid::Uuid::from_u128(bytes).to_string()
+}
+
+/// Handles one batch; returns false if cancelled before the batch was fully handled.
+async fn handle_batch(
+    settings: &SchedulerSettings,
+    store: &Store,
+    publisher: &Publisher,
+    messages: &[BorrowedMessage<'_>],
+    token: &CancellationToken,
+) -> bool {
+    let defaults = settings.tasks.defaults();
+    let mut tasks = Vec::with_capacity(messages.len());
+    let mut rejected = Vec::new();
+    for message in messages {
+        match TaskSpec::parse(
+            message.payload().unwrap_or_default(),
+            settings.tasks.max_task_bytes,
+        ) {
+            Ok(spec) => {
+                let idempotency_key = spec.idempotency_key.clone();
+                let record = TaskRecord::from_spec(spec, defaults, || derived_id(message));
+                let record_json = record.to_json();
+                tasks.push(NewTask {
+                    record,
+                    record_json,
+                    idempotency_key,
+                    run_at_ms: 0,
+                });
+            }
+            Err(err) => rejected.push((message, err)),
+        }
+    }
+
+    let Some(accepted) = retry_until(token, "recording submissions in Redis", || {
+        store.accept(&tasks)
+    })
+    .await
+    else {
+        return false;
+    };
+
+    // Refused submissions must be on the rejected topic before their offsets are stored.
+    for (message, err) in &rejected {
+        warn!(
+            code = err.code(), reason = %err, partition = message.partition(), offset = message.offset(),
+            "Submission rejected."
+        );
+        let source = (message.topic(), message.partition(), message.offset());
+        let reason = err.to_string();
+        let sent = retry_until(token, "publishing a rejected submission", || {
+            publisher.rejected(message.payload(), err.code(), &reason, source)
+        })
+        .await;
+        if sent.is_none() {
+            return false;
+        }
+    }
+
+    // Publish the new pending tasks. A failure here loses nothing: the tasks are pending in
+    // Redis with an outbox entry, and the relay publishes them after `redeliver_ms`.
+    let sends = tasks
+        .iter()
+        .zip(&accepted)
+        .filter_map(|(task, outcome)| match outcome {
+            Accepted::Pending(_) => Some(async move {
+                let r = &task.record;
+                publisher
+                    .task(&r.id, r.priority, r.key.as_deref(), &task.record_json, 1)
+                    .await
+                    .map(|()| r.id.as_str())
+            }),
+            _ => None,
+        });
+    let results = futures::future::join_all(sends).await;
+    let mut sent = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(id) => sent.push((id, 1)),
+            Err(err) => warn!(error = %err, "Publishing a task failed; the relay will retry it."),
+        }
+    }
+    for (task, outcome) in tasks.iter().zip(&accepted) {
+        match outcome {
+            Accepted::Duplicate(existing) => {
+                debug!(task_id = %existing, "Duplicate submission; existing task kept.");
+            }
+            _ => {
+                debug!(task_id = %task.record.id, kind = %task.record.kind, priority = %task.record.priority, "Task accepted.")
+            }
+        }
+    }
+    if let Err(err) = store.dispatched(&sent).await {
+        warn!(error = %err, "Could not confirm dispatches; the relay may publish them again (deduplicated at claim).");
+    }
+    true
+}

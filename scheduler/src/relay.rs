@@ -1,0 +1,109 @@
+//! The relay: publishes tasks that are due in Redis — delayed tasks whose time came, retries
+//! whose backoff ended, released tasks, and dispatches Kafka never confirmed (the outbox) — and
+//! writes the dead-letter records of failed tasks. Safe with any number of replicas: entries are
+//! taken atomically, and a duplicate message is absorbed at claim.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleet_common::shutdown::TaskResult;
+use fleet_common::store::Store;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::publish::Publisher;
+
+/// Most tasks taken per round.
+const BATCH: usize = 500;
+
+/// Runs the relay every `interval` (sooner while there is a backlog) until cancelled.
+pub async fn run(
+    store: Store,
+    publisher: Publisher,
+    interval: Duration,
+    token: CancellationToken,
+) -> TaskResult {
+    info!(interval_ms = interval.as_millis() as u64, "Relay started.");
+    while !token.is_cancelled() {
+        let busy = match round(&store, &publisher).await {
+            Ok(taken) => taken >= BATCH,
+            Err(err) => {
+                warn!(error = %err, "Relay round failed; retrying next round.");
+                false
+            }
+        };
+        if !busy {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+    info!("Relay stopped.");
+    Ok(())
+}
+
+/// One round: due tasks, then dead letters. Returns how many due tasks were taken.
+pub async fn round(
+    store: &Store,
+    publisher: &Publisher,
+) -> Result<usize, fleet_common::store::StoreError> {
+    let due = store.take_due(BATCH).await?;
+    if !due.is_empty() {
+        let results = futures::future::join_all(due.iter().map(|d| publisher.dispatch(d))).await;
+        let mut sent = Vec::with_capacity(due.len());
+        for (dispatch, result) in due.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    debug!(task_id = %dispatch.id, attempt = dispatch.attempt, "Task dispatched by the relay.");
+                    sent.push((dispatch.id.as_str(), dispatch.attempt));
+                }
+                Err(err) => {
+                    warn!(task_id = %dispatch.id, error = %err, "Relay could not publish; it will retry.")
+                }
+            }
+        }
+        store.dispatched(&sent).await?;
+    }
+
+    let dead = store.take_dead_letters(100).await?;
+    let mut written = Vec::with_capacity(dead.len());
+    for id in dead {
+        let Some(task) = store.task(&id).await? else {
+            written.push(id); // expired meanwhile: nothing left to write
+            continue;
+        };
+        match publisher.dead(&id, &dead_letter(&task)).await {
+            Ok(()) => {
+                info!(task_id = %id, "Dead-letter record written.");
+                written.push(id);
+            }
+            Err(err) => {
+                warn!(task_id = %id, error = %err, "Could not write a dead-letter record; will retry.")
+            }
+        }
+    }
+    store.dead_letter_sent(&written).await?;
+    Ok(due.len())
+}
+
+/// The dead-letter record: the task as submitted, how many attempts it had, and why it failed.
+fn dead_letter(task: &HashMap<String, String>) -> String {
+    let field = |name: &str| task.get(name).map(String::as_str).unwrap_or_default();
+    let number = |name: &str| field(name).parse::<u64>().unwrap_or(0);
+    let record: serde_json::Value =
+        serde_json::from_str(field("record")).unwrap_or(serde_json::Value::Null);
+    json!({
+        "v": 1,
+        "id": field("id"),
+        "task": record,
+        "attempts": number("attempt"),
+        "released": number("released"),
+        "error": field("error"),
+        "worker": field("worker"),
+        "created_ms": number("created_ms"),
+        "finished_ms": number("finished_ms"),
+    })
+    .to_string()
+}

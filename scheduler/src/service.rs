@@ -1,0 +1,48 @@
+//! Start-up shared by `fleet-scheduler` and `fleet-reaper`: Redis, schema check, topics, the
+//! producer.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use fleet_common::store::{self, Store};
+use fleet_common::{Topics, kafka};
+
+use crate::publish::Publisher;
+use crate::settings::SchedulerSettings;
+
+/// Connects to Redis (checking the schema version) and Kafka (creating missing topics).
+pub async fn connect(
+    settings: &SchedulerSettings,
+    service: &str,
+) -> anyhow::Result<(Store, Publisher)> {
+    let mut conn = store::connect(&settings.redis)
+        .await
+        .context("connecting to Redis")?;
+    let keys = store::Keys::new(&settings.redis.key_prefix);
+    store::check_schema(&mut conn, &keys, service)
+        .await
+        .context("checking the Redis schema")?;
+    let store = Store::new(conn, keys, &settings.tasks);
+
+    let topics = Topics::from_settings(&settings.topics);
+    kafka::ensure_topics(
+        &settings.kafka,
+        &topics.all(),
+        settings.topics.partitions,
+        settings.topics.replication_factor,
+        Duration::from_secs(15),
+    )
+    .await
+    .context("creating topics")?;
+    let client_id = format!("{service}-{}", std::process::id());
+    let producer = kafka::producer_config(&settings.kafka, &client_id)
+        .create()
+        .context("creating the producer")?;
+    let publisher = Publisher::new(
+        producer,
+        topics,
+        settings.scheduler.partitioner,
+        settings.topics.partitions,
+    );
+    Ok((store, publisher))
+}

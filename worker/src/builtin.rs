@@ -1,0 +1,73 @@
+//! Handlers shipped with `fleet-worker` for demos, tests and benchmarks.
+//!
+//! | kind | payload | does |
+//! |---|---|---|
+//! | `noop` | anything | returns `null` at once |
+//! | `echo` | anything | returns the payload |
+//! | `sleep` | `{"ms": N}` | waits N ms (stops early when cancelled) |
+//! | `fail` | `{"message": "…", "retryable": bool}` | fails with that message |
+//! | `crash` | anything | aborts the whole worker process (a poison task) |
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::handler::{HandlerError, HandlerResult, Registry, TaskContext};
+
+/// A registry holding every built-in handler.
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    registry
+        .register("noop", noop)
+        .register("echo", echo)
+        .register("sleep", sleep)
+        .register("fail", fail)
+        .register("crash", crash);
+    registry
+}
+
+async fn noop(_ctx: TaskContext) -> HandlerResult {
+    Ok(Value::Null)
+}
+
+async fn echo(ctx: TaskContext) -> HandlerResult {
+    ctx.payload::<Value>()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepPayload {
+    ms: u64,
+}
+
+async fn sleep(ctx: TaskContext) -> HandlerResult {
+    let SleepPayload { ms } = ctx.payload()?;
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(serde_json::json!({ "slept_ms": ms })),
+        () = ctx.cancelled() => Err(HandlerError::retryable("sleep interrupted")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailPayload {
+    #[serde(default = "default_message")]
+    message: String,
+    #[serde(default)]
+    retryable: bool,
+}
+
+fn default_message() -> String {
+    "failed on purpose".into()
+}
+
+async fn fail(ctx: TaskContext) -> HandlerResult {
+    let FailPayload { message, retryable } = ctx.payload()?;
+    Err(HandlerError { message, retryable })
+}
+
+async fn crash(ctx: TaskContext) -> HandlerResult {
+    tracing::error!(task_id = %ctx.id, attempt = ctx.attempt, "Crash task: aborting the worker process.");
+    std::process::abort();
+}

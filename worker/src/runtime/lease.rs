@@ -1,0 +1,154 @@
+//! The lease keeper: every heartbeat interval it extends the leases of all running tasks in one
+//! Redis call and stops the handlers whose lease is gone. It runs on its own OS thread with its
+//! own runtime and Redis connection, so handlers that hog the main runtime cannot starve it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleet_common::store::{self, Store};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use super::Shared;
+
+/// Handle to the lease keeper thread.
+#[derive(Debug)]
+pub(super) struct LeaseKeeper {
+    thread: Option<std::thread::JoinHandle<()>>,
+    exited: CancellationToken,
+}
+
+impl LeaseKeeper {
+    /// Resolves if the thread stops before it was asked to.
+    pub(super) async fn finished(&self) {
+        self.exited.cancelled().await;
+    }
+
+    pub(super) async fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Starts the lease keeper; it runs until `token` is cancelled.
+pub(super) fn spawn(shared: Arc<Shared>, kinds: String, token: CancellationToken) -> LeaseKeeper {
+    let exited = CancellationToken::new();
+    let exited_guard = exited.clone().drop_guard();
+    let thread = std::thread::Builder::new()
+        .name("fleet-lease".into())
+        .spawn(move || {
+            let _exited = exited_guard;
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    error!(error = %err, "Cannot start the lease keeper runtime.");
+                    return;
+                }
+            };
+            runtime.block_on(keep_leases(shared, kinds, token));
+        })
+        .expect("spawn the lease keeper thread");
+    LeaseKeeper {
+        thread: Some(thread),
+        exited,
+    }
+}
+
+async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToken) {
+    let settings = &shared.settings;
+    let store = loop {
+        match store::connect(&settings.redis).await {
+            Ok(conn) => {
+                break Store::new(
+                    conn,
+                    store::Keys::new(&settings.redis.key_prefix),
+                    &settings.tasks,
+                );
+            }
+            Err(err) => {
+                warn!(error = %err, "Lease keeper cannot reach Redis yet.");
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let started_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let info = serde_json::json!({
+        "host": std::env::var("HOSTNAME").unwrap_or_default(),
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "concurrency": settings.worker.concurrency,
+        "group": settings.worker.group_id,
+        "kinds": kinds,
+        "started_ms": started_ms,
+    })
+    .to_string();
+    let lease = settings.lease.lease();
+    let mut last_ok = Instant::now();
+    let mut tick = tokio::time::interval(settings.lease.heartbeat());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Handlers whose lease was lost at the previous beat and that have not stopped yet.
+        shared.running().retain(|id, entry| {
+            if entry.lost {
+                if let Some(abort) = &entry.abort {
+                    abort.abort();
+                }
+                warn!(task_id = %id, attempt = entry.attempt, "Handler aborted after losing its lease.");
+            }
+            !entry.lost
+        });
+        let snapshot: Vec<(Arc<str>, u32)> = shared
+            .running()
+            .iter()
+            .map(|(id, entry)| (id.clone(), entry.attempt))
+            .collect();
+        let refs: Vec<(&str, u32)> = snapshot.iter().map(|(id, a)| (&**id, *a)).collect();
+        match store
+            .extend(&shared.worker_id, settings.lease.lease_ms, &info, &refs)
+            .await
+        {
+            Ok(lost) => {
+                last_ok = Instant::now();
+                let mut running = shared.running();
+                for position in lost {
+                    let (id, attempt) = &snapshot[position];
+                    if let Some(entry) = running.get_mut(id)
+                        && entry.attempt == *attempt
+                    {
+                        warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Lease lost; stopping the handler.");
+                        entry.cancel.cancel();
+                        entry.lost = true;
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, "Heartbeat failed.");
+                if last_ok.elapsed() > lease {
+                    // Every lease has expired by now: stop all handlers rather than run as a
+                    // zombie whose results will be fenced anyway.
+                    let mut running = shared.running();
+                    for (id, entry) in running.iter_mut() {
+                        if !entry.lost {
+                            warn!(task_id = %id, attempt = entry.attempt, "No heartbeat for a whole lease; stopping the handler.");
+                            entry.cancel.cancel();
+                            entry.lost = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

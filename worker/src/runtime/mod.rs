@@ -1,0 +1,275 @@
+//! The worker runtime.
+//!
+//! ```text
+//!  Kafka ──poll──► buffers (FIFO per priority) ──dispatch──► claim (one Redis call per batch)
+//!   ▲  pause/resume        weighted pick          │  store offsets of the batch, in order
+//!   │                                             ▼
+//!   └──────── offsets ◄──────────────── handlers (bounded by `concurrency`)
+//!                                                 │ outcomes
+//!  lease keeper (own thread) ── extend all ──►  completer ── complete (one call per batch)
+//! ```
+//!
+//! - The poll loop never runs a handler and never blocks: a priority whose buffer is full has
+//!   its partitions paused until the buffer drains.
+//! - A delivery's offset is stored only after the claim script answered for it (claimed, or a
+//!   duplicate/stale message), so a crash never skips an unclaimed task.
+//! - The lease keeper runs on its own thread and runtime with its own Redis connection, so busy
+//!   handlers cannot starve heartbeats; a lease reported lost cancels its handler.
+//! - SIGTERM drains: stop fetching and starting, let running handlers finish within the grace
+//!   period, hand the rest back at once (not a failure), commit offsets, leave the group.
+
+mod buffers;
+mod dispatch;
+mod lease;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fleet_common::shutdown::Outcome;
+use fleet_common::store::{self, Store, StoreError};
+use fleet_common::{Priority, Topics, kafka};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::handler::Registry;
+use crate::settings::WorkerSettings;
+
+pub use buffers::{Buffers, Delivery};
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    #[error("Redis: {0}")]
+    Store(#[from] StoreError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// A handler that is running, keyed by task id in [`Shared::running`].
+#[derive(Debug)]
+struct Running {
+    attempt: u32,
+    cancel: CancellationToken,
+    abort: Option<AbortHandle>,
+    /// Set by the lease keeper when Redis says the lease is gone; the next heartbeat aborts a
+    /// handler that has not stopped by then.
+    lost: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// An attempt's end, sent from its handler task to the completer.
+#[derive(Debug)]
+struct Finished {
+    id: Arc<str>,
+    attempt: u32,
+    outcome: store::Outcome,
+    started: Instant,
+}
+
+/// State shared by the worker's loops.
+#[derive(Debug)]
+struct Shared {
+    worker_id: Arc<str>,
+    settings: Arc<WorkerSettings>,
+    /// Task topic names by priority index, so deliveries need not carry strings.
+    topic_names: [String; 4],
+    running: Mutex<HashMap<Arc<str>, Running>>,
+    buffers: Mutex<Buffers>,
+    work_ready: Notify,
+    slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn running(&self) -> MutexGuard<'_, HashMap<Arc<str>, Running>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn buffers(&self) -> MutexGuard<'_, Buffers> {
+        self.buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A worker: one member of the workers' consumer group.
+#[derive(Debug)]
+pub struct Worker {
+    settings: Arc<WorkerSettings>,
+    registry: Arc<Registry>,
+}
+
+impl Worker {
+    pub fn new(settings: WorkerSettings, registry: Registry) -> Self {
+        Self {
+            settings: Arc::new(settings),
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// Runs until `token` is cancelled, then drains. Returns how the drain went.
+    pub async fn run(self, token: CancellationToken) -> Result<Outcome, WorkerError> {
+        let settings = self.settings;
+        let worker_id: Arc<str> = settings.worker.worker_id().into();
+        let mut conn = store::connect(&settings.redis).await?;
+        let keys = store::Keys::new(&settings.redis.key_prefix);
+        store::check_schema(&mut conn, &keys, "fleet-worker").await?;
+        let store = Store::new(conn, keys, &settings.tasks);
+
+        let topics = Topics::from_settings(&settings.topics);
+        let consumer: StreamConsumer =
+            kafka::consumer_config(&settings.kafka, &settings.worker.group_id, &worker_id)
+                .create()?;
+        let topic_names = Priority::ALL.map(|p| topics.tasks(p));
+        let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+        consumer.subscribe(&subscription)?;
+        let consumer = Arc::new(consumer);
+
+        let concurrency = settings.worker.concurrency;
+        let shared = Arc::new(Shared {
+            worker_id: worker_id.clone(),
+            settings: settings.clone(),
+            topic_names,
+            running: Mutex::new(HashMap::new()),
+            buffers: Mutex::new(Buffers::new(
+                settings.worker.priority_weights,
+                settings.worker.strict_priority,
+            )),
+            work_ready: Notify::new(),
+            slots: Arc::new(Semaphore::new(concurrency)),
+        });
+        info!(
+            worker_id = %worker_id, group = %settings.worker.group_id, concurrency,
+            kinds = ?self.registry.kinds(), "Worker started."
+        );
+
+        let fetch = token.child_token();
+        let lease_token = CancellationToken::new();
+        let lease_keeper = lease::spawn(
+            shared.clone(),
+            self.registry.kinds().join(","),
+            lease_token.clone(),
+        );
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(dispatch::complete_loop(
+            shared.clone(),
+            store.clone(),
+            done_rx,
+        ));
+        let poller = tokio::spawn(dispatch::poll_loop(
+            shared.clone(),
+            consumer.clone(),
+            fetch.clone(),
+        ));
+        let dispatcher = tokio::spawn(dispatch::dispatch_loop(
+            shared.clone(),
+            consumer.clone(),
+            store.clone(),
+            self.registry.clone(),
+            done_tx,
+            fetch.clone(),
+        ));
+
+        let mut outcome = Outcome::Clean;
+        tokio::select! {
+            () = token.cancelled() => {}
+            _ = lease_keeper.finished() => {
+                warn!("The lease keeper stopped; shutting the worker down.");
+                outcome = Outcome::Unclean;
+            }
+        }
+        fetch.cancel();
+        info!(
+            running = shared.running().len(),
+            "Draining: no new tasks are started."
+        );
+        for task in [poller, dispatcher] {
+            if let Err(err) = task.await {
+                warn!(error = %err, "A worker loop ended abnormally.");
+                outcome = Outcome::Unclean;
+            }
+        }
+        let dropped = shared.buffers().clear();
+        if dropped > 0 {
+            info!(
+                dropped,
+                "Unclaimed buffered deliveries left for the next owner of their partitions."
+            );
+        }
+
+        // Let running handlers finish within the grace period; hand the rest back.
+        let grace = settings.worker.shutdown_grace();
+        let deadline = Instant::now() + grace;
+        while !shared.running().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        hand_back(&shared, &store).await;
+
+        // Every outcome is recorded before offsets are committed and the group is left.
+        match tokio::time::timeout(Duration::from_secs(10), completer).await {
+            Ok(Ok(())) => {}
+            _ => {
+                warn!("Some completions could not be recorded before exit.");
+                outcome = Outcome::Unclean;
+            }
+        }
+        lease_token.cancel();
+        lease_keeper.join().await;
+        if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last auto-commit, or the group is rebalancing: the next
+            // owner re-reads at most the claimed deliveries, which claim as duplicates.
+            info!(error = %err, "Final offset commit skipped.");
+        }
+        consumer.unsubscribe();
+        drop(consumer);
+        info!(?outcome, "Worker stopped.");
+        Ok(outcome)
+    }
+}
+
+/// Cancels the handlers still running at the end of the grace period and releases their tasks
+/// in Redis for immediate redelivery elsewhere.
+async fn hand_back(shared: &Shared, store: &Store) {
+    let remaining: Vec<(Arc<str>, u32)> = {
+        let mut running = shared.running();
+        running
+            .drain()
+            .map(|(id, entry)| {
+                entry.cancel.cancel();
+                if let Some(abort) = &entry.abort {
+                    abort.abort();
+                }
+                (id, entry.attempt)
+            })
+            .collect()
+    };
+    if remaining.is_empty() {
+        return;
+    }
+    let refs: Vec<(&str, u32)> = remaining.iter().map(|(id, a)| (&**id, *a)).collect();
+    for attempt in 1..=3 {
+        match store.release(&shared.worker_id, &refs).await {
+            Ok(released) => {
+                for (id, attempt) in &remaining {
+                    info!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task handed back on shutdown.");
+                }
+                info!(
+                    released,
+                    "Running tasks handed back for immediate redelivery."
+                );
+                return;
+            }
+            Err(err) => {
+                warn!(error = %err, attempt, "Could not hand tasks back; their leases will expire instead.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
