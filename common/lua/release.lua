@@ -1,14 +1,16 @@
 -- Hands running tasks back at once when their worker drains: they become pending again and the
 -- relay republishes them immediately. Not a failure: `released` is counted so it does not use
 -- up an attempt, while the attempt number itself still only grows (fencing stays intact).
--- KEYS  globals, then per task: task hash
+-- The worker also leaves the live-worker set, so the relay routes the released tasks to
+-- partitions of workers that stay.
+-- KEYS  globals, [12] this worker's hash, then per task: task hash
 -- ARGV  [1] tasks  [2] worker id, then per task: id, attempt
 -- Returns the number of tasks released.
 local n, worker = tonumber(ARGV[1]), ARGV[2]
 local now = now_ms()
 local released = 0
 for i = 0, n - 1 do
-  local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[3 + i * 2], tonumber(ARGV[4 + i * 2])
+  local key, id, attempt = KEYS[GLOBALS + 2 + i], ARGV[3 + i * 2], tonumber(ARGV[4 + i * 2])
   local f = redis.call('HMGET', key, 'state', 'attempt', 'worker')
   if f[1] == 'running' and tonumber(f[2]) == attempt and f[3] == worker then
     redis.call('ZREM', LEASES, id)
@@ -20,4 +22,6 @@ for i = 0, n - 1 do
     released = released + 1
   end
 end
+redis.call('ZREM', WORKERS, worker)
+redis.call('DEL', KEYS[GLOBALS + 1])
 return released

@@ -89,6 +89,36 @@ impl InvalidTask {
     }
 }
 
+/// Deepest nesting of arrays and objects accepted in a submission (the payload is kept as raw
+/// text, which serde does not depth-check, and handlers would choke on it later).
+pub const MAX_DEPTH: usize = 64;
+
+/// The deepest nesting of `[`/`{` in JSON text, ignoring brackets inside strings.
+fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Validates a name-like field: 1–128 characters of `[A-Za-z0-9_.:/-]`.
 fn check_name(field: &'static str, value: &str) -> Result<(), InvalidTask> {
     if value.is_empty() || value.len() > MAX_NAME_LEN {
@@ -119,6 +149,11 @@ impl TaskSpec {
             });
         }
         let text = std::str::from_utf8(bytes).map_err(|_| InvalidTask::NotUtf8)?;
+        if nesting_depth(bytes) > MAX_DEPTH {
+            return Err(InvalidTask::Json(format!(
+                "nesting deeper than {MAX_DEPTH} levels"
+            )));
+        }
         let spec: TaskSpec = serde_json::from_str(text).map_err(|e| {
             let mut message = e.to_string();
             message.truncate(200);
@@ -421,9 +456,24 @@ mod tests {
             "[".repeat(100_000),
             "]".repeat(100_000)
         );
-        assert_eq!(
-            TaskSpec::parse(deep.as_bytes(), LIMIT).unwrap_err().code(),
-            "invalid_json"
+        let err = TaskSpec::parse(deep.as_bytes(), LIMIT)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("nesting"), "{err}");
+        let ok = format!(
+            r#"{{"kind":"noop","payload":{}{}}}"#,
+            "[".repeat(60),
+            "]".repeat(60)
+        );
+        assert!(TaskSpec::parse(ok.as_bytes(), LIMIT).is_ok());
+        let in_string = format!(
+            r#"{{"kind":"noop","payload":"{}\"{}"}}"#,
+            "[".repeat(1000),
+            "{".repeat(1000)
+        );
+        assert!(
+            TaskSpec::parse(in_string.as_bytes(), LIMIT).is_ok(),
+            "brackets inside strings do not count"
         );
     }
 

@@ -1,5 +1,9 @@
 //! `fleetctl`: operate a Fleet from the command line.
 
+mod demo;
+mod inspect;
+mod submit;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -7,17 +11,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_common::settings::{self, CommonSettings};
-use fleet_common::{Topics, kafka, store};
+use fleet_common::store::{self, Store};
+use fleet_common::{Priority, Topics, kafka};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "fleetctl",
     version,
-    about = "Operate a Fleet: topics, health, tasks."
+    about = "Operate a Fleet: submit and inspect tasks, topics, health."
 )]
 struct Cli {
     /// TOML settings file; `FLEET__SECTION__KEY` variables override it.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", env = "FLEET_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -34,6 +39,46 @@ enum Command {
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
         wait: u64,
     },
+    /// Submit one task from flags, or many from a file of JSON lines (`-` for stdin). Prints
+    /// the id of each task.
+    Submit {
+        /// Task kind (with flags).
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        kind: Option<String>,
+        /// Payload JSON (with --kind).
+        #[arg(long, requires = "kind")]
+        payload: Option<String>,
+        #[arg(long, requires = "kind", default_value = "normal")]
+        priority: Priority,
+        #[arg(long, requires = "kind")]
+        id: Option<String>,
+        #[arg(long, requires = "kind")]
+        queue: Option<String>,
+        #[arg(long, requires = "kind")]
+        key: Option<String>,
+        /// JSON lines, one task per line; `-` reads stdin.
+        #[arg(long, value_name = "PATH")]
+        file: Option<String>,
+    },
+    /// Show one task.
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Count tasks by state.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit a mixed demo workload, show live progress and a summary.
+    Demo {
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        tasks: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,7 +92,10 @@ enum TopicsCommand {
     },
 }
 
-/// Exit codes scripts can rely on.
+/// Exit codes scripts can rely on: 0 done, 1 not found, 2 bad settings or input, 3 a
+/// dependency did not answer.
+const EXIT_NOT_FOUND: u8 = 1;
+const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_UNAVAILABLE: u8 = 3;
 
 #[tokio::main(flavor = "current_thread")]
@@ -57,22 +105,107 @@ async fn main() -> ExitCode {
         Ok(s) => s,
         Err(err) => {
             eprintln!("fleetctl: {err}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    let result = match cli.command {
-        Command::Topics(TopicsCommand::Create { partitions }) => {
-            create_topics(&settings, partitions.unwrap_or(settings.topics.partitions)).await
-        }
-        Command::Ping { wait } => ping(&settings, Duration::from_secs(wait)).await,
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(cli.command, &settings).await {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("fleetctl: {err:#}");
             ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
+}
+
+async fn connect(settings: &CommonSettings) -> anyhow::Result<Store> {
+    let conn = store::connect(&settings.redis).await.with_context(|| {
+        format!(
+            "Redis at {}",
+            settings::redact_url(settings.redis.url.expose())
+        )
+    })?;
+    Ok(Store::new(
+        conn,
+        store::Keys::new(&settings.redis.key_prefix),
+        &settings.tasks,
+    ))
+}
+
+async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Topics(TopicsCommand::Create { partitions }) => {
+            create_topics(settings, partitions.unwrap_or(settings.topics.partitions)).await?;
+        }
+        Command::Ping { wait } => ping(settings, Duration::from_secs(wait)).await?,
+        Command::Submit {
+            kind,
+            payload,
+            priority,
+            id,
+            queue,
+            key,
+            file,
+        } => {
+            let max = settings.tasks.max_task_bytes;
+            let submissions = match (kind, file) {
+                (Some(kind), _) => {
+                    let payload: serde_json::Value = match payload {
+                        Some(text) => match serde_json::from_str(&text) {
+                            Ok(v) => v,
+                            Err(err) => {
+                                eprintln!("fleetctl: --payload is not valid JSON: {err}");
+                                return Ok(ExitCode::from(EXIT_BAD_INPUT));
+                            }
+                        },
+                        None => serde_json::Value::Null,
+                    };
+                    let mut body = serde_json::json!({ "kind": kind, "priority": priority, "payload": payload });
+                    for (name, value) in [("id", id), ("queue", queue), ("key", key)] {
+                        if let Some(value) = value {
+                            body[name] = serde_json::Value::String(value);
+                        }
+                    }
+                    vec![submit::prepare(&body.to_string(), max)]
+                }
+                (None, Some(path)) => match submit::read_lines(&path, max) {
+                    Ok(lines) => lines.into_iter().map(Ok).collect(),
+                    Err(err) => vec![Err(err)],
+                },
+                (None, None) => unreachable!("clap requires --kind or --file"),
+            };
+            let mut ready = Vec::with_capacity(submissions.len());
+            for submission in submissions {
+                match submission {
+                    Ok(s) => ready.push(s),
+                    Err(err) => {
+                        eprintln!("fleetctl: invalid task: {err:#}");
+                        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+                    }
+                }
+            }
+            submit::publish(settings, &ready).await?;
+            for (id, _) in &ready {
+                println!("{id}");
+            }
+        }
+        Command::Status { id, json } => {
+            if !inspect::status(&connect(settings).await?, &id, json).await? {
+                eprintln!("fleetctl: no task `{id}`");
+                return Ok(ExitCode::from(EXIT_NOT_FOUND));
+            }
+        }
+        Command::Stats { json } => inspect::stats(&connect(settings).await?, json).await?,
+        Command::Demo { tasks, timeout } => {
+            demo::run(
+                settings,
+                &connect(settings).await?,
+                tasks as usize,
+                Duration::from_secs(timeout),
+            )
+            .await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn create_topics(settings: &CommonSettings, partitions: i32) -> anyhow::Result<()> {
@@ -116,12 +249,8 @@ async fn ping(settings: &CommonSettings, wait: Duration) -> anyhow::Result<()> {
 }
 
 async fn ping_once(settings: &CommonSettings) -> anyhow::Result<String> {
-    let mut conn = store::connect(&settings.redis).await.with_context(|| {
-        format!(
-            "Redis at {}",
-            settings::redact_url(settings.redis.url.expose())
-        )
-    })?;
+    let store = connect(settings).await?;
+    let mut conn = store.conn();
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut conn)
@@ -132,9 +261,8 @@ async fn ping_once(settings: &CommonSettings) -> anyhow::Result<String> {
         .unwrap_or("?")
         .trim()
         .to_string();
-    let keys = store::Keys::new(&settings.redis.key_prefix);
     let schema: Option<String> = redis::cmd("HGET")
-        .arg(keys.schema())
+        .arg(store.keys().schema())
         .arg("version")
         .query_async(&mut conn)
         .await?;

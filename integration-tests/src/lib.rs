@@ -169,6 +169,9 @@ impl TestEnv {
         s.lease.lease_ms = 3_000;
         s.lease.heartbeat_ms = 1_000;
         s.lease.reaper_interval_ms = 500;
+        s.tasks.redeliver_ms = 2_000;
+        s.tasks.retry_base_ms = 100;
+        s.tasks.retry_cap_ms = 1_000;
         s
     }
 
@@ -197,6 +200,18 @@ impl TestEnv {
             (
                 "FLEET__LEASE__REAPER_INTERVAL_MS",
                 s.lease.reaper_interval_ms.to_string(),
+            ),
+            (
+                "FLEET__TASKS__REDELIVER_MS",
+                s.tasks.redeliver_ms.to_string(),
+            ),
+            (
+                "FLEET__TASKS__RETRY_BASE_MS",
+                s.tasks.retry_base_ms.to_string(),
+            ),
+            (
+                "FLEET__TASKS__RETRY_CAP_MS",
+                s.tasks.retry_cap_ms.to_string(),
             ),
             ("FLEET__LOG__FORMAT", "json".to_string()),
         ]

@@ -47,6 +47,7 @@ async fn run(settings: SchedulerSettings) -> anyhow::Result<Outcome> {
             store,
             publisher.clone(),
             settings.scheduler.relay_interval(),
+            settings.lease.lease_ms,
             token.child_token(),
         ),
     );

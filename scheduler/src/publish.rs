@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fleet_common::Priority;
-use fleet_common::store::Dispatch;
+use fleet_common::store::{Dispatch, Store};
 use fleet_common::task::Envelope;
 use fleet_common::topics::Topics;
 use rdkafka::error::KafkaError;
@@ -21,6 +21,45 @@ struct Route {
     priority: Priority,
     #[serde(default)]
     key: Option<String>,
+}
+
+/// Partitions of each priority topic that live workers consume, from their heartbeats. Tasks
+/// the relay or the reaper publish again go to one of these, so a requeued task runs on a live
+/// worker at once instead of waiting on a dead worker's partition for the group to rebalance.
+#[derive(Debug, Default, Clone)]
+pub struct LivePartitions([Vec<i32>; 4]);
+
+impl LivePartitions {
+    /// Reads the partitions of workers heard from within `max_age_ms`. On any error the result
+    /// is empty, and publishing falls back to ordinary routing.
+    pub async fn load(store: &Store, max_age_ms: u64) -> Self {
+        let Ok(workers) = store.live_workers(max_age_ms).await else {
+            return Self::default();
+        };
+        let mut live: [Vec<i32>; 4] = Default::default();
+        for (_, info) in workers {
+            let Ok(info) = serde_json::from_str::<serde_json::Value>(&info) else {
+                continue;
+            };
+            for priority in Priority::ALL {
+                if let Some(owned) = info["partitions"][priority.as_str()].as_array() {
+                    live[priority.index()]
+                        .extend(owned.iter().filter_map(|p| p.as_i64()).map(|p| p as i32));
+                }
+            }
+        }
+        for partitions in &mut live {
+            partitions.sort_unstable();
+            partitions.dedup();
+        }
+        Self(live)
+    }
+
+    /// A random live partition of `priority`'s topic, if any worker reported one.
+    fn pick(&self, priority: Priority) -> Option<i32> {
+        let partitions = &self.0[priority.index()];
+        (!partitions.is_empty()).then(|| partitions[rand::random_range(0..partitions.len())])
+    }
 }
 
 /// Sends Fleet's records with one idempotent producer.
@@ -83,6 +122,26 @@ impl Publisher {
         record_json: &str,
         attempt: u32,
     ) -> Result<(), KafkaError> {
+        self.send_task(
+            id,
+            priority,
+            key,
+            record_json,
+            attempt,
+            self.partition_for(key),
+        )
+        .await
+    }
+
+    async fn send_task(
+        &self,
+        id: &str,
+        priority: Priority,
+        key: Option<&str>,
+        record_json: &str,
+        attempt: u32,
+        partition: Option<i32>,
+    ) -> Result<(), KafkaError> {
         let topic = self.topics.tasks(priority);
         let envelope = Envelope::encode(record_json, attempt);
         let attempt_text = attempt.to_string();
@@ -99,7 +158,7 @@ impl Publisher {
         if let Some(key) = key {
             record = record.key(key);
         }
-        if let Some(partition) = self.partition_for(key) {
+        if let Some(partition) = partition {
             record = record.partition(partition);
         }
         self.producer
@@ -109,18 +168,28 @@ impl Publisher {
             .map_err(|(err, _)| err)
     }
 
-    /// Publishes a task taken from Redis (relay or reaper), routing it from its stored record.
-    pub async fn dispatch(&self, dispatch: &Dispatch) -> Result<(), KafkaError> {
+    /// Publishes a task taken from Redis (relay or reaper) to a live worker's partition of its
+    /// priority topic, or by ordinary routing when no worker reported its partitions.
+    pub async fn dispatch(
+        &self,
+        dispatch: &Dispatch,
+        live: &LivePartitions,
+    ) -> Result<(), KafkaError> {
         let route: Route = serde_json::from_str(&dispatch.record_json).unwrap_or(Route {
             priority: Priority::Normal,
             key: None,
         });
-        self.task(
+        let key = route.key.as_deref();
+        let partition = live
+            .pick(route.priority)
+            .or_else(|| self.partition_for(key));
+        self.send_task(
             &dispatch.id,
             route.priority,
-            route.key.as_deref(),
+            key,
             &dispatch.record_json,
             dispatch.attempt,
+            partition,
         )
         .await
     }

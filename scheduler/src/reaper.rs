@@ -9,7 +9,7 @@ use fleet_common::store::{Requeue, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::publish::Publisher;
+use crate::publish::{LivePartitions, Publisher};
 
 const BATCH: usize = 500;
 /// How often terminal-state index entries past retention are trimmed.
@@ -19,12 +19,13 @@ pub async fn run(
     store: Store,
     publisher: Publisher,
     interval: Duration,
+    live_max_age_ms: u64,
     token: CancellationToken,
 ) -> TaskResult {
     info!(interval_ms = interval.as_millis() as u64, "Reaper started.");
     let mut last_trim = Instant::now();
     while !token.is_cancelled() {
-        let busy = match scan(&store, &publisher).await {
+        let busy = match scan(&store, &publisher, live_max_age_ms).await {
             Ok(found) => found >= BATCH,
             Err(err) => {
                 warn!(error = %err, "Reaper scan failed; retrying next period.");
@@ -57,18 +58,24 @@ pub async fn run(
 pub async fn scan(
     store: &Store,
     publisher: &Publisher,
+    live_max_age_ms: u64,
 ) -> Result<usize, fleet_common::store::StoreError> {
     let expired = store.expired_leases(BATCH).await?;
     if expired.is_empty() {
         return Ok(0);
     }
     let outcomes = store.requeue(&expired).await?;
+    let live = if outcomes.iter().any(|o| matches!(o, Requeue::Requeued(_))) {
+        LivePartitions::load(store, live_max_age_ms).await
+    } else {
+        LivePartitions::default()
+    };
     let mut sent = Vec::new();
     for outcome in &outcomes {
         match outcome {
             Requeue::Requeued(dispatch) => {
                 info!(task_id = %dispatch.id, attempt = dispatch.attempt, "Lease expired; task requeued.");
-                match publisher.dispatch(dispatch).await {
+                match publisher.dispatch(dispatch, &live).await {
                     Ok(()) => sent.push((dispatch.id.as_str(), dispatch.attempt)),
                     Err(err) => {
                         warn!(task_id = %dispatch.id, error = %err, "Requeued task not published; the relay will.")

@@ -12,21 +12,23 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::publish::Publisher;
+use crate::publish::{LivePartitions, Publisher};
 
 /// Most tasks taken per round.
 const BATCH: usize = 500;
 
+/// `live_max_age_ms`: workers heard from within this long count as live for routing.
 /// Runs the relay every `interval` (sooner while there is a backlog) until cancelled.
 pub async fn run(
     store: Store,
     publisher: Publisher,
     interval: Duration,
+    live_max_age_ms: u64,
     token: CancellationToken,
 ) -> TaskResult {
     info!(interval_ms = interval.as_millis() as u64, "Relay started.");
     while !token.is_cancelled() {
-        let busy = match round(&store, &publisher).await {
+        let busy = match round(&store, &publisher, live_max_age_ms).await {
             Ok(taken) => taken >= BATCH,
             Err(err) => {
                 warn!(error = %err, "Relay round failed; retrying next round.");
@@ -48,10 +50,13 @@ pub async fn run(
 pub async fn round(
     store: &Store,
     publisher: &Publisher,
+    live_max_age_ms: u64,
 ) -> Result<usize, fleet_common::store::StoreError> {
     let due = store.take_due(BATCH).await?;
     if !due.is_empty() {
-        let results = futures::future::join_all(due.iter().map(|d| publisher.dispatch(d))).await;
+        let live = LivePartitions::load(store, live_max_age_ms).await;
+        let results =
+            futures::future::join_all(due.iter().map(|d| publisher.dispatch(d, &live))).await;
         let mut sent = Vec::with_capacity(due.len());
         for (dispatch, result) in due.iter().zip(results) {
             match result {

@@ -286,16 +286,15 @@ impl Store {
             .collect())
     }
 
-    /// Hands `worker`'s running tasks back for immediate redelivery; returns how many it owned.
+    /// Hands `worker`'s running tasks back for immediate redelivery and removes the worker
+    /// from the live set (it is leaving); returns how many tasks it still owned.
     pub async fn release(
         &self,
         worker: &str,
         running: &[Attempt<'_>],
     ) -> Result<usize, StoreError> {
-        if running.is_empty() {
-            return Ok(0);
-        }
         let mut inv = self.invocation(&scripts::RELEASE);
+        inv.key(self.keys.worker(worker));
         inv.arg(running.len()).arg(worker);
         for (id, attempt) in running {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
@@ -392,6 +391,33 @@ impl Store {
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+
+    /// `(worker id, info json)` of every worker that sent a heartbeat within `max_age_ms`
+    /// (by Redis time).
+    pub async fn live_workers(&self, max_age_ms: u64) -> Result<Vec<(String, String)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let time: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let since = (time.0 * 1000 + time.1 / 1000).saturating_sub(max_age_ms);
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.workers())
+            .arg(since)
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(self.keys.worker(id), "info");
+        }
+        let infos: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        Ok(ids
+            .into_iter()
+            .zip(infos)
+            .filter_map(|(id, info)| info.map(|i| (id, i)))
+            .collect())
     }
 
     /// Every field of one task's hash; `None` if there is no such task.

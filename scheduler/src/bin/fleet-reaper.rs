@@ -36,6 +36,7 @@ async fn run(settings: SchedulerSettings) -> anyhow::Result<Outcome> {
             store.clone(),
             publisher.clone(),
             settings.lease.reaper_interval(),
+            settings.lease.lease_ms,
             token.child_token(),
         ),
     );
@@ -45,6 +46,7 @@ async fn run(settings: SchedulerSettings) -> anyhow::Result<Outcome> {
             store,
             publisher.clone(),
             settings.scheduler.relay_interval(),
+            settings.lease.lease_ms,
             token.child_token(),
         ),
     );

@@ -36,10 +36,15 @@ pub(super) async fn poll_loop(
     let high = high_water(&shared);
     let mut paused = [false; 4];
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             () = token.cancelled() => break,
             _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                if ticks % 10 == 1 {
+                    record_assignment(&shared, &consumer);
+                }
                 for priority in Priority::ALL {
                     let i = priority.index();
                     if paused[i] && shared.buffers().len(priority) <= high / 2 {
@@ -73,6 +78,20 @@ pub(super) async fn poll_loop(
             }
         }
     }
+}
+
+/// Notes which partitions of each priority topic this worker owns now.
+fn record_assignment(shared: &Shared, consumer: &StreamConsumer) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let mut owned: [Vec<i32>; 4] = Default::default();
+    for element in assignment.elements() {
+        if let Some(i) = shared.topic_names.iter().position(|t| t == element.topic()) {
+            owned[i].push(element.partition());
+        }
+    }
+    *shared.assignment() = owned;
 }
 
 /// Pauses or resumes this consumer's partitions of `topic`.

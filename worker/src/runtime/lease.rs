@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fleet_common::Priority;
 use fleet_common::store::{self, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -81,7 +82,7 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
     let started_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let info = serde_json::json!({
+    let mut info = serde_json::json!({
         "host": std::env::var("HOSTNAME").unwrap_or_default(),
         "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -89,8 +90,8 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
         "group": settings.worker.group_id,
         "kinds": kinds,
         "started_ms": started_ms,
-    })
-    .to_string();
+        "partitions": {},
+    });
     let lease = settings.lease.lease();
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(settings.lease.heartbeat());
@@ -116,8 +117,20 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
             .map(|(id, entry)| (id.clone(), entry.attempt))
             .collect();
         let refs: Vec<(&str, u32)> = snapshot.iter().map(|(id, a)| (&**id, *a)).collect();
+        let partitions: serde_json::Map<String, serde_json::Value> = Priority::ALL
+            .into_iter()
+            .zip(shared.assignment().iter())
+            .map(|(p, owned)| (p.as_str().to_string(), serde_json::json!(owned)))
+            .collect();
+        info["partitions"] = serde_json::Value::Object(partitions);
+        let info_text = info.to_string();
         match store
-            .extend(&shared.worker_id, settings.lease.lease_ms, &info, &refs)
+            .extend(
+                &shared.worker_id,
+                settings.lease.lease_ms,
+                &info_text,
+                &refs,
+            )
             .await
         {
             Ok(lost) => {

@@ -51,6 +51,12 @@ pub enum WorkerError {
     Kafka(#[from] KafkaError),
 }
 
+/// Workers use round-robin assignment: it spreads the partitions of every priority topic over
+/// the workers, so each worker sees every priority and can put urgent work first.
+/// Cooperative-sticky balances only the total partition count and can leave a worker with,
+/// say, nothing but low-priority partitions. (`kafka.client` may override it.)
+const ASSIGNMENT_STRATEGY: &str = "partition.assignment.strategy";
+
 /// A handler that is running, keyed by task id in [`Shared::running`].
 #[derive(Debug)]
 struct Running {
@@ -80,6 +86,9 @@ struct Shared {
     /// Task topic names by priority index, so deliveries need not carry strings.
     topic_names: [String; 4],
     running: Mutex<HashMap<Arc<str>, Running>>,
+    /// This worker's partitions of each priority topic, reported with every heartbeat so that
+    /// requeued tasks are routed to partitions a live worker consumes.
+    assignment: Mutex<[Vec<i32>; 4]>,
     buffers: Mutex<Buffers>,
     work_ready: Notify,
     slots: Arc<Semaphore>,
@@ -88,6 +97,12 @@ struct Shared {
 impl Shared {
     fn running(&self) -> MutexGuard<'_, HashMap<Arc<str>, Running>> {
         self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn assignment(&self) -> MutexGuard<'_, [Vec<i32>; 4]> {
+        self.assignment
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -124,9 +139,12 @@ impl Worker {
         let store = Store::new(conn, keys, &settings.tasks);
 
         let topics = Topics::from_settings(&settings.topics);
-        let consumer: StreamConsumer =
-            kafka::consumer_config(&settings.kafka, &settings.worker.group_id, &worker_id)
-                .create()?;
+        let mut config =
+            kafka::consumer_config(&settings.kafka, &settings.worker.group_id, &worker_id);
+        if !settings.kafka.client.contains_key(ASSIGNMENT_STRATEGY) {
+            config.set(ASSIGNMENT_STRATEGY, "roundrobin");
+        }
+        let consumer: StreamConsumer = config.create()?;
         let topic_names = Priority::ALL.map(|p| topics.tasks(p));
         let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
         consumer.subscribe(&subscription)?;
@@ -138,6 +156,7 @@ impl Worker {
             settings: settings.clone(),
             topic_names,
             running: Mutex::new(HashMap::new()),
+            assignment: Mutex::new(Default::default()),
             buffers: Mutex::new(Buffers::new(
                 settings.worker.priority_weights,
                 settings.worker.strict_priority,
@@ -204,13 +223,18 @@ impl Worker {
             );
         }
 
-        // Let running handlers finish within the grace period; hand the rest back.
+        // Let running handlers finish within the grace period (their leases are still kept),
+        // then hand the rest back.
         let grace = settings.worker.shutdown_grace();
         let deadline = Instant::now() + grace;
         while !shared.running().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        hand_back(&shared, &store).await;
+        lease_token.cancel();
+        lease_keeper.join().await;
+        if !hand_back(&shared, &store).await {
+            outcome = Outcome::Unclean;
+        }
 
         // Every outcome is recorded before offsets are committed and the group is left.
         match tokio::time::timeout(Duration::from_secs(10), completer).await {
@@ -220,8 +244,6 @@ impl Worker {
                 outcome = Outcome::Unclean;
             }
         }
-        lease_token.cancel();
-        lease_keeper.join().await;
         if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last auto-commit, or the group is rebalancing: the next
             // owner re-reads at most the claimed deliveries, which claim as duplicates.
@@ -235,8 +257,8 @@ impl Worker {
 }
 
 /// Cancels the handlers still running at the end of the grace period and releases their tasks
-/// in Redis for immediate redelivery elsewhere.
-async fn hand_back(shared: &Shared, store: &Store) {
+/// in Redis for immediate redelivery elsewhere; also takes this worker out of the live set.
+async fn hand_back(shared: &Shared, store: &Store) -> bool {
     let remaining: Vec<(Arc<str>, u32)> = {
         let mut running = shared.running();
         running
@@ -250,9 +272,6 @@ async fn hand_back(shared: &Shared, store: &Store) {
             })
             .collect()
     };
-    if remaining.is_empty() {
-        return;
-    }
     let refs: Vec<(&str, u32)> = remaining.iter().map(|(id, a)| (&**id, *a)).collect();
     for attempt in 1..=3 {
         match store.release(&shared.worker_id, &refs).await {
@@ -260,11 +279,13 @@ async fn hand_back(shared: &Shared, store: &Store) {
                 for (id, attempt) in &remaining {
                     info!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task handed back on shutdown.");
                 }
-                info!(
-                    released,
-                    "Running tasks handed back for immediate redelivery."
-                );
-                return;
+                if released > 0 {
+                    info!(
+                        released,
+                        "Running tasks handed back for immediate redelivery."
+                    );
+                }
+                return true;
             }
             Err(err) => {
                 warn!(error = %err, attempt, "Could not hand tasks back; their leases will expire instead.");
@@ -272,4 +293,5 @@ async fn hand_back(shared: &Shared, store: &Store) {
             }
         }
     }
+    false
 }

@@ -1,0 +1,44 @@
+//! `fleetctl status` and `fleetctl stats`: read task state straight from Redis.
+
+use std::collections::BTreeMap;
+
+use fleet_common::store::Store;
+
+/// Prints one task, human-readable or as JSON. Returns false if there is no such task.
+pub async fn status(store: &Store, id: &str, json: bool) -> anyhow::Result<bool> {
+    let Some(fields) = store.task(id).await? else {
+        return Ok(false);
+    };
+    let fields: BTreeMap<String, String> = fields.into_iter().collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&fields)?);
+        return Ok(true);
+    }
+    for (name, value) in &fields {
+        let shown = if value.len() > 200 {
+            format!(
+                "{}… ({} bytes)",
+                &value[..value.floor_char_boundary(200)],
+                value.len()
+            )
+        } else {
+            value.clone()
+        };
+        println!("{name:<16} {shown}");
+    }
+    Ok(true)
+}
+
+/// Prints how many tasks are in each state.
+pub async fn stats(store: &Store, json: bool) -> anyhow::Result<()> {
+    let counts = store.counts().await?;
+    if json {
+        let map: BTreeMap<&str, u64> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        println!("{}", serde_json::to_string(&map)?);
+    } else {
+        for (state, n) in counts {
+            println!("{:<10} {n}", state.as_str());
+        }
+    }
+    Ok(())
+}
