@@ -35,8 +35,8 @@ impl Mix {
     }
 }
 
-/// The demo workload: 40 % noop, 20 % echo, 25 % sleep (20–300 ms), 10 % fail-then-retry,
-/// 5 % permanent failure; priorities 10 % critical, 20 % high, 50 % normal, 20 % low.
+/// The demo workload: 40 % noop, 20 % echo, 25 % sleep (20–300 ms), 10 % flaky (fails once or
+/// twice, then succeeds on retry), 5 % permanent failure; priorities 10 % critical, 20 % high, 50 % normal, 20 % low.
 fn workload(n: usize) -> Vec<String> {
     let mut mix = Mix(0x9e37_79b9_7f4a_7c15);
     (0..n)
@@ -51,7 +51,7 @@ fn workload(n: usize) -> Vec<String> {
                 0..40 => ("noop", json!(null)),
                 40..60 => ("echo", json!({ "n": i })),
                 60..85 => ("sleep", json!({ "ms": 20 + mix.next() % 281 })),
-                85..95 => ("fail", json!({ "message": "flaky dependency", "retryable": true })),
+                85..95 => ("flaky", json!({ "failures": 1 + mix.next() % 2 })),
                 _ => ("fail", json!({ "message": "bad input", "retryable": false })),
             };
             json!({ "kind": kind, "priority": priority, "payload": payload, "max_attempts": 3, "queue": "demo" })
@@ -178,8 +178,7 @@ async fn summary(
                 "attempt",
             ]);
         }
-        let rows: Vec<TaskTimes> =
-            pipe.query_async(&mut conn).await?;
+        let rows: Vec<TaskTimes> = pipe.query_async(&mut conn).await?;
         for (state, started, finished, attempt) in rows {
             *by_state
                 .entry(state.unwrap_or_else(|| "missing".into()))

@@ -29,15 +29,22 @@ pub async fn status(store: &Store, id: &str, json: bool) -> anyhow::Result<bool>
     Ok(true)
 }
 
-/// Prints how many tasks are in each state.
+/// Prints how many tasks are in each state, and the fleet-wide counters.
 pub async fn stats(store: &Store, json: bool) -> anyhow::Result<()> {
     let counts = store.counts().await?;
+    let counters: BTreeMap<String, u64> = store.counters().await?.into_iter().collect();
     if json {
-        let map: BTreeMap<&str, u64> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
-        println!("{}", serde_json::to_string(&map)?);
+        let states: BTreeMap<&str, u64> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "states": states, "counters": counters })
+        );
     } else {
         for (state, n) in counts {
             println!("{:<10} {n}", state.as_str());
+        }
+        for (name, n) in counters {
+            println!("{name:<10} {n}  (total)");
         }
     }
     Ok(())

@@ -84,3 +84,114 @@ async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once()
     );
     drop(workers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_submissions_go_to_the_rejected_topic_and_the_line_keeps_moving() {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+
+    let env = TestEnv::start("rejected");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _w = env.spawn("fleet-worker", "w", &[]);
+    let huge = format!(r#"{{"kind":"noop","payload":"{}"}}"#, "x".repeat(2 << 20));
+    let bad: Vec<String> = vec![
+        "not json".into(),
+        r#"{"kind":"noop","tenant":"other"}"#.into(),
+        r#"{"kind":42}"#.into(),
+        r#"{"kind":"noop","priority":"urgent"}"#.into(),
+        r#"{"kind":"noop","max_attempts":0}"#.into(),
+        huge,
+        String::new(),
+    ];
+    let mut submissions = Vec::new();
+    let mut ids = Vec::new();
+    for (i, bad) in bad.iter().enumerate() {
+        ids.push(format!("good{i}"));
+        submissions.push(task_json(
+            &ids[i],
+            "noop",
+            "normal",
+            serde_json::json!(null),
+        ));
+        submissions.push(bad.clone());
+    }
+    // The oversized record needs a producer that accepts it; the broker itself has no limit.
+    let producer: rdkafka::producer::FutureProducer = {
+        let mut config = fleet_common::kafka::producer_config(&env.settings().kafka, "it-big");
+        config.set("message.max.bytes", "10000000");
+        config.create().unwrap()
+    };
+    let topic = fleet_common::Topics::from_settings(&env.settings().topics);
+    for body in &submissions {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::<(), _>::to(&topic.submit())
+                    .payload(body.as_bytes()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let tasks = wait_all_terminal(&env, &ids).await;
+    assert!(
+        ids.iter().all(|id| tasks[id]["state"] == "succeeded"),
+        "valid tasks around bad ones all run"
+    );
+
+    let mut config = fleet_common::kafka::consumer_config(
+        &env.settings().kafka,
+        &format!("{}-check", env.prefix),
+        "it",
+    );
+    config.set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = config.create().unwrap();
+    consumer.subscribe(&[&topic.rejected()]).unwrap();
+    let mut reasons = Vec::new();
+    while reasons.len() < bad.len() {
+        let message = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .expect("rejected records arrive")
+            .unwrap();
+        let headers = message.headers().expect("reason headers");
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let code = header("fleet-reject-code").expect("a reject code");
+        let reason = header("fleet-reject-reason").expect("a reason");
+        assert!(header("fleet-source-offset").is_some());
+        reasons.push((code, reason, message.payload().map_or(0, <[u8]>::len)));
+    }
+    assert!(
+        reasons.iter().any(|(c, _, _)| c == "too_large"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(c, r, _)| c == "invalid_json" && r.contains("tenant")),
+        "unknown field named: {reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(c, r, _)| c == "invalid_field" && r.contains("max_attempts")),
+        "{reasons:?}"
+    );
+    let store = env.store().await;
+    assert_eq!(
+        store.counters().await.unwrap().get("rejected"),
+        Some(&(bad.len() as u64))
+    );
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        counts.iter().map(|(_, n)| n).sum::<u64>(),
+        ids.len() as u64,
+        "no task from a bad submission"
+    );
+}

@@ -161,6 +161,12 @@ async fn handle_batch(
         }
     }
 
+    if !rejected.is_empty()
+        && let Err(err) = store.count("rejected", rejected.len() as u64).await
+    {
+        warn!(error = %err, "Could not count rejected submissions.");
+    }
+
     // Publish the new pending tasks. A failure here loses nothing: the tasks are pending in
     // Redis with an outbox entry, and the relay publishes them after `redeliver_ms`.
     let sends = tasks

@@ -62,6 +62,9 @@ impl LivePartitions {
     }
 }
 
+/// How much of a refused submission the rejected topic keeps.
+pub const REJECTED_KEEP: usize = 64 * 1024;
+
 /// Sends Fleet's records with one idempotent producer.
 #[derive(Clone)]
 pub struct Publisher {
@@ -205,7 +208,15 @@ impl Publisher {
         let topic = self.topics.rejected();
         let partition = source.1.to_string();
         let offset = source.2.to_string();
+        // Keep at most the first REJECTED_KEEP bytes: the original may be larger than any
+        // topic accepts, and a refusal must never block the submit partition.
+        let size = payload.map_or(0, <[u8]>::len).to_string();
+        let payload = payload.map(|p| &p[..p.len().min(REJECTED_KEEP)]);
         let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "fleet-original-size",
+                value: Some(&size),
+            })
             .insert(Header {
                 key: "fleet-reject-code",
                 value: Some(code),

@@ -10,6 +10,9 @@ use fleet_common::{Topics, kafka};
 use crate::publish::Publisher;
 use crate::settings::SchedulerSettings;
 
+/// Bytes allowed beyond `tasks.max_task_bytes` for the envelope, record fields and headers.
+const ENVELOPE_ROOM: usize = 64 * 1024;
+
 /// Connects to Redis (checking the schema version) and Kafka (creating missing topics).
 pub async fn connect(
     settings: &SchedulerSettings,
@@ -35,9 +38,15 @@ pub async fn connect(
     .await
     .context("creating topics")?;
     let client_id = format!("{service}-{}", std::process::id());
-    let producer = kafka::producer_config(&settings.kafka, &client_id)
-        .create()
-        .context("creating the producer")?;
+    let mut config = kafka::producer_config(&settings.kafka, &client_id);
+    if !settings.kafka.client.contains_key("message.max.bytes") {
+        // Room for the largest accepted task plus its envelope and headers.
+        config.set(
+            "message.max.bytes",
+            (settings.tasks.max_task_bytes + ENVELOPE_ROOM).to_string(),
+        );
+    }
+    let producer = config.create().context("creating the producer")?;
     let publisher = Publisher::new(
         producer,
         topics,

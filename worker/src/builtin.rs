@@ -6,6 +6,7 @@
 //! | `echo` | anything | returns the payload |
 //! | `sleep` | `{"ms": N}` | waits N ms (stops early when cancelled) |
 //! | `fail` | `{"message": "…", "retryable": bool}` | fails with that message |
+//! | `flaky` | `{"failures": N}` | fails (retryably) on attempts 1..=N, then succeeds |
 //! | `crash` | anything | aborts the whole worker process (a poison task) |
 
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub fn registry() -> Registry {
         .register("echo", echo)
         .register("sleep", sleep)
         .register("fail", fail)
+        .register("flaky", flaky)
         .register("crash", crash);
     registry
 }
@@ -65,6 +67,23 @@ fn default_message() -> String {
 async fn fail(ctx: TaskContext) -> HandlerResult {
     let FailPayload { message, retryable } = ctx.payload()?;
     Err(HandlerError { message, retryable })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlakyPayload {
+    failures: u32,
+}
+
+async fn flaky(ctx: TaskContext) -> HandlerResult {
+    let FlakyPayload { failures } = ctx.payload()?;
+    if ctx.attempt <= failures {
+        return Err(HandlerError::retryable(format!(
+            "flaky: attempt {} of {} planned failures",
+            ctx.attempt, failures
+        )));
+    }
+    Ok(serde_json::json!({ "succeeded_on_attempt": ctx.attempt }))
 }
 
 async fn crash(ctx: TaskContext) -> HandlerResult {

@@ -74,6 +74,11 @@ impl Keys {
         format!("{}:worker:{id}", self.root)
     }
 
+    /// Hash of fleet-wide counters (e.g. `rejected`: submissions refused by the scheduler).
+    pub fn counters(&self) -> String {
+        format!("{}:counters", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         format!("{}:idem:{key}", self.root)

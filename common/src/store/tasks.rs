@@ -420,6 +420,25 @@ impl Store {
             .collect())
     }
 
+    /// Adds `n` to the fleet-wide counter `name`.
+    pub async fn count(&self, name: &str, n: u64) -> Result<(), StoreError> {
+        let () = redis::cmd("HINCRBY")
+            .arg(self.keys.counters())
+            .arg(name)
+            .arg(n)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Every fleet-wide counter.
+    pub async fn counters(&self) -> Result<HashMap<String, u64>, StoreError> {
+        Ok(redis::cmd("HGETALL")
+            .arg(self.keys.counters())
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
     /// Every field of one task's hash; `None` if there is no such task.
     pub async fn task(&self, id: &str) -> Result<Option<HashMap<String, String>>, StoreError> {
         let fields: HashMap<String, String> = redis::cmd("HGETALL")

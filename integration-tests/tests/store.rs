@@ -1,0 +1,349 @@
+//! The transition scripts against a real redis-server: every precondition and every fencing
+//! answer, checked directly.
+
+use std::time::Duration;
+
+use fleet_common::store::{Accepted, Claim, Completion, NewTask, Outcome, Requeue, Store};
+use fleet_common::task::{State, TaskRecord, TaskSpec};
+use fleet_integration_tests::TestEnv;
+
+fn task(env: &TestEnv, json: &str) -> NewTask {
+    let spec = TaskSpec::parse(json.as_bytes(), 1 << 20).unwrap();
+    let idempotency_key = spec.idempotency_key.clone();
+    let record = TaskRecord::from_spec(
+        spec,
+        env.settings().tasks.defaults(),
+        fleet_common::task::new_task_id,
+    );
+    NewTask {
+        record_json: record.to_json(),
+        record,
+        idempotency_key,
+        run_at_ms: 0,
+    }
+}
+
+async fn state(store: &Store, id: &str) -> String {
+    store.task(id).await.unwrap().unwrap()["state"].clone()
+}
+
+async fn expire_lease(env: &TestEnv, store: &Store, id: &str) {
+    let mut conn = env.redis_conn().await;
+    let () = redis::cmd("ZADD")
+        .arg(store.keys().leases())
+        .arg("XX")
+        .arg(0)
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
+    let env = TestEnv::start("accept");
+    let store = env.store().await;
+    let a = task(&env, r#"{"id":"a","kind":"noop"}"#);
+    let k1 = task(&env, r#"{"kind":"noop","idempotency_key":"order-7"}"#);
+    let k2 = task(&env, r#"{"kind":"echo","idempotency_key":"order-7"}"#);
+    let got = store
+        .accept(&[a.clone(), k1.clone(), a.clone(), k2])
+        .await
+        .unwrap();
+    assert_eq!(got[0], Accepted::Pending("a".into()));
+    assert_eq!(got[1], Accepted::Pending(k1.record.id.clone()));
+    assert_eq!(
+        got[2],
+        Accepted::Duplicate("a".into()),
+        "same id in the same batch"
+    );
+    assert_eq!(
+        got[3],
+        Accepted::Duplicate(k1.record.id.clone()),
+        "same idempotency key → existing task"
+    );
+    let counts: Vec<(State, u64)> = store.counts().await.unwrap();
+    assert_eq!(counts[0], (State::Pending, 2));
+
+    let later = task(&env, r#"{"kind":"noop"}"#);
+    let scheduled = NewTask {
+        run_at_ms: 4_102_444_800_000,
+        ..later
+    };
+    assert!(matches!(
+        store.accept(&[scheduled]).await.unwrap()[0],
+        Accepted::Scheduled(_)
+    ));
+}
+
+#[tokio::test]
+async fn claims_answer_for_every_kind_of_delivery() {
+    let env = TestEnv::start("claim");
+    let store = env.store().await;
+    let t = task(&env, r#"{"id":"t","kind":"noop"}"#);
+    store.accept(&[t]).await.unwrap();
+    let lease = 3_000;
+    assert_eq!(
+        store.claim("w1", lease, &[("t", 2)]).await.unwrap(),
+        [Claim::Future]
+    );
+    assert_eq!(
+        store.claim("w1", lease, &[("nope", 1)]).await.unwrap(),
+        [Claim::Unknown]
+    );
+    assert_eq!(
+        store
+            .claim("w1", lease, &[("t", 1), ("t", 1)])
+            .await
+            .unwrap(),
+        [Claim::Claimed, Claim::Busy],
+        "a duplicate in the same batch is busy"
+    );
+    assert_eq!(
+        store.claim("w2", lease, &[("t", 1)]).await.unwrap(),
+        [Claim::Busy]
+    );
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            fields["state"].as_str(),
+            fields["attempt"].as_str(),
+            fields["worker"].as_str()
+        ),
+        ("running", "1", "w1")
+    );
+
+    // The lease deadline is Redis time + lease.
+    let mut conn = env.redis_conn().await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let deadline: f64 = redis::cmd("ZSCORE")
+        .arg(store.keys().leases())
+        .arg("t")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let now = secs * 1000 + micros / 1000;
+    assert!(
+        (deadline as u64).abs_diff(now + lease) < 1_000,
+        "deadline {deadline} vs now {now}"
+    );
+
+    let done = Outcome::Ok("null".into());
+    assert_eq!(
+        store.complete("w1", &[(("t", 1), &done)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    assert_eq!(
+        store.claim("w1", lease, &[("t", 1)]).await.unwrap(),
+        [Claim::Done]
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
+    let env = TestEnv::start("fence");
+    let store = env.store().await;
+    store
+        .accept(&[task(&env, r#"{"id":"t","kind":"noop","max_attempts":3}"#)])
+        .await
+        .unwrap();
+    store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
+    assert_eq!(
+        store.extend("w1", 3_000, "{}", &[("t", 1)]).await.unwrap(),
+        Vec::<usize>::new()
+    );
+    assert_eq!(
+        store.extend("w2", 3_000, "{}", &[("t", 1)]).await.unwrap(),
+        [0],
+        "another worker's heartbeat"
+    );
+    assert_eq!(
+        store.extend("w1", 3_000, "{}", &[("t", 2)]).await.unwrap(),
+        [0],
+        "a wrong attempt"
+    );
+
+    // The lease expires and the task runs again as attempt 2 elsewhere.
+    expire_lease(&env, &store, "t").await;
+    let requeued = store.requeue(&["t".to_string()]).await.unwrap();
+    assert!(matches!(&requeued[0], Requeue::Requeued(d) if d.attempt == 2));
+    assert_eq!(
+        store.claim("w2", 3_000, &[("t", 1)]).await.unwrap(),
+        [Claim::Stale]
+    );
+    assert_eq!(
+        store.claim("w2", 3_000, &[("t", 2)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+
+    // The zombie (attempt 1) is fenced on every call, and changes nothing.
+    let ok = Outcome::Ok("\"zombie\"".into());
+    assert_eq!(
+        store.extend("w1", 3_000, "{}", &[("t", 1)]).await.unwrap(),
+        [0]
+    );
+    assert_eq!(
+        store.complete("w1", &[(("t", 1), &ok)]).await.unwrap(),
+        [Completion::Fenced]
+    );
+    assert_eq!(state(&store, "t").await, "running");
+
+    let real = Outcome::Ok("\"real\"".into());
+    assert_eq!(
+        store.complete("w2", &[(("t", 2), &real)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    assert_eq!(
+        store.complete("w2", &[(("t", 2), &real)]).await.unwrap(),
+        [Completion::Already],
+        "a repeated report"
+    );
+    let late_fail = Outcome::Fail("late".into());
+    assert_eq!(
+        store
+            .complete("w2", &[(("t", 2), &late_fail)])
+            .await
+            .unwrap(),
+        [Completion::Already]
+    );
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert_eq!(
+        (fields["state"].as_str(), fields["result"].as_str()),
+        ("succeeded", "\"real\""),
+        "terminal is final"
+    );
+    assert!(
+        store.expired_leases(10).await.unwrap().is_empty(),
+        "no lease left behind"
+    );
+}
+
+#[tokio::test]
+async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a_dead_letter() {
+    let env = TestEnv::start("retry");
+    let store = env.store().await;
+    store
+        .accept(&[task(&env, r#"{"id":"t","kind":"fail","max_attempts":2}"#)])
+        .await
+        .unwrap();
+    let retry = Outcome::Retry {
+        error: "boom".into(),
+        delay_ms: 0,
+    };
+    store.claim("w", 3_000, &[("t", 1)]).await.unwrap();
+    assert_eq!(
+        store.complete("w", &[(("t", 1), &retry)]).await.unwrap(),
+        [Completion::Scheduled]
+    );
+    assert_eq!(state(&store, "t").await, "scheduled");
+    let due = store.take_due(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].id.as_str(), due[0].attempt), ("t", 2));
+    assert!(
+        store.take_due(10).await.unwrap().is_empty(),
+        "a second relay does not take it too"
+    );
+    assert_eq!(state(&store, "t").await, "pending");
+    store.claim("w", 3_000, &[("t", 2)]).await.unwrap();
+    assert_eq!(
+        store.complete("w", &[(("t", 2), &retry)]).await.unwrap(),
+        [Completion::Failed]
+    );
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert_eq!(
+        (fields["state"].as_str(), fields["error"].as_str()),
+        ("failed", "boom")
+    );
+    assert_eq!(store.take_dead_letters(10).await.unwrap(), ["t"]);
+    let mut conn = env.redis_conn().await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(store.keys().task("t"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "terminal tasks expire after the retention period");
+}
+
+#[tokio::test]
+async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
+    let env = TestEnv::start("reap");
+    let store = env.store().await;
+    let tasks: Vec<NewTask> = (0..200)
+        .map(|i| task(&env, &format!(r#"{{"id":"t{i}","kind":"noop"}}"#)))
+        .collect();
+    store.accept(&tasks).await.unwrap();
+    let claims: Vec<(String, u32)> = (0..200).map(|i| (format!("t{i}"), 1)).collect();
+    let refs: Vec<(&str, u32)> = claims.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+    store.claim("dead", 1, &refs).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // Several reapers see the same expired leases and race to requeue them.
+    let reapers = (0..4).map(|_| {
+        let env_store = store.clone();
+        async move {
+            let ids = env_store.expired_leases(500).await.unwrap();
+            env_store.requeue(&ids).await.unwrap()
+        }
+    });
+    let results = futures::future::join_all(reapers).await;
+    let requeued: Vec<String> = results
+        .iter()
+        .flatten()
+        .filter_map(|r| match r {
+            Requeue::Requeued(d) => Some(d.id.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut unique = requeued.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        requeued.len(),
+        200,
+        "each expired lease requeued once, not more"
+    );
+    assert_eq!(unique.len(), 200);
+    for (id, _) in &claims {
+        let fields = store.task(id).await.unwrap().unwrap();
+        assert_eq!(
+            (fields["state"].as_str(), fields["attempt"].as_str()),
+            ("pending", "1")
+        );
+    }
+}
+
+#[tokio::test]
+async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
+    let env = TestEnv::start("release");
+    let store = env.store().await;
+    store
+        .accept(&[task(&env, r#"{"id":"t","kind":"noop","max_attempts":1}"#)])
+        .await
+        .unwrap();
+    store.claim("w", 3_000, &[("t", 1)]).await.unwrap();
+    assert_eq!(store.release("w", &[("t", 1)]).await.unwrap(), 1);
+    assert_eq!(
+        store.release("w", &[("t", 1)]).await.unwrap(),
+        0,
+        "only a running attempt is released"
+    );
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert_eq!(
+        (fields["state"].as_str(), fields["released"].as_str()),
+        ("pending", "1")
+    );
+    assert_eq!(
+        store.take_due(10).await.unwrap()[0].attempt,
+        2,
+        "republished at once as attempt 2"
+    );
+
+    // Attempt 2 is its one real attempt: when its lease expires the task fails.
+    store.claim("w2", 3_000, &[("t", 2)]).await.unwrap();
+    expire_lease(&env, &store, "t").await;
+    assert_eq!(
+        store.requeue(&["t".to_string()]).await.unwrap(),
+        [Requeue::Failed("t".into())]
+    );
+    assert_eq!(state(&store, "t").await, "failed");
+}
