@@ -93,6 +93,21 @@ pub fn consumer_config(settings: &KafkaSettings, group_id: &str, client_id: &str
     )
 }
 
+/// Marks the record at `offset` as handled, so the next (auto-)commit moves the group past it.
+///
+/// librdkafka's `rd_kafka_offset_store` commits `offset + 1` itself (the next record to read);
+/// passing `offset + 1` here would skip a record at the next hand-over of the partition. This
+/// is the one place offsets are stored. An error after a revoke only means the next owner of
+/// the partition reads the record again, which claims treat as a duplicate.
+pub fn store_handled<C: rdkafka::consumer::Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<(), KafkaError> {
+    consumer.store_offset(topic, partition, offset)
+}
+
 /// What [`ensure_topics`] found or did for one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicStatus {

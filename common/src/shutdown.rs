@@ -77,7 +77,9 @@ impl Supervisor {
         tokio::select! {
             () = self.token.cancelled() => {}
             Some(joined) = self.tasks.join_next() => {
-                if !report(joined, false) {
+                // A task that stopped because shutdown began (the token and its exit can
+                // become ready together) is a clean stop, not an early exit.
+                if !report(joined, self.token.is_cancelled()) {
                     outcome = Outcome::Unclean;
                 }
                 self.token.cancel();
@@ -129,5 +131,59 @@ fn report(
             error!(error = %err, "Task panicked or was cancelled.");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tasks_that_stop_on_cancellation_drain_cleanly() {
+        let token = CancellationToken::new();
+        let mut supervisor = Supervisor::new(token.clone());
+        for name in ["a", "b"] {
+            let t = token.clone();
+            supervisor.spawn(name, async move {
+                t.cancelled().await;
+                Ok(())
+            });
+        }
+        token.cancel();
+        assert_eq!(supervisor.run(Duration::from_secs(1)).await, Outcome::Clean);
+    }
+
+    #[tokio::test]
+    async fn an_early_exit_or_a_failure_stops_the_rest_and_is_unclean() {
+        let token = CancellationToken::new();
+        let mut supervisor = Supervisor::new(token.clone());
+        let t = token.clone();
+        supervisor.spawn("waits", async move {
+            t.cancelled().await;
+            Ok(())
+        });
+        supervisor.spawn("fails", async { Err("boom".into()) });
+        assert_eq!(
+            supervisor.run(Duration::from_secs(1)).await,
+            Outcome::Unclean
+        );
+        assert!(token.is_cancelled(), "the other task was told to stop");
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ignores_shutdown_is_aborted_at_the_deadline() {
+        let token = CancellationToken::new();
+        let mut supervisor = Supervisor::new(token.clone());
+        supervisor.spawn("stuck", async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        });
+        token.cancel();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            supervisor.run(Duration::from_millis(100)).await,
+            Outcome::Unclean
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use fleet_common::settings::CommonSettings;
 
 pub use eventually::eventually;
-pub use process::{ManagedProcess, free_port};
+pub use process::{ManagedProcess, free_ports};
 
 /// The command that installs everything the tests need; named in every "missing" message.
 pub const SETUP_COMMAND: &str = "make test (or: bash deploy/local/setup.sh)";
@@ -101,49 +101,62 @@ impl TestEnv {
             tansu.display()
         );
 
-        let redis_port = free_port();
-        let redis = ManagedProcess::spawn(
-            "redis",
-            &redis_bin,
-            &[
-                "--port",
-                &redis_port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--dir",
-                dir.to_str().expect("utf-8 path"),
-            ],
-            &[],
-            &dir.join("redis.log"),
-        );
-        let broker_port = free_port();
-        let url = format!("tcp://127.0.0.1:{broker_port}");
-        let broker = ManagedProcess::spawn(
-            "tansu",
-            &tansu,
-            &[
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            &[(
-                "RUST_LOG".to_string(),
-                std::env::var("FLEET_IT_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
-            )],
-            &dir.join("tansu.log"),
-        );
-        redis.wait_for_port(redis_port, Duration::from_secs(10));
-        broker.wait_for_port(broker_port, Duration::from_secs(10));
+        // A port can be taken between choosing it and binding it (other tests start servers
+        // too): a process that exits instead of listening is started again on new ports.
+        let mut attempt = 0;
+        let (redis, broker, redis_port, broker_port) = loop {
+            attempt += 1;
+            let [redis_port, broker_port] = free_ports::<2>();
+            let mut redis = ManagedProcess::spawn(
+                "redis",
+                &redis_bin,
+                &[
+                    "--port",
+                    &redis_port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--maxmemory-policy",
+                    "noeviction",
+                    "--dir",
+                    dir.to_str().expect("utf-8 path"),
+                ],
+                &[],
+                &dir.join("redis.log"),
+            );
+            let url = format!("tcp://127.0.0.1:{broker_port}");
+            let mut broker = ManagedProcess::spawn(
+                "tansu",
+                &tansu,
+                &[
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                &[(
+                    "RUST_LOG".to_string(),
+                    std::env::var("FLEET_IT_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )],
+                &dir.join("tansu.log"),
+            );
+            let up = redis.listens_on(redis_port, Duration::from_secs(10))
+                && broker.listens_on(broker_port, Duration::from_secs(10));
+            if up {
+                break (redis, broker, redis_port, broker_port);
+            }
+            assert!(
+                attempt < 3,
+                "redis-server or tansu did not start; see {}",
+                dir.display()
+            );
+        };
         Self {
             name: name.to_string(),
             redis,

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use crate::state_dir;
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+/// `n` distinct free TCP ports on 127.0.0.1: all are bound at once, then released, so the same
+/// port is never handed out twice in one call.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
 }
 
 /// A child process killed when dropped, also when the test panics, and by the kernel if the
@@ -84,11 +85,15 @@ impl ManagedProcess {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Waits until the process accepts TCP connections on `port`; panics with its log if it
-    /// exits or does not listen in time.
-    pub fn wait_for_port(&self, port: u16, timeout: Duration) {
+    /// Waits until the process accepts TCP connections on `port`. Returns false if it exited
+    /// first (e.g. the port was taken); panics with its log if it neither listens nor exits
+    /// within `timeout`.
+    pub fn listens_on(&mut self, port: u16, timeout: Duration) -> bool {
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if !self.is_running() {
+                return false;
+            }
             if start.elapsed() > timeout {
                 self.print_log_tail(40);
                 panic!(
@@ -98,6 +103,7 @@ impl ManagedProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Sends `signal` (e.g. "KILL", "STOP", "CONT", "TERM") to the process.

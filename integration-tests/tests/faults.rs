@@ -218,7 +218,7 @@ async fn a_zombie_worker_is_fenced_and_its_task_ends_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_scheduler_loses_no_submission_and_creates_none_twice() {
+async fn killed_and_restarted_schedulers_lose_no_submission_and_create_none_twice() {
     let env = TestEnv::start("killsched");
     env.create_topics().await;
     let s1 = env.spawn("fleet-scheduler", "s1", &[]);
@@ -246,8 +246,27 @@ async fn killed_scheduler_loses_no_submission_and_creates_none_twice() {
     .await;
     s1.signal("KILL");
     env.submit(&bodies[1_000..2_000]).await;
-    let _s2 = env.spawn("fleet-scheduler", "s2", &[]);
+    let mut s2 = env.spawn("fleet-scheduler", "s2", &[]);
+    eventually(
+        WAIT,
+        "the second scheduler accepted the first 2,000",
+        || async {
+            store
+                .counts()
+                .await
+                .unwrap()
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<u64>()
+                >= 2_000
+        },
+    )
+    .await;
+    // A graceful hand-over too: the next scheduler starts exactly at the committed offsets.
+    s2.signal("TERM");
+    assert_eq!(s2.wait_exit(Duration::from_secs(30)), Some(0));
     env.submit(&bodies[2_000..]).await;
+    let _s3 = env.spawn("fleet-scheduler", "s3", &[]);
 
     eventually(WAIT, "every submission succeeded", || async {
         let counts: HashMap<String, u64> = store

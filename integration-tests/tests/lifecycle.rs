@@ -37,8 +37,8 @@ async fn wait_all_terminal(
 async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once() {
     let env = TestEnv::start("thousand");
     env.create_topics().await;
-    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
-    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let reaper = env.spawn("fleet-reaper", "reaper", &[]);
     let workers: Vec<_> = (0..3)
         .map(|i| env.spawn("fleet-worker", &format!("worker{i}"), &[]))
         .collect();
@@ -82,7 +82,13 @@ async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once()
         used.len() >= 2,
         "the work is spread over the workers: {used:?}"
     );
-    drop(workers);
+
+    // Every service drains on SIGTERM and exits 0.
+    for mut process in workers.into_iter().chain([scheduler, reaper]) {
+        process.signal("TERM");
+        let code = process.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{} exits 0 after SIGTERM", process.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,10 +62,12 @@ pub async fn run(
             break; // cancelled before the batch was safe: its offsets stay unstored
         }
         for message in &messages {
-            // ERR__STATE after a revoke only means the next owner re-reads it: harmless.
-            if let Err(err) =
-                consumer.store_offset(message.topic(), message.partition(), message.offset() + 1)
-            {
+            if let Err(err) = kafka::store_handled(
+                &consumer,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+            ) {
                 debug!(error = %err, "Offset not stored (partition revoked).");
             }
         }

@@ -164,11 +164,16 @@ impl Publisher {
         if let Some(partition) = partition {
             record = record.partition(partition);
         }
-        self.producer
+        let delivered = self
+            .producer
             .send(record, SEND_TIMEOUT)
             .await
-            .map(|_| ())
-            .map_err(|(err, _)| err)
+            .map_err(|(err, _)| err)?;
+        tracing::debug!(
+            task_id = id, attempt, topic = %topic, partition = delivered.partition, offset = delivered.offset,
+            "Task published."
+        );
+        Ok(())
     }
 
     /// Publishes a task taken from Redis (relay or reaper) to a live worker's partition of its

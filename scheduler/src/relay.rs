@@ -4,47 +4,15 @@
 //! taken atomically, and a duplicate message is absorbed at claim.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use fleet_common::shutdown::TaskResult;
 use fleet_common::store::Store;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::publish::{LivePartitions, Publisher};
 
 /// Most tasks taken per round.
-const BATCH: usize = 500;
-
-/// `live_max_age_ms`: workers heard from within this long count as live for routing.
-/// Runs the relay every `interval` (sooner while there is a backlog) until cancelled.
-pub async fn run(
-    store: Store,
-    publisher: Publisher,
-    interval: Duration,
-    live_max_age_ms: u64,
-    token: CancellationToken,
-) -> TaskResult {
-    info!(interval_ms = interval.as_millis() as u64, "Relay started.");
-    while !token.is_cancelled() {
-        let busy = match round(&store, &publisher, live_max_age_ms).await {
-            Ok(taken) => taken >= BATCH,
-            Err(err) => {
-                warn!(error = %err, "Relay round failed; retrying next round.");
-                false
-            }
-        };
-        if !busy {
-            tokio::select! {
-                () = token.cancelled() => {}
-                () = tokio::time::sleep(interval) => {}
-            }
-        }
-    }
-    info!("Relay stopped.");
-    Ok(())
-}
+pub const BATCH: usize = 500;
 
 /// One round: due tasks, then dead letters. Returns how many due tasks were taken.
 pub async fn round(

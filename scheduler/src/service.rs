@@ -1,14 +1,21 @@
-//! Start-up shared by `fleet-scheduler` and `fleet-reaper`: Redis, schema check, topics, the
-//! producer.
+//! The process shape shared by `fleet-scheduler` and `fleet-reaper`: start-up (Redis, schema
+//! check, topics, the producer), the loops each role runs, and the drain.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fleet_common::store::{self, Store};
+use fleet_common::shutdown::{self, Outcome, Supervisor, TaskResult};
+use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Topics, kafka};
+use rdkafka::producer::Producer;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::publish::Publisher;
 use crate::settings::SchedulerSettings;
+use crate::{ingest, reaper, relay};
 
 /// Bytes allowed beyond `tasks.max_task_bytes` for the envelope, record fields and headers.
 const ENVELOPE_ROOM: usize = 64 * 1024;
@@ -54,4 +61,125 @@ pub async fn connect(
         settings.topics.partitions,
     );
     Ok((store, publisher))
+}
+
+/// What a process of this crate runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `fleet-scheduler`: ingest and relay.
+    Scheduler,
+    /// `fleet-reaper`: reaper, relay and index trimming.
+    Reaper,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Scheduler => "fleet-scheduler",
+            Role::Reaper => "fleet-reaper",
+        }
+    }
+}
+
+/// How often terminal-state index entries past retention are trimmed.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs a scheduler or reaper process until SIGTERM/SIGINT, then drains.
+pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Outcome> {
+    let (store, publisher) = connect(&settings, role.name()).await?;
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
+    let settings = Arc::new(settings);
+    let live_age = settings.lease.lease_ms;
+    let mut supervisor = Supervisor::new(token.clone());
+    {
+        let (store, publisher) = (store.clone(), publisher.clone());
+        supervisor.spawn(
+            "relay",
+            every("relay", settings.scheduler.relay_interval(), token.child_token(), move || {
+                let (store, publisher) = (store.clone(), publisher.clone());
+                async move { Ok(relay::round(&store, &publisher, live_age).await? >= relay::BATCH) }
+            }),
+        );
+    }
+    match role {
+        Role::Scheduler => supervisor.spawn(
+            "ingest",
+            ingest::run(
+                settings.clone(),
+                store.clone(),
+                publisher.clone(),
+                token.child_token(),
+            ),
+        ),
+        Role::Reaper => {
+            let (s, p) = (store.clone(), publisher.clone());
+            supervisor.spawn(
+                "reaper",
+                every(
+                    "reaper",
+                    settings.lease.reaper_interval(),
+                    token.child_token(),
+                    move || {
+                        let (store, publisher) = (s.clone(), p.clone());
+                        async move {
+                            Ok(reaper::scan(&store, &publisher, live_age).await? >= reaper::BATCH)
+                        }
+                    },
+                ),
+            );
+            let s = store.clone();
+            supervisor.spawn(
+                "index trim",
+                every("index trim", TRIM_EVERY, token.child_token(), move || {
+                    let store = s.clone();
+                    async move {
+                        let removed = store.trim_terminal_indexes().await?;
+                        if removed > 0 {
+                            info!(removed, "Trimmed expired entries from the state indexes.");
+                        }
+                        Ok(false)
+                    }
+                }),
+            );
+        }
+    }
+    info!(role = role.name(), brokers = %settings.kafka.brokers, "Started.");
+    let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
+    let _ = publisher.producer().flush(Duration::from_secs(5));
+    info!(?outcome, "Stopped.");
+    Ok(outcome)
+}
+
+/// Runs `step` every `interval` until `token` is cancelled. A step that returns `true` (it
+/// filled a whole batch, so more is waiting) runs again at once; a failed step is logged and
+/// retried next period.
+async fn every<F, Fut>(
+    what: &'static str,
+    interval: Duration,
+    token: CancellationToken,
+    mut step: F,
+) -> TaskResult
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, StoreError>>,
+{
+    info!(
+        interval_ms = interval.as_millis() as u64,
+        "Loop `{what}` started."
+    );
+    while !token.is_cancelled() {
+        let more = step().await.unwrap_or_else(|err| {
+            warn!(error = %err, "Loop `{what}` failed; retrying next period.");
+            false
+        });
+        if !more {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+    info!("Loop `{what}` stopped.");
+    Ok(())
 }

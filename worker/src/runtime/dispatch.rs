@@ -5,10 +5,10 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_common::Priority;
 use fleet_common::retry::retry_until;
 use fleet_common::store::{Claim, Completion, Outcome, Store};
 use fleet_common::task::Envelope;
+use fleet_common::{Priority, kafka};
 use futures::FutureExt;
 use rdkafka::Message;
 use rdkafka::TopicPartitionList;
@@ -91,7 +91,11 @@ fn record_assignment(shared: &Shared, consumer: &StreamConsumer) {
             owned[i].push(element.partition());
         }
     }
-    *shared.assignment() = owned;
+    let mut current = shared.assignment();
+    if *current != owned {
+        info!(worker_id = %shared.worker_id, partitions = ?owned, "Assignment changed (critical, high, normal, low).");
+        *current = owned;
+    }
 }
 
 /// Pauses or resumes this consumer's partitions of `topic`.
@@ -205,8 +209,8 @@ pub(super) async fn dispatch_loop(
         drop(slots); // unused slots go back
         for delivery in &picked {
             let topic = &shared.topic_names[delivery.priority.index()];
-            // ERR__STATE after a revoke is harmless: the next owner claims it as a duplicate.
-            if let Err(err) = consumer.store_offset(topic, delivery.partition, delivery.offset + 1)
+            if let Err(err) =
+                kafka::store_handled(&*consumer, topic, delivery.partition, delivery.offset)
             {
                 debug!(error = %err, "Offset not stored (partition revoked).");
             }
