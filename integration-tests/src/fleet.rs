@@ -96,6 +96,26 @@ impl TestEnv {
         out
     }
 
+    /// Waits (up to `deadline`) until every listed task is in a terminal state, and returns
+    /// their fields.
+    pub async fn wait_terminal(
+        &self,
+        ids: &[String],
+        deadline: Duration,
+    ) -> HashMap<String, HashMap<String, String>> {
+        crate::eventually(deadline, "every task reaches a terminal state", || async {
+            let tasks = self.tasks(ids).await;
+            tasks.len() == ids.len()
+                && tasks.values().all(|t| {
+                    t.get("state")
+                        .and_then(|s| s.parse::<fleet_common::task::State>().ok())
+                        .is_some_and(|s| s.is_terminal())
+                })
+        })
+        .await;
+        self.tasks(ids).await
+    }
+
     /// Redis URL as a settings secret (for building settings by hand).
     pub fn redis_secret(&self) -> Secret {
         Secret::new(self.redis_url.clone())

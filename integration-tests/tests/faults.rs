@@ -20,18 +20,6 @@ fn field<'a>(tasks: &'a Tasks, id: &str, name: &str) -> &'a str {
         .map_or("", String::as_str)
 }
 
-async fn wait_terminal(env: &TestEnv, ids: &[String]) -> Tasks {
-    eventually(WAIT, "every task reaches a terminal state", || async {
-        let tasks = env.tasks(ids).await;
-        tasks.len() == ids.len()
-            && tasks
-                .values()
-                .all(|t| matches!(t["state"].as_str(), "succeeded" | "failed" | "cancelled"))
-    })
-    .await;
-    env.tasks(ids).await
-}
-
 /// Ids of tasks in `state` whose owner is `worker`.
 async fn owned_by(env: &TestEnv, ids: &[String], worker: &str, state: &str) -> Vec<String> {
     env.tasks(ids)
@@ -124,7 +112,7 @@ async fn killed_worker_tasks_run_again_elsewhere_within_lease_plus_reaper_period
         "recovery took {recovered:?}, bound {bound:?}"
     );
 
-    let tasks = wait_terminal(&env, &ids).await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
     let runs = executions(&env, &["w0", "w1"]);
     for id in &ids {
         assert_eq!(
@@ -175,7 +163,7 @@ async fn a_zombie_worker_is_fenced_and_its_task_ends_once() {
     .await;
     w0.signal("CONT");
 
-    let tasks = wait_terminal(&env, &ids).await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
     assert_eq!(field(&tasks, "z0", "state"), "succeeded");
     assert_eq!(field(&tasks, "z0", "attempt"), "2");
     assert_eq!(
@@ -443,7 +431,7 @@ async fn duplicate_and_stale_deliveries_execute_once() {
             .unwrap();
     }
     let ids = vec!["b".to_string(), "c".to_string()];
-    let tasks = wait_terminal(&env, &ids).await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
     assert_eq!(field(&tasks, "b", "state"), "succeeded");
     assert_eq!(field(&tasks, "c", "state"), "succeeded");
     assert_eq!(field(&tasks, "c", "attempt"), "2");
@@ -495,7 +483,7 @@ async fn critical_tasks_overtake_a_low_backlog_which_still_finishes() {
 
     let mut all = low.clone();
     all.extend(critical.iter().cloned());
-    let tasks = wait_terminal(&env, &all).await;
+    let tasks = env.wait_terminal(&all, WAIT).await;
     let start = |id: &String| {
         field(&tasks, id, "first_started_ms")
             .parse::<u64>()
@@ -556,7 +544,7 @@ async fn sigterm_finishes_short_tasks_and_hands_long_ones_back_at_once() {
         "a drained worker exits 0"
     );
 
-    let tasks = wait_terminal(&env, &all).await;
+    let tasks = env.wait_terminal(&all, WAIT).await;
     for id in &short {
         assert_eq!(field(&tasks, id, "state"), "succeeded");
         assert_eq!(

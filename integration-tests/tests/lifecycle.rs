@@ -2,36 +2,12 @@
 //! tansu and redis-server underneath. Every test records every task and checks the invariants
 //! of shared/DESIGN.md by counting.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
+use fleet_integration_tests::TestEnv;
 use fleet_integration_tests::fleet::{executions, task_json};
-use fleet_integration_tests::{TestEnv, eventually};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// Task states by id, read from Redis.
-async fn states(env: &TestEnv, ids: &[String]) -> HashMap<String, String> {
-    env.tasks(ids)
-        .await
-        .into_iter()
-        .map(|(id, f)| (id, f.get("state").cloned().unwrap_or_default()))
-        .collect()
-}
-
-async fn wait_all_terminal(
-    env: &TestEnv,
-    ids: &[String],
-) -> HashMap<String, HashMap<String, String>> {
-    eventually(WAIT, "every task reaches a terminal state", || async {
-        let s = states(env, ids).await;
-        s.len() == ids.len()
-            && s.values()
-                .all(|st| matches!(st.as_str(), "succeeded" | "failed" | "cancelled"))
-    })
-    .await;
-    env.tasks(ids).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once() {
@@ -59,7 +35,7 @@ async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once()
         .collect();
     env.submit(&submissions).await;
 
-    let tasks = wait_all_terminal(&env, &ids).await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
     let names: Vec<String> = (0..3).map(|i| format!("worker{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let runs = executions(&env, &names);
@@ -140,7 +116,7 @@ async fn invalid_submissions_go_to_the_rejected_topic_and_the_line_keeps_moving(
             .await
             .unwrap();
     }
-    let tasks = wait_all_terminal(&env, &ids).await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
     assert!(
         ids.iter().all(|id| tasks[id]["state"] == "succeeded"),
         "valid tasks around bad ones all run"
