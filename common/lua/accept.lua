@@ -3,8 +3,9 @@
 -- A known id or idempotency key returns the existing task instead.
 -- KEYS  globals, then per task 3 keys: task hash, idempotency key (the task key when none),
 --       queue index
--- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 7 values:
---       id, queue, priority, max_attempts, record json, has idempotency key (0/1), run_at ms (0: now)
+-- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 8 values:
+--       id, queue, priority, max_attempts, record json, has idempotency key (0/1), run_at ms (0: now),
+--       delay ms (0: none; counted from Redis time here)
 -- Returns per task {state, id}: 'pending' or 'scheduled' for a new task, 'duplicate' and the
 -- existing task's id otherwise.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -12,9 +13,10 @@ local now = now_ms()
 local out = {}
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
-  local a = 4 + i * 7
+  local a = 4 + i * 8
   local id, queue, priority, max_attempts, record = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local has_idem, run_at = ARGV[a + 5] == '1', tonumber(ARGV[a + 6])
+  local has_idem, run_at, delay = ARGV[a + 5] == '1', tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+    if delay > 0 then run_at = now + delay end
   local existing = has_idem and redis.call('GET', idem_key)
   if existing then
     out[#out + 1] = { 'duplicate', existing }

@@ -51,7 +51,16 @@ pub struct TaskSpec {
     /// Maps to one task id within the idempotency window.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Do not run before this time (RFC 3339, e.g. `2030-01-01T09:00:00Z`).
+    #[serde(default)]
+    pub run_at: Option<String>,
+    /// Do not run until this many ms after acceptance (by Redis time).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
 }
+
+/// Longest accepted `delay_ms`, and farthest `run_at` from now: one year.
+pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// Why a submission was refused. The text is safe to return to the submitter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +126,30 @@ fn nesting_depth(bytes: &[u8]) -> usize {
         }
     }
     deepest
+}
+
+/// Parses an RFC 3339 time to unix ms; refuses times before 1970 or more than a year ahead of
+/// this machine's clock (Redis time decides when it is due; this only bounds absurd input).
+pub fn parse_run_at(text: &str) -> Result<u64, InvalidTask> {
+    let shown: String = text.chars().take(64).collect();
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+            InvalidTask::field(
+                "run_at",
+                format!("`{shown}` is not an RFC 3339 time (e.g. 2030-01-01T09:00:00Z)"),
+            )
+        })?;
+    let ms = at.unix_timestamp_nanos() / 1_000_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis()) as i128;
+    if ms < 0 || ms > now + i128::from(MAX_DELAY_MS) {
+        return Err(InvalidTask::field(
+            "run_at",
+            format!("`{shown}` is before 1970 or more than a year ahead"),
+        ));
+    }
+    Ok(ms as u64)
 }
 
 /// Validates a name-like field: 1–128 characters of `[A-Za-z0-9_.:/-]`.
@@ -203,6 +236,23 @@ impl TaskSpec {
                 "timeout_ms",
                 format!("must be 1 to {MAX_TIMEOUT_MS}"),
             ));
+        }
+        if self.run_at.is_some() && self.delay_ms.is_some() {
+            return Err(InvalidTask::field(
+                "run_at",
+                "give run_at or delay_ms, not both",
+            ));
+        }
+        if let Some(ms) = self.delay_ms
+            && ms > MAX_DELAY_MS
+        {
+            return Err(InvalidTask::field(
+                "delay_ms",
+                format!("must be at most {MAX_DELAY_MS} (one year)"),
+            ));
+        }
+        if let Some(text) = &self.run_at {
+            parse_run_at(text)?;
         }
         Ok(())
     }
@@ -474,6 +524,47 @@ mod tests {
         assert!(
             TaskSpec::parse(in_string.as_bytes(), LIMIT).is_ok(),
             "brackets inside strings do not count"
+        );
+    }
+
+    #[test]
+    fn delays_and_run_times_are_checked() {
+        let in_an_hour = (time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(3600))
+            .to_offset(time::macros::offset!(+2))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let ok = TaskSpec::parse(
+            format!(r#"{{"kind":"noop","run_at":"{in_an_hour}"}}"#).as_bytes(),
+            LIMIT,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(
+            parse_run_at("2020-01-01T02:00:00+02:00").unwrap(),
+            1_577_836_800_000,
+            "offsets honoured"
+        );
+        let cases: &[&[u8]] = &[
+            br#"{"kind":"noop","run_at":"tomorrow"}"#,
+            br#"{"kind":"noop","run_at":"1969-12-31T23:59:59Z"}"#,
+            br#"{"kind":"noop","run_at":"9999-01-01T00:00:00Z"}"#,
+            br#"{"kind":"noop","delay_ms":99999999999999}"#,
+            br#"{"kind":"noop","delay_ms":5,"run_at":"2030-01-01T00:00:00Z"}"#,
+        ];
+        for input in cases {
+            let err = TaskSpec::parse(input, LIMIT).map(|_| ()).unwrap_err();
+            assert_eq!(
+                err.code(),
+                "invalid_field",
+                "{}: {err}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert_eq!(
+            TaskSpec::parse(br#"{"kind":"noop","delay_ms":-1}"#, LIMIT)
+                .map(|_| ())
+                .unwrap_err()
+                .code(),
+            "invalid_json"
         );
     }
 

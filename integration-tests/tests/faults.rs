@@ -393,6 +393,7 @@ async fn duplicate_and_stale_deliveries_execute_once() {
             record,
             idempotency_key: None,
             run_at_ms: 0,
+            delay_ms: 0,
         }
     };
     let (b, c) = (new("b"), new("c"));

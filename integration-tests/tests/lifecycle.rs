@@ -177,3 +177,59 @@ async fn invalid_submissions_go_to_the_rejected_topic_and_the_line_keeps_moving(
         "no task from a bad submission"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_tasks_run_on_time_once_across_a_scheduler_crash() {
+    let env = TestEnv::start("delayed");
+    env.create_topics().await;
+    let s1 = env.spawn("fleet-scheduler", "s1", &[]);
+    let _s2 = env.spawn("fleet-scheduler", "s2", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let _w = env.spawn("fleet-worker", "w", &[]);
+    let in_3s = (time::OffsetDateTime::now_utc() + Duration::from_secs(3))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let bodies = vec![
+        r#"{"id":"now","kind":"noop"}"#.to_string(),
+        r#"{"id":"delay","kind":"noop","delay_ms":2000}"#.to_string(),
+        format!(r#"{{"id":"at","kind":"noop","run_at":"{in_3s}"}}"#),
+    ];
+    env.submit(&bodies).await;
+    let ids: Vec<String> = ["now", "delay", "at"].map(String::from).to_vec();
+    let store = env.store().await;
+    fleet_integration_tests::eventually(WAIT, "all three accepted", || async {
+        store
+            .counts()
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<u64>()
+            == 3
+    })
+    .await;
+    s1.signal("KILL"); // the timer lives in Redis: the other scheduler and the reaper relay it
+
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+    let ms = |id: &str, f: &str| tasks[id][f].parse::<u64>().unwrap();
+    for id in &ids {
+        assert_eq!(tasks[id]["state"], "succeeded", "{id}");
+        assert_eq!(tasks[id]["attempt"], "1", "{id} dispatched and run once");
+    }
+    let delay_start = ms("delay", "first_started_ms") - ms("delay", "created_ms");
+    assert!(
+        (2_000..3_000).contains(&delay_start),
+        "delay_ms 2000 started after {delay_start} ms"
+    );
+    let at_start = ms("at", "first_started_ms") as i64 - ms("at", "run_at_ms") as i64;
+    assert!(
+        (0..1_000).contains(&at_start),
+        "run_at started {at_start} ms after its time"
+    );
+    assert!(ms("now", "first_started_ms") < ms("delay", "first_started_ms"));
+    let runs = fleet_integration_tests::fleet::executions(&env, &["w"]);
+    assert!(
+        ids.iter().all(|id| runs[id].len() == 1),
+        "one execution each: {runs:?}"
+    );
+}

@@ -4,23 +4,16 @@
 use std::time::Duration;
 
 use fleet_common::store::{Accepted, Claim, Completion, NewTask, Outcome, Requeue, Store};
-use fleet_common::task::{State, TaskRecord, TaskSpec};
+use fleet_common::task::{State, TaskSpec};
 use fleet_integration_tests::TestEnv;
 
 fn task(env: &TestEnv, json: &str) -> NewTask {
     let spec = TaskSpec::parse(json.as_bytes(), 1 << 20).unwrap();
-    let idempotency_key = spec.idempotency_key.clone();
-    let record = TaskRecord::from_spec(
+    NewTask::from_spec(
         spec,
         env.settings().tasks.defaults(),
         fleet_common::task::new_task_id,
-    );
-    NewTask {
-        record_json: record.to_json(),
-        record,
-        idempotency_key,
-        run_at_ms: 0,
-    }
+    )
 }
 
 async fn state(store: &Store, id: &str) -> String {
@@ -65,15 +58,20 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
     let counts: Vec<(State, u64)> = store.counts().await.unwrap();
     assert_eq!(counts[0], (State::Pending, 2));
 
-    let later = task(&env, r#"{"kind":"noop"}"#);
-    let scheduled = NewTask {
-        run_at_ms: 4_102_444_800_000,
-        ..later
-    };
+    let later = task(&env, r#"{"kind":"noop","delay_ms":60000}"#);
     assert!(matches!(
-        store.accept(&[scheduled]).await.unwrap()[0],
+        store.accept(&[later]).await.unwrap()[0],
         Accepted::Scheduled(_)
     ));
+    assert!(
+        store
+            .take_due(10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.id == "a" || d.id == k1.record.id),
+        "a delayed task is not due yet"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use fleet_common::store::{Accepted, NewTask, Store};
-use fleet_common::task::{TaskRecord, TaskSpec};
+use fleet_common::task::TaskSpec;
 use fleet_common::{Topics, kafka};
 use futures::StreamExt;
 use rdkafka::Message;
@@ -123,17 +123,7 @@ async fn handle_batch(
             message.payload().unwrap_or_default(),
             settings.tasks.max_task_bytes,
         ) {
-            Ok(spec) => {
-                let idempotency_key = spec.idempotency_key.clone();
-                let record = TaskRecord::from_spec(spec, defaults, || derived_id(message));
-                let record_json = record.to_json();
-                tasks.push(NewTask {
-                    record,
-                    record_json,
-                    idempotency_key,
-                    run_at_ms: 0,
-                });
-            }
+            Ok(spec) => tasks.push(NewTask::from_spec(spec, defaults, || derived_id(message))),
             Err(err) => rejected.push((message, err)),
         }
     }

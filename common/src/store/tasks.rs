@@ -8,7 +8,7 @@ use redis::aio::ConnectionManager;
 use super::StoreError;
 use super::keys::Keys;
 use super::scripts;
-use crate::task::{State, TaskRecord};
+use crate::task::{State, TaskDefaults, TaskRecord, TaskSpec, parse_run_at};
 
 /// A validated task ready to be recorded.
 #[derive(Debug, Clone)]
@@ -19,6 +19,34 @@ pub struct NewTask {
     pub idempotency_key: Option<String>,
     /// Unix ms before which the task must not run; 0 for now.
     pub run_at_ms: u64,
+    /// Or: ms after acceptance (by Redis time) before it may run; 0 for none.
+    pub delay_ms: u64,
+}
+
+impl NewTask {
+    /// A validated submission with its defaults filled in; `new_id` names it if it has no id.
+    pub fn from_spec(
+        spec: TaskSpec,
+        defaults: TaskDefaults,
+        new_id: impl FnOnce() -> String,
+    ) -> Self {
+        let idempotency_key = spec.idempotency_key.clone();
+        // `run_at` was checked by `TaskSpec::validate`.
+        let run_at_ms = spec
+            .run_at
+            .as_deref()
+            .and_then(|t| parse_run_at(t).ok())
+            .unwrap_or(0);
+        let delay_ms = spec.delay_ms.unwrap_or(0);
+        let record = TaskRecord::from_spec(spec, defaults, new_id);
+        Self {
+            record_json: record.to_json(),
+            record,
+            idempotency_key,
+            run_at_ms,
+            delay_ms,
+        }
+    }
 }
 
 /// What [`Store::accept`] did with one submission.
@@ -189,7 +217,8 @@ impl Store {
                 .arg(task.record.max_attempts)
                 .arg(&task.record_json)
                 .arg(u8::from(task.idempotency_key.is_some()))
-                .arg(task.run_at_ms);
+                .arg(task.run_at_ms)
+                .arg(task.delay_ms);
         }
         let rows: Vec<(String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(rows
