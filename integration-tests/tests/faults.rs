@@ -588,3 +588,88 @@ async fn sigterm_finishes_short_tasks_and_hands_long_ones_back_at_once() {
         assert_eq!(runs[id].len(), 1, "{id} ran once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_crashes_its_worker_every_time_fails_after_max_attempts_and_the_rest_runs() {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let env = TestEnv::start("poison");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let mut workers = vec![
+        env.spawn("fleet-worker", "w0", &[]),
+        env.spawn("fleet-worker", "w1", &[]),
+    ];
+    let (mut ids, mut bodies) = sleep_tasks("ok", 40, 100, "normal");
+    ids.push("poison".into());
+    bodies.push(r#"{"id":"poison","kind":"crash","max_attempts":3}"#.into());
+    env.submit(&bodies).await;
+
+    // Like a replica set: a worker that dies is started again (with a new name).
+    let mut restarts = 0;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let tasks = env.tasks(&ids).await;
+        let done = tasks.len() == ids.len()
+            && tasks
+                .values()
+                .all(|t| matches!(t["state"].as_str(), "succeeded" | "failed"));
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not finished: {:?}",
+            tasks.get("poison")
+        );
+        for slot in &mut workers {
+            if !slot.is_running() {
+                restarts += 1;
+                *slot = env.spawn("fleet-worker", &format!("w-restart{restarts}"), &[]);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tasks = env.tasks(&ids).await;
+    assert_eq!(field(&tasks, "poison", "state"), "failed");
+    assert_eq!(
+        field(&tasks, "poison", "attempt"),
+        "3",
+        "attempts are counted at claim, so crashes count"
+    );
+    assert!(
+        field(&tasks, "poison", "error").contains("no attempts left"),
+        "{:?}",
+        tasks["poison"]
+    );
+    assert_eq!(
+        restarts, 3,
+        "the poison task killed a worker once per attempt"
+    );
+    for id in ids.iter().filter(|id| *id != "poison") {
+        assert_eq!(field(&tasks, id, "state"), "succeeded", "{id}");
+    }
+
+    // Its dead-letter record is on the dead topic.
+    let mut config = fleet_common::kafka::consumer_config(
+        &env.settings().kafka,
+        &format!("{}-dead", env.prefix),
+        "it",
+    );
+    config.set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = config.create().unwrap();
+    consumer
+        .subscribe(&[&fleet_common::Topics::from_settings(&env.settings().topics).dead()])
+        .unwrap();
+    let message = tokio::time::timeout(WAIT, consumer.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    assert_eq!(record["id"], "poison");
+    assert_eq!(record["attempts"], 3);
+    assert_eq!(record["task"]["kind"], "crash");
+    assert!(record["error"].as_str().unwrap().contains("lease expired"));
+}
