@@ -345,3 +345,85 @@ async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
     );
     assert_eq!(state(&store, "t").await, "failed");
 }
+
+#[tokio::test]
+async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
+    let env = TestEnv::start("redrive");
+    let store = env.store().await;
+    let tasks = [
+        task(&env, r#"{"id":"mail1","kind":"mail","max_attempts":1}"#),
+        task(
+            &env,
+            r#"{"id":"mail2","kind":"mail","max_attempts":1,"queue":"bulk"}"#,
+        ),
+        task(&env, r#"{"id":"sms","kind":"sms","max_attempts":1}"#),
+        task(&env, r#"{"id":"fine","kind":"mail"}"#),
+    ];
+    store.accept(&tasks).await.unwrap();
+    let all = [("mail1", 1), ("mail2", 1), ("sms", 1), ("fine", 1)];
+    store.claim("w", 3_000, &all).await.unwrap();
+    let fail = Outcome::Fail("smtp down".into());
+    let ok = Outcome::Ok("null".into());
+    let outcomes = [
+        (all[0], &fail),
+        (all[1], &fail),
+        (all[2], &fail),
+        (all[3], &ok),
+    ];
+    store.complete("w", &outcomes).await.unwrap();
+
+    assert_eq!(
+        store
+            .redrive(&["fine".into(), "nope".into()])
+            .await
+            .unwrap(),
+        0,
+        "only failed tasks"
+    );
+    assert_eq!(
+        store
+            .redrive_failed(Some("mail"), Some("bulk"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(state(&store, "mail2").await, "pending");
+    assert_eq!(state(&store, "mail1").await, "failed");
+    assert_eq!(store.redrive_failed(Some("mail"), None).await.unwrap(), 1);
+    assert_eq!(
+        state(&store, "sms").await,
+        "failed",
+        "another kind is left alone"
+    );
+
+    // The redriven task runs as attempt 2 with a fresh budget, and can succeed.
+    let due: Vec<(String, u32)> = store
+        .take_due(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.id, d.attempt))
+        .collect();
+    assert!(
+        due.contains(&("mail1".into(), 2)) && due.contains(&("mail2".into(), 2)),
+        "{due:?}"
+    );
+    assert_eq!(
+        store.claim("w", 3_000, &[("mail1", 1)]).await.unwrap(),
+        [Claim::Stale],
+        "the old attempt stays fenced"
+    );
+    assert_eq!(
+        store.claim("w", 3_000, &[("mail1", 2)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    assert_eq!(
+        store.complete("w", &[(("mail1", 2), &ok)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    let fields = store.task("mail1").await.unwrap().unwrap();
+    assert_eq!(
+        (fields["redriven"].as_str(), fields["released"].as_str()),
+        ("1", "1")
+    );
+}

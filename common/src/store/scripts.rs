@@ -41,5 +41,7 @@ pub static COMPLETE: LazyLock<Script> = transition!("complete.lua");
 pub static RELEASE: LazyLock<Script> = transition!("release.lua");
 /// See `lua/prepare_dispatch.lua`.
 pub static PREPARE_DISPATCH: LazyLock<Script> = transition!("prepare_dispatch.lua");
+/// See `lua/redrive.lua`.
+pub static REDRIVE: LazyLock<Script> = transition!("redrive.lua");
 /// See `lua/requeue.lua`.
 pub static REQUEUE: LazyLock<Script> = transition!("requeue.lua");

@@ -1,0 +1,23 @@
+-- Sends failed tasks back for another round (redrive from the dead letters): each becomes
+-- pending with a fresh budget of max_attempts, and the relay publishes it at once. The attempt
+-- number keeps growing, so any earlier attempt stays fenced; `released` counts the attempts not
+-- charged against the budget (hand-backs, and every attempt before a redrive).
+-- KEYS  globals, then per task: task hash
+-- ARGV  [1] tasks, then per task: id
+-- Returns the number of tasks redriven (tasks that are not failed are left alone).
+local now = now_ms()
+local redriven = 0
+for i = 0, tonumber(ARGV[1]) - 1 do
+  local key, id = KEYS[GLOBALS + 1 + i], ARGV[2 + i]
+  local f = redis.call('HMGET', key, 'state', 'attempt')
+  if f[1] == 'failed' then
+    redis.call('HSET', key, 'state', 'pending', 'released', f[2], 'updated_ms', now)
+    redis.call('HINCRBY', key, 'redriven', 1)
+    redis.call('HDEL', key, 'error', 'finished_ms', 'worker')
+    redis.call('PERSIST', key)
+    move(id, 'failed', 'pending', now)
+    redis.call('ZADD', DUE, now, id)
+    redriven = redriven + 1
+  end
+end
+return redriven
