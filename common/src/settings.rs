@@ -495,6 +495,16 @@ pub struct TaskSettings {
     /// `min(retry_cap_ms, retry_base_ms × 2^(n-1))` (exponential backoff with full jitter).
     pub retry_base_ms: u64,
     pub retry_cap_ms: u64,
+    /// Per-kind defaults, e.g. `[tasks.kinds.send_email] max_attempts = 10`.
+    pub kinds: BTreeMap<String, KindDefaults>,
+}
+
+/// `[tasks.kinds.<kind>]`: defaults for one task kind; unset fields use the global ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KindDefaults {
+    pub max_attempts: Option<u32>,
+    pub timeout_ms: Option<u64>,
 }
 
 impl Default for TaskSettings {
@@ -508,6 +518,7 @@ impl Default for TaskSettings {
             redeliver_ms: 10_000,
             retry_base_ms: 1_000,
             retry_cap_ms: 300_000,
+            kinds: BTreeMap::new(),
         }
     }
 }
@@ -544,6 +555,33 @@ impl TaskSettings {
                 "retry_base_ms must be positive and at most retry_cap_ms",
             ));
         }
+        for (kind, own) in &self.kinds {
+            let key = |field: &str| format!("tasks.kinds.{kind}.{field}");
+            if kind.is_empty() || kind.len() > crate::task::MAX_NAME_LEN {
+                return Err(SettingsError::invalid(
+                    key(""),
+                    "kind names are 1 to 128 characters",
+                ));
+            }
+            if own
+                .max_attempts
+                .is_some_and(|n| !(1..=crate::task::MAX_ATTEMPTS_LIMIT).contains(&n))
+            {
+                return Err(SettingsError::invalid(
+                    key("max_attempts"),
+                    "expected 1 to 100",
+                ));
+            }
+            if own
+                .timeout_ms
+                .is_some_and(|ms| ms > crate::task::MAX_TIMEOUT_MS)
+            {
+                return Err(SettingsError::invalid(
+                    key("timeout_ms"),
+                    "at most one week",
+                ));
+            }
+        }
         if self.redeliver_ms < 100 {
             return Err(SettingsError::invalid(
                 "tasks.redeliver_ms",
@@ -562,10 +600,17 @@ impl TaskSettings {
         (exp.min(self.retry_cap_ms) as f64 * unit.clamp(0.0, 1.0)) as u64
     }
 
-    pub fn defaults(&self) -> crate::task::TaskDefaults {
+    /// The defaults for tasks of `kind`: its `[tasks.kinds.<kind>]` entry where set, the global
+    /// defaults otherwise.
+    pub fn defaults_for(&self, kind: &str) -> crate::task::TaskDefaults {
+        let own = self.kinds.get(kind);
         crate::task::TaskDefaults {
-            max_attempts: self.default_max_attempts,
-            timeout_ms: self.default_timeout_ms,
+            max_attempts: own
+                .and_then(|k| k.max_attempts)
+                .unwrap_or(self.default_max_attempts),
+            timeout_ms: own
+                .and_then(|k| k.timeout_ms)
+                .unwrap_or(self.default_timeout_ms),
         }
     }
 }

@@ -240,3 +240,32 @@ fn broken_or_missing_files_are_clear_errors() {
     let (key, _) = invalid(load_with_env(Some(wrong_type.path()), env(&[])));
     assert_eq!(key, "kafka");
 }
+
+#[test]
+fn per_kind_defaults_override_the_global_ones() {
+    let f = file(
+        r#"
+        [tasks]
+        default_max_attempts = 4
+        default_timeout_ms = 60000
+        [tasks.kinds.send_email]
+        max_attempts = 10
+        [tasks.kinds.report]
+        timeout_ms = 600000
+        "#,
+    );
+    let s: CommonSettings = load_with_env(Some(f.path()), env(&[])).unwrap();
+    let email = s.tasks.defaults_for("send_email");
+    assert_eq!((email.max_attempts, email.timeout_ms), (10, 60_000));
+    let report = s.tasks.defaults_for("report");
+    assert_eq!((report.max_attempts, report.timeout_ms), (4, 600_000));
+    let other = s.tasks.defaults_for("other");
+    assert_eq!((other.max_attempts, other.timeout_ms), (4, 60_000));
+
+    let bad = file("[tasks.kinds.x]\nmax_attempts = 0\n");
+    let (key, _) = invalid(load_with_env(Some(bad.path()), env(&[])));
+    assert_eq!(key, "tasks.kinds.x.max_attempts");
+    let typo = file("[tasks.kinds.x]\nmax_attempt = 3\n");
+    let (key, _) = invalid(load_with_env(Some(typo.path()), env(&[])));
+    assert_eq!(key, "tasks.kinds.x.max_attempt");
+}

@@ -387,7 +387,11 @@ async fn duplicate_and_stale_deliveries_execute_once() {
             1 << 20,
         )
         .unwrap();
-        let record = TaskRecord::from_spec(spec, settings.tasks.defaults(), || unreachable!());
+        let record = TaskRecord::from_spec(
+            spec,
+            settings.tasks.defaults_for("sleep"),
+            || unreachable!(),
+        );
         NewTask {
             record_json: record.to_json(),
             record,

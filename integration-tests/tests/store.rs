@@ -9,11 +9,7 @@ use fleet_integration_tests::TestEnv;
 
 fn task(env: &TestEnv, json: &str) -> NewTask {
     let spec = TaskSpec::parse(json.as_bytes(), 1 << 20).unwrap();
-    NewTask::from_spec(
-        spec,
-        env.settings().tasks.defaults(),
-        fleet_common::task::new_task_id,
-    )
+    NewTask::from_spec(spec, &env.settings().tasks, fleet_common::task::new_task_id)
 }
 
 async fn state(store: &Store, id: &str) -> String {

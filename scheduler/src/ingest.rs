@@ -115,7 +115,6 @@ async fn handle_batch(
     messages: &[BorrowedMessage<'_>],
     token: &CancellationToken,
 ) -> bool {
-    let defaults = settings.tasks.defaults();
     let mut tasks = Vec::with_capacity(messages.len());
     let mut rejected = Vec::new();
     for message in messages {
@@ -123,7 +122,9 @@ async fn handle_batch(
             message.payload().unwrap_or_default(),
             settings.tasks.max_task_bytes,
         ) {
-            Ok(spec) => tasks.push(NewTask::from_spec(spec, defaults, || derived_id(message))),
+            Ok(spec) => tasks.push(NewTask::from_spec(spec, &settings.tasks, || {
+                derived_id(message)
+            })),
             Err(err) => rejected.push((message, err)),
         }
     }

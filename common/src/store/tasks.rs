@@ -8,7 +8,8 @@ use redis::aio::ConnectionManager;
 use super::StoreError;
 use super::keys::Keys;
 use super::scripts;
-use crate::task::{State, TaskDefaults, TaskRecord, TaskSpec, parse_run_at};
+use crate::settings::TaskSettings;
+use crate::task::{State, TaskRecord, TaskSpec, parse_run_at};
 
 /// A validated task ready to be recorded.
 #[derive(Debug, Clone)]
@@ -24,12 +25,14 @@ pub struct NewTask {
 }
 
 impl NewTask {
-    /// A validated submission with its defaults filled in; `new_id` names it if it has no id.
+    /// A validated submission with its defaults (global or of its kind) filled in; `new_id`
+    /// names it if it has no id.
     pub fn from_spec(
         spec: TaskSpec,
-        defaults: TaskDefaults,
+        settings: &TaskSettings,
         new_id: impl FnOnce() -> String,
     ) -> Self {
+        let defaults = settings.defaults_for(&spec.kind);
         let idempotency_key = spec.idempotency_key.clone();
         // `run_at` was checked by `TaskSpec::validate`.
         let run_at_ms = spec
