@@ -77,7 +77,7 @@ async fn killed_worker_tasks_run_again_elsewhere_within_lease_plus_reaper_period
             .await
             .unwrap()
             .iter()
-            .filter(|(_, i)| i.contains("\"normal\":["))
+            .filter(|(_, i)| !i.contains("\"normal\":[]"))
             .count()
             == 2
     })

@@ -233,3 +233,31 @@ async fn delayed_tasks_run_on_time_once_across_a_scheduler_crash() {
         "one execution each: {runs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reported_by_a_handler_is_stored_with_the_task() {
+    let env = TestEnv::start("progress");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _w = env.spawn("fleet-worker", "w", &[]);
+    env.submit(&[task_json(
+        "p",
+        "sleep",
+        "normal",
+        serde_json::json!({ "ms": 4000 }),
+    )])
+    .await;
+    let ids = vec!["p".to_string()];
+    fleet_integration_tests::eventually(WAIT, "progress shows while the task runs", || async {
+        let tasks = env.tasks(&ids).await;
+        let Some(t) = tasks.get("p") else {
+            return false;
+        };
+        let percent: u8 = t.get("progress").and_then(|p| p.parse().ok()).unwrap_or(0);
+        let message = t.get("progress_message").map_or("", String::as_str);
+        t["state"] == "running" && (10..100).contains(&percent) && message.contains("slept")
+    })
+    .await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+    assert_eq!(tasks["p"]["state"], "succeeded");
+}

@@ -143,16 +143,25 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
         .unwrap();
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
     assert_eq!(
-        store.extend("w1", 3_000, "{}", &[("t", 1)]).await.unwrap(),
+        store
+            .extend("w1", 3_000, "{}", &[("t", 1, None)])
+            .await
+            .unwrap(),
         Vec::<usize>::new()
     );
     assert_eq!(
-        store.extend("w2", 3_000, "{}", &[("t", 1)]).await.unwrap(),
+        store
+            .extend("w2", 3_000, "{}", &[("t", 1, None)])
+            .await
+            .unwrap(),
         [0],
         "another worker's heartbeat"
     );
     assert_eq!(
-        store.extend("w1", 3_000, "{}", &[("t", 2)]).await.unwrap(),
+        store
+            .extend("w1", 3_000, "{}", &[("t", 2, None)])
+            .await
+            .unwrap(),
         [0],
         "a wrong attempt"
     );
@@ -173,7 +182,10 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     // The zombie (attempt 1) is fenced on every call, and changes nothing.
     let ok = Outcome::Ok("\"zombie\"".into());
     assert_eq!(
-        store.extend("w1", 3_000, "{}", &[("t", 1)]).await.unwrap(),
+        store
+            .extend("w1", 3_000, "{}", &[("t", 1, None)])
+            .await
+            .unwrap(),
         [0]
     );
     assert_eq!(
@@ -421,5 +433,45 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
     assert_eq!(
         (fields["redriven"].as_str(), fields["released"].as_str()),
         ("1", "1")
+    );
+}
+
+#[tokio::test]
+async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
+    let env = TestEnv::start("progress-store");
+    let store = env.store().await;
+    store
+        .accept(&[task(&env, r#"{"id":"t","kind":"noop"}"#)])
+        .await
+        .unwrap();
+    store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
+    store
+        .extend("w2", 3_000, "{}", &[("t", 1, Some((50, "not mine")))])
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .task("t")
+            .await
+            .unwrap()
+            .unwrap()
+            .contains_key("progress"),
+        "a stranger's progress is ignored"
+    );
+    store
+        .extend("w1", 3_000, "{}", &[("t", 1, Some((40, "halfway-ish")))])
+        .await
+        .unwrap();
+    store
+        .extend("w1", 3_000, "{}", &[("t", 1, None)])
+        .await
+        .unwrap();
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            fields["progress"].as_str(),
+            fields["progress_message"].as_str()
+        ),
+        ("40", "halfway-ish")
     );
 }

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `noop` | anything | returns `null` at once |
 //! | `echo` | anything | returns the payload |
-//! | `sleep` | `{"ms": N}` | waits N ms (stops early when cancelled) |
+//! | `sleep` | `{"ms": N}` | waits N ms in ten steps, reporting progress (stops early when cancelled) |
 //! | `fail` | `{"message": "…", "retryable": bool}` | fails with that message |
 //! | `flaky` | `{"failures": N}` | fails (retryably) on attempts 1..=N, then succeeds |
 //! | `crash` | anything | aborts the whole worker process (a poison task) |
@@ -45,10 +45,17 @@ struct SleepPayload {
 
 async fn sleep(ctx: TaskContext) -> HandlerResult {
     let SleepPayload { ms } = ctx.payload()?;
-    tokio::select! {
-        () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(serde_json::json!({ "slept_ms": ms })),
-        () = ctx.cancelled() => Err(HandlerError::retryable("sleep interrupted")),
+    // Ten steps, reporting progress after each, so it shows up in the task's status.
+    let step = Duration::from_millis(ms) / 10;
+    for done in 1..=10u8 {
+        tokio::select! {
+            () = tokio::time::sleep(step) => {
+                ctx.progress(done * 10, format!("slept {} of {ms} ms", step.as_millis() * u128::from(done)));
+            }
+            () = ctx.cancelled() => return Err(HandlerError::retryable("sleep interrupted")),
+        }
     }
+    Ok(serde_json::json!({ "slept_ms": ms }))
 }
 
 #[derive(Deserialize)]

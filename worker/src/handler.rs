@@ -49,7 +49,21 @@ pub struct TaskContext {
     pub worker_id: Arc<str>,
     payload: Arc<RawValue>,
     cancel: CancellationToken,
+    progress: ProgressSlot,
 }
+
+/// The latest progress a handler reported and the worker has not yet sent to Redis.
+pub type ProgressSlot = Arc<std::sync::Mutex<Option<Progress>>>;
+
+/// A handler's progress: a percentage and a short message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub percent: u8,
+    pub message: String,
+}
+
+/// Longest progress message kept.
+pub const MAX_PROGRESS_MESSAGE: usize = 200;
 
 impl TaskContext {
     pub fn new(
@@ -67,7 +81,34 @@ impl TaskContext {
             worker_id,
             payload,
             cancel,
+            progress: ProgressSlot::default(),
         }
+    }
+
+    /// The slot the worker reads progress from (shared with its running-task entry).
+    pub fn progress_slot(&self) -> ProgressSlot {
+        self.progress.clone()
+    }
+
+    /// Reports progress (0–100, clamped) and a short message. Cheap: it is stored with the task
+    /// by the next heartbeat, so frequent calls cost nothing extra.
+    pub fn progress(&self, percent: u8, message: impl Into<String>) {
+        let mut message: String = message.into();
+        if message.len() > MAX_PROGRESS_MESSAGE {
+            let mut end = MAX_PROGRESS_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let update = Progress {
+            percent: percent.min(100),
+            message,
+        };
+        *self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(update);
     }
 
     /// The payload as raw JSON text.

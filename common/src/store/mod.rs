@@ -10,7 +10,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use keys::Keys;
-pub use tasks::{Accepted, Attempt, Claim, Completion, Dispatch, NewTask, Outcome, Requeue, Store};
+pub use tasks::{
+    Accepted, Attempt, Beat, Claim, Completion, Dispatch, NewTask, Outcome, Requeue, Store,
+};
 
 use crate::settings::RedisSettings;
 

@@ -165,6 +165,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// One running task in a heartbeat: `(task id, attempt, progress (percent, message) if any)`.
+pub type Beat<'a> = (&'a str, u32, Option<(u8, &'a str)>);
+
 /// `(task id, attempt)` pairs, the unit of fencing.
 pub type Attempt<'a> = (&'a str, u32);
 
@@ -267,20 +270,25 @@ impl Store {
         Ok(codes.into_iter().map(Claim::from_code).collect())
     }
 
-    /// Extends the leases of `running` and records the worker as alive; returns the positions
-    /// (0-based) of the tasks whose lease is lost.
+    /// Extends the leases of `running` and records the worker as alive; stores each task's
+    /// progress `(percent, message)` where one is given. Returns the positions (0-based) of the
+    /// tasks whose lease is lost.
     pub async fn extend(
         &self,
         worker: &str,
         lease_ms: u64,
         info: &str,
-        running: &[Attempt<'_>],
+        running: &[Beat<'_>],
     ) -> Result<Vec<usize>, StoreError> {
         let mut inv = self.invocation(&scripts::EXTEND);
         inv.key(self.keys.worker(worker));
         inv.arg(running.len()).arg(worker).arg(lease_ms).arg(info);
-        for (id, attempt) in running {
+        for (id, attempt, progress) in running {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+            match progress {
+                Some((percent, message)) => inv.arg(*percent).arg(*message),
+                None => inv.arg("").arg(""),
+            };
         }
         let lost: Vec<usize> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(lost.into_iter().map(|p| p - 1).collect())

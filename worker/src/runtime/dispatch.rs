@@ -246,6 +246,7 @@ fn start(
     };
     let tasks = shared.settings.tasks.clone();
     info!(task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, "Handler started.");
+    let progress = ctx.progress_slot();
     shared.running().insert(
         id.clone(),
         Running {
@@ -253,6 +254,7 @@ fn start(
             cancel: cancel.clone(),
             abort: None,
             lost: false,
+            progress,
             _slot: slot,
         },
     );

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::Shared;
+use crate::handler::Progress;
 
 /// Handle to the lease keeper thread.
 #[derive(Debug)]
@@ -111,12 +112,28 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
             }
             !entry.lost
         });
-        let snapshot: Vec<(Arc<str>, u32)> = shared
+        let snapshot: Vec<(Arc<str>, u32, Option<Progress>)> = shared
             .running()
             .iter()
-            .map(|(id, entry)| (id.clone(), entry.attempt))
+            .map(|(id, entry)| {
+                let progress = entry
+                    .progress
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                (id.clone(), entry.attempt, progress)
+            })
             .collect();
-        let refs: Vec<(&str, u32)> = snapshot.iter().map(|(id, a)| (&**id, *a)).collect();
+        let refs: Vec<store::Beat<'_>> = snapshot
+            .iter()
+            .map(|(id, a, p)| {
+                (
+                    &**id,
+                    *a,
+                    p.as_ref().map(|p| (p.percent, p.message.as_str())),
+                )
+            })
+            .collect();
         let partitions: serde_json::Map<String, serde_json::Value> = Priority::ALL
             .into_iter()
             .zip(shared.assignment().iter())
@@ -137,7 +154,7 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
                 last_ok = Instant::now();
                 let mut running = shared.running();
                 for position in lost {
-                    let (id, attempt) = &snapshot[position];
+                    let (id, attempt, _) = &snapshot[position];
                     if let Some(entry) = running.get_mut(id)
                         && entry.attempt == *attempt
                     {

@@ -66,6 +66,8 @@ struct Running {
     /// Set by the lease keeper when Redis says the lease is gone; the next heartbeat aborts a
     /// handler that has not stopped by then.
     lost: bool,
+    /// Progress the handler reported since the last heartbeat.
+    progress: crate::handler::ProgressSlot,
     _slot: OwnedSemaphorePermit,
 }
 
