@@ -316,3 +316,50 @@ fn check_config_prints_effective_settings_without_secrets() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn fleetctl_refuses_bad_input_with_clear_errors_and_exit_codes() {
+    let env = TestEnv::start("fleetctl");
+    let vars = env.env_vars();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("tasks.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"kind\":\"noop\"}\n\n{\"kind\":\"noop\",\"bogus\":1}\n",
+    )
+    .unwrap();
+    let lines = lines.to_str().unwrap();
+
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["submit", "--kind", "noop", "--payload", "{not json"],
+            2,
+            "--payload is not valid JSON",
+        ),
+        (&["submit", "--kind", "no space"], 2, "kind"),
+        (
+            &["submit", "--kind", "noop", "--priority", "urgent"],
+            2,
+            "urgent",
+        ),
+        (&["submit", "--file", lines], 2, "tasks.jsonl:3"),
+        (
+            &["submit", "--file", "/nonexistent/tasks.jsonl"],
+            2,
+            "opening /nonexistent/tasks.jsonl",
+        ),
+        (&["submit"], 2, "--kind"),
+        (&["status", "no-such-task"], 1, "no task `no-such-task`"),
+        (&["frobnicate"], 2, "frobnicate"),
+    ];
+    for (args, code, message) in cases {
+        let (got, _, err) = run_binary("fleetctl", args, &vars);
+        assert_eq!(got, *code, "fleetctl {args:?}: {err}");
+        assert!(err.contains(message), "fleetctl {args:?}: {err}");
+    }
+    // Nothing reached the broker: the file was checked whole before sending.
+    let (code, out, err) = run_binary("fleetctl", &["stats", "--json"], &vars);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"pending\":0"), "{out}");
+}
