@@ -271,3 +271,50 @@ impl Publisher {
             .map_err(|(err, _)| err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_common::settings::KafkaSettings;
+
+    fn publisher(partitioner: Partitioner) -> Publisher {
+        // Creating a producer does not connect, so no broker is needed here.
+        let producer = fleet_common::kafka::producer_config(&KafkaSettings::default(), "test")
+            .create()
+            .expect("producer");
+        Publisher::new(producer, Topics::new("t"), partitioner, 4)
+    }
+
+    #[test]
+    fn round_robin_cycles_over_every_partition_for_keyless_tasks() {
+        let p = publisher(Partitioner::RoundRobin);
+        let picked: Vec<Option<i32>> = (0..8).map(|_| p.partition_for(None)).collect();
+        assert_eq!(picked, [0, 1, 2, 3, 0, 1, 2, 3].map(Some));
+    }
+
+    #[test]
+    fn keyed_tasks_go_by_key_hash_and_random_leaves_the_choice_to_the_producer() {
+        // `None` means librdkafka partitions: by the key's hash when there is a key, at random
+        // per record otherwise (sticky partitioning is off in `producer_config`).
+        assert_eq!(
+            publisher(Partitioner::RoundRobin).partition_for(Some("customer-42")),
+            None
+        );
+        assert_eq!(publisher(Partitioner::Random).partition_for(None), None);
+        let config = fleet_common::kafka::producer_config(&KafkaSettings::default(), "test");
+        assert_eq!(config.get("sticky.partitioning.linger.ms"), Some("0"));
+    }
+
+    #[test]
+    fn live_partitions_pick_only_reported_partitions() {
+        let live = LivePartitions([vec![], vec![], vec![1, 3], vec![]]);
+        for _ in 0..50 {
+            assert!(matches!(live.pick(Priority::Normal), Some(1 | 3)));
+        }
+        assert_eq!(
+            live.pick(Priority::Critical),
+            None,
+            "no live partition: ordinary routing"
+        );
+    }
+}
