@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleet_common::settings::Secret;
 use fleet_common::store::{Keys, Store};
 use fleet_common::{Topics, kafka};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -114,11 +113,6 @@ impl TestEnv {
         })
         .await;
         self.tasks(ids).await
-    }
-
-    /// Redis URL as a settings secret (for building settings by hand).
-    pub fn redis_secret(&self) -> Secret {
-        Secret::new(self.redis_url.clone())
     }
 }
 
