@@ -1,18 +1,22 @@
 -- Claims a batch of deliveries for one worker. A delivery claims its task only when the task is
 -- pending and the delivery carries the next attempt; the attempt then becomes the fencing token
--- of every later heartbeat and completion.
+-- of every later heartbeat and completion. A task whose queue or priority is paused is held
+-- instead (still pending, not started); resuming publishes it again.
+-- A task with a timeout gets a hard deadline (start + timeout + grace): its lease is never
+-- extended past it, so the reaper stops a handler that hangs yet still heartbeats.
 -- KEYS  globals, then per delivery: task hash
--- ARGV  [1] deliveries  [2] worker id  [3] lease ms, then per delivery: id, attempt
+-- ARGV  [1] deliveries  [2] worker id  [3] lease ms  [4] timeout grace ms, then per delivery:
+--       id, attempt
 -- Returns per delivery: 1 claimed, 2 busy (that attempt is running), 3 stale (an older
 -- attempt), 4 done (terminal), 5 future (an attempt beyond the next), 6 unknown task,
--- 7 not ready (scheduled, or running an older attempt).
-local n, worker, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+-- 7 not ready (scheduled, or running an older attempt), 8 held (paused).
+local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local out = {}
 for i = 0, n - 1 do
-  local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[4 + i * 2], tonumber(ARGV[5 + i * 2])
-  local fields = redis.call('HMGET', key, 'state', 'attempt')
-  local state, current = fields[1], tonumber(fields[2])
+  local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'timeout_ms')
+  local state, current = f[1], tonumber(f[2])
   local code
   if not state then code = 6
   elseif TERMINAL[state] then code = 4
@@ -20,12 +24,25 @@ for i = 0, n - 1 do
     if state == 'running' and attempt == current then code = 2 else code = 3 end
   elseif attempt > current + 1 then code = 5
   elseif state ~= 'pending' then code = 7
+  elseif is_paused(f[3], f[4]) then
+    redis.call('ZADD', HELD, now, id)
+    redis.call('ZREM', DUE, id)
+    code = 8
   else
+    local timeout, expires = tonumber(f[5]) or 0, now + lease
     redis.call('HSET', key, 'state', 'running', 'attempt', attempt, 'worker', worker,
       'started_ms', now, 'updated_ms', now)
+    if timeout > 0 then
+      local deadline = now + timeout + grace
+      redis.call('HSET', key, 'deadline_ms', deadline)
+      expires = math.min(expires, deadline)
+    else
+      redis.call('HDEL', key, 'deadline_ms')
+    end
     redis.call('HSETNX', key, 'first_started_ms', now)
-    redis.call('ZADD', LEASES, now + lease, id)
+    redis.call('ZADD', LEASES, expires, id)
     redis.call('ZREM', DUE, id)
+    redis.call('ZREM', HELD, id)
     move(id, 'pending', 'running', now)
     code = 1
   end

@@ -1,10 +1,13 @@
 -- Records the outcomes of a batch of attempts. Only the current attempt of the owning worker
--- may change a running task; anything else is fenced and changes nothing.
+-- may change a running task; anything else is fenced and changes nothing. A task whose
+-- cancellation was requested ends `cancelled` whatever its handler reported, so a cancel that
+-- was answered `cancelling` always wins the race with the completion.
 -- KEYS  globals, then per outcome: task hash
 -- ARGV  [1] outcomes  [2] worker id  [3] retention ms, then per outcome 5 values:
---       id, attempt, kind ('ok' | 'retry' | 'fail'), text (result json or error), retry delay ms
--- Returns per outcome: 'succeeded', 'scheduled' (retry), 'failed', 'already' (this attempt
--- already ended the task), or 'fenced'.
+--       id, attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), text (result json or error),
+--       retry delay ms
+-- Returns per outcome: 'succeeded', 'scheduled' (retry), 'failed', 'cancelled', 'already'
+-- (this attempt already ended the task), or 'fenced'.
 local n, worker, retention = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local out = {}
@@ -12,21 +15,31 @@ for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
   local a = 4 + i * 5
   local id, attempt, kind, text, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'released', 'max_attempts')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'released', 'max_attempts', 'cancel_requested_ms')
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     redis.call('ZREM', LEASES, id)
-    if kind == 'ok' then
+    if f[6] then
+      local note = 'cancelled while running'
+      if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. text end
+      attempt_ended(key, now, 'cancelled', note)
+      finish(key, id, 'running', 'cancelled', now, retention)
+      out[#out + 1] = 'cancelled'
+    elseif kind == 'ok' then
       redis.call('HSET', key, 'result', text)
+      attempt_ended(key, now, 'succeeded', '')
       finish(key, id, 'running', 'succeeded', now, retention)
       out[#out + 1] = 'succeeded'
     elseif kind == 'retry' and current - tonumber(f[4]) < tonumber(f[5]) then
+      attempt_ended(key, now, 'retry', text)
       redis.call('HSET', key, 'state', 'scheduled', 'last_error', text, 'updated_ms', now,
         'run_at_ms', now + delay)
+      redis.call('HDEL', key, 'deadline_ms')
       move(id, 'running', 'scheduled', now)
       redis.call('ZADD', DUE, now + delay, id)
       out[#out + 1] = 'scheduled'
     else
+      attempt_ended(key, now, 'failed', text)
       fail(key, id, 'running', now, retention, text)
       out[#out + 1] = 'failed'
     end

@@ -1,11 +1,13 @@
--- Prepended to every transition script (see store/scripts.rs). KEYS[1..11] are the globals of
--- Keys::globals(): leases, due, dead outbox, the six state indexes, queues, workers.
+-- Prepended to every transition script (see store/scripts.rs). KEYS[1..13] are the globals of
+-- Keys::globals(): leases, due, dead outbox, the six state indexes, queues, workers, paused, held.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 local IDX = { pending = KEYS[4], scheduled = KEYS[5], running = KEYS[6],
               succeeded = KEYS[7], failed = KEYS[8], cancelled = KEYS[9] }
-local QUEUES, WORKERS = KEYS[10], KEYS[11]
-local GLOBALS = 11
+local QUEUES, WORKERS, PAUSED, HELD = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local GLOBALS = 13
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
+-- Most entries a task's attempt history keeps (the oldest are dropped first).
+local HISTORY_MAX = 100
 
 -- Redis server time in ms: leases never depend on a client's clock.
 local function now_ms()
@@ -22,6 +24,7 @@ end
 -- Ends a task in a terminal state: index, timestamps, expiry after the retention period.
 local function finish(key, id, from, to, now, retention)
   redis.call('HSET', key, 'state', to, 'finished_ms', now, 'updated_ms', now)
+  redis.call('HDEL', key, 'deadline_ms')
   move(id, from, to, now)
   redis.call('PEXPIRE', key, retention)
 end
@@ -31,4 +34,30 @@ local function fail(key, id, from, now, retention, err)
   redis.call('HSET', key, 'error', err, 'last_error', err)
   finish(key, id, from, 'failed', now, retention)
   redis.call('ZADD', DEAD, now, id)
+end
+
+-- `s` cut to at most `n` bytes without splitting a UTF-8 character.
+local function clip(s, n)
+  if #s <= n then return s end
+  while n > 0 and string.byte(s, n + 1) >= 128 and string.byte(s, n + 1) < 192 do n = n - 1 end
+  return string.sub(s, 1, n)
+end
+
+-- Appends how one attempt ended to the task's history: a JSON array in the field `history`,
+-- oldest first, at most HISTORY_MAX entries. `outcome` is one of succeeded, retry, failed,
+-- cancelled, lease_expired, deadline, released.
+local function attempt_ended(key, now, outcome, err)
+  local f = redis.call('HMGET', key, 'attempt', 'worker', 'started_ms', 'history')
+  local list = {}
+  if f[4] and f[4] ~= '' then list = cjson.decode(f[4]) end
+  list[#list + 1] = { attempt = tonumber(f[1]), worker = f[2] or '', started_ms = tonumber(f[3]) or 0,
+                      ended_ms = now, outcome = outcome, error = clip(err or '', 1024) }
+  if #list > HISTORY_MAX then table.remove(list, 1) end
+  redis.call('HSET', key, 'history', cjson.encode(list))
+end
+
+-- Whether a task of this queue and priority may not start now.
+local function is_paused(queue, priority)
+  return redis.call('SISMEMBER', PAUSED, 'queue:' .. queue) == 1
+      or redis.call('SISMEMBER', PAUSED, 'priority:' .. priority) == 1
 end

@@ -13,7 +13,7 @@ for i = 0, tonumber(ARGV[1]) - 1 do
   if f[1] == 'failed' then
     redis.call('HSET', key, 'state', 'pending', 'released', f[2], 'updated_ms', now)
     redis.call('HINCRBY', key, 'redriven', 1)
-    redis.call('HDEL', key, 'error', 'finished_ms', 'worker')
+    redis.call('HDEL', key, 'error', 'finished_ms', 'worker', 'deadline_ms')
     redis.call('PERSIST', key)
     move(id, 'failed', 'pending', now)
     redis.call('ZADD', DUE, now, id)

@@ -119,8 +119,14 @@ pub struct TopicStatus {
     pub partitions: usize,
 }
 
+/// An admin client.
+pub fn admin_config(settings: &KafkaSettings) -> ClientConfig {
+    client_config(settings, &[("client.id", "fleet-admin".into())])
+}
+
 /// Creates each topic that does not exist yet, with `partitions` partitions, and reports every
-/// topic's actual partition count. Existing topics are left as they are.
+/// topic's actual partition count. New topics accept records of up to `max_message_bytes`
+/// (`max.message.bytes`; see [`crate::message_size`]). Existing topics are left as they are.
 ///
 /// Run this before any producer starts: brokers that auto-create topics (tansu does) would
 /// otherwise create them with their default partition count.
@@ -129,12 +135,13 @@ pub async fn ensure_topics(
     names: &[String],
     partitions: i32,
     replication_factor: i32,
+    max_message_bytes: usize,
     timeout: Duration,
 ) -> Result<Vec<TopicStatus>, TopicError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(settings, &[("client.id", "fleet-admin".into())])
-            .create()
-            .map_err(TopicError::Client)?;
+    let admin: AdminClient<DefaultClientContext> = admin_config(settings)
+        .create()
+        .map_err(TopicError::Client)?;
+    let max_bytes = max_message_bytes.to_string();
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
@@ -143,6 +150,7 @@ pub async fn ensure_topics(
                 partitions,
                 TopicReplication::Fixed(replication_factor),
             )
+            .set("max.message.bytes", &max_bytes)
         })
         .collect();
     let options = AdminOptions::new()

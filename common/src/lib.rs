@@ -14,7 +14,9 @@
 
 pub mod cli;
 pub mod kafka;
+pub mod message_size;
 pub mod priority;
+pub mod rejected;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;

@@ -495,6 +495,10 @@ pub struct TaskSettings {
     /// `min(retry_cap_ms, retry_base_ms × 2^(n-1))` (exponential backoff with full jitter).
     pub retry_base_ms: u64,
     pub retry_cap_ms: u64,
+    /// How long past its `timeout_ms` an attempt may still run before the reaper stops it (its
+    /// hard deadline), for handlers that hang yet keep heartbeating. The worker's own timeout
+    /// normally ends the attempt first.
+    pub timeout_grace_ms: u64,
     /// Per-kind defaults, e.g. `[tasks.kinds.send_email] max_attempts = 10`.
     pub kinds: BTreeMap<String, KindDefaults>,
 }
@@ -518,6 +522,7 @@ impl Default for TaskSettings {
             redeliver_ms: 10_000,
             retry_base_ms: 1_000,
             retry_cap_ms: 300_000,
+            timeout_grace_ms: 10_000,
             kinds: BTreeMap::new(),
         }
     }
@@ -582,6 +587,12 @@ impl TaskSettings {
                 ));
             }
         }
+        if !(100..=24 * 3600 * 1000).contains(&self.timeout_grace_ms) {
+            return Err(SettingsError::invalid(
+                "tasks.timeout_grace_ms",
+                "expected 100 ms to one day",
+            ));
+        }
         if self.redeliver_ms < 100 {
             return Err(SettingsError::invalid(
                 "tasks.redeliver_ms",
@@ -627,7 +638,12 @@ pub fn validate_common(
     redis.validate()?;
     topics.validate()?;
     lease.validate()?;
-    tasks.validate()
+    tasks.validate()?;
+    // The largest accepted task must fit through the producer (checked here so that
+    // `--check-config` catches it; topics are checked against the broker at start).
+    let needed = crate::message_size::record_limit(tasks.max_task_bytes);
+    crate::message_size::fit_producer(&mut rdkafka::ClientConfig::new(), kafka, needed)
+        .map_err(|err| SettingsError::invalid("kafka.client.message.max.bytes", err.to_string()))
 }
 
 /// Declares a service's settings struct: the shared sections (`kafka`, `redis`, `topics`,

@@ -343,6 +343,11 @@ impl Envelope {
         format!("{{\"v\":{ENVELOPE_VERSION},\"attempt\":{attempt},\"task\":{record_json}}}")
     }
 
+    /// This envelope as JSON (the record is serialized again).
+    pub fn to_json(&self) -> String {
+        Self::encode(&self.task.to_json(), self.attempt)
+    }
+
     /// Parses and checks a record from a task topic.
     pub fn decode(bytes: Option<&[u8]>) -> Result<Self, InvalidEnvelope> {
         let bytes = bytes

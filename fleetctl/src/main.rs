@@ -215,6 +215,7 @@ async fn create_topics(settings: &CommonSettings, partitions: i32) -> anyhow::Re
         &names,
         partitions,
         settings.topics.replication_factor,
+        fleet_common::message_size::record_limit(settings.tasks.max_task_bytes),
         Duration::from_secs(15),
     )
     .await

@@ -29,9 +29,13 @@ pub async fn publish(
     settings: &CommonSettings,
     submissions: &[(String, String)],
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = kafka::producer_config(&settings.kafka, "fleetctl")
-        .create()
-        .context("creating the producer")?;
+    let mut config = kafka::producer_config(&settings.kafka, "fleetctl");
+    fleet_common::message_size::fit_producer(
+        &mut config,
+        &settings.kafka,
+        fleet_common::message_size::record_limit(settings.tasks.max_task_bytes),
+    )?;
+    let producer: FutureProducer = config.create().context("creating the producer")?;
     let topic = Topics::from_settings(&settings.topics).submit();
     for chunk in submissions.chunks(5_000) {
         let sends = chunk.iter().map(|(_, body)| {

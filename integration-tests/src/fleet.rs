@@ -70,6 +70,7 @@ impl TestEnv {
             &Topics::from_settings(&s.topics).all(),
             s.topics.partitions,
             1,
+            fleet_common::message_size::record_limit(s.tasks.max_task_bytes),
             Duration::from_secs(10),
         )
         .await
@@ -156,4 +157,85 @@ pub fn executions(env: &TestEnv, workers: &[&str]) -> BTreeMap<String, Vec<(u64,
 pub fn task_json(id: &str, kind: &str, priority: &str, payload: serde_json::Value) -> String {
     serde_json::json!({ "id": id, "kind": kind, "priority": priority, "payload": payload })
         .to_string()
+}
+
+/// One record read back from a topic: its headers (as text) and value.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).expect("a JSON record")
+    }
+}
+
+impl TestEnv {
+    /// Reads `n` records from `topic` from the beginning (a fresh consumer group), waiting up
+    /// to `deadline` for them.
+    pub async fn read_topic(&self, topic: &str, n: usize, deadline: Duration) -> Vec<Record> {
+        use rdkafka::Message;
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::Headers;
+
+        let group = format!("{}-read-{}", self.prefix, fleet_common::task::new_task_id());
+        let mut config = kafka::consumer_config(&self.settings().kafka, &group, "it-reader");
+        config.set("enable.auto.commit", "false");
+        let consumer: StreamConsumer = config.create().expect("consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let mut records = Vec::new();
+        while records.len() < n {
+            let message = tokio::time::timeout(deadline, consumer.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{n} records on {topic}; got {records:?}"))
+                .expect("a record");
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                            (h.key.to_string(), value.into_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(Record {
+                headers,
+                payload: message.payload().unwrap_or_default().to_vec(),
+            });
+        }
+        records
+    }
+}
+
+impl TestEnv {
+    /// A validated task from submission JSON, with this environment's defaults.
+    pub fn new_task(&self, json: &str) -> fleet_common::store::NewTask {
+        let spec = fleet_common::task::TaskSpec::parse(json.as_bytes(), 1 << 20).expect("task");
+        fleet_common::store::NewTask::from_spec(
+            spec,
+            &self.settings().tasks,
+            fleet_common::task::new_task_id,
+        )
+    }
+
+    /// Makes a running task's lease expire now, as if its worker had stopped heartbeating.
+    pub async fn expire_lease(&self, store: &Store, id: &str) {
+        let mut conn = self.redis_conn().await;
+        let () = redis::cmd("ZADD")
+            .arg(store.keys().leases())
+            .arg("XX")
+            .arg(0)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .expect("expire lease");
+    }
 }

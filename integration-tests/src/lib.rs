@@ -169,7 +169,7 @@ impl TestEnv {
     }
 
     /// Settings pointing at this environment, with the test timings of shared/DESIGN.md:
-    /// lease 3 s, heartbeat 1 s, reaper 0.5 s, group session 6 s.
+    /// lease 3 s, heartbeat 1 s, reaper 0.5 s, group session 6 s; timeout grace 1 s.
     pub fn settings(&self) -> CommonSettings {
         let mut s = CommonSettings::default();
         s.kafka.brokers = self.brokers.clone();
@@ -185,6 +185,7 @@ impl TestEnv {
         s.tasks.redeliver_ms = 2_000;
         s.tasks.retry_base_ms = 100;
         s.tasks.retry_cap_ms = 1_000;
+        s.tasks.timeout_grace_ms = 1_000;
         s
     }
 
@@ -225,6 +226,10 @@ impl TestEnv {
             (
                 "FLEET__TASKS__RETRY_CAP_MS",
                 s.tasks.retry_cap_ms.to_string(),
+            ),
+            (
+                "FLEET__TASKS__TIMEOUT_GRACE_MS",
+                s.tasks.timeout_grace_ms.to_string(),
             ),
             ("FLEET__LOG__FORMAT", "json".to_string()),
         ]

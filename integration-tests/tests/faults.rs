@@ -595,9 +595,6 @@ async fn sigterm_finishes_short_tasks_and_hands_long_ones_back_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_crashes_its_worker_every_time_fails_after_max_attempts_and_the_rest_runs() {
-    use rdkafka::Message;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-
     let env = TestEnv::start("poison");
     env.create_topics().await;
     let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
@@ -657,23 +654,18 @@ async fn a_task_that_crashes_its_worker_every_time_fails_after_max_attempts_and_
     }
 
     // Its dead-letter record is on the dead topic.
-    let mut config = fleet_common::kafka::consumer_config(
-        &env.settings().kafka,
-        &format!("{}-dead", env.prefix),
-        "it",
-    );
-    config.set("enable.auto.commit", "false");
-    let consumer: StreamConsumer = config.create().unwrap();
-    consumer
-        .subscribe(&[&fleet_common::Topics::from_settings(&env.settings().topics).dead()])
-        .unwrap();
-    let message = tokio::time::timeout(WAIT, consumer.recv())
-        .await
-        .expect("a dead letter")
-        .unwrap();
-    let record: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    let dead = fleet_common::Topics::from_settings(&env.settings().topics).dead();
+    let record = env.read_topic(&dead, 1, WAIT).await[0].json();
     assert_eq!(record["id"], "poison");
     assert_eq!(record["attempts"], 3);
-    assert_eq!(record["task"]["kind"], "crash");
+    assert_eq!(record["envelope"]["task"]["kind"], "crash");
+    assert_eq!(record["envelope"]["attempt"], 3);
     assert!(record["error"].as_str().unwrap().contains("lease expired"));
+    let history = record["history"].as_array().expect("attempt history");
+    assert_eq!(history.len(), 3, "one entry per attempt: {history:?}");
+    for (n, entry) in history.iter().enumerate() {
+        assert_eq!(entry["attempt"], n as u64 + 1);
+        assert_eq!(entry["outcome"], "lease_expired");
+        assert!(entry["worker"].as_str().is_some_and(|w| !w.is_empty()));
+    }
 }

@@ -79,6 +79,7 @@ async fn consumer_group_of_two_shares_partitions_and_committed_offsets_survive_r
         std::slice::from_ref(&topic),
         4,
         1,
+        1 << 20,
         Duration::from_secs(10),
     )
     .await
@@ -89,6 +90,7 @@ async fn consumer_group_of_two_shares_partitions_and_committed_offsets_survive_r
         std::slice::from_ref(&topic),
         4,
         1,
+        1 << 20,
         Duration::from_secs(10),
     )
     .await
@@ -291,6 +293,31 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("scheduler."), "{err}");
+    // The largest task (1 MiB by default) must fit through the producer.
+    let small = dir.path().join("small.toml");
+    std::fs::write(
+        &small,
+        "[kafka.client]\n\"message.max.bytes\" = \"1000000\"\n",
+    )
+    .unwrap();
+    for binary in ["fleet-scheduler", "fleet-worker"] {
+        let (code, _, err) = run_binary(
+            binary,
+            &["--check-config", "--config", small.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(code, 2, "{binary}: {err}");
+        assert!(
+            err.contains("message.max.bytes") && err.contains("1310720"),
+            "{binary}: {err}"
+        );
+        let (code, _, err) = run_binary(
+            binary,
+            &["--check-config", "--config", small.to_str().unwrap()],
+            &[("FLEET__TASKS__MAX_TASK_BYTES", "500000")],
+        );
+        assert_eq!(code, 0, "{binary}: a smaller task limit fits: {err}");
+    }
     let (code, _, err) = run_binary("fleet-scheduler", &["--config", "/nonexistent.toml"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("/nonexistent.toml"), "{err}");

@@ -4,37 +4,20 @@
 use std::time::Duration;
 
 use fleet_common::store::{Accepted, Claim, Completion, NewTask, Outcome, Requeue, Store};
-use fleet_common::task::{State, TaskSpec};
+use fleet_common::task::State;
 use fleet_integration_tests::TestEnv;
-
-fn task(env: &TestEnv, json: &str) -> NewTask {
-    let spec = TaskSpec::parse(json.as_bytes(), 1 << 20).unwrap();
-    NewTask::from_spec(spec, &env.settings().tasks, fleet_common::task::new_task_id)
-}
 
 async fn state(store: &Store, id: &str) -> String {
     store.task(id).await.unwrap().unwrap()["state"].clone()
-}
-
-async fn expire_lease(env: &TestEnv, store: &Store, id: &str) {
-    let mut conn = env.redis_conn().await;
-    let () = redis::cmd("ZADD")
-        .arg(store.keys().leases())
-        .arg("XX")
-        .arg(0)
-        .arg(id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
 async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
     let env = TestEnv::start("accept");
     let store = env.store().await;
-    let a = task(&env, r#"{"id":"a","kind":"noop"}"#);
-    let k1 = task(&env, r#"{"kind":"noop","idempotency_key":"order-7"}"#);
-    let k2 = task(&env, r#"{"kind":"echo","idempotency_key":"order-7"}"#);
+    let a = env.new_task(r#"{"id":"a","kind":"noop"}"#);
+    let k1 = env.new_task(r#"{"kind":"noop","idempotency_key":"order-7"}"#);
+    let k2 = env.new_task(r#"{"kind":"echo","idempotency_key":"order-7"}"#);
     let got = store
         .accept(&[a.clone(), k1.clone(), a.clone(), k2])
         .await
@@ -54,7 +37,7 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
     let counts: Vec<(State, u64)> = store.counts().await.unwrap();
     assert_eq!(counts[0], (State::Pending, 2));
 
-    let later = task(&env, r#"{"kind":"noop","delay_ms":60000}"#);
+    let later = env.new_task(r#"{"kind":"noop","delay_ms":60000}"#);
     assert!(matches!(
         store.accept(&[later]).await.unwrap()[0],
         Accepted::Scheduled(_)
@@ -74,7 +57,7 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
 async fn claims_answer_for_every_kind_of_delivery() {
     let env = TestEnv::start("claim");
     let store = env.store().await;
-    let t = task(&env, r#"{"id":"t","kind":"noop"}"#);
+    let t = env.new_task(r#"{"id":"t","kind":"noop"}"#);
     store.accept(&[t]).await.unwrap();
     let lease = 3_000;
     assert_eq!(
@@ -138,7 +121,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     let env = TestEnv::start("fence");
     let store = env.store().await;
     store
-        .accept(&[task(&env, r#"{"id":"t","kind":"noop","max_attempts":3}"#)])
+        .accept(&[env.new_task(r#"{"id":"t","kind":"noop","max_attempts":3}"#)])
         .await
         .unwrap();
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
@@ -146,14 +129,16 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
         store
             .extend("w1", 3_000, "{}", &[("t", 1, None)])
             .await
-            .unwrap(),
+            .unwrap()
+            .lost,
         Vec::<usize>::new()
     );
     assert_eq!(
         store
             .extend("w2", 3_000, "{}", &[("t", 1, None)])
             .await
-            .unwrap(),
+            .unwrap()
+            .lost,
         [0],
         "another worker's heartbeat"
     );
@@ -161,13 +146,14 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
         store
             .extend("w1", 3_000, "{}", &[("t", 2, None)])
             .await
-            .unwrap(),
+            .unwrap()
+            .lost,
         [0],
         "a wrong attempt"
     );
 
     // The lease expires and the task runs again as attempt 2 elsewhere.
-    expire_lease(&env, &store, "t").await;
+    env.expire_lease(&store, "t").await;
     let requeued = store.requeue(&["t".to_string()]).await.unwrap();
     assert!(matches!(&requeued[0], Requeue::Requeued(d) if d.attempt == 2));
     assert_eq!(
@@ -185,7 +171,8 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
         store
             .extend("w1", 3_000, "{}", &[("t", 1, None)])
             .await
-            .unwrap(),
+            .unwrap()
+            .lost,
         [0]
     );
     assert_eq!(
@@ -229,7 +216,7 @@ async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a
     let env = TestEnv::start("retry");
     let store = env.store().await;
     store
-        .accept(&[task(&env, r#"{"id":"t","kind":"fail","max_attempts":2}"#)])
+        .accept(&[env.new_task(r#"{"id":"t","kind":"fail","max_attempts":2}"#)])
         .await
         .unwrap();
     let retry = Outcome::Retry {
@@ -275,7 +262,7 @@ async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
     let env = TestEnv::start("reap");
     let store = env.store().await;
     let tasks: Vec<NewTask> = (0..200)
-        .map(|i| task(&env, &format!(r#"{{"id":"t{i}","kind":"noop"}}"#)))
+        .map(|i| env.new_task(&format!(r#"{{"id":"t{i}","kind":"noop"}}"#)))
         .collect();
     store.accept(&tasks).await.unwrap();
     let claims: Vec<(String, u32)> = (0..200).map(|i| (format!("t{i}"), 1)).collect();
@@ -323,7 +310,7 @@ async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
     let env = TestEnv::start("release");
     let store = env.store().await;
     store
-        .accept(&[task(&env, r#"{"id":"t","kind":"noop","max_attempts":1}"#)])
+        .accept(&[env.new_task(r#"{"id":"t","kind":"noop","max_attempts":1}"#)])
         .await
         .unwrap();
     store.claim("w", 3_000, &[("t", 1)]).await.unwrap();
@@ -346,7 +333,7 @@ async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
 
     // Attempt 2 is its one real attempt: when its lease expires the task fails.
     store.claim("w2", 3_000, &[("t", 2)]).await.unwrap();
-    expire_lease(&env, &store, "t").await;
+    env.expire_lease(&store, "t").await;
     assert_eq!(
         store.requeue(&["t".to_string()]).await.unwrap(),
         [Requeue::Failed("t".into())]
@@ -359,13 +346,10 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
     let env = TestEnv::start("redrive");
     let store = env.store().await;
     let tasks = [
-        task(&env, r#"{"id":"mail1","kind":"mail","max_attempts":1}"#),
-        task(
-            &env,
-            r#"{"id":"mail2","kind":"mail","max_attempts":1,"queue":"bulk"}"#,
-        ),
-        task(&env, r#"{"id":"sms","kind":"sms","max_attempts":1}"#),
-        task(&env, r#"{"id":"fine","kind":"mail"}"#),
+        env.new_task(r#"{"id":"mail1","kind":"mail","max_attempts":1}"#),
+        env.new_task(r#"{"id":"mail2","kind":"mail","max_attempts":1,"queue":"bulk"}"#),
+        env.new_task(r#"{"id":"sms","kind":"sms","max_attempts":1}"#),
+        env.new_task(r#"{"id":"fine","kind":"mail"}"#),
     ];
     store.accept(&tasks).await.unwrap();
     let all = [("mail1", 1), ("mail2", 1), ("sms", 1), ("fine", 1)];
@@ -441,7 +425,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
     let env = TestEnv::start("progress-store");
     let store = env.store().await;
     store
-        .accept(&[task(&env, r#"{"id":"t","kind":"noop"}"#)])
+        .accept(&[env.new_task(r#"{"id":"t","kind":"noop"}"#)])
         .await
         .unwrap();
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();

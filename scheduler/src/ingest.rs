@@ -143,7 +143,11 @@ async fn handle_batch(
             code = err.code(), reason = %err, partition = message.partition(), offset = message.offset(),
             "Submission rejected."
         );
-        let source = (message.topic(), message.partition(), message.offset());
+        let source = fleet_common::rejected::Source {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
         let reason = err.to_string();
         let sent = retry_until(token, "publishing a rejected submission", || {
             publisher.rejected(message.payload(), err.code(), &reason, source)

@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fleet_common::Priority;
 use fleet_common::store::{Dispatch, Store};
 use fleet_common::task::Envelope;
 use fleet_common::topics::Topics;
+use fleet_common::{Priority, rejected};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -61,9 +61,6 @@ impl LivePartitions {
         (!partitions.is_empty()).then(|| partitions[rand::random_range(0..partitions.len())])
     }
 }
-
-/// How much of a refused submission the rejected topic keeps.
-pub const REJECTED_KEEP: usize = 64 * 1024;
 
 /// Sends Fleet's records with one idempotent producer.
 #[derive(Clone)]
@@ -208,49 +205,19 @@ impl Publisher {
         payload: Option<&[u8]>,
         code: &str,
         reason: &str,
-        source: (&str, i32, i64),
+        source: rejected::Source<'_>,
     ) -> Result<(), KafkaError> {
         let topic = self.topics.rejected();
-        let partition = source.1.to_string();
-        let offset = source.2.to_string();
-        // Keep at most the first REJECTED_KEEP bytes: the original may be larger than any
-        // topic accepts, and a refusal must never block the submit partition.
-        let size = payload.map_or(0, <[u8]>::len).to_string();
-        let payload = payload.map(|p| &p[..p.len().min(REJECTED_KEEP)]);
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "fleet-original-size",
-                value: Some(&size),
-            })
-            .insert(Header {
-                key: "fleet-reject-code",
-                value: Some(code),
-            })
-            .insert(Header {
-                key: "fleet-reject-reason",
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: "fleet-source-topic",
-                value: Some(source.0),
-            })
-            .insert(Header {
-                key: "fleet-source-partition",
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: "fleet-source-offset",
-                value: Some(&offset),
-            });
-        let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic).headers(headers);
-        if let Some(payload) = payload {
-            record = record.payload(payload);
-        }
-        self.producer
-            .send(record, SEND_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|(err, _)| err)
+        rejected::send(
+            &self.producer,
+            &topic,
+            payload,
+            code,
+            reason,
+            source,
+            SEND_TIMEOUT,
+        )
+        .await
     }
 
     /// Sends a dead-letter record (JSON) for a failed task.

@@ -42,6 +42,9 @@ pub async fn scan(
             Requeue::Failed(id) => {
                 warn!(task_id = %id, "Lease expired with no attempts left; task failed.")
             }
+            Requeue::Cancelled(id) => {
+                info!(task_id = %id, "Lease expired after a cancel request; task cancelled.")
+            }
             Requeue::Skipped(_) => {}
         }
     }

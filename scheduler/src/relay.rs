@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use fleet_common::store::Store;
+use fleet_common::task::Envelope;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -61,20 +62,35 @@ pub async fn round(
     Ok(due.len())
 }
 
-/// The dead-letter record: the task as submitted, how many attempts it had, and why it failed.
+/// The dead-letter record: the envelope of the last attempt (the task as stored, payload byte
+/// for byte), how many attempts it had, every attempt's end (`history`), and why it failed.
 fn dead_letter(task: &HashMap<String, String>) -> String {
     let field = |name: &str| task.get(name).map(String::as_str).unwrap_or_default();
     let number = |name: &str| field(name).parse::<u64>().unwrap_or(0);
-    let record: serde_json::Value =
-        serde_json::from_str(field("record")).unwrap_or(serde_json::Value::Null);
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(field(name)).unwrap_or(serde_json::Value::Null)
+    };
+    let attempt = number("attempt");
+    let envelope: serde_json::Value =
+        serde_json::from_str(&Envelope::encode(field("record"), attempt as u32))
+            .unwrap_or(serde_json::Value::Null);
+    let history = match json("history") {
+        serde_json::Value::Null => json!([]),
+        list => list,
+    };
     json!({
         "v": 1,
         "id": field("id"),
-        "task": record,
-        "attempts": number("attempt"),
+        "envelope": envelope,
+        "attempts": attempt,
         "released": number("released"),
         "error": field("error"),
-        "worker": field("worker"),
+        "history": history,
+        "worker": history
+            .as_array()
+            .and_then(|h| h.last())
+            .and_then(|last| last["worker"].as_str())
+            .unwrap_or(field("worker")),
         "created_ms": number("created_ms"),
         "finished_ms": number("finished_ms"),
     })

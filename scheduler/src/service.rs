@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fleet_common::shutdown::{self, Outcome, Supervisor, TaskResult};
 use fleet_common::store::{self, Store, StoreError};
-use fleet_common::{Topics, kafka};
+use fleet_common::{Topics, kafka, message_size};
 use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -16,9 +16,6 @@ use tracing::{info, warn};
 use crate::publish::Publisher;
 use crate::settings::SchedulerSettings;
 use crate::{ingest, reaper, relay};
-
-/// Bytes allowed beyond `tasks.max_task_bytes` for the envelope, record fields and headers.
-const ENVELOPE_ROOM: usize = 64 * 1024;
 
 /// Connects to Redis (checking the schema version) and Kafka (creating missing topics).
 pub async fn connect(
@@ -35,24 +32,27 @@ pub async fn connect(
     let store = Store::new(conn, keys, &settings.tasks);
 
     let topics = Topics::from_settings(&settings.topics);
+    let record_limit = message_size::record_limit(settings.tasks.max_task_bytes);
+    let client_id = format!("{service}-{}", std::process::id());
+    let mut config = kafka::producer_config(&settings.kafka, &client_id);
+    message_size::fit_producer(&mut config, &settings.kafka, record_limit)?;
     kafka::ensure_topics(
         &settings.kafka,
         &topics.all(),
         settings.topics.partitions,
         settings.topics.replication_factor,
+        record_limit,
         Duration::from_secs(15),
     )
     .await
     .context("creating topics")?;
-    let client_id = format!("{service}-{}", std::process::id());
-    let mut config = kafka::producer_config(&settings.kafka, &client_id);
-    if !settings.kafka.client.contains_key("message.max.bytes") {
-        // Room for the largest accepted task plus its envelope and headers.
-        config.set(
-            "message.max.bytes",
-            (settings.tasks.max_task_bytes + ENVELOPE_ROOM).to_string(),
-        );
-    }
+    message_size::check_topics(
+        &settings.kafka,
+        &topics.all(),
+        record_limit,
+        Duration::from_secs(15),
+    )
+    .await?;
     let producer = config.create().context("creating the producer")?;
     let publisher = Publisher::new(
         producer,

@@ -4,10 +4,12 @@
 //! |---|---|---|
 //! | `noop` | anything | returns `null` at once |
 //! | `echo` | anything | returns the payload |
-//! | `sleep` | `{"ms": N}` | waits N ms in ten steps, reporting progress (stops early when cancelled) |
+//! | `sleep` | `{"ms": N, "ignore_cancel": bool}` | waits N ms in ten steps, reporting progress; stops early when cancelled unless `ignore_cancel` (then only an abort stops it) |
+//! | `block` | `{"ms": N}` | blocks its thread for N ms, deaf to cancellation and aborts (a hung handler) |
 //! | `fail` | `{"message": "…", "retryable": bool}` | fails with that message |
 //! | `flaky` | `{"failures": N}` | fails (retryably) on attempts 1..=N, then succeeds |
 //! | `crash` | anything | aborts the whole worker process (a poison task) |
+//! | `panic` | `{"message": "…"}` | panics (caught by the worker: a retryable failure) |
 
 use std::time::Duration;
 
@@ -25,7 +27,9 @@ pub fn registry() -> Registry {
         .register("sleep", sleep)
         .register("fail", fail)
         .register("flaky", flaky)
-        .register("crash", crash);
+        .register("crash", crash)
+        .register("panic", panic)
+        .register("block", block);
     registry
 }
 
@@ -41,10 +45,12 @@ async fn echo(ctx: TaskContext) -> HandlerResult {
 #[serde(deny_unknown_fields)]
 struct SleepPayload {
     ms: u64,
+    #[serde(default)]
+    ignore_cancel: bool,
 }
 
 async fn sleep(ctx: TaskContext) -> HandlerResult {
-    let SleepPayload { ms } = ctx.payload()?;
+    let SleepPayload { ms, ignore_cancel } = ctx.payload()?;
     // Ten steps, reporting progress after each, so it shows up in the task's status.
     let step = Duration::from_millis(ms) / 10;
     for done in 1..=10u8 {
@@ -52,7 +58,7 @@ async fn sleep(ctx: TaskContext) -> HandlerResult {
             () = tokio::time::sleep(step) => {
                 ctx.progress(done * 10, format!("slept {} of {ms} ms", step.as_millis() * u128::from(done)));
             }
-            () = ctx.cancelled() => return Err(HandlerError::retryable("sleep interrupted")),
+            () = ctx.cancelled(), if !ignore_cancel => return Err(HandlerError::retryable("sleep interrupted")),
         }
     }
     Ok(serde_json::json!({ "slept_ms": ms }))
@@ -96,4 +102,23 @@ async fn flaky(ctx: TaskContext) -> HandlerResult {
 async fn crash(ctx: TaskContext) -> HandlerResult {
     tracing::error!(task_id = %ctx.id, attempt = ctx.attempt, "Crash task: aborting the worker process.");
     std::process::abort();
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockPayload {
+    ms: u64,
+}
+
+/// Blocks a runtime thread without yielding: neither the worker's timeout nor an abort can
+/// stop it, only the reaper's hard deadline can take the task away.
+async fn block(ctx: TaskContext) -> HandlerResult {
+    let BlockPayload { ms } = ctx.payload()?;
+    std::thread::sleep(Duration::from_millis(ms));
+    Ok(serde_json::json!({ "blocked_ms": ms }))
+}
+
+async fn panic(ctx: TaskContext) -> HandlerResult {
+    let FailPayload { message, .. } = ctx.payload()?;
+    panic!("{message}");
 }

@@ -19,6 +19,9 @@ pub struct WorkerSection {
     pub concurrency: usize,
     /// How long a stopping worker lets running tasks finish before handing them back.
     pub shutdown_grace_ms: u64,
+    /// How long a cancelled handler may take to stop after its cancellation signal before it
+    /// is aborted.
+    pub cancel_grace_ms: u64,
     /// Share of free slots given to critical, high, normal and low when all have work waiting.
     pub priority_weights: [u32; 4],
     /// Always start the most urgent waiting task first (lower levels can starve).
@@ -34,6 +37,7 @@ impl Default for WorkerSection {
             group_id: "fleet-workers".into(),
             concurrency: 32,
             shutdown_grace_ms: 20_000,
+            cancel_grace_ms: 5_000,
             priority_weights: [8, 4, 2, 1],
             strict_priority: false,
             claim_batch: 256,
@@ -44,6 +48,10 @@ impl Default for WorkerSection {
 impl WorkerSection {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::from_millis(self.cancel_grace_ms)
     }
 
     /// The configured id, or `<hostname>-<pid>`.
@@ -90,6 +98,12 @@ impl Validate for WorkerSection {
             return Err(SettingsError::invalid(
                 "worker.priority_weights",
                 "four weights from 1 to 1000 (critical, high, normal, low)",
+            ));
+        }
+        if self.cancel_grace_ms > 3_600_000 {
+            return Err(SettingsError::invalid(
+                "worker.cancel_grace_ms",
+                "at most one hour",
             ));
         }
         if !(1..=10_000).contains(&self.claim_batch) {

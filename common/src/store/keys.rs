@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 11;
+pub const GLOBAL_KEYS: usize = 13;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -79,13 +79,26 @@ impl Keys {
         format!("{}:counters", self.root)
     }
 
+    /// Set of paused selectors, `queue:<name>` or `priority:<level>`: workers do not start
+    /// tasks that match one.
+    pub fn paused(&self) -> String {
+        format!("{}:paused", self.root)
+    }
+
+    /// Sorted set of pending task ids a worker met while their queue or priority was paused,
+    /// scored by when; resuming publishes them again.
+    pub fn held(&self) -> String {
+        format!("{}:held", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         format!("{}:idem:{key}", self.root)
     }
 
     /// The keys every transition script receives first, in this order: leases, due,
-    /// dead outbox, the six state indexes (in [`State::ALL`] order), queues, workers.
+    /// dead outbox, the six state indexes (in [`State::ALL`] order), queues, workers, paused,
+    /// held.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -99,6 +112,8 @@ impl Keys {
             self.state_index(State::Cancelled),
             self.queues(),
             self.workers(),
+            self.paused(),
+            self.held(),
         ]
     }
 }

@@ -1,6 +1,7 @@
 //! The Redis state store: connection, key schema ([`keys`]) and transition scripts
 //! ([`scripts`]). Redis is the source of truth for task state; Kafka only carries messages.
 
+mod control;
 pub mod keys;
 pub mod scripts;
 mod tasks;
@@ -9,16 +10,18 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+pub use control::{Cancel, Reprioritize, Selector};
 pub use keys::Keys;
 pub use tasks::{
-    Accepted, Attempt, Beat, Claim, Completion, Dispatch, NewTask, Outcome, Requeue, Store,
+    Accepted, Attempt, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome, Requeue,
+    Store,
 };
 
 use crate::settings::RedisSettings;
 
 /// Version of the key schema and script protocol. Bumped on any incompatible change so old and
 /// new services never write the same data in different layouts.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]

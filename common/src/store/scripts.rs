@@ -45,3 +45,9 @@ pub static PREPARE_DISPATCH: LazyLock<Script> = transition!("prepare_dispatch.lu
 pub static REDRIVE: LazyLock<Script> = transition!("redrive.lua");
 /// See `lua/requeue.lua`.
 pub static REQUEUE: LazyLock<Script> = transition!("requeue.lua");
+/// See `lua/cancel.lua`.
+pub static CANCEL: LazyLock<Script> = transition!("cancel.lua");
+/// See `lua/unhold.lua`.
+pub static UNHOLD: LazyLock<Script> = transition!("unhold.lua");
+/// See `lua/reprioritize.lua`.
+pub static REPRIORITIZE: LazyLock<Script> = transition!("reprioritize.lua");

@@ -79,6 +79,8 @@ pub enum Claim {
     Unknown,
     /// The task is not pending (scheduled for later, or still running an older attempt).
     NotReady,
+    /// Its queue or priority is paused: the task stays pending, held until the resume.
+    Held,
 }
 
 impl Claim {
@@ -90,6 +92,7 @@ impl Claim {
             4 => Claim::Done,
             5 => Claim::Future,
             6 => Claim::Unknown,
+            8 => Claim::Held,
             _ => Claim::NotReady,
         }
     }
@@ -103,6 +106,7 @@ impl Claim {
             Claim::Future => "future",
             Claim::Unknown => "unknown",
             Claim::NotReady => "not_ready",
+            Claim::Held => "held",
         }
     }
 }
@@ -116,6 +120,8 @@ pub enum Outcome {
     Retry { error: String, delay_ms: u64 },
     /// Failed for good.
     Fail(String),
+    /// Stopped because its cancellation was requested (the handler was aborted).
+    Cancelled,
 }
 
 /// The answer to one reported outcome, see `lua/complete.lua`.
@@ -125,6 +131,8 @@ pub enum Completion {
     /// Retry scheduled.
     Scheduled,
     Failed,
+    /// Its cancellation had been requested: the task ended `cancelled`.
+    Cancelled,
     /// This attempt had already ended the task (a repeated report).
     Already,
     /// Not the current attempt of this worker: nothing changed.
@@ -144,7 +152,17 @@ pub struct Dispatch {
 pub enum Requeue {
     Requeued(Dispatch),
     Failed(String),
+    /// Its cancellation had been requested: it ended `cancelled`.
+    Cancelled(String),
     Skipped(String),
+}
+
+/// What a heartbeat learned: positions (0-based, in the order sent) of the tasks whose lease
+/// is lost, and of those whose cancellation was requested.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub lost: Vec<usize>,
+    pub cancel: Vec<usize>,
 }
 
 /// The Redis state store of one fleet. Cheap to clone: clones share the connection.
@@ -155,6 +173,7 @@ pub struct Store {
     retention_ms: u64,
     redeliver_ms: u64,
     idempotency_window_ms: u64,
+    timeout_grace_ms: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -179,6 +198,7 @@ impl Store {
             retention_ms: tasks.retention_ms,
             redeliver_ms: tasks.redeliver_ms,
             idempotency_window_ms: tasks.idempotency_window_ms,
+            timeout_grace_ms: tasks.timeout_grace_ms,
         }
     }
 
@@ -191,7 +211,11 @@ impl Store {
         self.conn.clone()
     }
 
-    fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+    pub(super) fn retention_ms(&self) -> u64 {
+        self.retention_ms
+    }
+
+    pub(super) fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
         for key in self.keys.globals() {
             inv.key(key);
@@ -224,7 +248,8 @@ impl Store {
                 .arg(&task.record_json)
                 .arg(u8::from(task.idempotency_key.is_some()))
                 .arg(task.run_at_ms)
-                .arg(task.delay_ms);
+                .arg(task.delay_ms)
+                .arg(task.record.timeout_ms);
         }
         let rows: Vec<(String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(rows
@@ -262,7 +287,10 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut inv = self.invocation(&scripts::CLAIM);
-        inv.arg(deliveries.len()).arg(worker).arg(lease_ms);
+        inv.arg(deliveries.len())
+            .arg(worker)
+            .arg(lease_ms)
+            .arg(self.timeout_grace_ms);
         for (id, attempt) in deliveries {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
         }
@@ -271,15 +299,15 @@ impl Store {
     }
 
     /// Extends the leases of `running` and records the worker as alive; stores each task's
-    /// progress `(percent, message)` where one is given. Returns the positions (0-based) of the
-    /// tasks whose lease is lost.
+    /// progress `(percent, message)` where one is given. Leases never run past a task's hard
+    /// deadline.
     pub async fn extend(
         &self,
         worker: &str,
         lease_ms: u64,
         info: &str,
         running: &[Beat<'_>],
-    ) -> Result<Vec<usize>, StoreError> {
+    ) -> Result<Heartbeat, StoreError> {
         let mut inv = self.invocation(&scripts::EXTEND);
         inv.key(self.keys.worker(worker));
         inv.arg(running.len()).arg(worker).arg(lease_ms).arg(info);
@@ -290,8 +318,13 @@ impl Store {
                 None => inv.arg("").arg(""),
             };
         }
-        let lost: Vec<usize> = inv.invoke_async(&mut self.conn.clone()).await?;
-        Ok(lost.into_iter().map(|p| p - 1).collect())
+        let (lost, cancel): (Vec<usize>, Vec<usize>) =
+            inv.invoke_async(&mut self.conn.clone()).await?;
+        let zero_based = |v: Vec<usize>| v.into_iter().map(|p| p - 1).collect();
+        Ok(Heartbeat {
+            lost: zero_based(lost),
+            cancel: zero_based(cancel),
+        })
     }
 
     /// Records the outcomes of attempts run by `worker`, in one call.
@@ -311,6 +344,7 @@ impl Store {
                 Outcome::Ok(result) => inv.arg("ok").arg(result).arg(0),
                 Outcome::Retry { error, delay_ms } => inv.arg("retry").arg(error).arg(*delay_ms),
                 Outcome::Fail(error) => inv.arg("fail").arg(error).arg(0),
+                Outcome::Cancelled => inv.arg("cancel").arg("").arg(0),
             };
         }
         let answers: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
@@ -320,6 +354,7 @@ impl Store {
                 "succeeded" => Completion::Succeeded,
                 "scheduled" => Completion::Scheduled,
                 "failed" => Completion::Failed,
+                "cancelled" => Completion::Cancelled,
                 "already" => Completion::Already,
                 _ => Completion::Fenced,
             })
@@ -335,7 +370,7 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut inv = self.invocation(&scripts::RELEASE);
         inv.key(self.keys.worker(worker));
-        inv.arg(running.len()).arg(worker);
+        inv.arg(running.len()).arg(worker).arg(self.retention_ms);
         for (id, attempt) in running {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
         }
@@ -428,6 +463,7 @@ impl Store {
                         id,
                     }),
                     "failed" => Requeue::Failed(id),
+                    "cancelled" => Requeue::Cancelled(id),
                     _ => Requeue::Skipped(id),
                 })
             })
@@ -571,7 +607,7 @@ impl Store {
     }
 }
 
-fn text(value: Option<&Value>) -> Result<String, StoreError> {
+pub(super) fn text(value: Option<&Value>) -> Result<String, StoreError> {
     match value {
         Some(v) => redis::from_redis_value_ref(v)
             .map_err(|_| StoreError::Protocol("expected text in script reply")),
@@ -581,7 +617,7 @@ fn text(value: Option<&Value>) -> Result<String, StoreError> {
     }
 }
 
-fn number(value: Option<&Value>) -> Result<i64, StoreError> {
+pub(super) fn number(value: Option<&Value>) -> Result<i64, StoreError> {
     match value {
         Some(v) => redis::from_redis_value_ref(v)
             .map_err(|_| StoreError::Protocol("expected a number in script reply")),

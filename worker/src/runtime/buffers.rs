@@ -16,6 +16,8 @@ pub struct Delivery {
     pub partition: i32,
     pub offset: i64,
     pub envelope: Result<Envelope, InvalidEnvelope>,
+    /// The record's bytes when they are not a valid envelope (for the rejected topic).
+    pub raw: Option<Vec<u8>>,
 }
 
 /// Per-priority queues with smooth weighted round-robin selection (the nginx algorithm): with
@@ -93,6 +95,7 @@ mod tests {
             partition: 0,
             offset,
             envelope: Err(InvalidEnvelope::Empty),
+            raw: None,
         }
     }
 

@@ -1,16 +1,18 @@
 //! The lease keeper: every heartbeat interval it extends the leases of all running tasks in one
-//! Redis call and stops the handlers whose lease is gone. It runs on its own OS thread with its
+//! Redis call, stops the handlers whose lease is gone, and cancels those whose task was
+//! cancelled: a cancellation signal first, an abort once `worker.cancel_grace_ms` has passed. It runs on its own OS thread with its
 //! own runtime and Redis connection, so handlers that hog the main runtime cannot starve it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleet_common::Priority;
-use fleet_common::store::{self, Store};
+use fleet_common::store::{self, Outcome, Store};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
-use super::Shared;
+use super::{Finished, Shared};
 use crate::handler::Progress;
 
 /// Handle to the lease keeper thread.
@@ -34,7 +36,12 @@ impl LeaseKeeper {
 }
 
 /// Starts the lease keeper; it runs until `token` is cancelled.
-pub(super) fn spawn(shared: Arc<Shared>, kinds: String, token: CancellationToken) -> LeaseKeeper {
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    kinds: String,
+    done: mpsc::UnboundedSender<Finished>,
+    token: CancellationToken,
+) -> LeaseKeeper {
     let exited = CancellationToken::new();
     let exited_guard = exited.clone().drop_guard();
     let thread = std::thread::Builder::new()
@@ -51,7 +58,7 @@ pub(super) fn spawn(shared: Arc<Shared>, kinds: String, token: CancellationToken
                     return;
                 }
             };
-            runtime.block_on(keep_leases(shared, kinds, token));
+            runtime.block_on(keep_leases(shared, kinds, done, token));
         })
         .expect("spawn the lease keeper thread");
     LeaseKeeper {
@@ -60,7 +67,12 @@ pub(super) fn spawn(shared: Arc<Shared>, kinds: String, token: CancellationToken
     }
 }
 
-async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToken) {
+async fn keep_leases(
+    shared: Arc<Shared>,
+    kinds: String,
+    done: mpsc::UnboundedSender<Finished>,
+    token: CancellationToken,
+) {
     let settings = &shared.settings;
     let store = loop {
         match store::connect(&settings.redis).await {
@@ -112,6 +124,7 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
             }
             !entry.lost
         });
+        abort_cancelled(&shared, &done);
         let snapshot: Vec<(Arc<str>, u32, Option<Progress>)> = shared
             .running()
             .iter()
@@ -150,10 +163,21 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
             )
             .await
         {
-            Ok(lost) => {
+            Ok(beat) => {
                 last_ok = Instant::now();
                 let mut running = shared.running();
-                for position in lost {
+                for position in beat.cancel {
+                    let (id, attempt, _) = &snapshot[position];
+                    if let Some(entry) = running.get_mut(id)
+                        && entry.attempt == *attempt
+                        && entry.cancelled_at.is_none()
+                    {
+                        info!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task cancelled; signalling its handler.");
+                        entry.cancel.cancel();
+                        entry.cancelled_at = Some(Instant::now());
+                    }
+                }
+                for position in beat.lost {
                     let (id, attempt, _) = &snapshot[position];
                     if let Some(entry) = running.get_mut(id)
                         && entry.attempt == *attempt
@@ -179,6 +203,26 @@ async fn keep_leases(shared: Arc<Shared>, kinds: String, token: CancellationToke
                     }
                 }
             }
+        }
+    }
+}
+
+/// Aborts the handlers of cancelled tasks that outlived the cancel grace period, and reports
+/// them as cancelled (the completer records it and frees their slots).
+fn abort_cancelled(shared: &Shared, done: &mpsc::UnboundedSender<Finished>) {
+    let grace = shared.settings.worker.cancel_grace();
+    let mut running = shared.running();
+    for (id, entry) in running.iter_mut() {
+        let overdue = entry.cancelled_at.is_some_and(|at| at.elapsed() >= grace);
+        if overdue && let Some(abort) = entry.abort.take() {
+            abort.abort();
+            warn!(task_id = %id, attempt = entry.attempt, worker_id = %shared.worker_id, "Cancelled handler did not stop within the grace period; aborted.");
+            let _ = done.send(Finished {
+                id: id.clone(),
+                attempt: entry.attempt,
+                outcome: Outcome::Cancelled,
+                started: Instant::now(),
+            });
         }
     }
 }

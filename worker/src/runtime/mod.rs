@@ -20,7 +20,9 @@
 
 mod buffers;
 mod dispatch;
+mod execute;
 mod lease;
+mod poll;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,6 +68,9 @@ struct Running {
     /// Set by the lease keeper when Redis says the lease is gone; the next heartbeat aborts a
     /// handler that has not stopped by then.
     lost: bool,
+    /// When the handler was told its task is cancelled; it is aborted once the cancel grace
+    /// period has passed since.
+    cancelled_at: Option<Instant>,
     /// Progress the handler reported since the last heartbeat.
     progress: crate::handler::ProgressSlot,
     _slot: OwnedSemaphorePermit,
@@ -173,28 +178,34 @@ impl Worker {
 
         let fetch = token.child_token();
         let lease_token = CancellationToken::new();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         let lease_keeper = lease::spawn(
             shared.clone(),
             self.registry.kinds().join(","),
+            done_tx.clone(),
             lease_token.clone(),
         );
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let completer = tokio::spawn(dispatch::complete_loop(
+        let completer = tokio::spawn(execute::complete_loop(
             shared.clone(),
             store.clone(),
             done_rx,
         ));
-        let poller = tokio::spawn(dispatch::poll_loop(
+        let poller = tokio::spawn(poll::poll_loop(
             shared.clone(),
             consumer.clone(),
             fetch.clone(),
         ));
+        let refuser = dispatch::Refuser {
+            producer: kafka::producer_config(&settings.kafka, &worker_id).create()?,
+            topic: topics.rejected(),
+        };
         let dispatcher = tokio::spawn(dispatch::dispatch_loop(
             shared.clone(),
             consumer.clone(),
             store.clone(),
             self.registry.clone(),
             done_tx,
+            refuser,
             fetch.clone(),
         ));
 

@@ -1,0 +1,23 @@
+-- Moves a task that has not started to another priority. The caller rewrites the stored record
+-- (the payload stays byte for byte); this script swaps it in only if the task is still pending
+-- or scheduled and the record is the one the caller read. The attempt number is bumped without
+-- charging the budget, which fences the message already on the old priority's topic; a pending
+-- task is then published again, on the new topic, at once.
+-- KEYS  globals, [14] task hash
+-- ARGV  [1] id  [2] record the caller read  [3] new record  [4] new priority
+-- Returns 'moved', 'conflict' (the record changed meanwhile: read again), the state that
+-- prevents it ('running', 'succeeded', 'failed', 'cancelled'), or 'unknown'.
+local key, id = KEYS[GLOBALS + 1], ARGV[1]
+local now = now_ms()
+local f = redis.call('HMGET', key, 'state', 'record')
+if not f[1] then return 'unknown' end
+if f[1] ~= 'pending' and f[1] ~= 'scheduled' then return f[1] end
+if f[2] ~= ARGV[2] then return 'conflict' end
+redis.call('HSET', key, 'record', ARGV[3], 'priority', ARGV[4], 'updated_ms', now)
+redis.call('HINCRBY', key, 'attempt', 1)
+redis.call('HINCRBY', key, 'released', 1)
+if f[1] == 'pending' then
+  redis.call('ZREM', HELD, id)
+  redis.call('ZADD', DUE, now, id)
+end
+return 'moved'

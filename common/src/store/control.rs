@@ -1,0 +1,204 @@
+//! Task control: cancel, pause and resume a queue or priority, and move a task that has not
+//! started to another priority. Each decision is one Lua script, like every other transition.
+
+use super::StoreError;
+use super::scripts;
+use super::tasks::Store;
+use crate::priority::Priority;
+use crate::task::{State, TaskRecord};
+
+/// What [`Store::cancel`] did with one task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// It had not started; it is `cancelled` now.
+    Cancelled,
+    /// It is running: its worker stops the handler and the task ends `cancelled`.
+    Cancelling,
+    /// It had already ended in this state; nothing changed.
+    Ended(State),
+    Unknown,
+}
+
+/// What to pause: every task of a queue, or of a priority level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Queue(String),
+    Priority(Priority),
+}
+
+impl Selector {
+    /// The member of the paused set: `queue:<name>` or `priority:<level>`.
+    pub fn member(&self) -> String {
+        match self {
+            Selector::Queue(name) => format!("queue:{name}"),
+            Selector::Priority(p) => format!("priority:{}", p.as_str()),
+        }
+    }
+
+    /// Parses a member of the paused set.
+    pub fn from_member(member: &str) -> Option<Self> {
+        if let Some(name) = member.strip_prefix("queue:") {
+            return Some(Selector::Queue(name.to_string()));
+        }
+        let level = member.strip_prefix("priority:")?;
+        level.parse().ok().map(Selector::Priority)
+    }
+}
+
+/// What [`Store::set_priority`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reprioritize {
+    /// Moved; a pending task is published again on the new priority's topic.
+    Moved,
+    /// It already had that priority.
+    Unchanged,
+    /// It has started or ended (this state), so its priority no longer matters.
+    Started(State),
+    Unknown,
+}
+
+/// How often a priority change retries when the record changed under it.
+const REPRIORITIZE_TRIES: usize = 5;
+
+impl Store {
+    /// Cancels tasks, in one call; see `lua/cancel.lua`.
+    pub async fn cancel(&self, ids: &[String]) -> Result<Vec<Cancel>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::CANCEL);
+        inv.arg(ids.len()).arg(self.retention_ms());
+        for id in ids {
+            inv.key(self.keys().task(id)).arg(id);
+        }
+        let answers: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        answers
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "cancelled" => Ok(Cancel::Cancelled),
+                "cancelling" => Ok(Cancel::Cancelling),
+                "unknown" => Ok(Cancel::Unknown),
+                other => other
+                    .strip_prefix("ended:")
+                    .and_then(|s| s.parse::<State>().ok())
+                    .map(Cancel::Ended)
+                    .ok_or(StoreError::Protocol("unexpected answer from cancel.lua")),
+            })
+            .collect()
+    }
+
+    /// Pauses a queue or priority: workers hold its tasks instead of starting them (running
+    /// ones finish). Returns false if it was already paused.
+    pub async fn pause(&self, selector: &Selector) -> Result<bool, StoreError> {
+        let added: u32 = redis::cmd("SADD")
+            .arg(self.keys().paused())
+            .arg(selector.member())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(added == 1)
+    }
+
+    /// Resumes a queue or priority and publishes the tasks held meanwhile (those not still
+    /// paused by another selector). Returns how many were sent on.
+    pub async fn resume(&self, selector: &Selector) -> Result<usize, StoreError> {
+        // Unpause first, then list: a claim that holds a task concurrently either saw the
+        // selector gone (and started the task) or held it before this listing.
+        let () = redis::cmd("SREM")
+            .arg(self.keys().paused())
+            .arg(selector.member())
+            .query_async(&mut self.conn())
+            .await?;
+        let held: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys().held())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut sent = 0;
+        for chunk in held.chunks(500) {
+            let mut inv = self.invocation(&scripts::UNHOLD);
+            inv.arg(chunk.len());
+            for id in chunk {
+                inv.key(self.keys().task(id)).arg(id);
+            }
+            let n: usize = inv.invoke_async(&mut self.conn()).await?;
+            sent += n;
+        }
+        Ok(sent)
+    }
+
+    /// Every paused selector.
+    pub async fn paused(&self) -> Result<Vec<Selector>, StoreError> {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys().paused())
+            .query_async(&mut self.conn())
+            .await?;
+        let mut selectors: Vec<Selector> = members
+            .iter()
+            .filter_map(|m| Selector::from_member(m))
+            .collect();
+        selectors.sort_by_key(Selector::member);
+        Ok(selectors)
+    }
+
+    /// How many tasks are held by a pause.
+    pub async fn held_count(&self) -> Result<u64, StoreError> {
+        Ok(redis::cmd("ZCARD")
+            .arg(self.keys().held())
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Moves a task that has not started (pending or scheduled) to `priority`; see
+    /// `lua/reprioritize.lua`. The stored record is rewritten here, its payload untouched.
+    pub async fn set_priority(
+        &self,
+        id: &str,
+        priority: Priority,
+    ) -> Result<Reprioritize, StoreError> {
+        for _ in 0..REPRIORITIZE_TRIES {
+            let fields: (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(self.keys().task(id))
+                .arg("state")
+                .arg("record")
+                .query_async(&mut self.conn())
+                .await?;
+            let (Some(state), Some(old)) = fields else {
+                return Ok(Reprioritize::Unknown);
+            };
+            let state: State = state
+                .parse()
+                .map_err(|_| StoreError::Protocol("unknown task state"))?;
+            if !matches!(state, State::Pending | State::Scheduled) {
+                return Ok(Reprioritize::Started(state));
+            }
+            let mut record: TaskRecord = serde_json::from_str(&old)
+                .map_err(|_| StoreError::Protocol("stored task record is not valid"))?;
+            if record.priority == priority {
+                return Ok(Reprioritize::Unchanged);
+            }
+            record.priority = priority;
+            let mut inv = self.invocation(&scripts::REPRIORITIZE);
+            inv.key(self.keys().task(id))
+                .arg(id)
+                .arg(&old)
+                .arg(record.to_json())
+                .arg(priority.as_str());
+            let answer: String = inv.invoke_async(&mut self.conn()).await?;
+            match answer.as_str() {
+                "moved" => return Ok(Reprioritize::Moved),
+                "conflict" => continue,
+                "unknown" => return Ok(Reprioritize::Unknown),
+                other => {
+                    let state: State = other.parse().map_err(|_| {
+                        StoreError::Protocol("unexpected answer from reprioritize.lua")
+                    })?;
+                    return Ok(Reprioritize::Started(state));
+                }
+            }
+        }
+        Err(StoreError::Protocol(
+            "task record kept changing while its priority was being changed",
+        ))
+    }
+}

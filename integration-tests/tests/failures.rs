@@ -1,0 +1,111 @@
+//! Handler failures on the real stack: retries with backoff until success, permanent errors,
+//! retries running out, panics, and the worker's own timeout. Each failed task ends `failed`
+//! once with a dead letter carrying its attempt history.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleet_common::Topics;
+use fleet_integration_tests::TestEnv;
+use fleet_integration_tests::fleet::executions;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn history(task: &HashMap<String, String>) -> Vec<Value> {
+    serde_json::from_str(&task["history"]).expect("attempt history")
+}
+
+fn outcomes(task: &HashMap<String, String>) -> Vec<String> {
+    history(task)
+        .iter()
+        .map(|h| h["outcome"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_retry_with_backoff_and_end_failed_once_with_their_history() {
+    let env = TestEnv::start("failures");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let mut worker = env.spawn("fleet-worker", "w1", &[]);
+    let submissions = [
+        json!({"id": "flaky", "kind": "flaky", "payload": {"failures": 2}, "max_attempts": 5}),
+        json!({"id": "permanent", "kind": "fail", "payload": {"message": "bad card"}, "max_attempts": 5}),
+        json!({"id": "exhausted", "kind": "fail",
+            "payload": {"message": "busy", "retryable": true}, "max_attempts": 3}),
+        json!({"id": "panics", "kind": "panic", "payload": {"message": "index out of range"},
+            "max_attempts": 2}),
+        json!({"id": "slow", "kind": "sleep", "payload": {"ms": 10_000}, "timeout_ms": 300,
+            "max_attempts": 1}),
+    ];
+    let ids: Vec<String> = submissions
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    env.submit(&submissions.iter().map(Value::to_string).collect::<Vec<_>>())
+        .await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+    let state = |id: &str| (tasks[id]["state"].as_str(), tasks[id]["attempt"].as_str());
+
+    // Retryable failures are retried after a backoff of at most retry_cap_ms (1 s in tests).
+    assert_eq!(state("flaky"), ("succeeded", "3"));
+    assert_eq!(outcomes(&tasks["flaky"]), ["retry", "retry", "succeeded"]);
+    let h = history(&tasks["flaky"]);
+    for pair in h.windows(2) {
+        let gap = pair[1]["started_ms"].as_u64().unwrap() - pair[0]["ended_ms"].as_u64().unwrap();
+        assert!(gap <= 1_000 + 1_000, "retry waited {gap} ms");
+    }
+    // A permanent error is not retried.
+    assert_eq!(state("permanent"), ("failed", "1"));
+    assert_eq!(tasks["permanent"]["error"], "bad card");
+    // Retries run out at max_attempts.
+    assert_eq!(state("exhausted"), ("failed", "3"));
+    assert_eq!(outcomes(&tasks["exhausted"]), ["retry", "retry", "failed"]);
+    // A panic is caught and counted as a failed attempt; the worker lives on.
+    assert_eq!(state("panics"), ("failed", "2"));
+    assert!(
+        tasks["panics"]["error"].contains("handler panicked: index out of range"),
+        "{:?}",
+        tasks["panics"]
+    );
+    // The worker's own timeout ends the attempt well before the hard deadline.
+    assert_eq!(state("slow"), ("failed", "1"));
+    assert!(
+        tasks["slow"]["error"].contains("timeout after 300 ms"),
+        "{:?}",
+        tasks["slow"]
+    );
+    let took: u64 = tasks["slow"]["finished_ms"].parse::<u64>().unwrap()
+        - tasks["slow"]["first_started_ms"].parse::<u64>().unwrap();
+    assert!(took < 1_300, "timeout took {took} ms");
+
+    // Every execution is an attempt; each failed task has one dead letter with its history.
+    let runs = executions(&env, &["w1"]);
+    for id in &ids {
+        let attempts: usize = tasks[id]["attempt"].parse().unwrap();
+        assert_eq!(runs.get(id).map_or(0, Vec::len), attempts, "{id}");
+    }
+    let dead = Topics::from_settings(&env.settings().topics).dead();
+    let letters = env.read_topic(&dead, 4, WAIT).await;
+    let mut by_id: HashMap<String, Value> = HashMap::new();
+    for letter in letters {
+        let letter = letter.json();
+        assert!(
+            by_id
+                .insert(letter["id"].as_str().unwrap().to_string(), letter)
+                .is_none(),
+            "one dead letter per task"
+        );
+    }
+    let mut failed: Vec<&String> = by_id.keys().collect();
+    failed.sort();
+    assert_eq!(failed, ["exhausted", "panics", "permanent", "slow"]);
+    assert_eq!(by_id["exhausted"]["history"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        by_id["exhausted"]["envelope"]["task"]["payload"]["message"],
+        "busy"
+    );
+    assert!(worker.is_running());
+}

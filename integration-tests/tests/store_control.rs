@@ -1,0 +1,338 @@
+//! The task-control scripts against a real redis-server: cancel (and its races with completion,
+//! lease expiry and hand-back), pause and resume, priority changes, hard deadlines and the
+//! attempt history.
+
+use fleet_common::Priority;
+use fleet_common::store::{
+    Cancel, Claim, Completion, Outcome, Reprioritize, Requeue, Selector, Store,
+};
+use fleet_common::task::State;
+use fleet_integration_tests::TestEnv;
+
+async fn field(store: &Store, id: &str, name: &str) -> String {
+    store.task(id).await.unwrap().unwrap()[name].clone()
+}
+
+fn ids(names: &[&str]) -> Vec<String> {
+    names.iter().map(ToString::to_string).collect()
+}
+
+fn history(json: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str(json).unwrap()
+}
+
+#[tokio::test]
+async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report() {
+    let env = TestEnv::start("cancel-store");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"p","kind":"noop"}"#),
+            env.new_task(r#"{"id":"s","kind":"noop","delay_ms":60000}"#),
+            env.new_task(r#"{"id":"r","kind":"noop"}"#),
+            env.new_task(r#"{"id":"done","kind":"noop"}"#),
+        ])
+        .await
+        .unwrap();
+    store
+        .claim("w", 3_000, &[("r", 1), ("done", 1)])
+        .await
+        .unwrap();
+    let ok = Outcome::Ok("1".into());
+    store.complete("w", &[(("done", 1), &ok)]).await.unwrap();
+
+    let got = store
+        .cancel(&ids(&["p", "s", "r", "done", "nope"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            Cancel::Cancelled,
+            Cancel::Cancelled,
+            Cancel::Cancelling,
+            Cancel::Ended(State::Succeeded),
+            Cancel::Unknown
+        ]
+    );
+    // Nothing waits to be published for the cancelled ones, and a late delivery is refused.
+    let due: Vec<String> = redis::cmd("ZRANGE")
+        .arg(store.keys().due())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut env.redis_conn().await)
+        .await
+        .unwrap();
+    assert!(!due.contains(&"p".into()) && !due.contains(&"s".into()));
+    assert_eq!(
+        store.claim("w", 3_000, &[("p", 1)]).await.unwrap(),
+        [Claim::Done]
+    );
+
+    // The running task's worker hears of it at its next heartbeat, and its success report
+    // after the cancel still ends it cancelled — exactly once.
+    let beat = store
+        .extend("w", 3_000, "{}", &[("r", 1, None)])
+        .await
+        .unwrap();
+    assert_eq!((beat.lost, beat.cancel), (vec![], vec![0]));
+    assert_eq!(
+        store.complete("w", &[(("r", 1), &ok)]).await.unwrap(),
+        [Completion::Cancelled]
+    );
+    assert_eq!(
+        store.complete("w", &[(("r", 1), &ok)]).await.unwrap(),
+        [Completion::Already]
+    );
+    assert_eq!(field(&store, "r", "state").await, "cancelled");
+    assert_eq!(
+        store.cancel(&ids(&["r"])).await.unwrap(),
+        [Cancel::Ended(State::Cancelled)]
+    );
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        counts,
+        [
+            (State::Pending, 0),
+            (State::Scheduled, 0),
+            (State::Running, 0),
+            (State::Succeeded, 1),
+            (State::Failed, 0),
+            (State::Cancelled, 3)
+        ]
+    );
+    let h = history(&field(&store, "r", "history").await);
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["outcome"], "cancelled");
+}
+
+#[tokio::test]
+async fn a_cancel_after_the_completion_loses_and_a_cancel_before_a_hand_back_or_expiry_wins() {
+    let env = TestEnv::start("cancel-race");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"a","kind":"noop"}"#),
+            env.new_task(r#"{"id":"b","kind":"noop"}"#),
+            env.new_task(r#"{"id":"c","kind":"noop"}"#),
+        ])
+        .await
+        .unwrap();
+    store
+        .claim("w", 3_000, &[("a", 1), ("b", 1), ("c", 1)])
+        .await
+        .unwrap();
+    // a: completion first, then cancel: it stays succeeded.
+    let ok = Outcome::Ok("1".into());
+    store.complete("w", &[(("a", 1), &ok)]).await.unwrap();
+    assert_eq!(
+        store.cancel(&ids(&["a"])).await.unwrap(),
+        [Cancel::Ended(State::Succeeded)]
+    );
+    // b: cancel, then the worker drains and hands it back: cancelled, not requeued.
+    // c: cancel, then the worker dies and the lease expires: cancelled, not requeued.
+    assert_eq!(
+        store.cancel(&ids(&["b", "c"])).await.unwrap(),
+        [Cancel::Cancelling, Cancel::Cancelling]
+    );
+    assert_eq!(store.release("w", &[("b", 1)]).await.unwrap(), 0);
+    env.expire_lease(&store, "c").await;
+    assert_eq!(
+        store.requeue(&ids(&["c"])).await.unwrap(),
+        [Requeue::Cancelled("c".into())]
+    );
+    for id in ["b", "c"] {
+        assert_eq!(field(&store, id, "state").await, "cancelled", "{id}");
+    }
+    assert!(
+        store.take_due(10).await.unwrap().is_empty(),
+        "nothing requeued"
+    );
+}
+
+#[tokio::test]
+async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
+    let env = TestEnv::start("pause-store");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"q1","kind":"noop","queue":"reports"}"#),
+            env.new_task(r#"{"id":"q2","kind":"noop","queue":"reports","priority":"high"}"#),
+            env.new_task(r#"{"id":"o","kind":"noop"}"#),
+            env.new_task(r#"{"id":"lo","kind":"noop","priority":"low"}"#),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .pause(&Selector::Queue("reports".into()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .pause(&Selector::Queue("reports".into()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .pause(&Selector::Priority(Priority::High))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .claim("w", 3_000, &[("q1", 1), ("q2", 1), ("o", 1)])
+            .await
+            .unwrap(),
+        [Claim::Held, Claim::Held, Claim::Claimed]
+    );
+    assert_eq!(store.held_count().await.unwrap(), 2);
+    assert_eq!(field(&store, "q1", "state").await, "pending");
+
+    // q2 stays held while its priority is paused, although its queue resumed.
+    assert_eq!(
+        store
+            .resume(&Selector::Queue("reports".into()))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.paused().await.unwrap(),
+        [Selector::Priority(Priority::High)]
+    );
+    let due: Vec<String> = store
+        .take_due(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert!(due.contains(&"q1".to_string()) && !due.contains(&"q2".to_string()));
+    assert_eq!(
+        store.claim("w", 3_000, &[("q1", 1)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+
+    // A waiting task moves to another priority: the message on the old topic is fenced and
+    // the task is published on the new one.
+    assert_eq!(
+        store.set_priority("q2", Priority::Critical).await.unwrap(),
+        Reprioritize::Moved
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&field(&store, "q2", "record").await).unwrap();
+    assert_eq!(record["priority"], "critical");
+    assert_eq!(
+        store.claim("w", 3_000, &[("q2", 1)]).await.unwrap(),
+        [Claim::Stale],
+        "the old message"
+    );
+    let due = store.take_due(10).await.unwrap();
+    let again = due.iter().find(|d| d.id == "q2").expect("republished");
+    assert_eq!(again.attempt, 2);
+    assert_eq!(
+        store.claim("w", 3_000, &[("q2", 2)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    assert_eq!(
+        store.set_priority("q2", Priority::Low).await.unwrap(),
+        Reprioritize::Started(State::Running)
+    );
+    assert_eq!(
+        store.set_priority("lo", Priority::Low).await.unwrap(),
+        Reprioritize::Unchanged
+    );
+    assert_eq!(
+        store.set_priority("nope", Priority::Low).await.unwrap(),
+        Reprioritize::Unknown
+    );
+    // The bump did not use up an attempt.
+    let fail = Outcome::Retry {
+        error: "x".into(),
+        delay_ms: 0,
+    };
+    let one = env.new_task(r#"{"id":"one","kind":"noop","max_attempts":1}"#);
+    store.accept(&[one]).await.unwrap();
+    store.set_priority("one", Priority::High).await.unwrap();
+    store
+        .resume(&Selector::Priority(Priority::High))
+        .await
+        .unwrap();
+    store.claim("w", 3_000, &[("one", 2)]).await.unwrap();
+    assert_eq!(
+        store.complete("w", &[(("one", 2), &fail)]).await.unwrap(),
+        [Completion::Failed],
+        "one attempt allowed and used"
+    );
+}
+
+#[tokio::test]
+async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_timeout() {
+    let env = TestEnv::start("deadline-store");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"t","kind":"block","timeout_ms":200,"max_attempts":2}"#),
+            env.new_task(r#"{"id":"free","kind":"noop"}"#),
+        ])
+        .await
+        .unwrap();
+    store
+        .claim("w", 60_000, &[("t", 1), ("free", 1)])
+        .await
+        .unwrap();
+    let conn = env.redis_conn().await;
+    let score = |id: &'static str| {
+        let key = store.keys().leases();
+        let mut conn = conn.clone();
+        async move {
+            let s: f64 = redis::cmd("ZSCORE")
+                .arg(key)
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            s as u64
+        }
+    };
+    let deadline: u64 = field(&store, "t", "deadline_ms").await.parse().unwrap();
+    let started: u64 = field(&store, "t", "started_ms").await.parse().unwrap();
+    // timeout 200 ms + grace 1000 ms (test settings)
+    assert_eq!(deadline - started, 1_200);
+    assert_eq!(score("t").await, deadline, "lease capped at the deadline");
+    assert!(
+        score("free").await >= started + 59_000,
+        "no timeout, no cap"
+    );
+
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    // Heartbeats keep coming, but cannot push the lease past the deadline.
+    store
+        .extend("w", 60_000, "{}", &[("t", 1, None), ("free", 1, None)])
+        .await
+        .unwrap();
+    assert_eq!(score("t").await, deadline);
+    let expired = store.expired_leases(10).await.unwrap();
+    assert_eq!(expired, ["t"]);
+    let requeued = store.requeue(&expired).await.unwrap();
+    assert!(matches!(&requeued[0], Requeue::Requeued(d) if d.attempt == 2));
+    assert!(
+        field(&store, "t", "last_error")
+            .await
+            .contains("hard deadline")
+    );
+    let h = history(&field(&store, "t", "history").await);
+    assert_eq!(
+        (h[0]["attempt"].as_u64(), h[0]["outcome"].as_str()),
+        (Some(1), Some("deadline"))
+    );
+    // The hung attempt's late result is fenced.
+    let ok = Outcome::Ok("1".into());
+    assert_eq!(
+        store.complete("w", &[(("t", 1), &ok)]).await.unwrap(),
+        [Completion::Fenced]
+    );
+}

@@ -1,0 +1,187 @@
+//! Running a claimed attempt's handler (timeout, panics, error size) and recording outcomes in
+//! batches.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_common::retry::retry_until;
+use fleet_common::store::{Completion, Outcome, Store};
+use fleet_common::task::Envelope;
+use futures::FutureExt;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Finished, Running, Shared};
+use crate::handler::{HandlerError, Registry, TaskContext};
+
+/// Starts the handler of a claimed attempt on its own task.
+pub(super) fn start(
+    shared: &Arc<Shared>,
+    registry: &Registry,
+    envelope: &Envelope,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    done: mpsc::UnboundedSender<Finished>,
+) {
+    let task = &envelope.task;
+    let id: Arc<str> = task.id.as_str().into();
+    let attempt = envelope.attempt;
+    let cancel = CancellationToken::new();
+    let payload: Arc<RawValue> = Arc::from(task.payload.clone());
+    let ctx = TaskContext::new(
+        id.clone(),
+        attempt,
+        task.kind.as_str().into(),
+        shared.worker_id.clone(),
+        payload,
+        cancel.clone(),
+    );
+    let handler = registry.get(&task.kind);
+    let timeout = match task.timeout_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
+    let tasks = shared.settings.tasks.clone();
+    info!(task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, "Handler started.");
+    let progress = ctx.progress_slot();
+    shared.running().insert(
+        id.clone(),
+        Running {
+            attempt,
+            cancel: cancel.clone(),
+            abort: None,
+            lost: false,
+            cancelled_at: None,
+            progress,
+            _slot: slot,
+        },
+    );
+
+    let task_id = id.clone();
+    let started = Instant::now();
+    let join = tokio::spawn(async move {
+        let run = async {
+            let Some(handler) = handler else {
+                return Err(HandlerError::permanent(format!(
+                    "no handler is registered for kind `{}`",
+                    ctx.kind
+                )));
+            };
+            match timeout {
+                None => handler.call(ctx).await,
+                Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        cancel.cancel();
+                        Err(HandlerError::retryable(format!(
+                            "timeout after {} ms",
+                            limit.as_millis()
+                        )))
+                    }
+                },
+            }
+        };
+        let outcome = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(value)) => Outcome::Ok(value.to_string()),
+            Ok(Err(err)) if err.retryable => Outcome::Retry {
+                error: clip(err.message),
+                delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+            },
+            Ok(Err(err)) => Outcome::Fail(clip(err.message)),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(ToString::to_string)
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::Retry {
+                    error: clip(format!("handler panicked: {message}")),
+                    delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+                }
+            }
+        };
+        let _ = done.send(Finished {
+            id: task_id,
+            attempt,
+            outcome,
+            started,
+        });
+    });
+    if let Some(entry) = shared.running().get_mut(&id)
+        && entry.attempt == attempt
+    {
+        entry.abort = Some(join.abort_handle());
+    }
+}
+
+/// Most bytes of a handler's error message that are recorded.
+const ERROR_KEEP: usize = 8 * 1024;
+
+/// `message` cut to [`ERROR_KEEP`] bytes on a character boundary.
+fn clip(mut message: String) -> String {
+    if message.len() > ERROR_KEEP {
+        let mut end = ERROR_KEEP;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(" …(truncated)");
+    }
+    message
+}
+
+/// Records outcomes in batches; frees each slot once its outcome is recorded, so the lease is
+/// kept until then.
+pub(super) async fn complete_loop(
+    shared: Arc<Shared>,
+    store: Store,
+    mut done: mpsc::UnboundedReceiver<Finished>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    while done.recv_many(&mut batch, 256).await > 0 {
+        let outcomes: Vec<((&str, u32), &Outcome)> = batch
+            .iter()
+            .map(|f| ((&*f.id, f.attempt), &f.outcome))
+            .collect();
+        let never = CancellationToken::new();
+        let answers = retry_until(&never, "recording task outcomes", || {
+            store.complete(&shared.worker_id, &outcomes)
+        })
+        .await
+        .unwrap_or_default();
+        for (finished, answer) in batch.iter().zip(answers) {
+            let elapsed_ms = finished.started.elapsed().as_millis() as u64;
+            let (id, attempt) = (&finished.id, finished.attempt);
+            match (&finished.outcome, answer) {
+                (_, Completion::Cancelled) => {
+                    info!(task_id = %id, attempt, worker_id = %shared.worker_id, elapsed_ms, "Task cancelled.");
+                }
+                (_, Completion::Already) => {
+                    debug!(task_id = %id, attempt, worker_id = %shared.worker_id, "Outcome already recorded.");
+                }
+                (_, Completion::Fenced) => {
+                    warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Completion fenced: this attempt no longer owns the task.");
+                }
+                (Outcome::Ok(_), _) => {
+                    info!(task_id = %id, attempt, worker_id = %shared.worker_id, elapsed_ms, "Task succeeded.");
+                }
+                (Outcome::Retry { error, delay_ms }, Completion::Scheduled) => {
+                    info!(task_id = %id, attempt, worker_id = %shared.worker_id, error = %error, retry_in_ms = delay_ms, "Attempt failed; retry scheduled.");
+                }
+                (Outcome::Retry { error, .. } | Outcome::Fail(error), _) => {
+                    warn!(task_id = %id, attempt, worker_id = %shared.worker_id, error = %error, "Task failed.");
+                }
+                (Outcome::Cancelled, _) => {
+                    warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Aborted handler's cancellation not recorded.");
+                }
+            }
+            let mut running = shared.running();
+            if running.get(id).is_some_and(|r| r.attempt == attempt) {
+                running.remove(id);
+            }
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,124 @@
+//! The poll loop: reads task topics into the per-priority buffers and pauses a priority whose
+//! buffer is full (backpressure without ever blocking the consumer).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_common::Priority;
+use fleet_common::task::Envelope;
+use rdkafka::Message;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Delivery, Shared};
+
+/// Buffered deliveries per priority above which that priority's partitions are paused.
+fn high_water(shared: &Shared) -> usize {
+    (shared.settings.worker.concurrency * 2).max(64)
+}
+
+/// Reads task topics into the buffers until `token` is cancelled. Never blocks on work:
+/// a full priority is paused, and resumed once it drained to half.
+pub(super) async fn poll_loop(
+    shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer>,
+    token: CancellationToken,
+) {
+    let high = high_water(&shared);
+    let mut paused = [false; 4];
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                if ticks % 10 == 1 {
+                    record_assignment(&shared, &consumer);
+                }
+                for priority in Priority::ALL {
+                    let i = priority.index();
+                    if paused[i] && shared.buffers().len(priority) <= high / 2 {
+                        set_paused(&consumer, &shared.topic_names[i], false);
+                        paused[i] = false;
+                    }
+                }
+            }
+            message = consumer.recv() => {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(err) => {
+                        warn!(error = %err, "Kafka consumer error; continuing.");
+                        continue;
+                    }
+                };
+                let Some(i) = shared.topic_names.iter().position(|t| t == message.topic()) else { continue };
+                let priority = Priority::ALL[i];
+                let envelope = Envelope::decode(message.payload());
+                // The raw bytes are kept only for a record that is refused as unreadable.
+                let raw = envelope.is_err().then(|| message.payload().map(<[u8]>::to_vec)).flatten();
+                let delivery = Delivery {
+                    priority,
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    envelope,
+                    raw,
+                };
+                let buffered = shared.buffers().push(delivery);
+                shared.work_ready.notify_one();
+                if buffered >= high && !paused[i] {
+                    set_paused(&consumer, &shared.topic_names[i], true);
+                    paused[i] = true;
+                }
+            }
+        }
+    }
+}
+
+/// Notes which partitions of each priority topic this worker owns now.
+fn record_assignment(shared: &Shared, consumer: &StreamConsumer) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let mut owned: [Vec<i32>; 4] = Default::default();
+    for element in assignment.elements() {
+        if let Some(i) = shared.topic_names.iter().position(|t| t == element.topic()) {
+            owned[i].push(element.partition());
+        }
+    }
+    let mut current = shared.assignment();
+    if *current != owned {
+        info!(worker_id = %shared.worker_id, partitions = ?owned, "Assignment changed (critical, high, normal, low).");
+        *current = owned;
+    }
+}
+
+/// Pauses or resumes this consumer's partitions of `topic`.
+fn set_paused(consumer: &StreamConsumer, topic: &str, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let mut partitions = TopicPartitionList::new();
+    for element in assignment.elements().iter().filter(|e| e.topic() == topic) {
+        partitions.add_partition(topic, element.partition());
+    }
+    if partitions.count() == 0 {
+        return;
+    }
+    let result = if pause {
+        consumer.pause(&partitions)
+    } else {
+        consumer.resume(&partitions)
+    };
+    match result {
+        Ok(()) => debug!(
+            topic,
+            pause,
+            "Backpressure: partitions {}.",
+            if pause { "paused" } else { "resumed" }
+        ),
+        Err(err) => warn!(topic, error = %err, "Could not change the pause state of partitions."),
+    }
+}
