@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleet_common::Topics;
-use fleet_integration_tests::TestEnv;
 use fleet_integration_tests::fleet::executions;
+use fleet_integration_tests::{TestEnv, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -46,6 +46,14 @@ async fn failures_retry_with_backoff_and_end_failed_once_with_their_history() {
         .collect();
     env.submit(&submissions.iter().map(Value::to_string).collect::<Vec<_>>())
         .await;
+    // Two submissions under one idempotency key (with different ids) make one task: whichever
+    // the scheduler reads first.
+    let orders: Vec<String> = vec!["order-1".into(), "order-2".into()];
+    let bodies: Vec<String> = orders
+        .iter()
+        .map(|id| json!({"id": id, "kind": "noop", "idempotency_key": "order-7"}).to_string())
+        .collect();
+    env.submit(&bodies).await;
     let tasks = env.wait_terminal(&ids, WAIT).await;
     let state = |id: &str| (tasks[id]["state"].as_str(), tasks[id]["attempt"].as_str());
 
@@ -80,6 +88,16 @@ async fn failures_retry_with_backoff_and_end_failed_once_with_their_history() {
     let took: u64 = tasks["slow"]["finished_ms"].parse::<u64>().unwrap()
         - tasks["slow"]["first_started_ms"].parse::<u64>().unwrap();
     assert!(took < 1_300, "timeout took {took} ms");
+
+    eventually(WAIT, "the resubmission consumed", || async {
+        env.store().await.counters().await.unwrap().get("duplicate") == Some(&1)
+    })
+    .await;
+    let made = env.tasks(&orders).await;
+    assert_eq!(made.len(), 1, "one task for one idempotency key: {made:?}");
+    let order: Vec<String> = made.into_keys().collect();
+    let order = env.wait_terminal(&order, WAIT).await;
+    assert!(order.values().all(|t| t["state"] == "succeeded"));
 
     // Every execution is an attempt; each failed task has one dead letter with its history.
     let runs = executions(&env, &["w1"]);

@@ -51,6 +51,24 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
             .all(|d| d.id == "a" || d.id == k1.record.id),
         "a delayed task is not due yet"
     );
+
+    // After the idempotency window the key maps to nothing, and a resubmission is a new task.
+    let mut tasks = env.settings().tasks;
+    tasks.idempotency_window_ms = 1_000;
+    let short = Store::new(store.conn(), store.keys().clone(), &tasks);
+    let first = env.new_task(r#"{"kind":"noop","idempotency_key":"brief"}"#);
+    let again = env.new_task(r#"{"kind":"noop","idempotency_key":"brief"}"#);
+    short.accept(std::slice::from_ref(&first)).await.unwrap();
+    assert_eq!(
+        short.accept(std::slice::from_ref(&again)).await.unwrap()[0],
+        Accepted::Duplicate(first.record.id.clone())
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        short.accept(std::slice::from_ref(&again)).await.unwrap()[0],
+        Accepted::Pending(again.record.id.clone()),
+        "the window has passed"
+    );
 }
 
 #[tokio::test]

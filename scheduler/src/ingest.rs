@@ -197,6 +197,15 @@ async fn handle_batch(
             }
         }
     }
+    let duplicates = accepted
+        .iter()
+        .filter(|a| matches!(a, Accepted::Duplicate(_)))
+        .count();
+    if duplicates > 0
+        && let Err(err) = store.count("duplicate", duplicates as u64).await
+    {
+        warn!(error = %err, "Could not count duplicate submissions.");
+    }
     if let Err(err) = store.dispatched(&sent).await {
         warn!(error = %err, "Could not confirm dispatches; the relay may publish them again (deduplicated at claim).");
     }
