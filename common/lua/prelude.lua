@@ -1,10 +1,11 @@
 -- Prepended to every transition script (see store/scripts.rs). KEYS[1..13] are the globals of
--- Keys::globals(): leases, due, dead outbox, the six state indexes, queues, workers, paused, held.
+-- Keys::globals(): leases, due, dead outbox, the six state indexes, queues, workers, paused, held,
+-- totals.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 local IDX = { pending = KEYS[4], scheduled = KEYS[5], running = KEYS[6],
               succeeded = KEYS[7], failed = KEYS[8], cancelled = KEYS[9] }
-local QUEUES, WORKERS, PAUSED, HELD = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
-local GLOBALS = 13
+local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local GLOBALS = 14
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100
@@ -21,8 +22,12 @@ local function move(id, from, to, now)
   redis.call('ZADD', IDX[to], now, id)
 end
 
--- Ends a task in a terminal state: index, timestamps, expiry after the retention period.
+-- Ends a task in a terminal state: index, timestamps, totals per queue and priority, expiry
+-- after the retention period.
 local function finish(key, id, from, to, now, retention)
+  local f = redis.call('HMGET', key, 'queue', 'priority')
+  redis.call('HINCRBY', TOTALS, to .. ':queue:' .. (f[1] or '?'), 1)
+  redis.call('HINCRBY', TOTALS, to .. ':priority:' .. (f[2] or '?'), 1)
   redis.call('HSET', key, 'state', to, 'finished_ms', now, 'updated_ms', now)
   redis.call('HDEL', key, 'deadline_ms')
   move(id, from, to, now)

@@ -71,10 +71,22 @@ where
         );
     }
     // Only FLEET__* variables are ours; FLEET_ENV and friends are left alone.
-    let ours: config::Map<String, String> = env
+    let mut ours: config::Map<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("FLEET__"))
         .collect();
+    // List settings take comma-separated values, e.g. FLEET__HTTP__TOKEN_FILES=/run/a,/run/b.
+    for (var, key) in LIST_VARS {
+        if let Some(value) = ours.remove(var) {
+            let items: Vec<String> = value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            builder = builder.set_override(key, items)?;
+        }
+    }
     builder = builder.add_source(
         config::Environment::with_prefix("FLEET")
             .prefix_separator("__")
@@ -93,6 +105,12 @@ where
     settings.validate()?;
     Ok(settings)
 }
+
+/// Environment variables holding comma-separated lists, and their keys.
+const LIST_VARS: [(&str, &str); 2] = [
+    ("FLEET__HTTP__TOKENS", "http.tokens"),
+    ("FLEET__HTTP__TOKEN_FILES", "http.token_files"),
+];
 
 /// `config` appends " for key `x`" to some messages; the key is already reported by the path.
 fn strip_key_suffix(message: &str) -> String {
@@ -647,7 +665,7 @@ pub fn validate_common(
 }
 
 /// Declares a service's settings struct: the shared sections (`kafka`, `redis`, `topics`,
-/// `lease`, `tasks`, `log`) plus the service's own section, with unknown keys rejected at every level.
+/// `lease`, `tasks`, `log`, `http`) plus the service's own section, with unknown keys rejected at every level.
 /// (`serde(flatten)` would lose `deny_unknown_fields` and precise error paths, hence a macro.)
 #[macro_export]
 macro_rules! service_settings {
@@ -662,6 +680,7 @@ macro_rules! service_settings {
             pub lease: $crate::settings::LeaseSettings,
             pub tasks: $crate::settings::TaskSettings,
             pub log: $crate::settings::LogSettings,
+            pub http: $crate::ops::HttpSettings,
             $(pub $section: $ty,)*
         }
 
@@ -676,6 +695,7 @@ macro_rules! service_settings {
                 $crate::settings::validate_common(
                     &self.kafka, &self.redis, &self.topics, &self.lease, &self.tasks,
                 )?;
+                $crate::settings::Validate::validate(&self.http)?;
                 $($crate::settings::Validate::validate(&self.$section)?;)*
                 Ok(())
             }

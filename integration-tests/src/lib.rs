@@ -8,6 +8,7 @@
 
 mod eventually;
 pub mod fleet;
+pub mod http;
 mod process;
 
 use std::path::{Path, PathBuf};
@@ -232,6 +233,8 @@ impl TestEnv {
                 s.tasks.timeout_grace_ms.to_string(),
             ),
             ("FLEET__LOG__FORMAT", "json".to_string()),
+            // Every process gets its own free port; tests that call one pass a fixed port.
+            ("FLEET__HTTP__LISTEN", "127.0.0.1:0".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use fleet_common::store::{Accepted, NewTask, Store};
+use fleet_common::store::{NewTask, Store};
 use fleet_common::task::TaskSpec;
 use fleet_common::{Topics, kafka};
 use futures::StreamExt;
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -31,9 +31,11 @@ pub async fn run(
 ) -> fleet_common::shutdown::TaskResult {
     let topics = Topics::from_settings(&settings.topics);
     let client_id = format!("fleet-scheduler-{}", std::process::id());
-    let consumer: StreamConsumer =
-        kafka::consumer_config(&settings.kafka, &settings.scheduler.group_id, &client_id)
-            .create()?;
+    let consumer = kafka::metered_consumer(kafka::consumer_config(
+        &settings.kafka,
+        &settings.scheduler.group_id,
+        &client_id,
+    ))?;
     consumer.subscribe(&[&topics.submit()])?;
     info!(topic = %topics.submit(), group = %settings.scheduler.group_id, "Ingest started.");
 
@@ -158,56 +160,15 @@ async fn handle_batch(
         }
     }
 
+    for (_, err) in &rejected {
+        metrics::counter!("fleet_tasks_rejected_total", "reason" => err.code()).increment(1);
+    }
     if !rejected.is_empty()
         && let Err(err) = store.count("rejected", rejected.len() as u64).await
     {
         warn!(error = %err, "Could not count rejected submissions.");
     }
 
-    // Publish the new pending tasks. A failure here loses nothing: the tasks are pending in
-    // Redis with an outbox entry, and the relay publishes them after `redeliver_ms`.
-    let sends = tasks
-        .iter()
-        .zip(&accepted)
-        .filter_map(|(task, outcome)| match outcome {
-            Accepted::Pending(_) => Some(async move {
-                let r = &task.record;
-                publisher
-                    .task(&r.id, r.priority, r.key.as_deref(), &task.record_json, 1)
-                    .await
-                    .map(|()| r.id.as_str())
-            }),
-            _ => None,
-        });
-    let results = futures::future::join_all(sends).await;
-    let mut sent = Vec::with_capacity(results.len());
-    for result in results {
-        match result {
-            Ok(id) => sent.push((id, 1)),
-            Err(err) => warn!(error = %err, "Publishing a task failed; the relay will retry it."),
-        }
-    }
-    for (task, outcome) in tasks.iter().zip(&accepted) {
-        match outcome {
-            Accepted::Duplicate(existing) => {
-                debug!(task_id = %existing, "Duplicate submission; existing task kept.");
-            }
-            _ => {
-                debug!(task_id = %task.record.id, kind = %task.record.kind, priority = %task.record.priority, "Task accepted.")
-            }
-        }
-    }
-    let duplicates = accepted
-        .iter()
-        .filter(|a| matches!(a, Accepted::Duplicate(_)))
-        .count();
-    if duplicates > 0
-        && let Err(err) = store.count("duplicate", duplicates as u64).await
-    {
-        warn!(error = %err, "Could not count duplicate submissions.");
-    }
-    if let Err(err) = store.dispatched(&sent).await {
-        warn!(error = %err, "Could not confirm dispatches; the relay may publish them again (deduplicated at claim).");
-    }
+    crate::publish::publish_accepted(store, publisher, &tasks, &accepted).await;
     true
 }

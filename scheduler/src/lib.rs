@@ -2,6 +2,7 @@
 //! (delay/retry timer and outbox), and the reaper. Two binaries use it: `fleet-scheduler`
 //! (ingest + relay) and `fleet-reaper` (reaper + relay).
 
+pub mod api;
 pub mod ingest;
 pub mod publish;
 pub mod reaper;

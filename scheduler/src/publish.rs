@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fleet_common::store::{Dispatch, Store};
+use fleet_common::store::{Accepted, Dispatch, NewTask, Store};
 use fleet_common::task::Envelope;
 use fleet_common::topics::Topics;
 use fleet_common::{Priority, rejected};
@@ -12,6 +12,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
+use tracing::{debug, warn};
 
 use crate::settings::Partitioner;
 
@@ -236,6 +237,62 @@ impl Publisher {
             .await
             .map(|_| ())
             .map_err(|(err, _)| err)
+    }
+}
+
+/// Publishes the tasks [`Store::accept`] just recorded as pending, confirms the dispatches
+/// Kafka acknowledged, and counts what happened. A failure here loses nothing: the tasks are
+/// pending in Redis with an outbox entry, and the relay publishes them after `redeliver_ms`.
+pub async fn publish_accepted(
+    store: &Store,
+    publisher: &Publisher,
+    tasks: &[NewTask],
+    accepted: &[Accepted],
+) {
+    let sends = tasks
+        .iter()
+        .zip(accepted)
+        .filter_map(|(task, outcome)| match outcome {
+            Accepted::Pending(_) => Some(async move {
+                let r = &task.record;
+                publisher
+                    .task(&r.id, r.priority, r.key.as_deref(), &task.record_json, 1)
+                    .await
+                    .map(|()| r.id.as_str())
+            }),
+            _ => None,
+        });
+    let results = futures::future::join_all(sends).await;
+    let mut sent = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(id) => sent.push((id, 1)),
+            Err(err) => warn!(error = %err, "Publishing a task failed; the relay will retry it."),
+        }
+    }
+    let mut duplicates = 0;
+    for (task, outcome) in tasks.iter().zip(accepted) {
+        let r = &task.record;
+        match outcome {
+            Accepted::Duplicate(existing) => {
+                duplicates += 1;
+                debug!(task_id = %existing, "Duplicate submission; existing task kept.");
+            }
+            _ => {
+                metrics::counter!("fleet_tasks_accepted_total", "kind" => r.kind.clone(), "priority" => r.priority.as_str())
+                    .increment(1);
+                debug!(task_id = %r.id, kind = %r.kind, priority = %r.priority, "Task accepted.");
+            }
+        }
+    }
+    if duplicates > 0 {
+        metrics::counter!("fleet_tasks_duplicate_total").increment(duplicates);
+        if let Err(err) = store.count("duplicate", duplicates).await {
+            warn!(error = %err, "Could not count duplicate submissions.");
+        }
+    }
+    if let Err(err) = store.dispatched(&sent).await {
+        warn!(error = %err, "Could not confirm dispatches; the relay may publish them again (deduplicated at claim).");
     }
 }
 

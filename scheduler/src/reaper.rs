@@ -32,6 +32,7 @@ pub async fn scan(
         match outcome {
             Requeue::Requeued(dispatch) => {
                 info!(task_id = %dispatch.id, attempt = dispatch.attempt, "Lease expired; task requeued.");
+                metrics::counter!("fleet_tasks_requeued_total").increment(1);
                 match publisher.dispatch(dispatch, &live).await {
                     Ok(()) => sent.push((dispatch.id.as_str(), dispatch.attempt)),
                     Err(err) => {
@@ -40,9 +41,11 @@ pub async fn scan(
                 }
             }
             Requeue::Failed(id) => {
+                metrics::counter!("fleet_tasks_failed_total", "by" => "reaper").increment(1);
                 warn!(task_id = %id, "Lease expired with no attempts left; task failed.")
             }
             Requeue::Cancelled(id) => {
+                metrics::counter!("fleet_tasks_cancelled_total", "by" => "reaper").increment(1);
                 info!(task_id = %id, "Lease expired after a cancel request; task cancelled.")
             }
             Requeue::Skipped(_) => {}

@@ -59,7 +59,20 @@ pub async fn round(
         }
     }
     store.dead_letter_sent(&written).await?;
+    record_gauges(store).await?;
     Ok(due.len())
+}
+
+/// Tasks per state, and the relay's backlog: the timer and outbox (`due`) and the dead-letter
+/// outbox.
+async fn record_gauges(store: &Store) -> Result<(), fleet_common::store::StoreError> {
+    for (state, n) in store.counts().await? {
+        metrics::gauge!("fleet_tasks", "state" => state.as_str()).set(n as f64);
+    }
+    let (due, dead) = store.outbox_sizes().await?;
+    metrics::gauge!("fleet_outbox_size", "outbox" => "due").set(due as f64);
+    metrics::gauge!("fleet_outbox_size", "outbox" => "dead").set(dead as f64);
+    Ok(())
 }
 
 /// The dead-letter record: the envelope of the last attempt (the task as stored, payload byte

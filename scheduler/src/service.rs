@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::{self, Outcome, Supervisor, TaskResult};
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Topics, kafka, message_size};
@@ -15,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::publish::Publisher;
 use crate::settings::SchedulerSettings;
-use crate::{ingest, reaper, relay};
+use crate::{api, ingest, reaper, relay};
 
 /// Connects to Redis (checking the schema version) and Kafka (creating missing topics).
 pub async fn connect(
@@ -92,6 +93,38 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
     let settings = Arc::new(settings);
     let live_age = settings.lease.lease_ms;
     let mut supervisor = Supervisor::new(token.clone());
+    let readiness = Readiness::default();
+    let app = match role {
+        Role::Scheduler => {
+            let tokens = settings.http.load_tokens().context("loading API tokens")?;
+            if tokens.is_empty() && !settings.http.insecure_no_auth {
+                warn!(
+                    "No API token is configured (http.tokens, http.token_files): the API refuses every request."
+                );
+            }
+            api::router(
+                api::ApiState {
+                    settings: settings.clone(),
+                    store: store.clone(),
+                    publisher: publisher.clone(),
+                    tokens: Arc::new(tokens),
+                },
+                readiness.clone(),
+            )
+        }
+        Role::Reaper => ops::router(readiness.clone()),
+    };
+    if let Some((_, server)) = ops::serve(&settings.http.listen, app, token.child_token())
+        .await
+        .with_context(|| format!("listening on {}", settings.http.listen))?
+    {
+        supervisor.spawn("http", async move {
+            match server.await {
+                Ok(result) => result.map_err(Into::into),
+                Err(err) => Err(err.into()),
+            }
+        });
+    }
     {
         let (store, publisher) = (store.clone(), publisher.clone());
         supervisor.spawn(
@@ -144,6 +177,7 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
             );
         }
     }
+    readiness.set(true);
     info!(role = role.name(), brokers = %settings.kafka.brokers, "Started.");
     let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
     let _ = publisher.producer().flush(Duration::from_secs(5));

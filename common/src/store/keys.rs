@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 13;
+pub const GLOBAL_KEYS: usize = 14;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -91,6 +91,12 @@ impl Keys {
         format!("{}:held", self.root)
     }
 
+    /// Hash of terminal-state totals per queue and per priority, fields
+    /// `<state>:queue:<name>` and `<state>:priority:<level>`, counted when a task ends.
+    pub fn totals(&self) -> String {
+        format!("{}:totals", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         format!("{}:idem:{key}", self.root)
@@ -98,7 +104,7 @@ impl Keys {
 
     /// The keys every transition script receives first, in this order: leases, due,
     /// dead outbox, the six state indexes (in [`State::ALL`] order), queues, workers, paused,
-    /// held.
+    /// held, totals.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -114,6 +120,7 @@ impl Keys {
             self.workers(),
             self.paused(),
             self.held(),
+            self.totals(),
         ]
     }
 }

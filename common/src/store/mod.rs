@@ -3,6 +3,7 @@
 
 mod control;
 pub mod keys;
+mod query;
 pub mod scripts;
 mod tasks;
 
@@ -12,6 +13,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use control::{Cancel, Reprioritize, Selector};
 pub use keys::Keys;
+pub use query::{Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use tasks::{
     Accepted, Attempt, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome, Requeue,
     Store,

@@ -249,7 +249,8 @@ impl Store {
                 .arg(u8::from(task.idempotency_key.is_some()))
                 .arg(task.run_at_ms)
                 .arg(task.delay_ms)
-                .arg(task.record.timeout_ms);
+                .arg(task.record.timeout_ms)
+                .arg(&task.record.kind);
         }
         let rows: Vec<(String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(rows
@@ -578,6 +579,13 @@ impl Store {
         Ok((!fields.is_empty()).then_some(fields))
     }
 
+    /// Entries in the timer/outbox (`due`) and in the dead-letter outbox.
+    pub async fn outbox_sizes(&self) -> Result<(u64, u64), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.zcard(self.keys.due()).zcard(self.keys.dead_outbox());
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+    }
+
     /// How many tasks are in each state.
     pub async fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
         let mut pipe = redis::pipe();
@@ -589,7 +597,8 @@ impl Store {
     }
 
     /// Removes index entries of terminal tasks older than the retention period (their hashes
-    /// expire on their own). Returns how many entries were removed.
+    /// expire on their own), and queue-index entries of expired tasks. Returns how many
+    /// entries were removed.
     pub async fn trim_terminal_indexes(&self) -> Result<u64, StoreError> {
         let time: (u64, u64) = redis::cmd("TIME")
             .query_async(&mut self.conn.clone())
@@ -603,7 +612,48 @@ impl Store {
                 .arg(cutoff);
         }
         let removed: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(removed.into_iter().sum())
+        let mut total: u64 = removed.into_iter().sum();
+
+        // Queue indexes keep every task of a queue; drop entries older than the retention
+        // period whose task hash has expired (a long-delayed task stays).
+        let queues: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.queues())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        for queue in queues {
+            let index = self.keys.queue_index(&queue);
+            let old: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(cutoff)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(10_000)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            if old.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for id in &old {
+                pipe.exists(self.keys.task(id));
+            }
+            let exists: Vec<bool> = pipe.query_async(&mut self.conn.clone()).await?;
+            let gone: Vec<&String> = old
+                .iter()
+                .zip(exists)
+                .filter_map(|(id, e)| (!e).then_some(id))
+                .collect();
+            if !gone.is_empty() {
+                let n: u64 = redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&gone)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                total += n;
+            }
+        }
+        Ok(total)
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Delivery {
     pub envelope: Result<Envelope, InvalidEnvelope>,
     /// The record's bytes when they are not a valid envelope (for the rejected topic).
     pub raw: Option<Vec<u8>>,
+    /// When the record was published (Kafka timestamp, ms), for the queue-wait metric.
+    pub published_ms: Option<i64>,
 }
 
 /// Per-priority queues with smooth weighted round-robin selection (the nginx algorithm): with
@@ -96,6 +98,7 @@ mod tests {
             offset,
             envelope: Err(InvalidEnvelope::Empty),
             raw: None,
+            published_ms: None,
         }
     }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 use fleet_common::retry::retry_until;
 use fleet_common::store::{Claim, Store};
 use fleet_common::{kafka, rejected};
-use rdkafka::consumer::StreamConsumer;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +19,7 @@ use crate::handler::Registry;
 /// ones, and stores the batch's offsets once the claim has answered.
 pub(super) async fn dispatch_loop(
     shared: Arc<Shared>,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<kafka::MeteredConsumer>,
     store: Store,
     registry: Arc<Registry>,
     done: mpsc::UnboundedSender<Finished>,
@@ -87,7 +86,14 @@ pub(super) async fn dispatch_loop(
                 Ok(envelope) => match claims.next().unwrap_or(Claim::Unknown) {
                     Claim::Claimed => {
                         let slot = slots.pop().expect("one slot per picked delivery");
-                        execute::start(&shared, &registry, envelope, slot, done.clone());
+                        execute::start(
+                            &shared,
+                            &registry,
+                            envelope,
+                            delivery.published_ms,
+                            slot,
+                            done.clone(),
+                        );
                     }
                     Claim::Future => refused.push(Refusal {
                         delivery,

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Finished, Running, Shared};
+use super::{Finished, Labels, Running, Shared};
 use crate::handler::{HandlerError, Registry, TaskContext};
 
 /// Starts the handler of a claimed attempt on its own task.
@@ -22,10 +22,25 @@ pub(super) fn start(
     shared: &Arc<Shared>,
     registry: &Registry,
     envelope: &Envelope,
+    published_ms: Option<i64>,
     slot: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<Finished>,
 ) {
     let task = &envelope.task;
+    let labels = Labels {
+        kind: task.kind.as_str().into(),
+        priority: task.priority.as_str(),
+    };
+    metrics::counter!("fleet_tasks_started_total", "kind" => labels.kind.to_string(), "priority" => labels.priority)
+        .increment(1);
+    if let Some(published) = published_ms {
+        // From the envelope's publication to the start of its handler.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        metrics::histogram!("fleet_queue_wait_seconds", "priority" => labels.priority)
+            .record((now - published).max(0) as f64 / 1000.0);
+    }
     let id: Arc<str> = task.id.as_str().into();
     let attempt = envelope.attempt;
     let cancel = CancellationToken::new();
@@ -55,6 +70,7 @@ pub(super) fn start(
             lost: false,
             cancelled_at: None,
             progress,
+            labels: labels.clone(),
             _slot: slot,
         },
     );
@@ -107,6 +123,7 @@ pub(super) fn start(
             attempt,
             outcome,
             started,
+            labels,
         });
     });
     if let Some(entry) = shared.running().get_mut(&id)
@@ -153,6 +170,7 @@ pub(super) async fn complete_loop(
         .unwrap_or_default();
         for (finished, answer) in batch.iter().zip(answers) {
             let elapsed_ms = finished.started.elapsed().as_millis() as u64;
+            record_metrics(finished, answer);
             let (id, attempt) = (&finished.id, finished.attempt);
             match (&finished.outcome, answer) {
                 (_, Completion::Cancelled) => {
@@ -184,4 +202,20 @@ pub(super) async fn complete_loop(
         }
         batch.clear();
     }
+}
+
+/// Counts an attempt's end and its handler's duration.
+fn record_metrics(finished: &Finished, answer: Completion) {
+    let name = match answer {
+        Completion::Succeeded => "fleet_tasks_succeeded_total",
+        Completion::Scheduled => "fleet_tasks_retried_total",
+        Completion::Failed => "fleet_tasks_failed_total",
+        Completion::Cancelled => "fleet_tasks_cancelled_total",
+        Completion::Already | Completion::Fenced => "fleet_completions_fenced_total",
+    };
+    let kind = finished.labels.kind.to_string();
+    let priority = finished.labels.priority;
+    metrics::counter!(name, "kind" => kind.clone(), "priority" => priority).increment(1);
+    metrics::histogram!("fleet_handler_duration_seconds", "kind" => kind)
+        .record(finished.started.elapsed().as_secs_f64());
 }

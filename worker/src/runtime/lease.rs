@@ -183,6 +183,7 @@ async fn keep_leases(
                         && entry.attempt == *attempt
                     {
                         warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Lease lost; stopping the handler.");
+                        metrics::counter!("fleet_leases_lost_total").increment(1);
                         entry.cancel.cancel();
                         entry.lost = true;
                     }
@@ -222,6 +223,7 @@ fn abort_cancelled(shared: &Shared, done: &mpsc::UnboundedSender<Finished>) {
                 attempt: entry.attempt,
                 outcome: Outcome::Cancelled,
                 started: Instant::now(),
+                labels: entry.labels.clone(),
             });
         }
     }

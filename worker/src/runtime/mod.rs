@@ -28,10 +28,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::Outcome;
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Priority, Topics, kafka};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::AbortHandle;
@@ -51,6 +52,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("HTTP listener: {0}")]
+    Http(#[from] std::io::Error),
 }
 
 /// Workers use round-robin assignment: it spreads the partitions of every priority topic over
@@ -73,6 +76,7 @@ struct Running {
     cancelled_at: Option<Instant>,
     /// Progress the handler reported since the last heartbeat.
     progress: crate::handler::ProgressSlot,
+    labels: Labels,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -83,6 +87,14 @@ struct Finished {
     attempt: u32,
     outcome: store::Outcome,
     started: Instant,
+    labels: Labels,
+}
+
+/// Metric labels of a running task.
+#[derive(Debug, Clone)]
+struct Labels {
+    kind: Arc<str>,
+    priority: &'static str,
 }
 
 /// State shared by the worker's loops.
@@ -151,7 +163,7 @@ impl Worker {
         if !settings.kafka.client.contains_key(ASSIGNMENT_STRATEGY) {
             config.set(ASSIGNMENT_STRATEGY, "roundrobin");
         }
-        let consumer: StreamConsumer = config.create()?;
+        let consumer = kafka::metered_consumer(config)?;
         let topic_names = Priority::ALL.map(|p| topics.tasks(p));
         let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
         consumer.subscribe(&subscription)?;
@@ -209,6 +221,16 @@ impl Worker {
             fetch.clone(),
         ));
 
+        // Health, readiness and metrics; the listener stops when the worker is told to stop.
+        let readiness = Readiness::default();
+        ops::serve(
+            &settings.http.listen,
+            ops::router(readiness.clone()),
+            token.child_token(),
+        )
+        .await?;
+        readiness.set(true);
+
         let mut outcome = Outcome::Clean;
         tokio::select! {
             () = token.cancelled() => {}
@@ -218,6 +240,7 @@ impl Worker {
             }
         }
         fetch.cancel();
+        readiness.set(false);
         info!(
             running = shared.running().len(),
             "Draining: no new tasks are started."

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_common::Priority;
 use fleet_common::task::Envelope;
+use fleet_common::{Priority, kafka};
 use rdkafka::Message;
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -23,7 +23,7 @@ fn high_water(shared: &Shared) -> usize {
 /// a full priority is paused, and resumed once it drained to half.
 pub(super) async fn poll_loop(
     shared: Arc<Shared>,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<kafka::MeteredConsumer>,
     token: CancellationToken,
 ) {
     let high = high_water(&shared);
@@ -65,6 +65,7 @@ pub(super) async fn poll_loop(
                     offset: message.offset(),
                     envelope,
                     raw,
+                    published_ms: message.timestamp().to_millis(),
                 };
                 let buffered = shared.buffers().push(delivery);
                 shared.work_ready.notify_one();
@@ -78,7 +79,7 @@ pub(super) async fn poll_loop(
 }
 
 /// Notes which partitions of each priority topic this worker owns now.
-fn record_assignment(shared: &Shared, consumer: &StreamConsumer) {
+fn record_assignment(shared: &Shared, consumer: &kafka::MeteredConsumer) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
@@ -96,7 +97,7 @@ fn record_assignment(shared: &Shared, consumer: &StreamConsumer) {
 }
 
 /// Pauses or resumes this consumer's partitions of `topic`.
-fn set_paused(consumer: &StreamConsumer, topic: &str, pause: bool) {
+fn set_paused(consumer: &kafka::MeteredConsumer, topic: &str, pause: bool) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };

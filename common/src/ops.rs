@@ -1,0 +1,180 @@
+//! What every service exposes to operators over HTTP: `/healthz` (the process runs),
+//! `/readyz` (it reached Redis and Kafka and does its work) and `/metrics` (Prometheus text).
+//! The scheduler adds its API and dashboard to the same listener.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::settings::{Secret, SettingsError, Validate};
+
+/// `[http]`: the service's HTTP listener and, for the scheduler's API, who may call it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `host:port` to listen on; port 0 picks a free one (logged); empty: no listener.
+    pub listen: String,
+    /// Bearer tokens accepted by the API.
+    pub tokens: Vec<Secret>,
+    /// Files holding more tokens, one per line (e.g. Kubernetes Secret mounts).
+    pub token_files: Vec<String>,
+    /// Serve the API without authentication. For local development only.
+    pub insecure_no_auth: bool,
+    /// Largest request body accepted by the API.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            tokens: Vec::new(),
+            token_files: Vec::new(),
+            insecure_no_auth: false,
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Validate for HttpSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return Err(SettingsError::invalid(
+                "http.listen",
+                "expected host:port with an IP address, e.g. 0.0.0.0:8080, or empty for none",
+            ));
+        }
+        if self.tokens.iter().any(|t| t.expose().trim().len() < 16) {
+            return Err(SettingsError::invalid(
+                "http.tokens",
+                "tokens must be at least 16 characters",
+            ));
+        }
+        if !(1024..=256 << 20).contains(&self.max_body_bytes) {
+            return Err(SettingsError::invalid(
+                "http.max_body_bytes",
+                "expected 1024 to 268435456",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HttpSettings {
+    /// Every accepted token: the configured ones and those in `token_files`.
+    pub fn load_tokens(&self) -> Result<Vec<Secret>, SettingsError> {
+        let mut tokens: Vec<Secret> = self.tokens.clone();
+        for path in &self.token_files {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                SettingsError::invalid("http.token_files", format!("cannot read {path}: {err}"))
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(Secret::new),
+            );
+        }
+        Ok(tokens)
+    }
+}
+
+/// Histogram buckets (seconds) for handler durations and queue waits: 1 ms to 5 min.
+const BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+                .expect("valid buckets")
+                .install_recorder()
+                .expect("one metrics recorder per process")
+        })
+        .clone()
+}
+
+/// Whether the service is ready for traffic; `/readyz` answers from it.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub fn router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render))
+        .with_state(readiness)
+}
+
+async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {
+    if readiness.get() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn render() -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
+}
+
+/// Binds `listen` and serves `app` until `token` is cancelled. Returns the bound address and
+/// the server's task, or `None` when `listen` is empty.
+pub async fn serve(
+    listen: &str,
+    app: Router,
+    token: CancellationToken,
+) -> std::io::Result<Option<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    // Install the recorder before the service records anything.
+    metrics();
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    info!(%addr, "HTTP listener started (/healthz, /readyz, /metrics).");
+    let upkeep = token.clone();
+    tokio::spawn(async move {
+        // Histograms and summaries need periodic upkeep when nothing scrapes them.
+        while !upkeep.is_cancelled() {
+            tokio::select! {
+                () = upkeep.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => metrics().run_upkeep(),
+            }
+        }
+    });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+    });
+    Ok(Some((addr, server)))
+}

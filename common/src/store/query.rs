@@ -1,0 +1,331 @@
+//! Read-side queries for operators: paged task lists with filters, fleet statistics per queue
+//! and priority, and live workers. Nothing here changes state.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::StoreError;
+use super::control::Selector;
+use super::tasks::Store;
+use crate::priority::Priority;
+use crate::task::State;
+
+/// Which tasks [`Store::list`] returns; every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub state: Option<State>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    pub priority: Option<Priority>,
+}
+
+/// One task in a list.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TaskSummary {
+    pub id: String,
+    pub state: String,
+    pub kind: String,
+    pub queue: String,
+    pub priority: String,
+    pub attempt: u64,
+    pub worker: String,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub last_error: String,
+    pub progress: Option<u64>,
+}
+
+/// A page of tasks, newest first, and the cursor of the next page if there is one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub tasks: Vec<TaskSummary>,
+    pub next: Option<String>,
+}
+
+/// A live worker, from its heartbeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    pub id: String,
+    /// What the worker reports: host, pid, version, concurrency, kinds, partitions…
+    pub info: serde_json::Value,
+    pub running: u64,
+    pub last_seen_ms: u64,
+}
+
+/// Task counts for one queue or priority: by state (terminal states are totals since the
+/// fleet's data was created; the others are current).
+pub type Counts = BTreeMap<String, u64>;
+
+/// Fleet statistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Current members of each state index.
+    pub states: BTreeMap<String, u64>,
+    pub by_queue: BTreeMap<String, Counts>,
+    pub by_priority: BTreeMap<String, Counts>,
+    /// Tasks that succeeded in the last minute, per second.
+    pub succeeded_per_s: f64,
+    pub paused: Vec<String>,
+    pub held: u64,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Fields a list reads per task.
+const SUMMARY_FIELDS: [&str; 11] = [
+    "state",
+    "kind",
+    "queue",
+    "priority",
+    "attempt",
+    "worker",
+    "created_ms",
+    "updated_ms",
+    "last_error",
+    "progress",
+    "id",
+];
+
+/// Most index entries one list call reads while filtering, so a rare filter cannot make a
+/// request scan millions of tasks; the cursor continues where it stopped.
+const SCAN_BUDGET: usize = 20_000;
+
+/// The order "all states" are listed in: what needs attention first.
+const LIST_ORDER: [State; 6] = [
+    State::Running,
+    State::Pending,
+    State::Scheduled,
+    State::Failed,
+    State::Cancelled,
+    State::Succeeded,
+];
+
+impl Store {
+    /// Tasks matching `filter`, newest first, `limit` at most, from `cursor` (from a previous
+    /// page's `next`).
+    pub async fn list(
+        &self,
+        filter: &TaskFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        // The index to walk: the state's, else the queue's, else every state's in turn.
+        let indexes: Vec<String> = match (&filter.state, &filter.queue) {
+            (Some(state), _) => vec![self.keys().state_index(*state)],
+            (None, Some(queue)) => vec![self.keys().queue_index(queue)],
+            (None, None) => LIST_ORDER
+                .iter()
+                .map(|s| self.keys().state_index(*s))
+                .collect(),
+        };
+        let (mut index, mut offset) = parse_cursor(cursor);
+        let limit = limit.clamp(1, 1000);
+        let mut tasks = Vec::new();
+        let mut scanned = 0;
+        while index < indexes.len() && tasks.len() < limit && scanned < SCAN_BUDGET {
+            let chunk = (limit * 2).clamp(50, 1000);
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(&indexes[index])
+                .arg(offset)
+                .arg(offset + chunk - 1)
+                .query_async(&mut self.conn())
+                .await?;
+            if ids.is_empty() {
+                index += 1;
+                offset = 0;
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.keys().task(id))
+                    .arg(&SUMMARY_FIELDS[..]);
+            }
+            let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.conn()).await?;
+            for (id, row) in ids.iter().zip(rows) {
+                offset += 1;
+                scanned += 1;
+                if let Some(task) = summary(id, row).filter(|t| matches(t, filter)) {
+                    tasks.push(task);
+                    if tasks.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let more = index < indexes.len();
+        Ok(Page {
+            tasks,
+            next: more.then(|| format!("{index}:{offset}")),
+        })
+    }
+
+    /// Statistics of the whole fleet.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let states: BTreeMap<String, u64> = self
+            .counts()
+            .await?
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect();
+        let mut by_queue: BTreeMap<String, Counts> = BTreeMap::new();
+        let mut by_priority: BTreeMap<String, Counts> = BTreeMap::new();
+        for state in [State::Pending, State::Scheduled, State::Running] {
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(self.keys().state_index(state))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn())
+                .await?;
+            for chunk in ids.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    pipe.cmd("HMGET")
+                        .arg(self.keys().task(id))
+                        .arg("queue")
+                        .arg("priority");
+                }
+                let rows: Vec<(Option<String>, Option<String>)> =
+                    pipe.query_async(&mut self.conn()).await?;
+                for (queue, priority) in rows {
+                    if let (Some(q), Some(p)) = (queue, priority) {
+                        *by_queue
+                            .entry(q)
+                            .or_default()
+                            .entry(state.as_str().into())
+                            .or_default() += 1;
+                        *by_priority
+                            .entry(p)
+                            .or_default()
+                            .entry(state.as_str().into())
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        let totals: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(self.keys().totals())
+            .query_async(&mut self.conn())
+            .await?;
+        for (field, n) in totals {
+            let mut parts = field.splitn(3, ':');
+            let (Some(state), Some(dimension), Some(name)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let target = match dimension {
+                "queue" => &mut by_queue,
+                "priority" => &mut by_priority,
+                _ => continue,
+            };
+            *target
+                .entry(name.into())
+                .or_default()
+                .entry(state.into())
+                .or_default() += n;
+        }
+        let mut conn = self.conn();
+        let time: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now = time.0 * 1000 + time.1 / 1000;
+        let last_minute: u64 = redis::cmd("ZCOUNT")
+            .arg(self.keys().state_index(State::Succeeded))
+            .arg(now.saturating_sub(60_000))
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await?;
+        Ok(Stats {
+            states,
+            by_queue,
+            by_priority,
+            succeeded_per_s: last_minute as f64 / 60.0,
+            paused: self.paused().await?.iter().map(Selector::member).collect(),
+            held: self.held_count().await?,
+            counters: self.counters().await?.into_iter().collect(),
+        })
+    }
+
+    /// Workers heard from within `max_age_ms`, with what they report.
+    pub async fn workers(&self, max_age_ms: u64) -> Result<Vec<WorkerView>, StoreError> {
+        let live = self.live_workers(max_age_ms).await?;
+        let mut pipe = redis::pipe();
+        for (id, _) in &live {
+            pipe.cmd("HMGET")
+                .arg(self.keys().worker(id))
+                .arg("running")
+                .arg("last_seen_ms");
+        }
+        let rows: Vec<(Option<u64>, Option<u64>)> = if live.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn()).await?
+        };
+        Ok(live
+            .into_iter()
+            .zip(rows)
+            .map(|((id, info), (running, seen))| WorkerView {
+                id,
+                info: serde_json::from_str(&info).unwrap_or(serde_json::Value::Null),
+                running: running.unwrap_or(0),
+                last_seen_ms: seen.unwrap_or(0),
+            })
+            .collect())
+    }
+}
+
+/// `"<index>:<offset>"`; anything else starts from the beginning.
+fn parse_cursor(cursor: Option<&str>) -> (usize, usize) {
+    cursor
+        .and_then(|c| c.split_once(':'))
+        .and_then(|(i, o)| Some((i.parse().ok()?, o.parse().ok()?)))
+        .unwrap_or((0, 0))
+}
+
+fn summary(id: &str, row: Vec<Option<String>>) -> Option<TaskSummary> {
+    let mut row = row.into_iter();
+    let mut text = || row.next().flatten().unwrap_or_default();
+    let state = text();
+    if state.is_empty() {
+        return None; // expired meanwhile
+    }
+    let (kind, queue, priority) = (text(), text(), text());
+    let attempt = text().parse().unwrap_or(0);
+    let worker = text();
+    let created_ms = text().parse().unwrap_or(0);
+    let updated_ms = text().parse().unwrap_or(0);
+    let last_error = text();
+    let progress = text().parse().ok();
+    Some(TaskSummary {
+        id: id.to_string(),
+        state,
+        kind,
+        queue,
+        priority,
+        attempt,
+        worker,
+        created_ms,
+        updated_ms,
+        last_error,
+        progress,
+    })
+}
+
+fn matches(task: &TaskSummary, filter: &TaskFilter) -> bool {
+    filter.state.is_none_or(|s| s.as_str() == task.state)
+        && filter.queue.as_deref().is_none_or(|q| q == task.queue)
+        && filter.kind.as_deref().is_none_or(|k| k == task.kind)
+        && filter.priority.is_none_or(|p| p.as_str() == task.priority)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_starts_over() {
+        assert_eq!(parse_cursor(Some("2:40")), (2, 40));
+        assert_eq!(parse_cursor(Some("x")), (0, 0));
+        assert_eq!(parse_cursor(Some("1:-3")), (0, 0));
+        assert_eq!(parse_cursor(None), (0, 0));
+    }
+}

@@ -1,0 +1,90 @@
+//! The scheduler's HTTP API (`/v1/…`), its OpenAPI document and the web dashboard, served on
+//! the same listener as `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Every `/v1` route but the OpenAPI document needs `Authorization: Bearer <token>` (tokens
+//! from `http.tokens` / `http.token_files`); only `http.insecure_no_auth = true` turns that off.
+//! Bad input gets a 4xx with a JSON body `{"error": {"code", "message"}}`.
+
+mod auth;
+mod error;
+mod fleet;
+mod tasks;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::Method;
+use axum::response::{Html, IntoResponse};
+use axum::routing::{get, post};
+use fleet_common::ops::{self, Readiness};
+use fleet_common::settings::Secret;
+use fleet_common::store::Store;
+
+use crate::publish::Publisher;
+use crate::settings::SchedulerSettings;
+
+pub use error::ApiError;
+
+/// The checked-in OpenAPI document, served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// The dashboard: one HTML page with its script, served at `/`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Every API route, as documented in [`OPENAPI`] (a test keeps the two in step).
+pub const ROUTES: &[(Method, &str)] = &[
+    (Method::POST, "/v1/tasks"),
+    (Method::GET, "/v1/tasks"),
+    (Method::GET, "/v1/tasks/{id}"),
+    (Method::POST, "/v1/tasks/{id}/cancel"),
+    (Method::POST, "/v1/tasks/{id}/redrive"),
+    (Method::POST, "/v1/tasks/{id}/priority"),
+    (Method::POST, "/v1/redrive"),
+    (Method::POST, "/v1/pause"),
+    (Method::POST, "/v1/resume"),
+    (Method::GET, "/v1/stats"),
+    (Method::GET, "/v1/workers"),
+    (Method::GET, "/v1/openapi.json"),
+];
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub settings: Arc<SchedulerSettings>,
+    pub store: Store,
+    pub publisher: Publisher,
+    pub tokens: Arc<Vec<Secret>>,
+}
+
+/// The whole HTTP surface of the scheduler.
+pub fn router(state: ApiState, readiness: Readiness) -> Router {
+    let limit = state.settings.http.max_body_bytes;
+    let api = Router::new()
+        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks/{id}", get(tasks::get))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/redrive", post(tasks::redrive))
+        .route("/v1/tasks/{id}/priority", post(tasks::priority))
+        .route("/v1/redrive", post(tasks::redrive_failed))
+        .route("/v1/pause", post(fleet::pause))
+        .route("/v1/resume", post(fleet::resume))
+        .route("/v1/stats", get(fleet::stats))
+        .route("/v1/workers", get(fleet::workers))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .route("/v1/openapi.json", get(openapi))
+        .layer(DefaultBodyLimit::max(limit))
+        .fallback(error::not_found)
+        .with_state(state);
+    Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .merge(api)
+        .merge(ops::router(readiness))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([("content-type", "application/json")], OPENAPI)
+}

@@ -1,0 +1,258 @@
+//! `/v1/tasks…`: submit, read, list, cancel, redrive and reprioritize tasks.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use fleet_common::Priority;
+use fleet_common::store::{Accepted, Cancel, NewTask, Reprioritize, TaskFilter};
+use fleet_common::task::{State as TaskState, TaskSpec, new_task_id};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiState};
+
+/// Most tasks in one submission request.
+const MAX_BATCH: usize = 1000;
+
+/// `POST /v1/tasks`: one task object, or an array of up to 1000. Every task is validated
+/// first; if any is invalid nothing is accepted and the answer names it by index.
+pub async fn submit(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let body = body?;
+    let max = state.settings.tasks.max_task_bytes;
+    let trimmed = body.trim_ascii_start();
+    let items: Vec<&[u8]> = if trimmed.first() == Some(&b'[') {
+        let raw: Vec<&RawValue> = serde_json::from_slice(trimmed).map_err(|err| {
+            ApiError::bad_request("invalid_json", format!("body is not a JSON array: {err}"))
+        })?;
+        raw.into_iter().map(|r| r.get().as_bytes()).collect()
+    } else {
+        vec![&body[..]]
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(
+            "bad_batch",
+            format!("send 1 to {MAX_BATCH} tasks, got {}", items.len()),
+        ));
+    }
+    let mut tasks = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let spec = TaskSpec::parse(item, max).map_err(|err| {
+            metrics::counter!("fleet_tasks_rejected_total", "reason" => err.code()).increment(1);
+            let at = if items.len() > 1 {
+                format!("task {index}: ")
+            } else {
+                String::new()
+            };
+            ApiError::bad_request(err.code(), format!("{at}{err}"))
+        })?;
+        tasks.push(NewTask::from_spec(spec, &state.settings.tasks, new_task_id));
+    }
+    let accepted = state.store.accept(&tasks).await?;
+    crate::publish::publish_accepted(&state.store, &state.publisher, &tasks, &accepted).await;
+    let created = accepted
+        .iter()
+        .any(|a| !matches!(a, Accepted::Duplicate(_)));
+    let answers: Vec<Value> = accepted
+        .iter()
+        .map(|a| match a {
+            Accepted::Pending(id) => json!({"id": id, "state": "pending", "duplicate": false}),
+            Accepted::Scheduled(id) => json!({"id": id, "state": "scheduled", "duplicate": false}),
+            Accepted::Duplicate(id) => json!({"id": id, "duplicate": true}),
+        })
+        .collect();
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "tasks": answers }))))
+}
+
+/// `GET /v1/tasks/{id}`: every field of the task; JSON fields (`record`, `result`, `history`)
+/// as JSON.
+pub async fn get(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = state
+        .store
+        .task(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no task `{id}`")))?;
+    Ok(Json(task_json(fields)))
+}
+
+/// A task hash as JSON: numbers as numbers, embedded JSON parsed.
+pub fn task_json(fields: HashMap<String, String>) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, value) in fields {
+        let parsed = match name.as_str() {
+            "record" | "result" | "history" => {
+                serde_json::from_str(&value).unwrap_or(Value::String(value))
+            }
+            n if n.ends_with("_ms")
+                || [
+                    "attempt",
+                    "released",
+                    "max_attempts",
+                    "progress",
+                    "redriven",
+                ]
+                .contains(&n) =>
+            {
+                value
+                    .parse::<u64>()
+                    .map(Value::from)
+                    .unwrap_or(Value::String(value))
+            }
+            _ => Value::String(value),
+        };
+        out.insert(name, parsed);
+    }
+    Value::Object(out)
+}
+
+/// Query of `GET /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<TaskState>,
+    queue: Option<String>,
+    kind: Option<String>,
+    priority: Option<Priority>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+    cursor: Option<String>,
+}
+
+fn default_limit() -> usize {
+    50
+}
+
+/// `GET /v1/tasks?state=&queue=&kind=&priority=&limit=&cursor=`: newest first, paged.
+pub async fn list(
+    State(state): State<ApiState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    if !(1..=1000).contains(&q.limit) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            "limit must be 1 to 1000",
+        ));
+    }
+    let filter = TaskFilter {
+        state: q.state,
+        queue: q.queue,
+        kind: q.kind,
+        priority: q.priority,
+    };
+    let page = state
+        .store
+        .list(&filter, q.cursor.as_deref(), q.limit)
+        .await?;
+    Ok(Json(serde_json::to_value(page).unwrap_or_default()))
+}
+
+/// `POST /v1/tasks/{id}/cancel`.
+pub async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let answer = state.store.cancel(std::slice::from_ref(&id)).await?;
+    match answer.first().copied().unwrap_or(Cancel::Unknown) {
+        Cancel::Cancelled => {
+            metrics::counter!("fleet_tasks_cancelled_total", "where" => "waiting").increment(1);
+            Ok(Json(json!({"id": id, "result": "cancelled"})))
+        }
+        Cancel::Cancelling => Ok(Json(json!({"id": id, "result": "cancelling"}))),
+        Cancel::Ended(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_ended",
+            format!("task `{id}` already ended: {s}"),
+        )),
+        Cancel::Unknown => Err(ApiError::not_found(format!("no task `{id}`"))),
+    }
+}
+
+/// `POST /v1/tasks/{id}/redrive`: a failed task runs again with a fresh attempt budget.
+pub async fn redrive(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if state.store.redrive(std::slice::from_ref(&id)).await? == 1 {
+        return Ok(Json(json!({"id": id, "result": "redriven"})));
+    }
+    match state.store.task(&id).await? {
+        None => Err(ApiError::not_found(format!("no task `{id}`"))),
+        Some(task) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_failed",
+            format!(
+                "task `{id}` is {}, only failed tasks are redriven",
+                task.get("state").map_or("?", String::as_str)
+            ),
+        )),
+    }
+}
+
+/// Body of `POST /v1/redrive`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveBody {
+    kind: Option<String>,
+    queue: Option<String>,
+}
+
+/// `POST /v1/redrive` `{"kind"?, "queue"?}`: every failed task of a kind and/or queue.
+pub async fn redrive_failed(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body: RedriveBody = parse_body(&body?)?;
+    let n = state
+        .store
+        .redrive_failed(body.kind.as_deref(), body.queue.as_deref())
+        .await?;
+    Ok(Json(json!({ "redriven": n })))
+}
+
+/// Body of `POST /v1/tasks/{id}/priority`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityBody {
+    priority: Priority,
+}
+
+/// `POST /v1/tasks/{id}/priority` `{"priority": "high"}`: only before the task started.
+pub async fn priority(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body: PriorityBody = parse_body(&body?)?;
+    match state.store.set_priority(&id, body.priority).await? {
+        Reprioritize::Moved => Ok(Json(json!({"id": id, "result": "moved"}))),
+        Reprioritize::Unchanged => Ok(Json(json!({"id": id, "result": "unchanged"}))),
+        Reprioritize::Started(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "started",
+            format!("task `{id}` is {s}; only pending or scheduled tasks change priority"),
+        )),
+        Reprioritize::Unknown => Err(ApiError::not_found(format!("no task `{id}`"))),
+    }
+}
+
+/// A small JSON body, with errors that name what was wrong.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request("invalid_json", format!("body: {err}")))
+}
