@@ -1,18 +1,21 @@
 //! `fleetctl`: operate a Fleet from the command line.
 
+mod control;
 mod demo;
+mod health;
 mod inspect;
 mod submit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fleet_common::Priority;
 use fleet_common::settings::{self, CommonSettings};
 use fleet_common::store::{self, Store};
-use fleet_common::{Priority, Topics, kafka};
+use fleet_common::task::State;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,8 +69,64 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Count tasks by state.
+    /// Follow one task until it ends (exit 0 succeeded, 4 failed or cancelled).
+    Watch {
+        id: String,
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+        interval_ms: u64,
+    },
+    /// List tasks, newest first; filters combine. Prints the cursor of the next page.
+    List {
+        #[arg(long)]
+        state: Option<State>,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        priority: Option<Priority>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
+        /// `next` cursor printed by the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel tasks: waiting ones at once, running ones are stopped (exit 4 if one had ended,
+    /// 1 if one is unknown).
+    Cancel {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Run failed tasks again with a fresh attempt budget: the given ids, or every failed task
+    /// of `--kind` and/or `--queue`, or `--all-failed`.
+    #[command(alias = "retry")]
+    Redrive {
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        kind: Option<String>,
+        #[arg(long, conflicts_with = "ids")]
+        queue: Option<String>,
+        #[arg(long, conflicts_with_all = ["ids", "kind", "queue"])]
+        all_failed: bool,
+    },
+    /// Pause a queue or a priority: workers hold its tasks; running ones finish.
+    Pause(SelectorArgs),
+    /// Resume a queue or a priority and publish the tasks held meanwhile.
+    Resume(SelectorArgs),
+    /// Move a task that has not started to another priority.
+    SetPriority { id: String, priority: Priority },
+    /// Tasks per state, per queue and per priority; throughput; pauses; consumer lag.
     Stats {
+        /// Consumer group whose lag is shown.
+        #[arg(long, default_value = "fleet-workers")]
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live workers, from their heartbeats.
+    Workers {
         #[arg(long)]
         json: bool,
     },
@@ -79,6 +138,26 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+}
+
+/// What `pause` and `resume` act on: one queue or one priority.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct SelectorArgs {
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    priority: Option<Priority>,
+}
+
+impl SelectorArgs {
+    fn selector(self) -> store::Selector {
+        match (self.queue, self.priority) {
+            (Some(queue), _) => store::Selector::Queue(queue),
+            (None, Some(priority)) => store::Selector::Priority(priority),
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,10 +172,12 @@ enum TopicsCommand {
 }
 
 /// Exit codes scripts can rely on: 0 done, 1 not found, 2 bad settings or input, 3 a
-/// dependency did not answer.
+/// dependency did not answer, 4 the task ended otherwise than asked (failed, cancelled, or
+/// already ended).
 const EXIT_NOT_FOUND: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_UNAVAILABLE: u8 = 3;
+const EXIT_ENDED: u8 = 4;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -134,9 +215,10 @@ async fn connect(settings: &CommonSettings) -> anyhow::Result<Store> {
 async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Topics(TopicsCommand::Create { partitions }) => {
-            create_topics(settings, partitions.unwrap_or(settings.topics.partitions)).await?;
+            health::create_topics(settings, partitions.unwrap_or(settings.topics.partitions))
+                .await?;
         }
-        Command::Ping { wait } => ping(settings, Duration::from_secs(wait)).await?,
+        Command::Ping { wait } => health::ping(settings, Duration::from_secs(wait)).await?,
         Command::Submit {
             kind,
             payload,
@@ -194,7 +276,51 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                 return Ok(ExitCode::from(EXIT_NOT_FOUND));
             }
         }
-        Command::Stats { json } => inspect::stats(&connect(settings).await?, json).await?,
+        Command::Stats { group, json } => {
+            inspect::stats(settings, &connect(settings).await?, &group, json).await?;
+        }
+        Command::Watch { id, interval_ms } => {
+            let store = connect(settings).await?;
+            return inspect::watch(&store, &id, Duration::from_millis(interval_ms)).await;
+        }
+        Command::List {
+            state,
+            queue,
+            kind,
+            priority,
+            limit,
+            cursor,
+            json,
+        } => {
+            let filter = store::TaskFilter {
+                state,
+                queue,
+                kind,
+                priority,
+            };
+            let store = connect(settings).await?;
+            inspect::list(&store, &filter, cursor.as_deref(), limit as usize, json).await?;
+        }
+        Command::Workers { json } => {
+            inspect::workers(&connect(settings).await?, settings.lease.lease_ms, json).await?;
+        }
+        Command::Cancel { ids } => return control::cancel(&connect(settings).await?, &ids).await,
+        Command::Redrive {
+            ids,
+            kind,
+            queue,
+            all_failed,
+        } => {
+            let store = connect(settings).await?;
+            return control::redrive(&store, &ids, kind, queue, all_failed).await;
+        }
+        Command::Pause(args) => control::pause(&connect(settings).await?, args.selector()).await?,
+        Command::Resume(args) => {
+            control::resume(&connect(settings).await?, args.selector()).await?;
+        }
+        Command::SetPriority { id, priority } => {
+            return control::set_priority(&connect(settings).await?, &id, priority).await;
+        }
         Command::Demo { tasks, timeout } => {
             demo::run(
                 settings,
@@ -206,104 +332,4 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn create_topics(settings: &CommonSettings, partitions: i32) -> anyhow::Result<()> {
-    let names = Topics::from_settings(&settings.topics).all();
-    let statuses = kafka::ensure_topics(
-        &settings.kafka,
-        &names,
-        partitions,
-        settings.topics.replication_factor,
-        fleet_common::message_size::record_limit(settings.tasks.max_task_bytes),
-        Duration::from_secs(15),
-    )
-    .await
-    .with_context(|| format!("creating topics on {}", settings.kafka.brokers))?;
-    for status in statuses {
-        let what = if status.created { "created" } else { "exists " };
-        let note = if !status.created && status.partitions != partitions as usize {
-            format!(" (wanted {partitions}; partitions of an existing topic are not changed)")
-        } else {
-            String::new()
-        };
-        println!(
-            "{what} {:<40} {} partitions{note}",
-            status.name, status.partitions
-        );
-    }
-    Ok(())
-}
-
-async fn ping(settings: &CommonSettings, wait: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        match ping_once(settings).await {
-            Ok(report) => {
-                println!("{report}");
-                return Ok(());
-            }
-            Err(err) if start.elapsed() >= wait => return Err(err),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
-async fn ping_once(settings: &CommonSettings) -> anyhow::Result<String> {
-    let store = connect(settings).await?;
-    let mut conn = store.conn();
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await?;
-    let version = info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let schema: Option<String> = redis::cmd("HGET")
-        .arg(store.keys().schema())
-        .arg("version")
-        .query_async(&mut conn)
-        .await?;
-
-    let brokers = settings.kafka.brokers.clone();
-    let config = kafka::producer_config(&settings.kafka, "fleetctl");
-    let wanted = Topics::from_settings(&settings.topics).all();
-    let topics = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, usize)>> {
-        use rdkafka::producer::{BaseProducer, Producer};
-        let producer: BaseProducer = config.create()?;
-        let metadata = producer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(5))?;
-        Ok(wanted
-            .into_iter()
-            .map(|name| {
-                let partitions = metadata
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == name)
-                    .map_or(0, |t| t.partitions().len());
-                (name, partitions)
-            })
-            .collect())
-    })
-    .await?
-    .with_context(|| format!("Kafka at {brokers}"))?;
-
-    let mut report = format!(
-        "redis   {} (version {version}, schema {})\nkafka   {brokers}\n",
-        settings::redact_url(settings.redis.url.expose()),
-        schema.as_deref().unwrap_or("not yet recorded"),
-    );
-    for (name, partitions) in topics {
-        let state = if partitions == 0 {
-            "missing".to_string()
-        } else {
-            format!("{partitions} partitions")
-        };
-        report.push_str(&format!("  topic {name:<40} {state}\n"));
-    }
-    Ok(report.trim_end().to_string())
 }

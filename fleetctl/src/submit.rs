@@ -37,7 +37,11 @@ pub async fn publish(
     )?;
     let producer: FutureProducer = config.create().context("creating the producer")?;
     let topic = Topics::from_settings(&settings.topics).submit();
-    for chunk in submissions.chunks(5_000) {
+    // A progress line on stderr for bulk submissions (stdout keeps only the ids).
+    let total = submissions.len();
+    let show = total >= 1_000 && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut done = 0;
+    for chunk in submissions.chunks(1_000) {
         let sends = chunk.iter().map(|(_, body)| {
             producer.send(
                 FutureRecord::<(), _>::to(&topic).payload(body.as_bytes()),
@@ -49,6 +53,18 @@ pub async fn publish(
                 bail!("publishing to {topic}: {err}");
             }
         }
+        done += chunk.len();
+        if show {
+            let width = 30 * done / total;
+            eprint!(
+                "\rsubmitting [{}{}] {done}/{total}",
+                "#".repeat(width),
+                " ".repeat(30 - width)
+            );
+        }
+    }
+    if show {
+        eprintln!();
     }
     let _ = producer.flush(Duration::from_secs(10));
     Ok(())

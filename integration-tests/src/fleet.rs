@@ -239,3 +239,21 @@ impl TestEnv {
             .expect("expire lease");
     }
 }
+
+impl TestEnv {
+    /// Runs `fleetctl` with this environment's settings; returns (exit code, stdout, stderr).
+    pub fn fleetctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = std::process::Command::new(fleet_binary("fleetctl"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env_vars())
+            .output()
+            .expect("run fleetctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}

@@ -1,0 +1,94 @@
+//! `fleetctl cancel`, `redrive`, `pause`, `resume` and `set-priority`: steer tasks and queues.
+
+use std::process::ExitCode;
+
+use fleet_common::Priority;
+use fleet_common::store::{Cancel, Reprioritize, Selector, Store};
+
+use crate::{EXIT_BAD_INPUT, EXIT_ENDED, EXIT_NOT_FOUND};
+
+/// Cancels each task and prints what happened to it.
+pub async fn cancel(store: &Store, ids: &[String]) -> anyhow::Result<ExitCode> {
+    let mut code = ExitCode::SUCCESS;
+    for (id, answer) in ids.iter().zip(store.cancel(ids).await?) {
+        match answer {
+            Cancel::Cancelled => println!("{id}\tcancelled"),
+            Cancel::Cancelling => println!("{id}\tcancelling (its worker stops it)"),
+            Cancel::Ended(state) => {
+                println!("{id}\talready {state}");
+                code = ExitCode::from(EXIT_ENDED);
+            }
+            Cancel::Unknown => {
+                eprintln!("fleetctl: no task `{id}`");
+                code = ExitCode::from(EXIT_NOT_FOUND);
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// Redrives failed tasks: the ids given, or every failed one of a kind and/or queue.
+pub async fn redrive(
+    store: &Store,
+    ids: &[String],
+    kind: Option<String>,
+    queue: Option<String>,
+    all_failed: bool,
+) -> anyhow::Result<ExitCode> {
+    if !ids.is_empty() {
+        let n = store.redrive(ids).await?;
+        println!("redriven {n} of {}", ids.len());
+        return Ok(if n == ids.len() {
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("fleetctl: only failed tasks are redriven");
+            ExitCode::from(EXIT_NOT_FOUND)
+        });
+    }
+    if kind.is_none() && queue.is_none() && !all_failed {
+        eprintln!("fleetctl: give task ids, --kind, --queue or --all-failed");
+        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+    }
+    let n = store
+        .redrive_failed(kind.as_deref(), queue.as_deref())
+        .await?;
+    println!("redriven {n}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn pause(store: &Store, selector: Selector) -> anyhow::Result<()> {
+    let newly = store.pause(&selector).await?;
+    let note = if newly { "" } else { " (already paused)" };
+    println!("paused {}{note}", selector.member());
+    Ok(())
+}
+
+pub async fn resume(store: &Store, selector: Selector) -> anyhow::Result<()> {
+    let released = store.resume(&selector).await?;
+    println!(
+        "resumed {}; {released} held tasks published again",
+        selector.member()
+    );
+    Ok(())
+}
+
+pub async fn set_priority(store: &Store, id: &str, priority: Priority) -> anyhow::Result<ExitCode> {
+    Ok(match store.set_priority(id, priority).await? {
+        Reprioritize::Moved => {
+            println!("{id}\tmoved to {priority}");
+            ExitCode::SUCCESS
+        }
+        Reprioritize::Unchanged => {
+            println!("{id}\talready {priority}");
+            ExitCode::SUCCESS
+        }
+        Reprioritize::Started(state) => {
+            eprintln!("fleetctl: task `{id}` is {state}; only pending or scheduled tasks move");
+            ExitCode::from(EXIT_ENDED)
+        }
+        Reprioritize::Unknown => {
+            eprintln!("fleetctl: no task `{id}`");
+            ExitCode::from(EXIT_NOT_FOUND)
+        }
+    })
+}

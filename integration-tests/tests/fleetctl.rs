@@ -1,0 +1,145 @@
+//! `fleetctl` as an operator uses it against the real stack: submit from a file, watch, list
+//! with paging, cancel, pause and resume, set-priority, redrive, stats and workers; exit codes
+//! scripts can rely on.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fleet_integration_tests::{TestEnv, eventually};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn ok(env: &TestEnv, args: &[&str]) -> String {
+    let (code, out, err) = env.fleetctl(args);
+    assert_eq!(code, 0, "fleetctl {args:?}: {out}{err}");
+    out
+}
+
+fn json_of(env: &TestEnv, args: &[&str]) -> Value {
+    serde_json::from_str(&ok(env, args)).unwrap_or_else(|e| panic!("fleetctl {args:?}: {e}"))
+}
+
+async fn state(env: &TestEnv, id: &str) -> String {
+    env.tasks(&[id.to_string()])
+        .await
+        .get(id)
+        .map(|t| t["state"].clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_submits_follows_lists_and_steers_tasks() {
+    let env = TestEnv::start("fleetctl-ops");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let _w1 = env.spawn(
+        "fleet-worker",
+        "w1",
+        &[("FLEET__WORKER__CANCEL_GRACE_MS", "1000")],
+    );
+
+    let file = env.dir.join("tasks.jsonl");
+    let mut lines: Vec<String> = (0..30)
+        .map(|i| json!({"id": format!("n{i}"), "kind": "noop", "queue": "q1"}).to_string())
+        .collect();
+    lines.push(json!({"id": "nap", "kind": "sleep", "payload": {"ms": 60000}}).to_string());
+    lines.push(json!({"id": "bad", "kind": "fail", "payload": {"message": "boom"}}).to_string());
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = ok(&env, &["submit", "--file", file.to_str().unwrap()]);
+    assert_eq!(out.lines().count(), 32, "one id per task: {out}");
+
+    // watch: 0 when it succeeds, 4 when it fails (with the error).
+    let watched = ok(&env, &["watch", "n0", "--interval-ms", "100"]);
+    assert!(
+        watched.trim_end().ends_with("succeeded attempt 1 w1"),
+        "{watched}"
+    );
+    let (code, out, _) = env.fleetctl(&["watch", "bad", "--interval-ms", "100"]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("error: boom"), "{out}");
+
+    // list pages through a queue, each task once.
+    eventually(WAIT, "the q1 tasks succeed", || async {
+        json_of(&env, &["stats", "--json"])["by_queue"]["q1"]["succeeded"] == 30
+    })
+    .await;
+    let mut seen = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = vec!["list", "--queue", "q1", "--limit", "7", "--json"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let page = json_of(&env, &args);
+        for t in page["tasks"].as_array().unwrap() {
+            assert!(seen.insert(t["id"].as_str().unwrap().to_string()));
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 30);
+    let table = ok(&env, &["list", "--state", "failed"]);
+    assert!(table.contains("bad") && table.contains("boom"), "{table}");
+
+    // cancel: running → cancelling; again → 4; unknown → 1.
+    eventually(WAIT, "nap runs", || async {
+        state(&env, "nap").await == "running"
+    })
+    .await;
+    assert!(ok(&env, &["cancel", "nap"]).contains("cancelling"));
+    let (code, _, _) = env.fleetctl(&["watch", "nap", "--interval-ms", "100"]);
+    assert_eq!(code, 4, "cancelled");
+    let (code, out, _) = env.fleetctl(&["cancel", "nap"]);
+    assert_eq!((code, out.trim()), (4, "nap\talready cancelled"));
+    let (code, _, err) = env.fleetctl(&["cancel", "ghost"]);
+    assert_eq!(code, 1, "{err}");
+
+    // pause a queue, move the held task to high, resume: it runs.
+    assert!(ok(&env, &["pause", "--queue", "q2"]).contains("paused queue:q2"));
+    ok(
+        &env,
+        &["submit", "--kind", "noop", "--id", "later", "--queue", "q2"],
+    );
+    eventually(WAIT, "the q2 task is held", || async {
+        json_of(&env, &["stats", "--json"])["held"] == 1
+    })
+    .await;
+    assert!(ok(&env, &["set-priority", "later", "high"]).contains("moved to high"));
+    assert!(ok(&env, &["resume", "--queue", "q2"]).contains("resumed queue:q2"));
+    ok(&env, &["watch", "later", "--interval-ms", "100"]);
+    let (code, _, _) = env.fleetctl(&["set-priority", "later", "low"]);
+    assert_eq!(code, 4, "started tasks keep their priority");
+
+    // redrive: by id, by kind; bad usage is exit 2.
+    assert!(ok(&env, &["redrive", "bad"]).contains("redriven 1 of 1"));
+    let (code, out, _) = env.fleetctl(&["watch", "bad", "--interval-ms", "100"]);
+    assert_eq!(code, 4, "fails again: {out}");
+    assert!(ok(&env, &["retry", "--kind", "fail"]).contains("redriven 1"));
+    for args in [
+        &["redrive"][..],
+        &["pause"],
+        &["pause", "--queue", "a", "--priority", "low"],
+        &["list", "--state", "bogus"],
+        &["list", "--limit", "0"],
+    ] {
+        let (code, _, err) = env.fleetctl(args);
+        assert_eq!(code, 2, "fleetctl {args:?}: {err}");
+    }
+
+    // workers and stats.
+    let workers = json_of(&env, &["workers", "--json"]);
+    assert_eq!(workers[0]["id"], "w1");
+    assert!(ok(&env, &["workers"]).contains("w1"));
+    let stats = json_of(&env, &["stats", "--json"]);
+    assert_eq!(stats["states"]["cancelled"], 1);
+    assert!(stats["consumer_lag"].is_object(), "{stats}");
+    let human = ok(&env, &["stats"]);
+    assert!(
+        human.contains("q:q1") && human.contains("throughput"),
+        "{human}"
+    );
+}

@@ -1,0 +1,126 @@
+//! Every service serves Prometheus metrics, and every metric the Grafana dashboard in
+//! `deploy/grafana/` queries is one a service really exports.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fleet_integration_tests::http::request;
+use fleet_integration_tests::{TestEnv, eventually, free_ports, workspace_root};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Metric names (without `_bucket`/`_sum`/`_count`) in a Prometheus text page.
+fn names(page: &str) -> BTreeSet<String> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|n| {
+            n.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_exports_the_metrics_the_grafana_dashboard_uses() {
+    let env = TestEnv::start("metrics");
+    env.create_topics().await;
+    let ports = free_ports::<3>();
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let listen: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let _scheduler = env.spawn(
+        "fleet-scheduler",
+        "scheduler",
+        &[("FLEET__HTTP__LISTEN", &listen[0])],
+    );
+    let _reaper = env.spawn(
+        "fleet-reaper",
+        "reaper",
+        &[("FLEET__HTTP__LISTEN", &listen[1])],
+    );
+    let _worker = env.spawn(
+        "fleet-worker",
+        "w1",
+        &[
+            ("FLEET__HTTP__LISTEN", &listen[2]),
+            ("FLEET__WORKER__CANCEL_GRACE_MS", "500"),
+        ],
+    );
+    for addr in &addrs {
+        eventually(WAIT, "every service ready", || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+                && request(*addr, "GET", "/readyz", None, None).await.status == 200
+        })
+        .await;
+        assert_eq!(
+            request(*addr, "GET", "/healthz", None, None).await.status,
+            200
+        );
+    }
+
+    // Work that moves every counter: success, retry, failure, cancel, a rejected submission.
+    env.submit(&[
+        json!({"id": "ok", "kind": "noop"}).to_string(),
+        json!({"id": "flaky", "kind": "flaky", "payload": {"failures": 1}}).to_string(),
+        json!({"id": "bad", "kind": "fail"}).to_string(),
+        json!({"id": "nap", "kind": "sleep", "payload": {"ms": 60000}}).to_string(),
+        "not json".to_string(),
+    ])
+    .await;
+    eventually(WAIT, "nap runs", || async {
+        env.tasks(&["nap".into()])
+            .await
+            .get("nap")
+            .is_some_and(|t| t["state"] == "running")
+    })
+    .await;
+    env.store().await.cancel(&["nap".into()]).await.unwrap();
+    env.wait_terminal(
+        &["ok".into(), "flaky".into(), "bad".into(), "nap".into()],
+        WAIT,
+    )
+    .await;
+
+    let dashboard =
+        std::fs::read_to_string(workspace_root().join("deploy/grafana/fleet-dashboard.json"))
+            .expect("the Grafana dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut used = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("fleet_") {
+                    used.insert(word.trim_end_matches("_bucket").to_string());
+                }
+            }
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    // Consumer lag comes from librdkafka statistics every 5 s; wait for every name.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut exported = BTreeSet::new();
+        for addr in &addrs {
+            let page = request(*addr, "GET", "/metrics", None, None).await;
+            assert_eq!(page.status, 200);
+            exported.extend(names(&page.body));
+        }
+        let missing: Vec<&String> = used.difference(&exported).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dashboard queries metrics no service exports: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
