@@ -3,9 +3,10 @@
 -- A known id or idempotency key returns the existing task instead.
 -- KEYS  globals, then per task 3 keys: task hash, idempotency key (the task key when none),
 --       queue index
--- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 10 values:
+-- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 11 values:
 --       id, queue, priority, max_attempts, record json, has idempotency key (0/1), run_at ms (0: now),
---       delay ms (0: none; counted from Redis time here), timeout ms (0: none), kind
+--       delay ms (0: none; counted from Redis time here), timeout ms (0: none), kind,
+--       traceparent
 -- Returns per task {state, id}: 'pending' or 'scheduled' for a new task, 'duplicate' and the
 -- existing task's id otherwise.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -13,7 +14,7 @@ local now = now_ms()
 local out = {}
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
-  local a = 4 + i * 10
+  local a = 4 + i * 11
   local id, queue, priority, max_attempts, record = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local has_idem, run_at, delay = ARGV[a + 5] == '1', tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   if delay > 0 then run_at = now + delay end
@@ -28,7 +29,7 @@ for i = 0, n - 1 do
     redis.call('HSET', key, 'id', id, 'queue', queue, 'priority', priority, 'state', state,
       'attempt', 0, 'released', 0, 'max_attempts', max_attempts, 'record', record,
       'created_ms', now, 'updated_ms', now, 'run_at_ms', math.max(run_at, now),
-      'timeout_ms', ARGV[a + 8], 'kind', ARGV[a + 9])
+      'timeout_ms', ARGV[a + 8], 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
     redis.call('ZADD', DUE, due_at, id)
     redis.call('ZADD', IDX[state], now, id)
     redis.call('ZADD', queue_key, now, id)

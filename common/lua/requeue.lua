@@ -7,7 +7,8 @@
 -- cancellation was requested ends `cancelled`.
 -- KEYS  globals, then per candidate: task hash
 -- ARGV  [1] candidates  [2] retention ms  [3] redeliver ms, then per candidate: id
--- Returns per candidate {id, 'requeued', attempt to publish, record json}, {id, 'failed'},
+-- Returns per candidate {id, 'requeued', attempt to publish, record json, traceparent},
+-- {id, 'failed'},
 -- {id, 'cancelled'} or {id, 'skipped'}.
 local n, retention, redeliver = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
@@ -16,7 +17,7 @@ for i = 0, n - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[4 + i]
   local lease_end = tonumber(redis.call('ZSCORE', LEASES, id))
   local f = redis.call('HMGET', key, 'state', 'attempt', 'released', 'max_attempts', 'record',
-    'worker', 'deadline_ms', 'cancel_requested_ms')
+    'worker', 'deadline_ms', 'cancel_requested_ms', 'trace')
   if not lease_end or lease_end > now then
     out[#out + 1] = { id, 'skipped' }
   elseif f[1] ~= 'running' then
@@ -43,7 +44,7 @@ for i = 0, n - 1 do
       redis.call('HSET', key, 'state', 'pending', 'updated_ms', now, 'last_error', why)
       move(id, 'running', 'pending', now)
       redis.call('ZADD', DUE, now + redeliver, id)
-      out[#out + 1] = { id, 'requeued', attempt + 1, f[5] }
+      out[#out + 1] = { id, 'requeued', attempt + 1, f[5], f[9] or '' }
     end
   end
 end

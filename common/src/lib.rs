@@ -25,6 +25,7 @@ pub mod store;
 pub mod task;
 pub mod telemetry;
 pub mod topics;
+pub mod trace;
 
 pub use priority::Priority;
 pub use topics::Topics;

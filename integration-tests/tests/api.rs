@@ -408,3 +408,71 @@ async fn the_openapi_document_and_the_routes_stay_in_step() {
     let dashboard = request(addr, "GET", "/", None, None).await;
     assert!(dashboard.status == 200 && dashboard.body.contains("<title>Fleet</title>"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_travels_from_the_submission_to_the_handler() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let env = TestEnv::start("trace");
+    env.create_topics().await;
+    let (_scheduler, addr) = scheduler(&env, &[("FLEET__HTTP__INSECURE_NO_AUTH", "true")]).await;
+    let _w1 = env.spawn("fleet-worker", "w1", &[]);
+    let http_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let kafka_trace = "0af7651916cd43dd8448eb211c80319c";
+
+    // Over HTTP with a traceparent header, and without one.
+    let body = r#"{"id":"via-http","kind":"noop"}"#;
+    let raw = format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         traceparent: 00-{http_trace}-00f067aa0ba902b7-01\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(send_raw(addr, raw.as_bytes()).await.status, 201);
+    let plain = request(
+        addr,
+        "POST",
+        "/v1/tasks",
+        None,
+        Some(br#"{"id":"untraced","kind":"noop"}"#),
+    )
+    .await;
+    assert_eq!(plain.status, 201, "{}", plain.body);
+    // On the submit topic with a traceparent header.
+    let topic = fleet_common::Topics::from_settings(&env.settings().topics).submit();
+    let header = format!("00-{kafka_trace}-b7ad6b7169203331-01");
+    env.producer()
+        .send(
+            FutureRecord::<(), _>::to(&topic)
+                .payload(r#"{"id":"via-kafka","kind":"noop"}"#)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(&header),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("submitted");
+    let ids: Vec<String> = ["via-http", "via-kafka", "untraced"]
+        .map(String::from)
+        .to_vec();
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+
+    let started = |id: &str| -> String {
+        fleet_integration_tests::fleet::log_events(&env, &["w1"])
+            .into_iter()
+            .find(|e| e["message"] == "Handler started." && e["task_id"] == id)
+            .map(|e| e["trace_id"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(started("via-http"), http_trace);
+    assert_eq!(started("via-kafka"), kafka_trace);
+    let generated = started("untraced");
+    assert_eq!(
+        generated.len(),
+        32,
+        "a new trace for an untraced submission"
+    );
+    assert!(tasks["untraced"]["trace"].contains(&generated));
+    assert!(tasks["via-http"]["trace"].contains(http_trace));
+}

@@ -398,6 +398,7 @@ async fn duplicate_and_stale_deliveries_execute_once() {
             idempotency_key: None,
             run_at_ms: 0,
             delay_ms: 0,
+            trace: fleet_common::trace::TraceParent::new_root(),
         }
     };
     let (b, c) = (new("b"), new("c"));

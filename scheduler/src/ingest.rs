@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use fleet_common::store::{NewTask, Store};
 use fleet_common::task::TaskSpec;
+use fleet_common::trace::TraceParent;
 use fleet_common::{Topics, kafka};
 use futures::StreamExt;
 use rdkafka::Message;
@@ -109,6 +110,17 @@ fn derived_id(message: &BorrowedMessage<'_>) -> String {
     uuid::Uuid::from_u128(bytes).to_string()
 }
 
+/// The `traceparent` header of a submission, if any.
+fn traceparent(message: &BorrowedMessage<'_>) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "traceparent")
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 /// Handles one batch; returns false if cancelled before the batch was fully handled.
 async fn handle_batch(
     settings: &SchedulerSettings,
@@ -124,9 +136,11 @@ async fn handle_batch(
             message.payload().unwrap_or_default(),
             settings.tasks.max_task_bytes,
         ) {
-            Ok(spec) => tasks.push(NewTask::from_spec(spec, &settings.tasks, || {
-                derived_id(message)
-            })),
+            Ok(spec) => {
+                let mut task = NewTask::from_spec(spec, &settings.tasks, || derived_id(message));
+                task.trace = TraceParent::continue_or_start(traceparent(message).as_deref());
+                tasks.push(task);
+            }
             Err(err) => rejected.push((message, err)),
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use fleet_common::store::{Accepted, Dispatch, NewTask, Store};
 use fleet_common::task::Envelope;
 use fleet_common::topics::Topics;
+use fleet_common::trace::TraceParent;
 use fleet_common::{Priority, rejected};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -122,13 +123,13 @@ impl Publisher {
         key: Option<&str>,
         record_json: &str,
         attempt: u32,
+        trace: &str,
     ) -> Result<(), KafkaError> {
         self.send_task(
             id,
             priority,
             key,
-            record_json,
-            attempt,
+            (record_json, attempt, trace),
             self.partition_for(key),
         )
         .await
@@ -139,14 +140,15 @@ impl Publisher {
         id: &str,
         priority: Priority,
         key: Option<&str>,
-        record_json: &str,
-        attempt: u32,
+        (record_json, attempt, trace): (&str, u32, &str),
         partition: Option<i32>,
     ) -> Result<(), KafkaError> {
         let topic = self.topics.tasks(priority);
         let envelope = Envelope::encode(record_json, attempt);
         let attempt_text = attempt.to_string();
-        let headers = OwnedHeaders::new()
+        // Each dispatch is a new span of the task's trace.
+        let traceparent = TraceParent::parse(trace).map(|t| t.child().to_string());
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: "fleet-task-id",
                 value: Some(id),
@@ -155,6 +157,12 @@ impl Publisher {
                 key: "fleet-attempt",
                 value: Some(&attempt_text),
             });
+        if let Some(traceparent) = &traceparent {
+            headers = headers.insert(Header {
+                key: "traceparent",
+                value: Some(traceparent),
+            });
+        }
         let mut record = FutureRecord::to(&topic).payload(&envelope).headers(headers);
         if let Some(key) = key {
             record = record.key(key);
@@ -193,8 +201,7 @@ impl Publisher {
             &dispatch.id,
             route.priority,
             key,
-            &dispatch.record_json,
-            dispatch.attempt,
+            (&dispatch.record_json, dispatch.attempt, &dispatch.trace),
             partition,
         )
         .await
@@ -256,7 +263,14 @@ pub async fn publish_accepted(
             Accepted::Pending(_) => Some(async move {
                 let r = &task.record;
                 publisher
-                    .task(&r.id, r.priority, r.key.as_deref(), &task.record_json, 1)
+                    .task(
+                        &r.id,
+                        r.priority,
+                        r.key.as_deref(),
+                        &task.record_json,
+                        1,
+                        &task.trace.to_string(),
+                    )
                     .await
                     .map(|()| r.id.as_str())
             }),

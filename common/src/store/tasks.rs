@@ -10,6 +10,7 @@ use super::keys::Keys;
 use super::scripts;
 use crate::settings::TaskSettings;
 use crate::task::{State, TaskRecord, TaskSpec, parse_run_at};
+use crate::trace::TraceParent;
 
 /// A validated task ready to be recorded.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub struct NewTask {
     pub run_at_ms: u64,
     /// Or: ms after acceptance (by Redis time) before it may run; 0 for none.
     pub delay_ms: u64,
+    /// The task's trace context, sent with every dispatch.
+    pub trace: TraceParent,
 }
 
 impl NewTask {
@@ -48,6 +51,7 @@ impl NewTask {
             idempotency_key,
             run_at_ms,
             delay_ms,
+            trace: TraceParent::new_root(),
         }
     }
 }
@@ -145,6 +149,8 @@ pub struct Dispatch {
     pub id: String,
     pub attempt: u32,
     pub record_json: String,
+    /// The task's `traceparent` (empty for tasks stored without one).
+    pub trace: String,
 }
 
 /// What the reaper did with one expired lease.
@@ -250,7 +256,8 @@ impl Store {
                 .arg(task.run_at_ms)
                 .arg(task.delay_ms)
                 .arg(task.record.timeout_ms)
-                .arg(&task.record.kind);
+                .arg(&task.record.kind)
+                .arg(task.trace.to_string());
         }
         let rows: Vec<(String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(rows
@@ -461,6 +468,7 @@ impl Store {
                     "requeued" => Requeue::Requeued(Dispatch {
                         attempt: number(row.get(2))? as u32,
                         record_json: text(row.get(3))?,
+                        trace: text(row.get(4)).unwrap_or_default(),
                         id,
                     }),
                     "failed" => Requeue::Failed(id),
@@ -490,11 +498,12 @@ impl Store {
         let rows: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn.clone()).await?;
         let mut out = Vec::new();
         for row in rows {
-            if row.len() == 3 {
+            if row.len() >= 3 {
                 out.push(Dispatch {
                     id: text(row.first())?,
                     attempt: number(row.get(1))? as u32,
                     record_json: text(row.get(2))?,
+                    trace: text(row.get(3)).unwrap_or_default(),
                 });
             }
         }

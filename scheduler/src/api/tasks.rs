@@ -6,10 +6,11 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use fleet_common::Priority;
 use fleet_common::store::{Accepted, Cancel, NewTask, Reprioritize, TaskFilter};
 use fleet_common::task::{State as TaskState, TaskSpec, new_task_id};
+use fleet_common::trace::TraceParent;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -23,8 +24,13 @@ const MAX_BATCH: usize = 1000;
 /// first; if any is invalid nothing is accepted and the answer names it by index.
 pub async fn submit(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let parent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
     let body = body?;
     let max = state.settings.tasks.max_task_bytes;
     let trimmed = body.trim_ascii_start();
@@ -53,7 +59,11 @@ pub async fn submit(
             };
             ApiError::bad_request(err.code(), format!("{at}{err}"))
         })?;
-        tasks.push(NewTask::from_spec(spec, &state.settings.tasks, new_task_id));
+        let mut task = NewTask::from_spec(spec, &state.settings.tasks, new_task_id);
+        task.trace = parent
+            .as_ref()
+            .map_or_else(TraceParent::new_root, TraceParent::child);
+        tasks.push(task);
     }
     let accepted = state.store.accept(&tasks).await?;
     crate::publish::publish_accepted(&state.store, &state.publisher, &tasks, &accepted).await;

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 
 use fleet_common::Priority;
 use fleet_common::task::{Envelope, InvalidEnvelope};
+use fleet_common::trace::TraceParent;
 
 /// One record from a task topic.
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub struct Delivery {
     pub raw: Option<Vec<u8>>,
     /// When the record was published (Kafka timestamp, ms), for the queue-wait metric.
     pub published_ms: Option<i64>,
+    /// Its `traceparent` header: the handler's span joins that trace.
+    pub trace: Option<TraceParent>,
 }
 
 /// Per-priority queues with smooth weighted round-robin selection (the nginx algorithm): with
@@ -99,6 +102,7 @@ mod tests {
             envelope: Err(InvalidEnvelope::Empty),
             raw: None,
             published_ms: None,
+            trace: None,
         }
     }
 

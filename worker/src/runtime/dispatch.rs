@@ -90,7 +90,7 @@ pub(super) async fn dispatch_loop(
                             &shared,
                             &registry,
                             envelope,
-                            delivery.published_ms,
+                            (delivery.published_ms, delivery.trace.as_ref()),
                             slot,
                             done.clone(),
                         );

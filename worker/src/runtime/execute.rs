@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use fleet_common::retry::retry_until;
 use fleet_common::store::{Completion, Outcome, Store};
 use fleet_common::task::Envelope;
+use fleet_common::trace::TraceParent;
 use futures::FutureExt;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use super::{Finished, Labels, Running, Shared};
@@ -22,7 +24,7 @@ pub(super) fn start(
     shared: &Arc<Shared>,
     registry: &Registry,
     envelope: &Envelope,
-    published_ms: Option<i64>,
+    (published_ms, trace): (Option<i64>, Option<&TraceParent>),
     slot: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<Finished>,
 ) {
@@ -59,7 +61,13 @@ pub(super) fn start(
         ms => Some(Duration::from_millis(ms)),
     };
     let tasks = shared.settings.tasks.clone();
-    info!(task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, "Handler started.");
+    // The handler's span: its logs carry the task, the attempt, the worker and the trace of
+    // the request that created the task.
+    let trace_id = trace.map_or("", TraceParent::trace_id);
+    let span = tracing::info_span!(
+        "task", task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, trace_id
+    );
+    info!(parent: &span, task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, trace_id, "Handler started.");
     let progress = ctx.progress_slot();
     shared.running().insert(
         id.clone(),
@@ -77,55 +85,58 @@ pub(super) fn start(
 
     let task_id = id.clone();
     let started = Instant::now();
-    let join = tokio::spawn(async move {
-        let run = async {
-            let Some(handler) = handler else {
-                return Err(HandlerError::permanent(format!(
-                    "no handler is registered for kind `{}`",
-                    ctx.kind
-                )));
-            };
-            match timeout {
-                None => handler.call(ctx).await,
-                Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        cancel.cancel();
-                        Err(HandlerError::retryable(format!(
-                            "timeout after {} ms",
-                            limit.as_millis()
-                        )))
-                    }
-                },
-            }
-        };
-        let outcome = match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(Ok(value)) => Outcome::Ok(value.to_string()),
-            Ok(Err(err)) if err.retryable => Outcome::Retry {
-                error: clip(err.message),
-                delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
-            },
-            Ok(Err(err)) => Outcome::Fail(clip(err.message)),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(ToString::to_string)
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Outcome::Retry {
-                    error: clip(format!("handler panicked: {message}")),
-                    delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+    let join = tokio::spawn(
+        async move {
+            let run = async {
+                let Some(handler) = handler else {
+                    return Err(HandlerError::permanent(format!(
+                        "no handler is registered for kind `{}`",
+                        ctx.kind
+                    )));
+                };
+                match timeout {
+                    None => handler.call(ctx).await,
+                    Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            cancel.cancel();
+                            Err(HandlerError::retryable(format!(
+                                "timeout after {} ms",
+                                limit.as_millis()
+                            )))
+                        }
+                    },
                 }
-            }
-        };
-        let _ = done.send(Finished {
-            id: task_id,
-            attempt,
-            outcome,
-            started,
-            labels,
-        });
-    });
+            };
+            let outcome = match AssertUnwindSafe(run).catch_unwind().await {
+                Ok(Ok(value)) => Outcome::Ok(value.to_string()),
+                Ok(Err(err)) if err.retryable => Outcome::Retry {
+                    error: clip(err.message),
+                    delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+                },
+                Ok(Err(err)) => Outcome::Fail(clip(err.message)),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(ToString::to_string)
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Outcome::Retry {
+                        error: clip(format!("handler panicked: {message}")),
+                        delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+                    }
+                }
+            };
+            let _ = done.send(Finished {
+                id: task_id,
+                attempt,
+                outcome,
+                started,
+                labels,
+            });
+        }
+        .instrument(span),
+    );
     if let Some(entry) = shared.running().get_mut(&id)
         && entry.attempt == attempt
     {

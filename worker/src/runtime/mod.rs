@@ -295,22 +295,32 @@ impl Worker {
     }
 }
 
-/// Cancels the handlers still running at the end of the grace period and releases their tasks
-/// in Redis for immediate redelivery elsewhere; also takes this worker out of the live set.
+/// Cancels and aborts the handlers it holds when dropped.
+struct StopOnDrop(Vec<(Arc<str>, Running)>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for (_, entry) in &self.0 {
+            entry.cancel.cancel();
+            if let Some(abort) = &entry.abort {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Releases the tasks still running at the end of the grace period in Redis for immediate
+/// redelivery elsewhere, then stops their handlers; also takes this worker out of the live set.
 async fn hand_back(shared: &Shared, store: &Store) -> bool {
-    let remaining: Vec<(Arc<str>, u32)> = {
-        let mut running = shared.running();
-        running
-            .drain()
-            .map(|(id, entry)| {
-                entry.cancel.cancel();
-                if let Some(abort) = &entry.abort {
-                    abort.abort();
-                }
-                (id, entry.attempt)
-            })
-            .collect()
-    };
+    let entries: Vec<(Arc<str>, Running)> = shared.running().drain().collect();
+    let remaining: Vec<(Arc<str>, u32)> = entries
+        .iter()
+        .map(|(id, entry)| (id.clone(), entry.attempt))
+        .collect();
+    // Release first, stop the handlers after: a handler stopped earlier could report its
+    // interruption as a failed attempt before the hand-back reached Redis. Once released,
+    // whatever they report is fenced.
+    let _stop = StopOnDrop(entries);
     let refs: Vec<(&str, u32)> = remaining.iter().map(|(id, a)| (&**id, *a)).collect();
     for attempt in 1..=3 {
         match store.release(&shared.worker_id, &refs).await {

@@ -1,0 +1,115 @@
+//! W3C trace context (`traceparent`) carried with every task: from the submission (an HTTP
+//! header or a Kafka header on the submit topic, or a new trace), stored with the task in
+//! Redis, and sent as a Kafka header with every dispatch, so a handler's logs carry the trace
+//! id of the request that created the task.
+
+use std::fmt;
+
+/// A `traceparent` value: `00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    trace_id: String,
+    span_id: String,
+    flags: String,
+}
+
+impl TraceParent {
+    /// A new trace (sampled).
+    pub fn new_root() -> Self {
+        Self {
+            trace_id: hex(&rand::random::<[u8; 16]>()),
+            span_id: hex(&rand::random::<[u8; 8]>()),
+            flags: "01".into(),
+        }
+    }
+
+    /// Parses a header value; `None` for anything not a valid version-00 traceparent.
+    pub fn parse(header: &str) -> Option<Self> {
+        let mut parts = header.trim().split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let is_hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let valid = parts.next().is_none()
+            && version == "00"
+            && is_hex(trace_id, 32)
+            && is_hex(span_id, 16)
+            && is_hex(flags, 2)
+            && trace_id.bytes().any(|b| b != b'0')
+            && span_id.bytes().any(|b| b != b'0');
+        valid.then(|| Self {
+            trace_id: trace_id.into(),
+            span_id: span_id.into(),
+            flags: flags.into(),
+        })
+    }
+
+    /// The parent from `header` if valid, else a new trace; then a new span of it.
+    pub fn continue_or_start(header: Option<&str>) -> Self {
+        header
+            .and_then(Self::parse)
+            .map_or_else(Self::new_root, |p| p.child())
+    }
+
+    /// A new span in the same trace.
+    pub fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id.clone(),
+            span_id: hex(&rand::random::<[u8; 8]>()),
+            flags: self.flags.clone(),
+        }
+    }
+
+    pub fn trace_id(&self) -> &str {
+        &self.trace_id
+    }
+
+    pub fn span_id(&self) -> &str {
+        &self.span_id
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_headers_round_trip_and_children_keep_the_trace() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parent = TraceParent::parse(header).unwrap();
+        assert_eq!(parent.to_string(), header);
+        let child = TraceParent::continue_or_start(Some(header));
+        assert_eq!(child.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(child.span_id(), "00f067aa0ba902b7");
+        assert!(TraceParent::parse(&child.to_string()).is_some());
+    }
+
+    #[test]
+    fn invalid_headers_start_a_new_trace() {
+        for bad in [
+            "",
+            "garbage",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(TraceParent::parse(bad).is_none(), "{bad}");
+        }
+        let fresh = TraceParent::continue_or_start(Some("garbage"));
+        assert_eq!(fresh.trace_id().len(), 32);
+    }
+}
