@@ -64,7 +64,14 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(service(settings)) {
+    let endpoint = settings.log().otlp_endpoint.clone();
+    let result = runtime.block_on(async {
+        crate::otlp::init(&endpoint, name);
+        let result = service(settings).await;
+        crate::otlp::flush().await;
+        result
+    });
+    match result {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Unclean) => ExitCode::FAILURE,
         Err(err) => {

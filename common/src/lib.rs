@@ -16,6 +16,7 @@ pub mod cli;
 pub mod kafka;
 pub mod message_size;
 pub mod ops;
+pub mod otlp;
 pub mod priority;
 pub mod rejected;
 pub mod retry;

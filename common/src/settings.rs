@@ -177,6 +177,20 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// An `EnvFilter` directive, e.g. `info` or `info,fleet_worker=debug`.
     pub level: String,
+    /// OTLP/HTTP collector to export spans to, `http://host:port[/base]`; empty: no export.
+    pub otlp_endpoint: String,
+}
+
+impl Validate for LogSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !crate::otlp::valid_endpoint(&self.otlp_endpoint) {
+            return Err(SettingsError::invalid(
+                "log.otlp_endpoint",
+                "expected http://host:port or http://host:port/base (plain HTTP), or empty",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LogSettings {
@@ -184,6 +198,7 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Auto,
             level: "info".into(),
+            otlp_endpoint: String::new(),
         }
     }
 }
@@ -696,6 +711,7 @@ macro_rules! service_settings {
                     &self.kafka, &self.redis, &self.topics, &self.lease, &self.tasks,
                 )?;
                 $crate::settings::Validate::validate(&self.http)?;
+                $crate::settings::Validate::validate(&self.log)?;
                 $($crate::settings::Validate::validate(&self.$section)?;)*
                 Ok(())
             }

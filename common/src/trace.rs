@@ -11,6 +11,8 @@ pub struct TraceParent {
     trace_id: String,
     span_id: String,
     flags: String,
+    /// The span this one was started from, when known (kept in memory only).
+    parent_span_id: Option<String>,
 }
 
 impl TraceParent {
@@ -20,6 +22,7 @@ impl TraceParent {
             trace_id: hex(&rand::random::<[u8; 16]>()),
             span_id: hex(&rand::random::<[u8; 8]>()),
             flags: "01".into(),
+            parent_span_id: None,
         }
     }
 
@@ -44,6 +47,7 @@ impl TraceParent {
             trace_id: trace_id.into(),
             span_id: span_id.into(),
             flags: flags.into(),
+            parent_span_id: None,
         })
     }
 
@@ -60,6 +64,7 @@ impl TraceParent {
             trace_id: self.trace_id.clone(),
             span_id: hex(&rand::random::<[u8; 8]>()),
             flags: self.flags.clone(),
+            parent_span_id: Some(self.span_id.clone()),
         }
     }
 
@@ -69,6 +74,11 @@ impl TraceParent {
 
     pub fn span_id(&self) -> &str {
         &self.span_id
+    }
+
+    /// The span this one continues, if it was made by [`TraceParent::child`].
+    pub fn parent_span_id(&self) -> Option<&str> {
+        self.parent_span_id.as_deref()
     }
 }
 

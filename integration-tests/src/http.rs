@@ -134,3 +134,74 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// A stand-in OpenTelemetry collector: accepts OTLP/HTTP JSON posts and keeps every span.
+#[derive(Debug, Clone)]
+pub struct SpanSink {
+    pub addr: SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl SpanSink {
+    /// Listens on a free loopback port.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let mut bytes = Vec::new();
+                    let mut chunk = [0u8; 64 * 1024];
+                    while !complete(&bytes) {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let request = parse_request(&bytes);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                        .await;
+                    let Ok(body) = serde_json::from_str::<serde_json::Value>(&request) else {
+                        return;
+                    };
+                    for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+                        let service = resource["resource"]["attributes"][0]["value"]["stringValue"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
+                        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                            for span in scope["spans"].as_array().into_iter().flatten() {
+                                sink.lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .push((service.clone(), span.clone()));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, spans }
+    }
+
+    /// `(service name, span)` of every span received so far.
+    pub fn spans(&self) -> Vec<(String, serde_json::Value)> {
+        self.spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The body of an HTTP request.
+fn parse_request(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}

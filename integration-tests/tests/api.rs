@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_integration_tests::http::{Response, request, send_raw};
+use fleet_integration_tests::http::{Response, SpanSink, request, send_raw};
 use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports};
 use serde_json::{Value, json};
 
@@ -416,8 +416,21 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
 
     let env = TestEnv::start("trace");
     env.create_topics().await;
-    let (_scheduler, addr) = scheduler(&env, &[("FLEET__HTTP__INSECURE_NO_AUTH", "true")]).await;
-    let _w1 = env.spawn("fleet-worker", "w1", &[]);
+    let collector = SpanSink::start().await;
+    let otlp = format!("http://{}", collector.addr);
+    let (_scheduler, addr) = scheduler(
+        &env,
+        &[
+            ("FLEET__HTTP__INSECURE_NO_AUTH", "true"),
+            ("FLEET__LOG__OTLP_ENDPOINT", &otlp),
+        ],
+    )
+    .await;
+    let _w1 = env.spawn(
+        "fleet-worker",
+        "w1",
+        &[("FLEET__LOG__OTLP_ENDPOINT", &otlp)],
+    );
     let http_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let kafka_trace = "0af7651916cd43dd8448eb211c80319c";
 
@@ -475,4 +488,55 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
     );
     assert!(tasks["untraced"]["trace"].contains(&generated));
     assert!(tasks["via-http"]["trace"].contains(http_trace));
+
+    // Exported spans form one trace per task across services: the client's span → accept
+    // (scheduler) → publish (scheduler) → task (worker).
+    let span_of = |spans: &[(String, Value)], name: &str, task: &str| -> Option<(String, Value)> {
+        spans
+            .iter()
+            .find(|(_, s)| {
+                s["name"] == name
+                    && s["attributes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|a| a["key"] == "task_id" && a["value"]["stringValue"] == task)
+            })
+            .cloned()
+    };
+    let chain_of = || -> Vec<(String, Value)> {
+        let spans = collector.spans();
+        ["accept", "publish", "task"]
+            .iter()
+            .filter_map(|name| span_of(&spans, name, "via-http"))
+            .collect()
+    };
+    eventually(WAIT, "accept, publish and task spans exported", || {
+        let n = chain_of().len();
+        async move { n == 3 }
+    })
+    .await;
+    let chain = chain_of();
+    let [
+        (accept_service, accept),
+        (publish_service, publish),
+        (task_service, task),
+    ] = <[(String, Value); 3]>::try_from(chain).unwrap();
+    assert_eq!(
+        (
+            accept_service.as_str(),
+            publish_service.as_str(),
+            task_service.as_str()
+        ),
+        ("fleet-scheduler", "fleet-scheduler", "fleet-worker")
+    );
+    for span in [&accept, &publish, &task] {
+        assert_eq!(span["traceId"], http_trace, "{span}");
+    }
+    assert_eq!(
+        accept["parentSpanId"], "00f067aa0ba902b7",
+        "the client's span"
+    );
+    assert_eq!(publish["parentSpanId"], accept["spanId"]);
+    assert_eq!(task["parentSpanId"], publish["spanId"]);
 }

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use fleet_common::otlp;
 use fleet_common::store::{Accepted, Dispatch, NewTask, Store};
 use fleet_common::task::Envelope;
 use fleet_common::topics::Topics;
@@ -147,7 +148,9 @@ impl Publisher {
         let envelope = Envelope::encode(record_json, attempt);
         let attempt_text = attempt.to_string();
         // Each dispatch is a new span of the task's trace.
-        let traceparent = TraceParent::parse(trace).map(|t| t.child().to_string());
+        let span = TraceParent::parse(trace).map(|t| t.child());
+        let traceparent = span.as_ref().map(ToString::to_string);
+        let start_ns = otlp::now_ns();
         let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: "fleet-task-id",
@@ -170,11 +173,22 @@ impl Publisher {
         if let Some(partition) = partition {
             record = record.partition(partition);
         }
-        let delivered = self
+        let sent = self
             .producer
             .send(record, SEND_TIMEOUT)
             .await
-            .map_err(|(err, _)| err)?;
+            .map_err(|(err, _)| err);
+        if let Some(span) = &span {
+            let mut exported = otlp::Span::of("publish", otlp::SpanKind::Producer, span, start_ns)
+                .attr("task_id", id)
+                .attr("attempt", attempt)
+                .attr("messaging.destination.name", &topic);
+            if let Err(err) = &sent {
+                exported.error = Some(err.to_string());
+            }
+            otlp::record(exported);
+        }
+        let delivered = sent?;
         tracing::debug!(
             task_id = id, attempt, topic = %topic, partition = delivered.partition, offset = delivered.offset,
             "Task published."
@@ -256,6 +270,7 @@ pub async fn publish_accepted(
     tasks: &[NewTask],
     accepted: &[Accepted],
 ) {
+    let start_ns = otlp::now_ns();
     let sends = tasks
         .iter()
         .zip(accepted)
@@ -307,6 +322,20 @@ pub async fn publish_accepted(
     }
     if let Err(err) = store.dispatched(&sent).await {
         warn!(error = %err, "Could not confirm dispatches; the relay may publish them again (deduplicated at claim).");
+    }
+    if otlp::enabled() {
+        for (task, outcome) in tasks.iter().zip(accepted) {
+            if !matches!(outcome, Accepted::Duplicate(_)) {
+                let r = &task.record;
+                otlp::record(
+                    otlp::Span::of("accept", otlp::SpanKind::Server, &task.trace, start_ns)
+                        .attr("task_id", &r.id)
+                        .attr("kind", &r.kind)
+                        .attr("queue", &r.queue)
+                        .attr("priority", r.priority),
+                );
+            }
+        }
     }
 }
 

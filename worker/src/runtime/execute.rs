@@ -5,6 +5,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_common::otlp;
 use fleet_common::retry::retry_until;
 use fleet_common::store::{Completion, Outcome, Store};
 use fleet_common::task::Envelope;
@@ -64,6 +65,10 @@ pub(super) fn start(
     // The handler's span: its logs carry the task, the attempt, the worker and the trace of
     // the request that created the task.
     let trace_id = trace.map_or("", TraceParent::trace_id);
+    // The attempt's own span in the task's trace, exported when OTLP export is on.
+    let attempt_span = trace.filter(|_| otlp::enabled()).map(TraceParent::child);
+    let worker_id = shared.worker_id.clone();
+    let start_ns = otlp::now_ns();
     let span = tracing::info_span!(
         "task", task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, trace_id
     );
@@ -127,6 +132,22 @@ pub(super) fn start(
                     }
                 }
             };
+            if let Some(span) = &attempt_span {
+                let (name, error) = match &outcome {
+                    Outcome::Ok(_) => ("succeeded", None),
+                    Outcome::Retry { error, .. } => ("retry", Some(error.clone())),
+                    Outcome::Fail(error) => ("failed", Some(error.clone())),
+                    Outcome::Cancelled => ("cancelled", None),
+                };
+                let mut exported = otlp::Span::of("task", otlp::SpanKind::Consumer, span, start_ns)
+                    .attr("task_id", &task_id)
+                    .attr("attempt", attempt)
+                    .attr("kind", &labels.kind)
+                    .attr("worker_id", &worker_id)
+                    .attr("outcome", name);
+                exported.error = error;
+                otlp::record(exported);
+            }
             let _ = done.send(Finished {
                 id: task_id,
                 attempt,
