@@ -252,18 +252,26 @@ pub async fn workers(store: &Store, max_age_ms: u64, json: bool) -> anyhow::Resu
         return Ok(());
     }
     println!(
-        "{:<28} {:<20} {:<8} {:>5} {:>7} {:<24} last seen (ms ago)",
-        "id", "host", "version", "slots", "running", "partitions"
+        "{:<28} {:<20} {:<8} {:<6} {:>5} {:>7} {:<24} last seen (ms ago)",
+        "id", "host", "version", "queues", "slots", "running", "partitions"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     for w in workers {
         println!(
-            "{:<28} {:<20} {:<8} {:>5} {:>7} {:<24} {}",
+            "{:<28} {:<20} {:<8} {:<6} {:>5} {:>7} {:<24} {}",
             w.id,
             w.info["host"].as_str().unwrap_or(""),
             w.info["version"].as_str().unwrap_or(""),
+            w.info["queues"]
+                .as_array()
+                .map(|q| q
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
             w.info["concurrency"],
             w.running,
             w.info["partitions"].to_string(),

@@ -10,6 +10,7 @@ use fleet_common::settings::CommonSettings;
 use fleet_common::task::{TaskSpec, new_task_id};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Gives a submission an id when it has none, so the caller can follow it, after checking it
 /// the same way the scheduler will. Returns (id, JSON text).
@@ -70,19 +71,39 @@ pub async fn publish(
     Ok(())
 }
 
-/// Reads JSON lines from a file or `-` (stdin); blank lines are skipped. Every line is
-/// checked before anything is sent, and the first bad one is reported with its line number.
+/// Reads tasks from a file or `-` (stdin): one JSON object (any layout), a JSON array of them,
+/// or JSON lines (blank lines skipped). Every task is checked before anything is sent, and the
+/// first bad one is reported by its line number or array index.
 pub fn read_lines(path: &str, max_bytes: usize) -> anyhow::Result<Vec<(String, String)>> {
-    let reader: Box<dyn BufRead> = if path == "-" {
+    let mut reader: Box<dyn BufRead> = if path == "-" {
         Box::new(std::io::stdin().lock())
     } else {
         Box::new(std::io::BufReader::new(
             std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
         ))
     };
+    let mut all = Vec::new();
+    reader
+        .read_to_end(&mut all)
+        .with_context(|| format!("reading {path}"))?;
+    // A whole document: one task, or an array of tasks (each kept byte for byte).
+    if let Ok(document) = serde_json::from_slice::<&RawValue>(&all) {
+        let items: Vec<&RawValue> = if document.get().starts_with('[') {
+            serde_json::from_str(document.get())?
+        } else {
+            vec![document]
+        };
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                prepare(item.get(), max_bytes).with_context(|| format!("{path}: task {i}"))
+            })
+            .collect();
+    }
     let mut out = Vec::new();
-    for (n, line) in reader.split(b'\n').enumerate() {
-        let line = line.with_context(|| format!("reading {path}"))?;
+    for (n, line) in all.split(|b| *b == b'\n').enumerate() {
+        let line = line.to_vec();
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }

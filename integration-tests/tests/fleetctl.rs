@@ -49,6 +49,36 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
     std::fs::write(&file, lines.join("\n")).unwrap();
     let out = ok(&env, &["submit", "--file", file.to_str().unwrap()]);
     assert_eq!(out.lines().count(), 32, "one id per task: {out}");
+    // A pretty-printed task, and a JSON array of tasks.
+    let one = env.dir.join("one.json");
+    std::fs::write(&one, "{\n  \"id\": \"pretty\",\n  \"kind\": \"noop\"\n}\n").unwrap();
+    assert_eq!(
+        ok(&env, &["submit", "--file", one.to_str().unwrap()]).trim(),
+        "pretty"
+    );
+    let many = env.dir.join("many.json");
+    std::fs::write(
+        &many,
+        r#"[{"id":"arr-1","kind":"noop"}, {"id":"arr-2","kind":"noop"}]"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ok(&env, &["submit", "--file", many.to_str().unwrap()]).trim(),
+        "arr-1\narr-2"
+    );
+    let bad = env.dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"[{"kind":"noop"}, {"kind":"noop","max_attempts":0}]"#,
+    )
+    .unwrap();
+    let (code, _, err) = env.fleetctl(&["submit", "--file", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("task 1") && err.contains("max_attempts"),
+        "{err}"
+    );
+    ok(&env, &["watch", "arr-2", "--interval-ms", "100"]);
 
     // watch: 0 when it succeeds, 4 when it fails (with the error).
     let watched = ok(&env, &["watch", "n0", "--interval-ms", "100"]);

@@ -32,7 +32,9 @@ pub async fn scan(
         match outcome {
             Requeue::Requeued(dispatch) => {
                 info!(task_id = %dispatch.id, attempt = dispatch.attempt, "Lease expired; task requeued.");
-                metrics::counter!("fleet_tasks_requeued_total").increment(1);
+                let (kind, priority) = labels(&dispatch.record_json);
+                metrics::counter!("fleet_tasks_requeued_total", "kind" => kind, "priority" => priority)
+                    .increment(1);
                 match publisher.dispatch(dispatch, &live).await {
                     Ok(()) => sent.push((dispatch.id.as_str(), dispatch.attempt)),
                     Err(err) => {
@@ -53,4 +55,16 @@ pub async fn scan(
     }
     store.dispatched(&sent).await?;
     Ok(expired.len())
+}
+
+/// The metric labels of a stored task record (kind and priority), without parsing its payload.
+fn labels(record_json: &str) -> (String, String) {
+    #[derive(serde::Deserialize)]
+    struct Labels {
+        kind: String,
+        priority: String,
+    }
+    serde_json::from_str::<Labels>(record_json)
+        .map(|l| (l.kind, l.priority))
+        .unwrap_or_default()
 }

@@ -46,6 +46,10 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/v1/stats"),
     (Method::GET, "/v1/workers"),
     (Method::GET, "/v1/openapi.json"),
+    (Method::GET, "/healthz"),
+    (Method::GET, "/readyz"),
+    (Method::GET, "/metrics"),
+    (Method::GET, "/"),
 ];
 
 /// What the handlers share.

@@ -102,6 +102,8 @@ async fn keep_leases(
         "concurrency": settings.worker.concurrency,
         "group": settings.worker.group_id,
         "kinds": kinds,
+        // Queues share the priority topics, so every worker serves every queue.
+        "queues": ["*"],
         "started_ms": started_ms,
         "partitions": {},
     });
