@@ -83,6 +83,9 @@ pub fn consumer_config(settings: &KafkaSettings, group_id: &str, client_id: &str
             ("enable.auto.commit", "true".into()),
             ("auto.commit.interval.ms", "1000".into()),
             ("enable.partition.eof", "false".into()),
+            // A fetch waits at most this long for new records: it bounds how long a task can
+            // sit on the broker before a worker sees it (librdkafka's default is 500 ms).
+            ("fetch.wait.max.ms", "50".into()),
             ("partition.assignment.strategy", "cooperative-sticky".into()),
             (
                 "session.timeout.ms",

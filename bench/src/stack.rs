@@ -1,0 +1,217 @@
+//! The benchmarked stack: the integration harness's broker and Redis on free loopback ports,
+//! with Fleet's release binaries, and the helpers every scenario needs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use fleet_common::Topics;
+use fleet_common::store::Store;
+use fleet_common::task::State;
+use fleet_integration_tests::{ManagedProcess, TestEnv};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// One broker, one Redis, a scheduler, a reaper and workers.
+pub struct Stack {
+    pub env: TestEnv,
+    pub store: Store,
+    pub scheduler: ManagedProcess,
+    pub _reaper: ManagedProcess,
+    pub workers: Vec<ManagedProcess>,
+    producer: FutureProducer,
+    submit_topic: String,
+}
+
+/// Wall-clock milliseconds (the same clock Redis `TIME` reads on this machine).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Stack {
+    /// Starts the stack with `workers` workers (each with `worker_vars`) and waits until every
+    /// worker owns partitions.
+    pub async fn start(
+        name: &str,
+        workers: usize,
+        worker_vars: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let env = TestEnv::start(name);
+        env.create_topics().await;
+        let scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+        let reaper = env.spawn("fleet-reaper", "reaper", &[]);
+        let mut stack = Self {
+            store: env.store().await,
+            producer: {
+                let mut config =
+                    fleet_common::kafka::producer_config(&env.settings().kafka, "fleet-bench");
+                config
+                    .set("linger.ms", "5")
+                    .set("batch.num.messages", "10000");
+                config.create()?
+            },
+            submit_topic: Topics::from_settings(&env.settings().topics).submit(),
+            env,
+            scheduler,
+            _reaper: reaper,
+            workers: Vec::new(),
+        };
+        for i in 0..workers {
+            stack.add_worker(&format!("w{i}"), worker_vars);
+        }
+        stack.wait_workers(workers).await?;
+        Ok(stack)
+    }
+
+    pub fn add_worker(&mut self, name: &str, vars: &[(&str, &str)]) {
+        self.workers
+            .push(self.env.spawn("fleet-worker", name, vars));
+    }
+
+    /// Waits until `n` workers heartbeat and each owns task partitions.
+    pub async fn wait_workers(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let live = self.store.live_workers(2_000).await?;
+            let ready = live
+                .iter()
+                .filter(|(_, info)| {
+                    !info.contains("\"normal\":[]") && info.contains("\"normal\":[")
+                })
+                .count();
+            if ready >= n {
+                // The group may still move partitions once more; let it settle.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {ready} of {n} workers got partitions within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Publishes submissions as fast as the producer takes them; returns the bytes sent.
+    pub async fn submit(&self, bodies: &[String]) -> anyhow::Result<u64> {
+        let mut bytes = 0;
+        for chunk in bodies.chunks(20_000) {
+            let sends = chunk.iter().map(|body| {
+                self.producer.send(
+                    FutureRecord::<(), _>::to(&self.submit_topic).payload(body.as_bytes()),
+                    Duration::from_secs(60),
+                )
+            });
+            for result in futures::future::join_all(sends).await {
+                result.map_err(|(err, _)| err).context("submitting")?;
+            }
+            bytes += chunk.iter().map(|b| b.len() as u64).sum::<u64>();
+        }
+        Ok(bytes)
+    }
+
+    /// Publishes one submission without waiting for its acknowledgement to return.
+    pub fn submit_one(&self, body: String) -> impl Future<Output = ()> + use<> {
+        let producer = self.producer.clone();
+        let topic = self.submit_topic.clone();
+        async move {
+            let _ = producer
+                .send(
+                    FutureRecord::<(), _>::to(&topic).payload(body.as_bytes()),
+                    Duration::from_secs(60),
+                )
+                .await;
+        }
+    }
+
+    /// How many tasks are in `state` now.
+    pub async fn count(&self, state: State) -> anyhow::Result<u64> {
+        let counts = self.store.counts().await?;
+        Ok(counts
+            .into_iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| n))
+    }
+
+    /// Waits until at least `n` tasks are in `state`.
+    pub async fn wait_count(&self, state: State, n: u64, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let have = self.count(state).await?;
+            if have >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{have} of {n} tasks {state} after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Chosen fields of many tasks, read in pipelines.
+    pub async fn fields(
+        &self,
+        ids: &[String],
+        names: &[&str],
+    ) -> anyhow::Result<Vec<HashMap<String, String>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(5_000) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET").arg(self.store.keys().task(id)).arg(names);
+            }
+            let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.store.conn()).await?;
+            for row in rows {
+                out.push(
+                    names
+                        .iter()
+                        .zip(row)
+                        .filter_map(|(n, v)| Some((n.to_string(), v?)))
+                        .collect(),
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Resident memory of a process: (current, peak) in bytes, from /proc.
+pub fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Redis's total commands processed and CPU seconds used so far.
+pub async fn redis_usage(store: &Store) -> anyhow::Result<(u64, f64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("all")
+        .query_async(&mut store.conn())
+        .await?;
+    let value = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or("0")
+            .to_string()
+    };
+    let commands: u64 = value("total_commands_processed:").parse().unwrap_or(0);
+    let cpu = value("used_cpu_sys:").parse::<f64>().unwrap_or(0.0)
+        + value("used_cpu_user:").parse::<f64>().unwrap_or(0.0);
+    Ok((commands, cpu))
+}
+
+/// `p` (0–100) percentile of sorted values.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
