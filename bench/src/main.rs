@@ -61,9 +61,9 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("(d) recovery after kill -9 …");
     let recovery = scenarios::recovery(&mut stack, lease_ms).await?;
-    eprintln!("(b) drain of {} accepted tasks …", args.tasks);
-    let drain = scenarios::drain(&mut stack, args.tasks, args.workers).await?;
     drop(stack);
+    eprintln!("(b) drain of {} accepted tasks …", args.tasks);
+    let drain = scenarios::drain(args.tasks, args.workers).await?;
     eprintln!("(f) memory with {} sleeping tasks …", args.sleeping);
     let memory = scenarios::memory(args.sleeping).await?;
 

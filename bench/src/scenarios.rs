@@ -71,17 +71,11 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
     }))
 }
 
-/// (b) drain: `n` tasks accepted while no worker runs, then drained by `workers` fresh ones;
-/// timed from the first start to the last finish, by Redis's clock.
-pub async fn drain(stack: &mut Stack, n: usize, workers: usize) -> anyhow::Result<Value> {
-    for worker in &mut stack.workers {
-        worker.signal("TERM");
-    }
-    for worker in &mut stack.workers {
-        worker.wait_exit(Duration::from_secs(60));
-    }
-    stack.workers.clear();
-    let before = stack.count(State::Succeeded).await?;
+/// (b) drain: `n` tasks accepted on a fresh stack while no worker runs, then drained by
+/// `workers` workers; timed from the first start to the last finish, by Redis's clock.
+pub async fn drain(n: usize, workers: usize) -> anyhow::Result<Value> {
+    let mut stack = Stack::start("bench-drain", 0, &[]).await?;
+    let before = 0;
     let (ids, bodies) = noop("d", n);
     stack.submit(&bodies).await?;
     stack

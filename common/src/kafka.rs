@@ -85,7 +85,7 @@ pub fn consumer_config(settings: &KafkaSettings, group_id: &str, client_id: &str
             ("enable.partition.eof", "false".into()),
             // A fetch waits at most this long for new records: it bounds how long a task can
             // sit on the broker before a worker sees it (librdkafka's default is 500 ms).
-            ("fetch.wait.max.ms", "50".into()),
+            ("fetch.wait.max.ms", "10".into()),
             ("partition.assignment.strategy", "cooperative-sticky".into()),
             (
                 "session.timeout.ms",
