@@ -132,6 +132,13 @@ fn print_table(r: &Value) {
         f(&e["kafka_records_per_task"]),
         f(&e["kafka_bytes_per_task"])
     );
+    if let Some(cpu) = e["cpu_seconds"].as_object() {
+        let parts: Vec<String> = cpu
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1} s", f(v)))
+            .collect();
+        println!("| CPU during (a) | {} |", parts.join(", "));
+    }
     let m = &r["memory"];
     println!(
         "| (f) peak RSS | scheduler {:.0} MB, worker {:.0} MB (during (a)); worker with {} sleeping tasks {:.0} MB |",

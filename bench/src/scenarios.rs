@@ -6,7 +6,20 @@ use std::time::{Duration, Instant};
 use fleet_common::task::State;
 use serde_json::{Value, json};
 
-use crate::stack::{Stack, now_ms, percentile, redis_usage, rss};
+use crate::stack::{Stack, cpu_seconds, now_ms, percentile, redis_usage, rss};
+
+/// CPU seconds used so far by each part of the stack and by this load generator.
+fn cpu_split(stack: &Stack) -> Vec<(&'static str, f64)> {
+    let workers: f64 = stack.workers.iter().map(|w| cpu_seconds(w.pid())).sum();
+    vec![
+        ("broker", cpu_seconds(stack.env.broker.pid())),
+        ("redis", cpu_seconds(stack.env.redis.pid())),
+        ("scheduler", cpu_seconds(stack.scheduler.pid())),
+        ("reaper", cpu_seconds(stack.reaper.pid())),
+        ("workers", workers),
+        ("load generator", cpu_seconds(std::process::id())),
+    ]
+}
 
 fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
@@ -22,6 +35,7 @@ fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
 pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
     let (ids, bodies) = noop("e", n);
     let (commands_before, cpu_before) = redis_usage(&stack.store).await?;
+    let split_before = cpu_split(stack);
     let start_ms = now_ms();
     let started = Instant::now();
     let bytes = stack.submit(&bodies).await?;
@@ -39,6 +53,16 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         .unwrap_or(start_ms);
     let seconds = (last.saturating_sub(start_ms)) as f64 / 1000.0;
     let (commands_after, cpu_after) = redis_usage(&stack.store).await?;
+    let cpu: serde_json::Map<String, Value> = cpu_split(stack)
+        .into_iter()
+        .zip(split_before)
+        .map(|((name, after), (_, before))| {
+            (
+                name.to_string(),
+                json!(((after - before) * 100.0).round() / 100.0),
+            )
+        })
+        .collect();
     let attempts: u64 = rows
         .iter()
         .filter_map(|r| r.get("attempt")?.parse::<u64>().ok())
@@ -68,6 +92,7 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         "kafka_bytes_per_task": kafka_bytes as f64 / n as f64,
         "scheduler_peak_rss_mb": scheduler_peak as f64 / 1e6,
         "worker_peak_rss_mb": worker_peak as f64 / 1e6,
+        "cpu_seconds": cpu,
     }))
 }
 

@@ -16,7 +16,7 @@ pub struct Stack {
     pub env: TestEnv,
     pub store: Store,
     pub scheduler: ManagedProcess,
-    pub _reaper: ManagedProcess,
+    pub reaper: ManagedProcess,
     pub workers: Vec<ManagedProcess>,
     producer: FutureProducer,
     submit_topic: String,
@@ -54,7 +54,7 @@ impl Stack {
             submit_topic: Topics::from_settings(&env.settings().topics).submit(),
             env,
             scheduler,
-            _reaper: reaper,
+            reaper,
             workers: Vec::new(),
         };
         for i in 0..workers {
@@ -186,6 +186,23 @@ pub fn rss(pid: u32) -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc (0 if it is gone).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5); here 11 and 12 after the state field.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Redis's total commands processed and CPU seconds used so far.
