@@ -12,6 +12,8 @@
 -- 7 not ready (scheduled, or running an older attempt), 8 held (paused).
 local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
+-- One SCARD per batch: the per-task pause checks run only while something is paused.
+local any_paused = redis.call('SCARD', PAUSED) > 0
 local out = {}
 for i = 0, n - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
@@ -24,7 +26,7 @@ for i = 0, n - 1 do
     if state == 'running' and attempt == current then code = 2 else code = 3 end
   elseif attempt > current + 1 then code = 5
   elseif state ~= 'pending' then code = 7
-  elseif is_paused(f[3], f[4]) then
+  elseif any_paused and is_paused(f[3], f[4]) then
     redis.call('ZADD', HELD, now, id)
     redis.call('ZREM', DUE, id)
     code = 8
