@@ -51,11 +51,20 @@ impl TraceParent {
         })
     }
 
-    /// The parent from `header` if valid, else a new trace; then a new span of it.
-    pub fn continue_or_start(header: Option<&str>) -> Self {
-        header
+    /// The `traceparent` header of a Kafka record, if present and valid.
+    pub fn from_kafka(message: &impl rdkafka::Message) -> Option<Self> {
+        use rdkafka::message::Headers;
+        message
+            .headers()?
+            .iter()
+            .find(|h| h.key == "traceparent")
+            .and_then(|h| std::str::from_utf8(h.value?).ok())
             .and_then(Self::parse)
-            .map_or_else(Self::new_root, |p| p.child())
+    }
+
+    /// A new span of `parent`'s trace, or a new trace when there is no parent.
+    pub fn continue_or_start(parent: Option<&Self>) -> Self {
+        parent.map_or_else(Self::new_root, Self::child)
     }
 
     /// A new span in the same trace.
@@ -101,7 +110,7 @@ mod tests {
         let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let parent = TraceParent::parse(header).unwrap();
         assert_eq!(parent.to_string(), header);
-        let child = TraceParent::continue_or_start(Some(header));
+        let child = TraceParent::continue_or_start(Some(&parent));
         assert_eq!(child.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(child.span_id(), "00f067aa0ba902b7");
         assert!(TraceParent::parse(&child.to_string()).is_some());
@@ -119,7 +128,7 @@ mod tests {
         ] {
             assert!(TraceParent::parse(bad).is_none(), "{bad}");
         }
-        let fresh = TraceParent::continue_or_start(Some("garbage"));
+        let fresh = TraceParent::continue_or_start(TraceParent::parse("garbage").as_ref());
         assert_eq!(fresh.trace_id().len(), 32);
     }
 }

@@ -175,6 +175,11 @@ pub async fn stats(
         row(&format!("p:{priority}"), counts);
     }
     println!("(terminal columns of queues and priorities are totals; the rest is current)");
+    if stats.partial {
+        println!(
+            "(a waiting or running state is large: its per-queue split covers the newest 50,000)"
+        );
+    }
     println!(
         "throughput  {:.1} succeeded/s over the last minute",
         stats.succeeded_per_s

@@ -84,6 +84,12 @@ impl TestEnv {
         Store::new(conn, Keys::new(&s.redis.key_prefix), &s.tasks)
     }
 
+    /// How many tasks Redis holds, in every state.
+    pub async fn task_total(&self) -> u64 {
+        let counts = self.store().await.counts().await.expect("counts");
+        counts.iter().map(|(_, n)| n).sum()
+    }
+
     /// The fields of every listed task (missing tasks are absent from the map).
     pub async fn tasks(&self, ids: &[String]) -> HashMap<String, HashMap<String, String>> {
         let store = self.store().await;
@@ -243,13 +249,28 @@ impl TestEnv {
 impl TestEnv {
     /// Runs `fleetctl` with this environment's settings; returns (exit code, stdout, stderr).
     pub fn fleetctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = std::process::Command::new(fleet_binary("fleetctl"))
+        self.fleetctl_with_stdin(args, "")
+    }
+
+    /// Runs `fleetctl` with `stdin` as its standard input.
+    pub fn fleetctl_with_stdin(&self, args: &[&str], stdin: &str) -> (i32, String, String) {
+        use std::io::Write;
+        let mut child = std::process::Command::new(fleet_binary("fleetctl"))
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env_vars())
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run fleetctl");
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes());
+        let out = child.wait_with_output().expect("fleetctl output");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -222,14 +222,7 @@ async fn killed_and_restarted_schedulers_lose_no_submission_and_create_none_twic
     env.submit(&bodies[..1_000]).await;
     let store = env.store().await;
     eventually(WAIT, "the first scheduler is accepting", || async {
-        store
-            .counts()
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, n)| n)
-            .sum::<u64>()
-            > 0
+        env.task_total().await > 0
     })
     .await;
     s1.signal("KILL");
@@ -238,16 +231,7 @@ async fn killed_and_restarted_schedulers_lose_no_submission_and_create_none_twic
     eventually(
         WAIT,
         "the second scheduler accepted the first 2,000",
-        || async {
-            store
-                .counts()
-                .await
-                .unwrap()
-                .iter()
-                .map(|(_, n)| n)
-                .sum::<u64>()
-                >= 2_000
-        },
+        || async { env.task_total().await >= 2_000 },
     )
     .await;
     // A graceful hand-over too: the next scheduler starts exactly at the committed offsets.

@@ -79,6 +79,11 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
         "{err}"
     );
     ok(&env, &["watch", "arr-2", "--interval-ms", "100"]);
+    let (code, out, err) = env.fleetctl_with_stdin(
+        &["submit", "--file", "-"],
+        "{\"id\":\"piped-1\",\"kind\":\"noop\"}\n{\"id\":\"piped-2\",\"kind\":\"noop\"}\n",
+    );
+    assert_eq!((code, out.trim()), (0, "piped-1\npiped-2"), "{err}");
 
     // watch: 0 when it succeeds, 4 when it fails (with the error).
     let watched = ok(&env, &["watch", "n0", "--interval-ms", "100"]);

@@ -282,6 +282,24 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
         let (code, _, err) = run_binary(binary, args, &[("FLEET__REDIS__URL", "junk\u{7f}")]);
         assert_eq!(code, 2, "{binary}: {err}");
         assert!(err.contains("redis.url"), "{binary}: {err}");
+        for (var, value, key) in [
+            ("FLEET__HTTP__LISTEN", "not an address", "http.listen"),
+            ("FLEET__HTTP__TOKENS", "short", "http.tokens"),
+            (
+                "FLEET__HTTP__MAX_BODY_BYTES",
+                "99999999999",
+                "http.max_body_bytes",
+            ),
+            (
+                "FLEET__LOG__OTLP_ENDPOINT",
+                "https://collector:4318",
+                "log.otlp_endpoint",
+            ),
+        ] {
+            let (code, _, err) = run_binary(binary, args, &[(var, value)]);
+            assert_eq!(code, 2, "{binary} {var}={value}: {err}");
+            assert!(err.contains(key), "{binary} {var}={value}: {err}");
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");

@@ -201,16 +201,8 @@ async fn delayed_tasks_run_on_time_once_across_a_scheduler_crash() {
     ];
     env.submit(&bodies).await;
     let ids: Vec<String> = ["now", "delay", "at"].map(String::from).to_vec();
-    let store = env.store().await;
     fleet_integration_tests::eventually(WAIT, "all three accepted", || async {
-        store
-            .counts()
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, n)| n)
-            .sum::<u64>()
-            == 3
+        env.task_total().await == 3
     })
     .await;
     s1.signal("KILL"); // the timer lives in Redis: the other scheduler and the reaper relay it

@@ -110,17 +110,6 @@ fn derived_id(message: &BorrowedMessage<'_>) -> String {
     uuid::Uuid::from_u128(bytes).to_string()
 }
 
-/// The `traceparent` header of a submission, if any.
-fn traceparent(message: &BorrowedMessage<'_>) -> Option<String> {
-    use rdkafka::message::Headers;
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == "traceparent")
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
 /// Handles one batch; returns false if cancelled before the batch was fully handled.
 async fn handle_batch(
     settings: &SchedulerSettings,
@@ -138,7 +127,8 @@ async fn handle_batch(
         ) {
             Ok(spec) => {
                 let mut task = NewTask::from_spec(spec, &settings.tasks, || derived_id(message));
-                task.trace = TraceParent::continue_or_start(traceparent(message).as_deref());
+                task.trace =
+                    TraceParent::continue_or_start(TraceParent::from_kafka(message).as_ref());
                 tasks.push(task);
             }
             Err(err) => rejected.push((message, err)),

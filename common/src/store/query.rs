@@ -69,7 +69,14 @@ pub struct Stats {
     pub paused: Vec<String>,
     pub held: u64,
     pub counters: BTreeMap<String, u64>,
+    /// True when a waiting or running state held more than [`STATS_SCAN_LIMIT`] tasks: the
+    /// per-queue and per-priority counts of that state then cover only the newest ones.
+    pub partial: bool,
 }
+
+/// Most tasks per non-terminal state that [`Store::stats`] reads to split counts by queue and
+/// priority, so a huge backlog cannot make a dashboard refresh read all of it.
+pub const STATS_SCAN_LIMIT: usize = 50_000;
 
 /// Fields a list reads per task.
 const SUMMARY_FIELDS: [&str; 11] = [
@@ -170,13 +177,15 @@ impl Store {
             .collect();
         let mut by_queue: BTreeMap<String, Counts> = BTreeMap::new();
         let mut by_priority: BTreeMap<String, Counts> = BTreeMap::new();
+        let mut partial = false;
         for state in [State::Pending, State::Scheduled, State::Running] {
-            let ids: Vec<String> = redis::cmd("ZRANGE")
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
                 .arg(self.keys().state_index(state))
                 .arg(0)
-                .arg(-1)
+                .arg(STATS_SCAN_LIMIT - 1)
                 .query_async(&mut self.conn())
                 .await?;
+            partial |= ids.len() == STATS_SCAN_LIMIT;
             for chunk in ids.chunks(1000) {
                 let mut pipe = redis::pipe();
                 for id in chunk {
@@ -242,6 +251,7 @@ impl Store {
             paused: self.paused().await?.iter().map(Selector::member).collect(),
             held: self.held_count().await?,
             counters: self.counters().await?.into_iter().collect(),
+            partial,
         })
     }
 

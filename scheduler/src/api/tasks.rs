@@ -60,9 +60,7 @@ pub async fn submit(
             ApiError::bad_request(err.code(), format!("{at}{err}"))
         })?;
         let mut task = NewTask::from_spec(spec, &state.settings.tasks, new_task_id);
-        task.trace = parent
-            .as_ref()
-            .map_or_else(TraceParent::new_root, TraceParent::child);
+        task.trace = TraceParent::continue_or_start(parent.as_ref());
         tasks.push(task);
     }
     let accepted = state.store.accept(&tasks).await?;

@@ -70,7 +70,7 @@ pub(super) async fn poll_loop(
                     envelope,
                     raw,
                     published_ms: message.timestamp().to_millis(),
-                    trace: traceparent(&message),
+                    trace: TraceParent::from_kafka(&message),
                 };
                 let buffered = shared.buffers().push(delivery);
                 shared.work_ready.notify_one();
@@ -81,17 +81,6 @@ pub(super) async fn poll_loop(
             }
         }
     }
-}
-
-/// The record's `traceparent` header, if valid.
-fn traceparent(message: &impl Message) -> Option<TraceParent> {
-    use rdkafka::message::Headers;
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == "traceparent")
-        .and_then(|h| std::str::from_utf8(h.value?).ok())
-        .and_then(TraceParent::parse)
 }
 
 /// Notes which partitions of each priority topic this worker owns now.
