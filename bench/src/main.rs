@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
 
+use crate::scenarios::Via;
 use crate::stack::Stack;
 
 #[derive(Debug, Parser)]
@@ -27,9 +28,12 @@ struct Args {
     /// Seconds of each fixed-load latency run.
     #[arg(long, default_value_t = 30)]
     latency_secs: u64,
-    /// Offered loads (tasks/s) of the latency runs.
+    /// Offered loads (tasks/s) of the latency runs through the submit topic.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     rates: Vec<u64>,
+    /// Offered loads (tasks/s) of the latency runs through the HTTP API (none: empty).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    http_rates: Vec<u64>,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -56,7 +60,26 @@ async fn main() -> anyhow::Result<()> {
     let mut latency = Vec::new();
     for rate in &args.rates {
         latency.push(
-            scenarios::latency(&stack, *rate, args.latency_secs, &format!("l{rate}-")).await?,
+            scenarios::latency(
+                &stack,
+                Via::Kafka,
+                *rate,
+                args.latency_secs,
+                &format!("l{rate}-"),
+            )
+            .await?,
+        );
+    }
+    for rate in &args.http_rates {
+        latency.push(
+            scenarios::latency(
+                &stack,
+                Via::Http,
+                *rate,
+                args.latency_secs,
+                &format!("h{rate}-"),
+            )
+            .await?,
         );
     }
     eprintln!("(d) recovery after kill -9 …");
@@ -114,8 +137,17 @@ fn print_table(r: &Value) {
     );
     for l in r["latency"].as_array().into_iter().flatten() {
         println!(
-            "| (c) submit→start at {}/s for {} s | p50 {} ms, p99 {} ms, p99.9 {} ms |",
-            l["offered_per_s"], l["seconds"], l["p50_ms"], l["p99_ms"], l["p999_ms"]
+            "| (c) submit→start at {}/s for {} s via {} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms) |",
+            l["offered_per_s"],
+            l["seconds"],
+            l["via"].as_str().unwrap_or("?"),
+            l["p50_ms"],
+            l["p99_ms"],
+            l["p999_ms"],
+            l["submit_to_accept_p50_ms"],
+            l["submit_to_accept_p99_ms"],
+            l["accept_to_start_p50_ms"],
+            l["accept_to_start_p99_ms"]
         );
     }
     let rc = &r["recovery"];
@@ -138,6 +170,21 @@ fn print_table(r: &Value) {
             .map(|(k, v)| format!("{k} {:.1} s", f(v)))
             .collect();
         println!("| CPU during (a) | {} |", parts.join(", "));
+    }
+    if let Some(rows) = e["redis_profile"].as_array() {
+        let parts: Vec<String> = rows
+            .iter()
+            .take(8)
+            .map(|row| {
+                format!(
+                    "{} {:.2}×/{:.1} µs",
+                    row["command"].as_str().unwrap_or("?"),
+                    f(&row["calls_per_task"]),
+                    f(&row["us_per_task"])
+                )
+            })
+            .collect();
+        println!("| Redis time per task during (a) | {} |", parts.join(", "));
     }
     let m = &r["memory"];
     println!(

@@ -1,12 +1,13 @@
 //! The measurements of issue 6: throughput, drain, latency at fixed loads, recovery, cost per
 //! task and memory. Each returns its numbers as JSON; none asserts anything about speed.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use fleet_common::task::State;
 use serde_json::{Value, json};
 
-use crate::stack::{Stack, cpu_seconds, now_ms, percentile, redis_usage, rss};
+use crate::stack::{Stack, cpu_seconds, now_ms, percentile, redis_commandstats, redis_usage, rss};
 
 /// CPU seconds used so far by each part of the stack and by this load generator.
 fn cpu_split(stack: &Stack) -> Vec<(&'static str, f64)> {
@@ -35,6 +36,7 @@ fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
 pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
     let (ids, bodies) = noop("e", n);
     let (commands_before, cpu_before) = redis_usage(&stack.store).await?;
+    let stats_before = redis_commandstats(&stack.store).await?;
     let split_before = cpu_split(stack);
     let start_ms = now_ms();
     let started = Instant::now();
@@ -43,6 +45,9 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
     stack
         .wait_count(State::Succeeded, n as u64, Duration::from_secs(600))
         .await?;
+    // Read before the per-task fields below, which would count as Redis work per task.
+    let (commands_after, cpu_after) = redis_usage(&stack.store).await?;
+    let profile = per_task_profile(&stats_before, &redis_commandstats(&stack.store).await?, n);
     let rows = stack
         .fields(&ids, &["finished_ms", "attempt", "record"])
         .await?;
@@ -52,7 +57,6 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         .max()
         .unwrap_or(start_ms);
     let seconds = (last.saturating_sub(start_ms)) as f64 / 1000.0;
-    let (commands_after, cpu_after) = redis_usage(&stack.store).await?;
     let cpu: serde_json::Map<String, Value> = cpu_split(stack)
         .into_iter()
         .zip(split_before)
@@ -93,7 +97,36 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         "scheduler_peak_rss_mb": scheduler_peak as f64 / 1e6,
         "worker_peak_rss_mb": worker_peak as f64 / 1e6,
         "cpu_seconds": cpu,
+        "redis_profile": profile,
     }))
+}
+
+/// Where Redis spent its time during a run, per task and busiest first: calls and microseconds
+/// per command (`evalsha` includes the commands its scripts call, which are listed as well).
+fn per_task_profile(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    n: usize,
+) -> Vec<Value> {
+    let mut rows: Vec<(String, f64, f64)> = after
+        .iter()
+        .map(|(name, (calls, usec))| {
+            let (c0, u0) = before.get(name).copied().unwrap_or((0, 0));
+            let per = |now: u64, then: u64| now.saturating_sub(then) as f64 / n as f64;
+            (name.clone(), per(*calls, c0), per(*usec, u0))
+        })
+        .filter(|(_, calls, _)| *calls > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    rows.into_iter()
+        .map(|(command, calls, us)| {
+            json!({
+                "command": command,
+                "calls_per_task": (calls * 100.0).round() / 100.0,
+                "us_per_task": (us * 100.0).round() / 100.0,
+            })
+        })
+        .collect()
 }
 
 /// (b) drain: `n` tasks accepted on a fresh stack while no worker runs, then drained by
@@ -137,8 +170,21 @@ pub async fn drain(n: usize, workers: usize) -> anyhow::Result<Value> {
     }))
 }
 
+/// How the latency run submits: to the submit topic, or through the HTTP API.
+#[derive(Debug, Clone, Copy)]
+pub enum Via {
+    Kafka,
+    Http,
+}
+
 /// (c) submit→start latency at a fixed offered load for `secs` seconds.
-pub async fn latency(stack: &Stack, rate: u64, secs: u64, tag: &str) -> anyhow::Result<Value> {
+pub async fn latency(
+    stack: &Stack,
+    via: Via,
+    rate: u64,
+    secs: u64,
+    tag: &str,
+) -> anyhow::Result<Value> {
     let total = (rate * secs) as usize;
     let (ids, bodies) = noop(tag, total);
     let before = stack.count(State::Succeeded).await?;
@@ -147,21 +193,23 @@ pub async fn latency(stack: &Stack, rate: u64, secs: u64, tag: &str) -> anyhow::
     let per_tick = (rate / 100).max(1) as usize;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut sends = futures::stream::FuturesUnordered::new();
+    let mut sends = Vec::with_capacity(total);
     for chunk in bodies.chunks(per_tick) {
         interval.tick().await;
         let at = now_ms();
         for body in chunk {
             submitted_at.push(at);
-            sends.push(stack.submit_one(body.clone()));
+            // Each submission runs on its own task, so it progresses while the loop waits for
+            // the next tick (an HTTP exchange needs several wake-ups).
+            sends.push(match via {
+                Via::Kafka => tokio::spawn(stack.submit_one(body.clone())),
+                Via::Http => tokio::spawn(stack.submit_http(body.clone())),
+            });
         }
-        // Drive acknowledgements without waiting for them.
-        while futures::FutureExt::now_or_never(futures::StreamExt::next(&mut sends))
-            .flatten()
-            .is_some()
-        {}
     }
-    while futures::StreamExt::next(&mut sends).await.is_some() {}
+    for send in sends {
+        send.await?;
+    }
     stack
         .wait_count(
             State::Succeeded,
@@ -169,21 +217,35 @@ pub async fn latency(stack: &Stack, rate: u64, secs: u64, tag: &str) -> anyhow::
             Duration::from_secs(600),
         )
         .await?;
-    let rows = stack.fields(&ids, &["first_started_ms"]).await?;
-    let mut latencies: Vec<u64> = rows
-        .iter()
-        .zip(&submitted_at)
-        .filter_map(|(r, at)| {
-            Some(
-                r.get("first_started_ms")?
-                    .parse::<u64>()
-                    .ok()?
-                    .saturating_sub(*at),
-            )
-        })
-        .collect();
-    latencies.sort_unstable();
+    let rows = stack
+        .fields(&ids, &["created_ms", "first_started_ms"])
+        .await?;
+    let field = |r: &std::collections::HashMap<String, String>, name: &str| {
+        r.get(name).and_then(|v| v.parse::<u64>().ok())
+    };
+    // The whole path, and its two hops: submit topic → accepted by the scheduler (created_ms),
+    // then task topic → claimed by a worker (first_started_ms).
+    let mut latencies = Vec::with_capacity(total);
+    let mut to_accept = Vec::with_capacity(total);
+    let mut to_start = Vec::with_capacity(total);
+    for (r, at) in rows.iter().zip(&submitted_at) {
+        let (Some(created), Some(started)) = (field(r, "created_ms"), field(r, "first_started_ms"))
+        else {
+            continue;
+        };
+        latencies.push(started.saturating_sub(*at));
+        to_accept.push(created.saturating_sub(*at));
+        to_start.push(started.saturating_sub(created));
+    }
+    for v in [&mut latencies, &mut to_accept, &mut to_start] {
+        v.sort_unstable();
+    }
     Ok(json!({
+        "submit_to_accept_p50_ms": percentile(&to_accept, 50.0),
+        "submit_to_accept_p99_ms": percentile(&to_accept, 99.0),
+        "accept_to_start_p50_ms": percentile(&to_start, 50.0),
+        "accept_to_start_p99_ms": percentile(&to_start, 99.0),
+        "via": format!("{via:?}").to_lowercase(),
         "offered_per_s": rate,
         "seconds": secs,
         "tasks": total,

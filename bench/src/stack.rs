@@ -8,12 +8,14 @@ use anyhow::{Context, bail};
 use fleet_common::Topics;
 use fleet_common::store::Store;
 use fleet_common::task::State;
-use fleet_integration_tests::{ManagedProcess, TestEnv};
+use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports, http};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// One broker, one Redis, a scheduler, a reaper and workers.
 pub struct Stack {
     pub env: TestEnv,
+    /// The scheduler's HTTP API (no token).
+    pub api: std::net::SocketAddr,
     pub store: Store,
     pub scheduler: ManagedProcess,
     pub reaper: ManagedProcess,
@@ -39,7 +41,16 @@ impl Stack {
     ) -> anyhow::Result<Self> {
         let env = TestEnv::start(name);
         env.create_topics().await;
-        let scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+        let [port] = free_ports::<1>();
+        let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let scheduler = env.spawn(
+            "fleet-scheduler",
+            "scheduler",
+            &[
+                ("FLEET__HTTP__LISTEN", &api.to_string()),
+                ("FLEET__HTTP__INSECURE_NO_AUTH", "true"),
+            ],
+        );
         let reaper = env.spawn("fleet-reaper", "reaper", &[]);
         let mut stack = Self {
             store: env.store().await,
@@ -53,6 +64,7 @@ impl Stack {
             },
             submit_topic: Topics::from_settings(&env.settings().topics).submit(),
             env,
+            api,
             scheduler,
             reaper,
             workers: Vec::new(),
@@ -121,6 +133,22 @@ impl Stack {
                     Duration::from_secs(60),
                 )
                 .await;
+        }
+    }
+
+    /// Submits one task through the scheduler's HTTP API, which accepts it in Redis and
+    /// publishes it at once (no submit-topic hop).
+    pub fn submit_http(&self, body: String) -> impl Future<Output = ()> + use<> {
+        let api = self.api;
+        async move {
+            let response =
+                http::request(api, "POST", "/v1/tasks", None, Some(body.as_bytes())).await;
+            if response.status != 201 {
+                eprintln!(
+                    "HTTP submit answered {}: {}",
+                    response.status, response.body
+                );
+            }
         }
     }
 
@@ -222,6 +250,34 @@ pub async fn redis_usage(store: &Store) -> anyhow::Result<(u64, f64)> {
     let cpu = value("used_cpu_sys:").parse::<f64>().unwrap_or(0.0)
         + value("used_cpu_user:").parse::<f64>().unwrap_or(0.0);
     Ok((commands, cpu))
+}
+
+/// Redis's `INFO commandstats`: calls and CPU microseconds per command so far. Commands that
+/// scripts call are counted under their own names as well as inside `evalsha`.
+pub async fn redis_commandstats(
+    store: &Store,
+) -> anyhow::Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut store.conn())
+        .await?;
+    let mut stats = std::collections::BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |key: &str| {
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix(key))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        stats.insert(name.to_string(), (field("calls="), field("usec=")));
+    }
+    Ok(stats)
 }
 
 /// `p` (0–100) percentile of sorted values.

@@ -11,7 +11,7 @@
 -- existing task's id otherwise.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
-local out = {}
+local out, queues = {}, {}
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
   local a = 4 + i * 11
@@ -30,10 +30,13 @@ for i = 0, n - 1 do
       'attempt', 0, 'released', 0, 'max_attempts', max_attempts, 'record', record,
       'created_ms', now, 'updated_ms', now, 'run_at_ms', math.max(run_at, now),
       'timeout_ms', ARGV[a + 8], 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
-    redis.call('ZADD', DUE, due_at, id)
-    redis.call('ZADD', IDX[state], now, id)
-    redis.call('ZADD', queue_key, now, id)
-    redis.call('SADD', QUEUES, queue)
+    zadd_later(DUE, due_at, id)
+    zadd_later(IDX[state], now, id)
+    zadd_later(queue_key, now, id)
+    if not queues[queue] then
+      queues[queue] = true
+      redis.call('SADD', QUEUES, queue)
+    end
     if has_idem then redis.call('SET', idem_key, id, 'PX', window) end
     out[#out + 1] = { state, id }
   end

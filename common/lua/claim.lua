@@ -17,7 +17,8 @@ local any_paused = redis.call('SCARD', PAUSED) > 0
 local out = {}
 for i = 0, n - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'timeout_ms')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'timeout_ms',
+    'deadline_ms', 'first_started_ms')
   local state, current = f[1], tonumber(f[2])
   local code
   if not state then code = 6
@@ -27,24 +28,25 @@ for i = 0, n - 1 do
   elseif attempt > current + 1 then code = 5
   elseif state ~= 'pending' then code = 7
   elseif any_paused and is_paused(f[3], f[4]) then
-    redis.call('ZADD', HELD, now, id)
-    redis.call('ZREM', DUE, id)
+    zadd_later(HELD, now, id)
+    zrem_later(DUE, id)
     code = 8
   else
     local timeout, expires = tonumber(f[5]) or 0, now + lease
-    redis.call('HSET', key, 'state', 'running', 'attempt', attempt, 'worker', worker,
-      'started_ms', now, 'updated_ms', now)
+    local set = { 'state', 'running', 'attempt', attempt, 'worker', worker, 'started_ms', now,
+                  'updated_ms', now }
+    if not f[7] then set[#set + 1] = 'first_started_ms'; set[#set + 1] = now end
     if timeout > 0 then
       local deadline = now + timeout + grace
-      redis.call('HSET', key, 'deadline_ms', deadline)
+      set[#set + 1] = 'deadline_ms'; set[#set + 1] = deadline
       expires = math.min(expires, deadline)
-    else
+    elseif f[6] then
       redis.call('HDEL', key, 'deadline_ms')
     end
-    redis.call('HSETNX', key, 'first_started_ms', now)
-    redis.call('ZADD', LEASES, expires, id)
-    redis.call('ZREM', DUE, id)
-    redis.call('ZREM', HELD, id)
+    redis.call('HSET', key, unpack(set))
+    zadd_later(LEASES, expires, id)
+    zrem_later(DUE, id)
+    zrem_later(HELD, id)
     move(id, 'pending', 'running', now)
     code = 1
   end

@@ -15,10 +15,11 @@ for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
   local a = 4 + i * 5
   local id, attempt, kind, text, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'released', 'max_attempts', 'cancel_requested_ms')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'released', 'max_attempts',
+    'cancel_requested_ms', 'queue', 'priority', 'deadline_ms', 'started_ms', 'history')
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
-    redis.call('ZREM', LEASES, id)
+    zrem_later(LEASES, id)
     if f[6] then
       local note = 'cancelled while running'
       if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. text end
@@ -26,9 +27,11 @@ for i = 0, n - 1 do
       finish(key, id, 'running', 'cancelled', now, retention)
       out[#out + 1] = 'cancelled'
     elseif kind == 'ok' then
-      redis.call('HSET', key, 'result', text)
-      attempt_ended(key, now, 'succeeded', '')
-      finish(key, id, 'running', 'succeeded', now, retention)
+      -- The hot path: everything read above, one HSET.
+      local history = history_after(f[11], f[2], f[3], f[10], now, 'succeeded', '')
+      finish(key, id, 'running', 'succeeded', now, retention, {
+        queue = f[7], priority = f[8], has_deadline = f[9] ~= false,
+        set = { 'result', text, 'history', history } })
       out[#out + 1] = 'succeeded'
     elseif kind == 'retry' and current - tonumber(f[4]) < tonumber(f[5]) then
       attempt_ended(key, now, 'retry', text)
@@ -36,7 +39,7 @@ for i = 0, n - 1 do
         'run_at_ms', now + delay)
       redis.call('HDEL', key, 'deadline_ms')
       move(id, 'running', 'scheduled', now)
-      redis.call('ZADD', DUE, now + delay, id)
+      zadd_later(DUE, now + delay, id)
       out[#out + 1] = 'scheduled'
     else
       attempt_ended(key, now, 'failed', text)

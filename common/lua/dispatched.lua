@@ -2,13 +2,14 @@
 -- is still pending for exactly that attempt is removed, so the relay will not publish it again.
 -- KEYS  globals, then per task: task hash
 -- ARGV  [1] tasks, then per task: id, published attempt
--- Returns the number of entries removed.
+-- Returns the number of entries it removes.
 local removed = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[2 + i * 2], tonumber(ARGV[3 + i * 2])
   local fields = redis.call('HMGET', key, 'state', 'attempt')
   if fields[1] == 'pending' and tonumber(fields[2]) + 1 == attempt then
-    removed = removed + redis.call('ZREM', DUE, id)
+    zrem_later(DUE, id)
+    removed = removed + 1
   end
 end
 return removed

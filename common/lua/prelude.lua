@@ -16,20 +16,80 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Sorted-set writes and counters of a batch are collected here and written at the end of the
+-- script (scripts.rs appends `flush_later()`), one variadic command per key instead of one call
+-- per task: each redis.call costs far more than one more element. Per key and member the last
+-- write wins, exactly as if the calls had run in order. Nothing reads these keys back within a
+-- script before the flush (state indexes, leases, due, held, queue indexes, totals).
+local later_add, later_rem, later_incr = {}, {}, {}
+
+local function zadd_later(key, score, id)
+  local adds, rems = later_add[key], later_rem[key]
+  if not adds then adds = {}; later_add[key] = adds end
+  adds[id] = score
+  if rems then rems[id] = nil end
+end
+
+local function zrem_later(key, id)
+  local adds, rems = later_add[key], later_rem[key]
+  if not rems then rems = {}; later_rem[key] = rems end
+  rems[id] = true
+  if adds then adds[id] = nil end
+end
+
+local function incr_later(key, field)
+  local counts = later_incr[key]
+  if not counts then counts = {}; later_incr[key] = counts end
+  counts[field] = (counts[field] or 0) + 1
+end
+
+-- Sends `args` as `cmd key args...` in chunks (Lua's unpack has a stack limit).
+local function variadic(cmd, key, args)
+  for j = 1, #args, 1000 do
+    redis.call(cmd, key, unpack(args, j, math.min(j + 999, #args)))
+  end
+end
+
+local function flush_later()
+  for key, rems in pairs(later_rem) do
+    local args = {}
+    for id in pairs(rems) do args[#args + 1] = id end
+    variadic('ZREM', key, args)
+  end
+  for key, adds in pairs(later_add) do
+    local args = {}
+    for id, score in pairs(adds) do args[#args + 1] = score; args[#args + 1] = id end
+    variadic('ZADD', key, args)
+  end
+  for key, counts in pairs(later_incr) do
+    for field, n in pairs(counts) do redis.call('HINCRBY', key, field, n) end
+  end
+end
+
 -- Moves `id` from one state index to another.
 local function move(id, from, to, now)
-  redis.call('ZREM', IDX[from], id)
-  redis.call('ZADD', IDX[to], now, id)
+  zrem_later(IDX[from], id)
+  zadd_later(IDX[to], now, id)
 end
 
 -- Ends a task in a terminal state: index, timestamps, totals per queue and priority, expiry
--- after the retention period.
-local function finish(key, id, from, to, now, retention)
-  local f = redis.call('HMGET', key, 'queue', 'priority')
-  redis.call('HINCRBY', TOTALS, to .. ':queue:' .. (f[1] or '?'), 1)
-  redis.call('HINCRBY', TOTALS, to .. ':priority:' .. (f[2] or '?'), 1)
-  redis.call('HSET', key, 'state', to, 'finished_ms', now, 'updated_ms', now)
-  redis.call('HDEL', key, 'deadline_ms')
+-- after the retention period. `t` may carry what the caller already read (queue, priority,
+-- has_deadline) and more fields to set (`set`), saving calls on the hot path.
+local function finish(key, id, from, to, now, retention, t)
+  t = t or {}
+  local queue, priority, has_deadline = t.queue, t.priority, t.has_deadline
+  if not queue then
+    local f = redis.call('HMGET', key, 'queue', 'priority', 'deadline_ms')
+    queue, priority, has_deadline = f[1], f[2], f[3] ~= false
+  end
+  incr_later(TOTALS, to .. ':queue:' .. (queue or '?'))
+  incr_later(TOTALS, to .. ':priority:' .. (priority or '?'))
+  local set = t.set or {}
+  set[#set + 1] = 'state'; set[#set + 1] = to
+  set[#set + 1] = 'finished_ms'; set[#set + 1] = now
+  set[#set + 1] = 'updated_ms'; set[#set + 1] = now
+  redis.call('HSET', key, unpack(set))
+  if has_deadline then redis.call('HDEL', key, 'deadline_ms') end
   move(id, from, to, now)
   redis.call('PEXPIRE', key, retention)
 end
@@ -51,14 +111,19 @@ end
 -- Appends how one attempt ended to the task's history: a JSON array in the field `history`,
 -- oldest first, at most HISTORY_MAX entries. `outcome` is one of succeeded, retry, failed,
 -- cancelled, lease_expired, deadline, released.
-local function attempt_ended(key, now, outcome, err)
-  local f = redis.call('HMGET', key, 'attempt', 'worker', 'started_ms', 'history')
+-- `history` (the field's JSON, or false) with one more entry; the rest as attempt_ended.
+local function history_after(history, attempt, worker, started, now, outcome, err)
   local list = {}
-  if f[4] and f[4] ~= '' then list = cjson.decode(f[4]) end
-  list[#list + 1] = { attempt = tonumber(f[1]), worker = f[2] or '', started_ms = tonumber(f[3]) or 0,
+  if history and history ~= '' then list = cjson.decode(history) end
+  list[#list + 1] = { attempt = tonumber(attempt), worker = worker or '', started_ms = tonumber(started) or 0,
                       ended_ms = now, outcome = outcome, error = clip(err or '', 1024) }
   if #list > HISTORY_MAX then table.remove(list, 1) end
-  redis.call('HSET', key, 'history', cjson.encode(list))
+  return cjson.encode(list)
+end
+
+local function attempt_ended(key, now, outcome, err)
+  local f = redis.call('HMGET', key, 'attempt', 'worker', 'started_ms', 'history')
+  redis.call('HSET', key, 'history', history_after(f[4], f[1], f[2], f[3], now, outcome, err))
 end
 
 -- Whether a task of this queue and priority may not start now.

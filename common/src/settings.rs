@@ -42,13 +42,20 @@ pub trait Validate {
 
 /// A whole service's settings (made by [`service_settings!`](crate::service_settings)).
 pub trait ServiceSettings: DeserializeOwned + Validate + fmt::Debug {
+    /// The service's own sections (`worker`, `scheduler`); none for tools.
+    const SECTIONS: &'static [&'static str];
     fn log(&self) -> &LogSettings;
 }
+
+/// Every service's own section. One settings file or environment (a Kubernetes ConfigMap, say)
+/// can serve all of Fleet: each program ignores the other programs' sections, and still
+/// rejects any other unknown section or key.
+const SERVICE_SECTIONS: [&str; 2] = ["scheduler", "worker"];
 
 /// Loads `T` from defaults, the optional TOML `file`, and the process environment.
 pub fn load<T>(file: Option<&Path>) -> Result<T, SettingsError>
 where
-    T: DeserializeOwned + Validate,
+    T: ServiceSettings,
 {
     load_with_env(file, std::env::vars().collect())
 }
@@ -60,7 +67,7 @@ pub fn load_with_env<T>(
     env: HashMap<String, String>,
 ) -> Result<T, SettingsError>
 where
-    T: DeserializeOwned + Validate,
+    T: ServiceSettings,
 {
     let mut builder = config::Config::builder();
     if let Some(path) = file {
@@ -93,7 +100,13 @@ where
             .separator("__")
             .source(Some(ours)),
     );
-    let merged = builder.build()?;
+    let mut table: config::Map<String, config::Value> = builder.build()?.try_deserialize()?;
+    for section in SERVICE_SECTIONS {
+        if !T::SECTIONS.contains(&section) {
+            table.remove(section);
+        }
+    }
+    let merged = config::Value::new(None, config::ValueKind::Table(table));
     let settings: T = serde_path_to_error::deserialize(merged).map_err(|err| {
         let key = err.path().to_string();
         let message = err.into_inner().to_string();
@@ -221,6 +234,10 @@ pub struct KafkaSettings {
     pub session_timeout_ms: u64,
     /// Consumer `heartbeat.interval.ms`; at most a third of the session timeout.
     pub heartbeat_interval_ms: u64,
+    /// Consumer `group.instance.id` (static membership, KIP-345); empty: dynamic membership.
+    /// A stable name per replica (a StatefulSet pod's name) lets a restarted consumer take its
+    /// partitions back without a group rebalance. Never share one between two processes.
+    pub group_instance_id: String,
     /// Extra librdkafka properties passed through unchanged (file only, e.g.
     /// `"linger.ms" = "5"`). Values whose name mentions a password or secret are redacted.
     pub client: BTreeMap<String, String>,
@@ -237,6 +254,7 @@ impl Default for KafkaSettings {
             ssl_ca_location: String::new(),
             session_timeout_ms: 45_000,
             heartbeat_interval_ms: 3_000,
+            group_instance_id: String::new(),
             client: BTreeMap::new(),
         }
     }
@@ -258,6 +276,7 @@ impl fmt::Debug for KafkaSettings {
             .field("ssl_ca_location", &self.ssl_ca_location)
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("group_instance_id", &self.group_instance_id)
             .field("client", &client)
             .finish()
     }
@@ -288,6 +307,18 @@ impl KafkaSettings {
                     format!("`{broker}` is not of the form host:port"),
                 ));
             }
+        }
+        // Kafka allows 249 characters of [a-zA-Z0-9._-] in such names.
+        let id = &self.group_instance_id;
+        if id.len() > 249
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(SettingsError::invalid(
+                "kafka.group_instance_id",
+                "at most 249 characters of letters, digits, '.', '_' and '-'",
+            ));
         }
         let protocol = self.security_protocol.to_ascii_lowercase();
         if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {
@@ -700,6 +731,7 @@ macro_rules! service_settings {
         }
 
         impl $crate::settings::ServiceSettings for $name {
+            const SECTIONS: &'static [&'static str] = &[$(stringify!($section)),*];
             fn log(&self) -> &$crate::settings::LogSettings {
                 &self.log
             }

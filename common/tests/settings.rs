@@ -269,3 +269,27 @@ fn per_kind_defaults_override_the_global_ones() {
     let (key, _) = invalid(load_with_env(Some(typo.path()), env(&[])));
     assert_eq!(key, "tasks.kinds.x.max_attempt");
 }
+
+/// One file or environment for all of Fleet (a Kubernetes ConfigMap): a program ignores the
+/// other programs' sections but still names any unknown section.
+#[test]
+fn other_services_sections_are_ignored_but_unknown_ones_are_named() {
+    let f = file(
+        "[kafka]\nbrokers = \"k:9092\"\n[worker]\nconcurrency = 8\n[scheduler]\nbatch_size = 10\n",
+    );
+    let s: CommonSettings = load_with_env(
+        Some(f.path()),
+        env(&[
+            ("FLEET__WORKER__CONCURRENCY", "4"),
+            ("FLEET__SCHEDULER__ANYTHING", "x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.kafka.brokers, "k:9092");
+    let (key, message) = invalid(load_with_env(
+        None,
+        env(&[("FLEET__WROKER__CONCURRENCY", "4")]),
+    ));
+    assert_eq!(key, "wroker", "{message}");
+    assert!(message.contains("unknown field"), "{message}");
+}

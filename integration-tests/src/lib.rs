@@ -7,6 +7,7 @@
 //! was killed before that could happen.
 
 pub mod browser;
+pub mod compose;
 mod eventually;
 pub mod fleet;
 pub mod http;
@@ -127,6 +128,8 @@ impl TestEnv {
                     "no",
                     "--maxmemory-policy",
                     "noeviction",
+                    "--hash-max-listpack-value",
+                    "8192",
                     "--dir",
                     dir.to_str().expect("utf-8 path"),
                 ],

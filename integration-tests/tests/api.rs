@@ -545,3 +545,83 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
     assert_eq!(publish["parentSpanId"], accept["spanId"]);
     assert_eq!(task["parentSpanId"], publish["spanId"]);
 }
+
+/// Concurrent requests are accepted in groups (one Redis call for many requests): every request
+/// still gets the answers for exactly its own tasks, duplicates across requests resolve as if
+/// they had come one by one, and each task is stored and published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_are_grouped_yet_each_request_gets_its_own_answers() {
+    let env = TestEnv::start("api-group");
+    env.create_topics().await;
+    let (_scheduler, addr) = scheduler(&env, &[("FLEET__HTTP__TOKENS", TOKEN)]).await;
+
+    // 240 requests: singles and batches of three, 360 tasks in all, over 200 distinct ids.
+    let requests: Vec<Vec<String>> = (0..240)
+        .map(|i| {
+            let size = if i % 4 == 0 { 3 } else { 1 };
+            (0..size)
+                .map(|j| format!("group-{}", (i * 3 + j) % 200))
+                .collect()
+        })
+        .collect();
+    let sends = requests.iter().map(|ids| async move {
+        let tasks: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"id": id, "kind": "noop", "payload": {"for": id}}))
+            .collect();
+        let body = if tasks.len() == 1 {
+            tasks[0].clone()
+        } else {
+            Value::Array(tasks)
+        };
+        (ids, call(addr, "POST", "/v1/tasks", Some(body)).await)
+    });
+    let answers = futures::future::join_all(sends).await;
+
+    let mut created = std::collections::BTreeMap::<String, usize>::new();
+    let mut total = 0;
+    for (ids, response) in &answers {
+        assert!(
+            response.status == 201 || response.status == 200,
+            "{} {}",
+            response.status,
+            response.body
+        );
+        let tasks = response.json()["tasks"].as_array().cloned().unwrap();
+        let answered: Vec<String> = tasks
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(&answered, *ids, "a request got another request's answers");
+        for task in &tasks {
+            total += 1;
+            if task["duplicate"] == json!(false) {
+                *created
+                    .entry(task["id"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    let sent: usize = requests.iter().map(Vec::len).sum();
+    assert_eq!(total, sent, "one answer per task sent");
+    assert_eq!(created.len(), 200, "every distinct id was created");
+    assert!(
+        created.values().all(|n| *n == 1),
+        "an id was created twice: {created:?}"
+    );
+    assert_eq!(env.task_total().await, 200);
+    let topic = fleet_common::Topics::from_settings(&env.settings().topics)
+        .tasks(fleet_common::Priority::Normal);
+    let records = env.read_topic(&topic, 200, WAIT).await;
+    let published: BTreeSet<String> = records
+        .iter()
+        .map(|r| {
+            fleet_common::task::Envelope::decode(Some(&r.payload))
+                .expect("an envelope")
+                .task
+                .id
+                .clone()
+        })
+        .collect();
+    assert_eq!(published.len(), 200, "each task published once");
+}

@@ -178,3 +178,64 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
         "{human}"
     );
 }
+
+/// `fleetctl probe`, the containers' HEALTHCHECK: 0 for a service whose `/readyz` answers 200,
+/// 1 for a port nobody listens on or a path that is not 200, and a clear refusal of URLs it
+/// cannot probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_probe_reports_a_services_health_by_exit_code() {
+    let env = TestEnv::start("fleetctl-probe");
+    env.create_topics().await;
+    let [port, closed] = fleet_integration_tests::free_ports::<2>();
+    let listen = format!("127.0.0.1:{port}");
+    let _reaper = env.spawn(
+        "fleet-reaper",
+        "reaper",
+        &[("FLEET__HTTP__LISTEN", &listen)],
+    );
+    let ready = format!("http://{listen}/readyz");
+    eventually(WAIT, "the reaper's /readyz answers 200", || async {
+        env.fleetctl(&["probe", "--url", &ready]).0 == 0
+    })
+    .await;
+    // Without --url: /readyz on the port of http.listen (here through the environment).
+    let (code, out, err) = run_probe(&env, &[("FLEET__HTTP__LISTEN", &listen)], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("200"), "{out}");
+
+    let (code, _, err) = env.fleetctl(&["probe", "--url", &format!("http://{listen}/nowhere")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("404"), "{err}");
+    let (code, _, err) = env.fleetctl(&[
+        "probe",
+        "--url",
+        &format!("http://127.0.0.1:{closed}/readyz"),
+        "--timeout-ms",
+        "500",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    for bad in ["https://127.0.0.1/readyz", "http:// /x", "ftp://x"] {
+        let (code, _, err) = env.fleetctl(&["probe", "--url", bad]);
+        assert_ne!(code, 0, "{bad}: {err}");
+        assert!(err.contains(bad.trim_end_matches("/x")), "{bad}: {err}");
+    }
+    let (code, _, err) = env.fleetctl(&["probe", "--timeout-ms", "0"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+fn run_probe(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(fleet_integration_tests::fleet_binary("fleetctl"));
+    command.arg("probe").args(args);
+    for (k, v) in env.env_vars() {
+        command.env(k, v);
+    }
+    for (k, v) in vars {
+        command.env(k, v);
+    }
+    let out = command.output().expect("fleetctl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -295,6 +295,11 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
                 "https://collector:4318",
                 "log.otlp_endpoint",
             ),
+            (
+                "FLEET__KAFKA__GROUP_INSTANCE_ID",
+                "pod name; rm -rf /",
+                "kafka.group_instance_id",
+            ),
         ] {
             let (code, _, err) = run_binary(binary, args, &[(var, value)]);
             assert_eq!(code, 2, "{binary} {var}={value}: {err}");

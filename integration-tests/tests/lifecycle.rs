@@ -258,3 +258,48 @@ async fn progress_reported_by_a_handler_is_stored_with_the_task() {
     let tasks = env.wait_terminal(&ids, WAIT).await;
     assert_eq!(tasks["p"]["state"], "succeeded");
 }
+
+/// Static membership (`kafka.group_instance_id`, as the Kubernetes StatefulSet sets it from the
+/// pod name): a worker killed and started again under the same instance id takes its partitions
+/// back and runs the tasks submitted while it was gone, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_restarted_under_its_instance_id_runs_what_came_meanwhile() {
+    let env = TestEnv::start("static-member");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let member = [("FLEET__KAFKA__GROUP_INSTANCE_ID", "fleet-worker-0")];
+    let mut worker = env.spawn("fleet-worker", "worker-a", &member);
+
+    let first: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+    let json: Vec<String> = first
+        .iter()
+        .map(|id| task_json(id, "noop", "normal", serde_json::json!({})))
+        .collect();
+    env.submit(&json).await;
+    env.wait_terminal(&first, WAIT).await;
+
+    worker.signal("KILL");
+    worker.wait_exit(Duration::from_secs(10));
+    let second: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    let json: Vec<String> = second
+        .iter()
+        .map(|id| task_json(id, "noop", "normal", serde_json::json!({})))
+        .collect();
+    env.submit(&json).await;
+    let _again = env.spawn("fleet-worker", "worker-b", &member);
+    let tasks = env.wait_terminal(&second, WAIT).await;
+    let runs = executions(&env, &["worker-a", "worker-b"]);
+    for id in first.iter().chain(&second) {
+        assert_eq!(
+            runs.get(id).map(Vec::len),
+            Some(1),
+            "{id} executed exactly once: {:?}",
+            runs.get(id)
+        );
+    }
+    for id in &second {
+        assert_eq!(tasks[id]["state"], "succeeded", "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id]["attempt"], "1", "{id}: {:?}", tasks[id]);
+    }
+}

@@ -108,6 +108,7 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
                     store: store.clone(),
                     publisher: publisher.clone(),
                     tokens: Arc::new(tokens),
+                    submissions: api::group::SubmitGroup::start(store.clone(), publisher.clone()),
                 },
                 readiness.clone(),
             )

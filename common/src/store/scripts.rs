@@ -1,7 +1,8 @@
 //! Lua scripts, one per `.lua` file under `common/lua/`, compiled into the binary.
 //!
 //! Transition scripts get `lua/prelude.lua` prepended (key names, Redis time, index moves), so
-//! that shared code is written once. `Script::invoke_async` sends EVALSHA and loads the script
+//! that shared code is written once, and run as a function followed by `flush_later()`, which
+//! writes the batch's deferred sorted-set updates and counters with one command per key. `Script::invoke_async` sends EVALSHA and loads the script
 //! on NOSCRIPT, so a Redis restart or `SCRIPT FLUSH` needs no bookkeeping here.
 
 use std::sync::LazyLock;
@@ -13,7 +14,15 @@ const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 macro_rules! transition {
     ($file:literal) => {
         LazyLock::new(|| {
-            Script::new(&[PRELUDE, include_str!(concat!("../../lua/", $file))].concat())
+            Script::new(
+                &[
+                    PRELUDE,
+                    "local function transition()\n",
+                    include_str!(concat!("../../lua/", $file)),
+                    "\nend\nlocal result = transition()\nflush_later()\nreturn result\n",
+                ]
+                .concat(),
+            )
         })
     };
 }

@@ -8,6 +8,7 @@
 mod auth;
 mod error;
 mod fleet;
+pub mod group;
 mod tasks;
 
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct ApiState {
     pub store: Store,
     pub publisher: Publisher,
     pub tokens: Arc<Vec<Secret>>,
+    /// Submissions go through group commit (see `group.rs`).
+    pub submissions: group::SubmitGroup,
 }
 
 /// The whole HTTP surface of the scheduler.

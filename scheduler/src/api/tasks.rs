@@ -63,8 +63,10 @@ pub async fn submit(
         task.trace = TraceParent::continue_or_start(parent.as_ref());
         tasks.push(task);
     }
-    let accepted = state.store.accept(&tasks).await?;
-    crate::publish::publish_accepted(&state.store, &state.publisher, &tasks, &accepted).await;
+    let accepted = state.submissions.submit(tasks).await.map_err(|err| {
+        tracing::warn!(error = %err, "Accepting submissions failed.");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err)
+    })?;
     let created = accepted
         .iter()
         .any(|a| !matches!(a, Accepted::Duplicate(_)));

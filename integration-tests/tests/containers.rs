@@ -1,0 +1,313 @@
+//! Fleet in containers: `deploy/docker-compose.yml` on the Docker engine, with the images of
+//! `deploy/images/build.sh`. Each test records every task it submits and checks, by counting
+//! in Redis at the end, that none was lost, each ended once, and executions stayed bounded.
+//! The test command runs these only where a Docker engine answers and says so otherwise.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use fleet_common::store::Store;
+use fleet_common::task::State;
+use fleet_integration_tests::compose::{self, Compose, docker};
+use fleet_integration_tests::eventually;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+fn sleep_tasks(prefix: &str, range: std::ops::Range<usize>, ms: u64) -> (Vec<String>, Vec<Value>) {
+    let ids: Vec<String> = range.map(|i| format!("{prefix}-{i}")).collect();
+    let tasks = ids
+        .iter()
+        .map(|id| json!({"id": id, "kind": "sleep", "payload": {"ms": ms}}))
+        .collect();
+    (ids, tasks)
+}
+
+async fn count(store: &Store, state: State) -> u64 {
+    store
+        .counts()
+        .await
+        .expect("counts")
+        .into_iter()
+        .find(|(s, _)| *s == state)
+        .map_or(0, |(_, n)| n)
+}
+
+/// One entry per ended attempt: (attempt, worker id, outcome).
+fn history(task: &HashMap<String, String>) -> Vec<(u64, String, String)> {
+    let raw = task.get("history").map_or("[]", String::as_str);
+    let list: Vec<Value> = serde_json::from_str(raw).expect("history is JSON");
+    list.iter()
+        .map(|e| {
+            (
+                e["attempt"].as_u64().unwrap_or(0),
+                e["worker"].as_str().unwrap_or_default().to_string(),
+                e["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every task succeeded; returns the tasks read.
+async fn all_succeeded(store: &Store, ids: &[String]) -> HashMap<String, HashMap<String, String>> {
+    let tasks = compose::tasks(store, ids).await;
+    assert_eq!(tasks.len(), ids.len(), "every task is in Redis");
+    for id in ids {
+        assert_eq!(tasks[id]["state"], "succeeded", "{id}: {:?}", tasks[id]);
+    }
+    tasks
+}
+
+/// The first worker container once some of `ids` run on it: (container, hostname, those ids).
+async fn busy_worker(
+    stack: &Compose,
+    store: &Store,
+    ids: &[String],
+) -> (String, String, Vec<String>) {
+    let victim = stack.containers("worker")[0].clone();
+    let host = stack.hostname(&victim);
+    let running = running_on(store, ids, &host).await;
+    (victim, host, running)
+}
+
+/// Whether every one of `ids` has succeeded by now.
+async fn all_succeeded_now(store: &Store, ids: &[String]) -> bool {
+    compose::tasks(store, ids)
+        .await
+        .values()
+        .all(|t| t["state"] == "succeeded")
+}
+
+/// Waits until some of `ids` run on the worker whose id starts with `host`; returns those.
+async fn running_on(store: &Store, ids: &[String], host: &str) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let running: Vec<String> = compose::tasks(store, ids)
+            .await
+            .into_iter()
+            .filter(|(_, t)| {
+                t.get("state").is_some_and(|s| s == "running")
+                    && t.get("worker").is_some_and(|w| w.starts_with(host))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if !running.is_empty() {
+            return running;
+        }
+        assert!(start.elapsed() < WAIT, "no task ever ran on {host}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_succeeded(store: &Store, n: u64) {
+    eventually(WAIT, &format!("{n} tasks succeeded"), || async {
+        count(store, State::Succeeded).await >= n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_from_one_worker_to_four_mid_run_spreads_the_work_and_runs_each_task_once() {
+    let stack = Compose::up("scale", 1, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
+    let store = stack.store().await;
+    let (first, tasks) = sleep_tasks("scale", 0..1000, 50);
+    stack.submit(&tasks).await;
+    wait_succeeded(&store, 100).await;
+    assert!(
+        count(&store, State::Succeeded).await < 1000,
+        "scaling happens mid-run"
+    );
+
+    assert_eq!(stack.containers("scheduler").len(), 2, "two schedulers");
+    assert_eq!(stack.containers("reaper").len(), 1);
+    stack.ok(&["up", "-d", "--no-recreate", "--scale", "worker=4"]);
+    stack.wait_healthy(WAIT).await;
+    let workers = stack.containers("worker");
+    assert_eq!(workers.len(), 4);
+    let (second, tasks) = sleep_tasks("scale", 1000..2000, 50);
+    stack.submit(&tasks).await;
+    wait_succeeded(&store, 2000).await;
+
+    let ids: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let tasks = all_succeeded(&store, &ids).await;
+    for id in &ids {
+        let runs = history(&tasks[id]);
+        assert_eq!(tasks[id]["attempt"], "1", "{id} claimed once: {runs:?}");
+        assert_eq!(runs.len(), 1, "{id} ran once: {runs:?}");
+    }
+    assert_eq!(count(&store, State::Failed).await, 0);
+    // The group spread the partitions: every replica ran part of the second half.
+    let ran: BTreeSet<String> = second
+        .iter()
+        .flat_map(|id| history(&tasks[id]))
+        .map(|(_, worker, _)| {
+            worker
+                .rsplit_once('-')
+                .map_or(worker.clone(), |(h, _)| h.to_string())
+        })
+        .collect();
+    let hostnames: BTreeSet<String> = workers.iter().map(|c| stack.hostname(c)).collect();
+    assert_eq!(ran, hostnames, "all four workers took partitions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_container_s_tasks_finish_elsewhere_within_lease_and_reaper_period() {
+    // Enough slots on each worker for every task, so recovery time is not queueing time.
+    let stack = Compose::up("kill", 2, &[("FLEET_WORKER_CONCURRENCY", "32")]).await;
+    let store = stack.store().await;
+    let (ids, tasks) = sleep_tasks("kill", 0..24, 1000);
+    stack.submit(&tasks).await;
+
+    let (victim, host, running) = busy_worker(&stack, &store, &ids).await;
+    docker(&["kill", &victim]);
+    let killed_at = Instant::now();
+
+    // Lease 3 s + reaper period 0.5 s + a few seconds (the task itself takes 1 s).
+    eventually(
+        Duration::from_secs(9),
+        "the victim's tasks ran again elsewhere",
+        || all_succeeded_now(&store, &running),
+    )
+    .await;
+    let recovered = killed_at.elapsed();
+    wait_succeeded(&store, ids.len() as u64).await;
+    let tasks = all_succeeded(&store, &ids).await;
+    for id in &ids {
+        let runs = history(&tasks[id]);
+        let attempts: u64 = tasks[id]["attempt"].parse().unwrap();
+        if running.contains(id) {
+            assert_eq!(attempts, 2, "{id} ran again once: {runs:?}");
+            assert_eq!(runs[0].2, "lease_expired", "{id}: {runs:?}");
+            assert!(
+                !runs[1].1.starts_with(&host),
+                "{id} ran elsewhere: {runs:?}"
+            );
+        } else {
+            assert!(attempts <= 2, "{id}: {runs:?}");
+        }
+        let successes = runs.iter().filter(|r| r.2 == "succeeded").count();
+        assert_eq!(successes, 1, "{id} succeeded once: {runs:?}");
+    }
+    eprintln!(
+        "{} tasks of the killed worker finished elsewhere {:.1} s after the kill",
+        running.len(),
+        recovered.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_redis_loses_its_tasks_to_others_and_rejoins_cleanly() {
+    let stack = Compose::up("netcut", 2, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
+    let store = stack.store().await;
+    let (ids, tasks) = sleep_tasks("cut", 0..60, 2500);
+    stack.submit(&tasks).await;
+
+    let (victim, host, running) = busy_worker(&stack, &store, &ids).await;
+    let redis_net = stack.network("redis");
+    docker(&["network", "disconnect", &redis_net, &victim]);
+
+    // Its leases expire; the reaper requeues the tasks and the other worker runs them.
+    eventually(
+        Duration::from_secs(30),
+        "the cut-off worker's tasks ran elsewhere",
+        || all_succeeded_now(&store, &running),
+    )
+    .await;
+    // Its handlers finished meanwhile: their completions wait for Redis and are then fenced.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    docker(&["network", "connect", &redis_net, &victim]);
+    wait_succeeded(&store, ids.len() as u64).await;
+
+    // It rejoins: healthy again, and it runs new work.
+    stack.wait_healthy(WAIT).await;
+    let (later, tasks) = sleep_tasks("after", 0..80, 100);
+    stack.submit(&tasks).await;
+    wait_succeeded(&store, (ids.len() + later.len()) as u64).await;
+
+    let all: Vec<String> = ids.iter().chain(&later).cloned().collect();
+    let tasks = all_succeeded(&store, &all).await;
+    for id in &all {
+        let runs = history(&tasks[id]);
+        let successes: Vec<_> = runs.iter().filter(|r| r.2 == "succeeded").collect();
+        assert_eq!(successes.len(), 1, "{id} succeeded once: {runs:?}");
+        if running.contains(id) {
+            // The late completion of attempt 1 was fenced: attempt 2 elsewhere is the result.
+            assert_eq!(runs[0].2, "lease_expired", "{id}: {runs:?}");
+            assert!(successes[0].0 >= 2, "{id}: {runs:?}");
+            assert!(!successes[0].1.starts_with(&host), "{id}: {runs:?}");
+        }
+    }
+    let rejoined = later
+        .iter()
+        .flat_map(|id| history(&tasks[id]))
+        .any(|(_, worker, _)| worker.starts_with(&host));
+    assert!(rejoined, "the reconnected worker runs tasks again");
+    let logs = compose::container_logs(&victim);
+    assert!(
+        logs.contains("No heartbeat for a whole lease"),
+        "the worker noticed its lost leases"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_loses_nothing_fails_nothing_and_reruns_nothing() {
+    let stack = Compose::up("rolling", 3, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
+    let store = stack.store().await;
+    // Tasks of 200 ms, far shorter than the 5 s drain: a restart lets each finish.
+    let (ids, tasks) = sleep_tasks("roll", 0..1500, 200);
+    let submitter = async {
+        for chunk in tasks.chunks(100) {
+            stack.submit(chunk).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let restarts = async {
+        wait_succeeded(&store, 50).await;
+        for worker in stack.containers("worker") {
+            // SIGTERM, the drain, then the same container again; one at a time.
+            docker(&["restart", "--time", "15", &worker]);
+            stack.wait_healthy(WAIT).await;
+        }
+    };
+    tokio::join!(submitter, restarts);
+    wait_succeeded(&store, ids.len() as u64).await;
+
+    let tasks = all_succeeded(&store, &ids).await;
+    for id in &ids {
+        let runs = history(&tasks[id]);
+        assert_eq!(runs.len(), 1, "{id} ran once: {runs:?}");
+        assert_eq!(tasks[id]["attempt"], "1", "{id}: {runs:?}");
+    }
+    assert_eq!(count(&store, State::Failed).await, 0);
+    let drained = compose::container_logs(&stack.containers("worker")[0]);
+    assert!(drained.contains("rain"), "the worker logged its drain");
+}
+
+/// The compose file refuses to start without an API token, and says which variable to set.
+#[test]
+fn compose_needs_an_api_token_and_says_so() {
+    let out = std::process::Command::new("docker-compose")
+        .arg("-f")
+        .arg(fleet_integration_tests::workspace_root().join("deploy/docker-compose.yml"))
+        .arg("config")
+        .env_remove("FLEET_API_TOKEN")
+        .output()
+        .expect("docker-compose runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set FLEET_API_TOKEN"), "{err}");
+    let out = std::process::Command::new("docker-compose")
+        .arg("-f")
+        .arg(fleet_integration_tests::workspace_root().join("deploy/docker-compose.yml"))
+        .args(["config", "--services"])
+        .env("FLEET_API_TOKEN", compose::TOKEN)
+        .output()
+        .expect("docker-compose runs");
+    let services = String::from_utf8_lossy(&out.stdout);
+    for service in ["broker", "redis", "topics", "scheduler", "reaper", "worker"] {
+        assert!(
+            services.lines().any(|l| l == service),
+            "{service}: {services}"
+        );
+    }
+}

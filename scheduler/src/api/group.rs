@@ -1,0 +1,89 @@
+//! Group commit for HTTP submissions. Requests that arrive while Redis is busy with the previous
+//! group are accepted together, in one script call, and published as one batch. A lone request
+//! waits for nothing extra, while 1,000 single-task requests a second cost about as much Redis
+//! and Kafka work as the submit topic's batches (measured in the benchmark: without this, the
+//! per-request calls saturated the machine and p99 submit→start reached 160–380 ms).
+
+use fleet_common::store::{Accepted, NewTask, Store};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::publish::Publisher;
+
+/// Most tasks one group accepts (a single larger request still goes alone).
+const MAX_GROUP_TASKS: usize = 1_000;
+
+/// One request's tasks and where its answer goes.
+#[derive(Debug)]
+struct Job {
+    tasks: Vec<NewTask>,
+    reply: oneshot::Sender<Result<Vec<Accepted>, String>>,
+}
+
+/// The handle the API uses; the grouping loop runs until every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct SubmitGroup {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl SubmitGroup {
+    pub fn start(store: Store, publisher: Publisher) -> Self {
+        let (jobs, rx) = mpsc::channel(4_096);
+        tokio::spawn(run(store, publisher, rx));
+        Self { jobs }
+    }
+
+    /// Accepts `tasks` in Redis (with whatever else is waiting) and answers once their
+    /// publication was attempted, as [`crate::publish::publish_accepted`] does. The error is
+    /// Redis's, as text.
+    pub async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<Accepted>, String> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { tasks, reply })
+            .await
+            .map_err(|_| "the scheduler is shutting down".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the scheduler is shutting down".to_string())?
+    }
+}
+
+async fn run(store: Store, publisher: Publisher, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let mut count = jobs[0].tasks.len();
+        while count < MAX_GROUP_TASKS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    count += job.tasks.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut tasks = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replies.push((job.tasks.len(), job.reply));
+            tasks.extend(job.tasks);
+        }
+        let accepted = match store.accept(&tasks).await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(err.to_string()));
+                }
+                continue;
+            }
+        };
+        // Kafka's acknowledgements are awaited off this loop, so the next group is accepted
+        // meanwhile; the tasks are safe in Redis already (the outbox covers a lost publish).
+        let (store, publisher) = (store.clone(), publisher.clone());
+        tokio::spawn(async move {
+            crate::publish::publish_accepted(&store, &publisher, &tasks, &accepted).await;
+            let mut rest = accepted.into_iter();
+            for (n, reply) in replies {
+                let _ = reply.send(Ok(rest.by_ref().take(n).collect()));
+            }
+        });
+    }
+}
