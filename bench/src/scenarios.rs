@@ -22,6 +22,20 @@ fn cpu_split(stack: &Stack) -> Vec<(&'static str, f64)> {
     ]
 }
 
+/// CPU seconds each process used since `before` (a [`cpu_split`]).
+fn cpu_since(stack: &Stack, before: Vec<(&'static str, f64)>) -> serde_json::Map<String, Value> {
+    cpu_split(stack)
+        .into_iter()
+        .zip(before)
+        .map(|((name, after), (_, before))| {
+            (
+                name.to_string(),
+                json!(((after - before) * 100.0).round() / 100.0),
+            )
+        })
+        .collect()
+}
+
 fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
     let bodies = ids
@@ -57,16 +71,7 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         .max()
         .unwrap_or(start_ms);
     let seconds = (last.saturating_sub(start_ms)) as f64 / 1000.0;
-    let cpu: serde_json::Map<String, Value> = cpu_split(stack)
-        .into_iter()
-        .zip(split_before)
-        .map(|((name, after), (_, before))| {
-            (
-                name.to_string(),
-                json!(((after - before) * 100.0).round() / 100.0),
-            )
-        })
-        .collect();
+    let cpu = cpu_since(stack, split_before);
     let attempts: u64 = rows
         .iter()
         .filter_map(|r| r.get("attempt")?.parse::<u64>().ok())
@@ -194,7 +199,16 @@ pub async fn latency(
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sends = Vec::with_capacity(total);
-    for chunk in bodies.chunks(per_tick) {
+    let split_before = cpu_split(stack);
+    // The broker's CPU seconds per 5 s of the run: its fetch handling is what loads it.
+    let mut broker_cpu = Vec::new();
+    let mut broker_mark = cpu_seconds(stack.env.broker.pid());
+    for (i, chunk) in bodies.chunks(per_tick).enumerate() {
+        if i > 0 && i % 500 == 0 {
+            let now = cpu_seconds(stack.env.broker.pid());
+            broker_cpu.push(((now - broker_mark) * 100.0).round() / 100.0);
+            broker_mark = now;
+        }
         interval.tick().await;
         let at = now_ms();
         for body in chunk {
@@ -217,6 +231,7 @@ pub async fn latency(
             Duration::from_secs(600),
         )
         .await?;
+    let cpu = cpu_since(stack, split_before);
     let rows = stack
         .fields(&ids, &["created_ms", "first_started_ms"])
         .await?;
@@ -237,10 +252,23 @@ pub async fn latency(
         to_accept.push(created.saturating_sub(*at));
         to_start.push(started.saturating_sub(created));
     }
+    // p50 and p99 per 5 s of the run, in submission order: shows whether latency drifts.
+    let per_window = (rate * 5) as usize;
+    let windows: Vec<Value> = latencies
+        .chunks(per_window.max(1))
+        .map(|w| {
+            let mut w = w.to_vec();
+            w.sort_unstable();
+            json!([percentile(&w, 50.0), percentile(&w, 99.0)])
+        })
+        .collect();
     for v in [&mut latencies, &mut to_accept, &mut to_start] {
         v.sort_unstable();
     }
     Ok(json!({
+        "p50_p99_ms_per_5s": windows,
+        "broker_cpu_s_per_5s": broker_cpu,
+        "cpu_seconds": cpu,
         "submit_to_accept_p50_ms": percentile(&to_accept, 50.0),
         "submit_to_accept_p99_ms": percentile(&to_accept, 99.0),
         "accept_to_start_p50_ms": percentile(&to_start, 50.0),
