@@ -2,7 +2,7 @@
 -- is still pending for exactly that attempt is removed, so the relay will not publish it again.
 -- KEYS  globals, then per task: task hash
 -- ARGV  [1] tasks, then per task: id, published attempt
--- Returns the number of entries it removes.
+-- Returns the number of tasks whose entry it removes.
 local removed = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[2 + i * 2], tonumber(ARGV[3 + i * 2])

@@ -73,7 +73,7 @@ pub fn producer_config(settings: &KafkaSettings, client_id: &str) -> ClientConfi
 /// background; a new group starts from the earliest record so nothing submitted before the
 /// first worker started is skipped.
 pub fn consumer_config(settings: &KafkaSettings, group_id: &str, client_id: &str) -> ClientConfig {
-    let mut config = client_config(
+    client_config(
         settings,
         &[
             ("client.id", client_id.to_string()),
@@ -96,11 +96,7 @@ pub fn consumer_config(settings: &KafkaSettings, group_id: &str, client_id: &str
                 settings.heartbeat_interval_ms.to_string(),
             ),
         ],
-    );
-    if !settings.group_instance_id.is_empty() {
-        config.set("group.instance.id", &settings.group_instance_id);
-    }
-    config
+    )
 }
 
 /// Marks the record at `offset` as handled, so the next (auto-)commit moves the group past it.

@@ -234,10 +234,6 @@ pub struct KafkaSettings {
     pub session_timeout_ms: u64,
     /// Consumer `heartbeat.interval.ms`; at most a third of the session timeout.
     pub heartbeat_interval_ms: u64,
-    /// Consumer `group.instance.id` (static membership, KIP-345); empty: dynamic membership.
-    /// A stable name per replica (a StatefulSet pod's name) lets a restarted consumer take its
-    /// partitions back without a group rebalance. Never share one between two processes.
-    pub group_instance_id: String,
     /// Extra librdkafka properties passed through unchanged (file only, e.g.
     /// `"linger.ms" = "5"`). Values whose name mentions a password or secret are redacted.
     pub client: BTreeMap<String, String>,
@@ -254,7 +250,6 @@ impl Default for KafkaSettings {
             ssl_ca_location: String::new(),
             session_timeout_ms: 45_000,
             heartbeat_interval_ms: 3_000,
-            group_instance_id: String::new(),
             client: BTreeMap::new(),
         }
     }
@@ -276,7 +271,6 @@ impl fmt::Debug for KafkaSettings {
             .field("ssl_ca_location", &self.ssl_ca_location)
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
-            .field("group_instance_id", &self.group_instance_id)
             .field("client", &client)
             .finish()
     }
@@ -307,18 +301,6 @@ impl KafkaSettings {
                     format!("`{broker}` is not of the form host:port"),
                 ));
             }
-        }
-        // Kafka allows 249 characters of [a-zA-Z0-9._-] in such names.
-        let id = &self.group_instance_id;
-        if id.len() > 249
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
-            return Err(SettingsError::invalid(
-                "kafka.group_instance_id",
-                "at most 249 characters of letters, digits, '.', '_' and '-'",
-            ));
         }
         let protocol = self.security_protocol.to_ascii_lowercase();
         if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {

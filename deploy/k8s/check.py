@@ -90,12 +90,17 @@ def fleet_problems(docs, config):
                     f"the drain FLEET__WORKER__SHUTDOWN_GRACE_MS ({drain_ms} ms)"
                 )
             env = env_of(spec["containers"][0])
-            instance = env.get("FLEET__KAFKA__GROUP_INSTANCE_ID", {}).get("value", "")
+            instance = env.get("FLEET__WORKER__GROUP_INSTANCE_ID", {}).get("value", "")
             pod_name = env.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {})
             if instance != "$(POD_NAME)" or pod_name.get("fieldPath") != "metadata.name":
                 yield f"{name}: group.instance.id must come from the pod name"
             if w["kind"] != "StatefulSet":
                 yield f"{name}: static membership needs stable pod names (a StatefulSet)"
+    for secret in by_kind.get("Secret", []):
+        yield (
+            f"Secret/{secret['metadata']['name']}: credentials must not be in the kustomization "
+            "(every apply would overwrite the operator's); see secret.example.yaml"
+        )
     scalers = by_kind.get("HorizontalPodAutoscaler", []) + by_kind.get("ScaledObject", [])
     targets = [s["spec"]["scaleTargetRef"]["name"] for s in scalers]
     if targets.count("fleet-worker") != 1:
@@ -119,7 +124,7 @@ def check(directory):
 def workload_env(directory, name):
     """The FLEET__* environment a workload's first container gets (ConfigMap, Secret, env),
     with $(POD_NAME) as a pod of it would see it: for checking it with --check-config."""
-    docs = render(directory)
+    docs = render(directory) + list(yaml.safe_load_all((HERE / "secret.example.yaml").read_text()))
     data = {}
     for d in docs:
         if d["kind"] in ("ConfigMap", "Secret"):
@@ -144,6 +149,10 @@ def main(argv):
         return 0
     dirs = [pathlib.Path(a) for a in argv] or [HERE / "base", HERE / "overlays/keda"]
     failed = False
+    example = [d for d in yaml.safe_load_all((HERE / "secret.example.yaml").read_text()) if d]
+    for problem in schema_problems(example):
+        print(f"secret.example.yaml: {problem}")
+        failed = True
     for directory in dirs:
         problems, count = check(directory)
         for problem in problems:

@@ -109,12 +109,19 @@ async fn ping_once(settings: &CommonSettings) -> anyhow::Result<String> {
     Ok(report.trim_end().to_string())
 }
 
-/// `http://127.0.0.1:<port>{path}` for a service listening on `listen` (`0.0.0.0:8080`, say).
+/// The URL of `path` on a service listening on `listen`: loopback for a wildcard address
+/// (`0.0.0.0:8080`, `[::]:8080`), else that address itself.
 pub fn local_url(listen: &str, path: &str) -> anyhow::Result<String> {
-    let addr: std::net::SocketAddr = listen
+    let mut addr: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("http.listen `{listen}` is not an address"))?;
-    Ok(format!("http://127.0.0.1:{}{path}", addr.port()))
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}{path}"))
 }
 
 /// GETs `url` (plain `http://host:port/path`) and exits 0 on 200, else 1 with the reason.
@@ -166,5 +173,27 @@ pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process:
             eprintln!("fleetctl probe: {url}: {reason}");
             Ok(std::process::ExitCode::from(1))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_url;
+
+    #[test]
+    fn a_wildcard_listener_is_probed_on_loopback_and_any_other_on_its_address() {
+        assert_eq!(
+            local_url("0.0.0.0:8080", "/readyz").unwrap(),
+            "http://127.0.0.1:8080/readyz"
+        );
+        assert_eq!(
+            local_url("[::]:9000", "/readyz").unwrap(),
+            "http://[::1]:9000/readyz"
+        );
+        assert_eq!(
+            local_url("10.1.2.3:8080", "/healthz").unwrap(),
+            "http://10.1.2.3:8080/healthz"
+        );
+        assert!(local_url("not an address", "/").is_err());
     }
 }

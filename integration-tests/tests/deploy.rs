@@ -106,6 +106,13 @@ fn broken_copies_of_the_manifests_are_caught() {
             "lagThreshold: 50 is not of type 'string'",
         ),
         (
+            "base/config.yaml",
+            "FLEET__LOG__LEVEL: \"info\"",
+            "FLEET__LOG__LEVEL: \"info\"\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: fleet-secrets\nstringData:\n  FLEET__HTTP__TOKENS: \"x\"",
+            "base",
+            "credentials must not be in the kustomization",
+        ),
+        (
             "overlays/keda/kustomization.yaml",
             "  - delete-worker-hpa.yaml",
             "  []",

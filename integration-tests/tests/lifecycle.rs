@@ -259,7 +259,7 @@ async fn progress_reported_by_a_handler_is_stored_with_the_task() {
     assert_eq!(tasks["p"]["state"], "succeeded");
 }
 
-/// Static membership (`kafka.group_instance_id`, as the Kubernetes StatefulSet sets it from the
+/// Static membership (`worker.group_instance_id`, as the Kubernetes StatefulSet sets it from the
 /// pod name): a worker killed and started again under the same instance id takes its partitions
 /// back and runs the tasks submitted while it was gone, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +268,7 @@ async fn a_static_member_restarted_under_its_instance_id_runs_what_came_meanwhil
     env.create_topics().await;
     let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
     let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
-    let member = [("FLEET__KAFKA__GROUP_INSTANCE_ID", "fleet-worker-0")];
+    let member = [("FLEET__WORKER__GROUP_INSTANCE_ID", "fleet-worker-0")];
     let mut worker = env.spawn("fleet-worker", "worker-a", &member);
 
     let first: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();

@@ -28,6 +28,10 @@ pub struct WorkerSection {
     pub strict_priority: bool,
     /// Most deliveries claimed in one Redis call.
     pub claim_batch: usize,
+    /// The consumer's `group.instance.id` (static membership, KIP-345); empty: dynamic. A
+    /// stable name per replica (a StatefulSet pod's name) lets a restarted worker take its
+    /// partitions back without a group rebalance. Never give two workers the same one.
+    pub group_instance_id: String,
 }
 
 impl Default for WorkerSection {
@@ -41,6 +45,7 @@ impl Default for WorkerSection {
             priority_weights: [8, 4, 2, 1],
             strict_priority: false,
             claim_batch: 256,
+            group_instance_id: String::new(),
         }
     }
 }
@@ -110,6 +115,18 @@ impl Validate for WorkerSection {
             return Err(SettingsError::invalid(
                 "worker.claim_batch",
                 "expected 1 to 10000",
+            ));
+        }
+        // Kafka allows 249 characters of [a-zA-Z0-9._-] in such names.
+        let id = &self.group_instance_id;
+        if id.len() > 249
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(SettingsError::invalid(
+                "worker.group_instance_id",
+                "at most 249 characters of letters, digits, '.', '_' and '-'",
             ));
         }
         Ok(())

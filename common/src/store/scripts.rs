@@ -19,7 +19,10 @@ macro_rules! transition {
                     PRELUDE,
                     "local function transition()\n",
                     include_str!(concat!("../../lua/", $file)),
-                    "\nend\nlocal result = transition()\nflush_later()\nreturn result\n",
+                    // The deferred writes go out even when the script fails part-way, so the
+                    // hash writes already made never lack their index and lease entries.
+                    "\nend\nlocal ok, result = pcall(transition)\nflush_later()\n",
+                    "if not ok then error(result, 0) end\nreturn result\n",
                 ]
                 .concat(),
             )

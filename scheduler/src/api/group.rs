@@ -9,8 +9,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::publish::Publisher;
 
-/// Most tasks one group accepts (a single larger request still goes alone).
+/// Most tasks, and most bytes of task JSON, one group accepts (a single larger request still
+/// goes alone): one script call must stay far below Redis's query buffer limit and must not
+/// hold the shared connection for long.
 const MAX_GROUP_TASKS: usize = 1_000;
+const MAX_GROUP_BYTES: usize = 8 << 20;
 
 /// One request's tasks and where its answer goes.
 #[derive(Debug)]
@@ -47,18 +50,34 @@ impl SubmitGroup {
     }
 }
 
+fn bytes_of(job: &Job) -> usize {
+    job.tasks.iter().map(|t| t.record_json.len()).sum()
+}
+
 async fn run(store: Store, publisher: Publisher, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.recv().await {
+    // A request that did not fit the previous group starts the next one.
+    let mut next: Option<Job> = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let mut count = first.tasks.len();
+        let mut bytes = bytes_of(&first);
         let mut jobs = vec![first];
-        let mut count = jobs[0].tasks.len();
-        while count < MAX_GROUP_TASKS {
-            match rx.try_recv() {
-                Ok(job) => {
-                    count += job.tasks.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
+        while count < MAX_GROUP_TASKS && bytes < MAX_GROUP_BYTES {
+            let Ok(job) = rx.try_recv() else { break };
+            let size = bytes_of(&job);
+            if count + job.tasks.len() > MAX_GROUP_TASKS || bytes + size > MAX_GROUP_BYTES {
+                next = Some(job);
+                break;
             }
+            count += job.tasks.len();
+            bytes += size;
+            jobs.push(job);
         }
         let mut tasks = Vec::with_capacity(count);
         let mut replies = Vec::with_capacity(jobs.len());

@@ -163,6 +163,9 @@ impl Worker {
         if !settings.kafka.client.contains_key(ASSIGNMENT_STRATEGY) {
             config.set(ASSIGNMENT_STRATEGY, "roundrobin");
         }
+        if !settings.worker.group_instance_id.is_empty() {
+            config.set("group.instance.id", &settings.worker.group_instance_id);
+        }
         let consumer = kafka::metered_consumer(config)?;
         let topic_names = Priority::ALL.map(|p| topics.tasks(p));
         let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
