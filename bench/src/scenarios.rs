@@ -136,7 +136,11 @@ fn per_task_profile(
 
 /// (b) drain: `n` tasks accepted on a fresh stack while no worker runs, then drained by
 /// `workers` workers; timed from the first start to the last finish, by Redis's clock.
-pub async fn drain(n: usize, workers: usize) -> anyhow::Result<Value> {
+pub async fn drain(
+    n: usize,
+    workers: usize,
+    worker_vars: &[(&str, &str)],
+) -> anyhow::Result<Value> {
     let mut stack = Stack::start("bench-drain", 0, &[]).await?;
     let before = 0;
     let (ids, bodies) = noop("d", n);
@@ -145,7 +149,7 @@ pub async fn drain(n: usize, workers: usize) -> anyhow::Result<Value> {
         .wait_count(State::Pending, n as u64, Duration::from_secs(600))
         .await?;
     for i in 0..workers {
-        stack.add_worker(&format!("drain{i}"), &[]);
+        stack.add_worker(&format!("drain{i}"), worker_vars);
     }
     stack
         .wait_count(

@@ -27,8 +27,8 @@ for i = 0, n - 1 do
     local state, due_at = 'pending', now + redeliver
     if run_at > now then state, due_at = 'scheduled', run_at end
     redis.call('HSET', key, 'id', id, 'queue', queue, 'priority', priority, 'state', state,
-      'attempt', 0, 'released', 0, 'max_attempts', max_attempts, 'record', record,
-      'created_ms', now, 'updated_ms', now, 'run_at_ms', math.max(run_at, now),
+      'attempt', '0', 'released', '0', 'max_attempts', max_attempts, 'record', record,
+      'created_ms', text(now), 'updated_ms', text(now), 'run_at_ms', text(math.max(run_at, now)),
       'timeout_ms', ARGV[a + 8], 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
     zadd_later(DUE, due_at, id)
     zadd_later(IDX[state], now, id)

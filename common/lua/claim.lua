@@ -33,12 +33,12 @@ for i = 0, n - 1 do
     code = 8
   else
     local timeout, expires = tonumber(f[5]) or 0, now + lease
-    local set = { 'state', 'running', 'attempt', attempt, 'worker', worker, 'started_ms', now,
-                  'updated_ms', now }
-    if not f[7] then set[#set + 1] = 'first_started_ms'; set[#set + 1] = now end
+    local set = { 'state', 'running', 'attempt', ARGV[6 + i * 2], 'worker', worker,
+                  'started_ms', text(now), 'updated_ms', text(now) }
+    if not f[7] then set[#set + 1] = 'first_started_ms'; set[#set + 1] = text(now) end
     if timeout > 0 then
       local deadline = now + timeout + grace
-      set[#set + 1] = 'deadline_ms'; set[#set + 1] = deadline
+      set[#set + 1] = 'deadline_ms'; set[#set + 1] = text(deadline)
       expires = math.min(expires, deadline)
     elseif f[6] then
       redis.call('HDEL', key, 'deadline_ms')

@@ -16,6 +16,19 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A number as a Redis argument. Redis formats every number argument of redis.call with
+-- snprintf("%.17g"), which showed up in profiles of the hot scripts; a batch has few distinct
+-- numbers (its Redis time, lease ends), so each is formatted once here and passed as a string.
+local number_text = {}
+local function text(n)
+  local s = number_text[n]
+  if not s then
+    s = string.format('%.17g', n)
+    number_text[n] = s
+  end
+  return s
+end
+
 -- Sorted-set writes and counters of a batch are collected here and written at the end of the
 -- script (scripts.rs appends `flush_later()`), one variadic command per key instead of one call
 -- per task: each redis.call costs far more than one more element. Per key and member the last
@@ -58,11 +71,11 @@ local function flush_later()
   end
   for key, adds in pairs(later_add) do
     local args = {}
-    for id, score in pairs(adds) do args[#args + 1] = score; args[#args + 1] = id end
+    for id, score in pairs(adds) do args[#args + 1] = text(score); args[#args + 1] = id end
     variadic('ZADD', key, args)
   end
   for key, counts in pairs(later_incr) do
-    for field, n in pairs(counts) do redis.call('HINCRBY', key, field, n) end
+    for field, n in pairs(counts) do redis.call('HINCRBY', key, field, text(n)) end
   end
 end
 
@@ -86,12 +99,12 @@ local function finish(key, id, from, to, now, retention, t)
   incr_later(TOTALS, to .. ':priority:' .. (priority or '?'))
   local set = t.set or {}
   set[#set + 1] = 'state'; set[#set + 1] = to
-  set[#set + 1] = 'finished_ms'; set[#set + 1] = now
-  set[#set + 1] = 'updated_ms'; set[#set + 1] = now
+  set[#set + 1] = 'finished_ms'; set[#set + 1] = text(now)
+  set[#set + 1] = 'updated_ms'; set[#set + 1] = text(now)
   redis.call('HSET', key, unpack(set))
   if has_deadline then redis.call('HDEL', key, 'deadline_ms') end
   move(id, from, to, now)
-  redis.call('PEXPIRE', key, retention)
+  redis.call('PEXPIRE', key, text(retention))
 end
 
 -- Marks a task failed and queues its dead-letter record.
@@ -108,16 +121,35 @@ local function clip(s, n)
   return string.sub(s, 1, n)
 end
 
+-- A stored number (a hash field's string, a number, or false) as JSON.
+local function json_number(v)
+  if type(v) == 'number' then return text(v) end
+  if v and tonumber(v) then return v end
+  return '0'
+end
+
+-- Histories shorter than this are appended to as text; longer ones are decoded and trimmed to
+-- HISTORY_MAX entries. An entry is at least 95 bytes, so a history of HISTORY_MAX entries is
+-- always past it.
+local HISTORY_TRIM_BYTES = 8000
+
 -- Appends how one attempt ended to the task's history: a JSON array in the field `history`,
 -- oldest first, at most HISTORY_MAX entries. `outcome` is one of succeeded, retry, failed,
 -- cancelled, lease_expired, deadline, released.
--- `history` (the field's JSON, or false) with one more entry; the rest as attempt_ended.
+-- `history` (the field's JSON, or false) with one more entry; the rest as attempt_ended. The
+-- entry is written as text, not through cjson: decoding and re-encoding the list on every
+-- completion was a visible part of the completion script's cost.
 local function history_after(history, attempt, worker, started, now, outcome, err)
-  local list = {}
-  if history and history ~= '' then list = cjson.decode(history) end
-  list[#list + 1] = { attempt = tonumber(attempt), worker = worker or '', started_ms = tonumber(started) or 0,
-                      ended_ms = now, outcome = outcome, error = clip(err or '', 1024) }
-  if #list > HISTORY_MAX then table.remove(list, 1) end
+  local entry = '{"attempt":' .. json_number(attempt) .. ',"worker":' .. cjson.encode(worker or '')
+    .. ',"started_ms":' .. json_number(started) .. ',"ended_ms":' .. text(now)
+    .. ',"outcome":"' .. outcome .. '","error":' .. cjson.encode(clip(err or '', 1024)) .. '}'
+  if not history or history == '' or history == '[]' then return '[' .. entry .. ']' end
+  if #history < HISTORY_TRIM_BYTES then
+    return string.sub(history, 1, -2) .. ',' .. entry .. ']'
+  end
+  local list = cjson.decode(history)
+  list[#list + 1] = cjson.decode(entry)
+  while #list > HISTORY_MAX do table.remove(list, 1) end
   return cjson.encode(list)
 end
 

@@ -477,3 +477,51 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         ("40", "halfway-ish")
     );
 }
+
+#[tokio::test]
+async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
+    let env = TestEnv::start("history");
+    let store = env.store().await;
+    store
+        .accept(&[env.new_task(r#"{"id":"h","kind":"noop","max_attempts":1}"#)])
+        .await
+        .unwrap();
+    // A worker id that needs JSON escaping; released attempts do not use up the budget.
+    let worker = "w\"\\é";
+    for attempt in 1..=105 {
+        assert_eq!(
+            store.claim(worker, 3_000, &[("h", attempt)]).await.unwrap(),
+            [Claim::Claimed]
+        );
+        assert_eq!(store.release(worker, &[("h", attempt)]).await.unwrap(), 1);
+    }
+    store.claim(worker, 3_000, &[("h", 106)]).await.unwrap();
+    let done = store
+        .complete(worker, &[(("h", 106), &Outcome::Ok("{}".into()))])
+        .await
+        .unwrap();
+    assert_eq!(done, [Completion::Succeeded]);
+
+    let fields = store.task("h").await.unwrap().unwrap();
+    let history: Vec<serde_json::Value> = serde_json::from_str(&fields["history"]).unwrap();
+    assert_eq!(history.len(), 100, "the oldest entries are dropped");
+    let attempts: Vec<u64> = history
+        .iter()
+        .map(|e| e["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(attempts, (7..=106).collect::<Vec<u64>>());
+    for entry in &history {
+        assert_eq!(entry["worker"], worker);
+        assert!(entry["started_ms"].as_u64().unwrap() > 0, "{entry}");
+        assert!(
+            entry["ended_ms"].as_u64() >= entry["started_ms"].as_u64(),
+            "{entry}"
+        );
+    }
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last["outcome"].as_str(), last["error"].as_str()),
+        (Some("succeeded"), Some(""))
+    );
+    assert_eq!(history[0]["outcome"], "released");
+}

@@ -5,8 +5,18 @@
 //! acknowledged, so a scheduler killed at any moment loses nothing: the next owner of the
 //! partition reads the batch again, and acceptance is idempotent (ids of id-less submissions are
 //! derived from the record's position, so a replay names the same task).
+//!
+//! Publishing is a second stage: accepted batches go, in order, to a publisher task, and ingest
+//! moves on to the next batch while the last one waits for Kafka's acknowledgements. Waiting
+//! for them in line made ingest the bottleneck of a full-speed run (one Redis call, then one
+//! Kafka round trip, then one more Redis call per batch, one after the other). An accepted task
+//! is safe before it is published: its outbox entry makes the relay publish it if the
+//! scheduler dies first.
 
 use std::sync::Arc;
+
+use fleet_common::store::Accepted;
+use tokio::sync::mpsc;
 
 use fleet_common::store::{NewTask, Store};
 use fleet_common::task::TaskSpec;
@@ -40,6 +50,12 @@ pub async fn run(
     consumer.subscribe(&[&topics.submit()])?;
     info!(topic = %topics.submit(), group = %settings.scheduler.group_id, "Ingest started.");
 
+    let (to_publish, accepted_batches) = mpsc::channel(PUBLISH_QUEUE);
+    let publishing = tokio::spawn(publish_stage(
+        store.clone(),
+        publisher.clone(),
+        accepted_batches,
+    ));
     let mut batches = consumer
         .stream()
         .ready_chunks(settings.scheduler.batch_size);
@@ -61,7 +77,16 @@ pub async fn run(
         if messages.is_empty() {
             continue;
         }
-        if !handle_batch(&settings, &store, &publisher, &messages, &token).await {
+        if !handle_batch(
+            &settings,
+            &store,
+            &publisher,
+            &to_publish,
+            &messages,
+            &token,
+        )
+        .await
+        {
             break; // cancelled before the batch was safe: its offsets stay unstored
         }
         for message in &messages {
@@ -79,8 +104,40 @@ pub async fn run(
     if let Err(err) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         debug!(error = %err, "Final offset commit skipped.");
     }
+    // Accepted batches still queued are published now rather than by the relay later.
+    drop(to_publish);
+    if let Err(err) = publishing.await {
+        warn!(error = %err, "The publisher stage ended abnormally; the relay publishes the rest.");
+    }
     info!("Ingest stopped.");
     Ok(())
+}
+
+/// Accepted batches waiting for the publisher stage. When it falls this far behind, ingest
+/// waits, so a slow broker slows intake instead of growing memory.
+const PUBLISH_QUEUE: usize = 4;
+
+/// A batch that Redis accepted, on its way to the publisher stage.
+type AcceptedBatch = (Vec<NewTask>, Vec<Accepted>);
+
+/// Publishes accepted batches in the order they were accepted (so tasks with the same key keep
+/// their order on the partition), until ingest closes the channel. Batches that queued up
+/// while the last ones were published go out together, with one wait for Kafka and one
+/// confirmation in Redis, so a slow acknowledgement never makes a queue of small batches.
+async fn publish_stage(
+    store: Store,
+    publisher: Publisher,
+    mut accepted: mpsc::Receiver<AcceptedBatch>,
+) {
+    let mut queued = Vec::with_capacity(PUBLISH_QUEUE);
+    while accepted.recv_many(&mut queued, PUBLISH_QUEUE).await > 0 {
+        let (mut tasks, mut outcomes) = (Vec::new(), Vec::new());
+        for (batch_tasks, batch_outcomes) in queued.drain(..) {
+            tasks.extend(batch_tasks);
+            outcomes.extend(batch_outcomes);
+        }
+        crate::publish::publish_accepted(&store, &publisher, &tasks, &outcomes).await;
+    }
 }
 
 /// A submission's id when it has none: derived from where the record sits in Kafka, so that a
@@ -115,6 +172,7 @@ async fn handle_batch(
     settings: &SchedulerSettings,
     store: &Store,
     publisher: &Publisher,
+    to_publish: &mpsc::Sender<AcceptedBatch>,
     messages: &[BorrowedMessage<'_>],
     token: &CancellationToken,
 ) -> bool {
@@ -173,6 +231,10 @@ async fn handle_batch(
         warn!(error = %err, "Could not count rejected submissions.");
     }
 
-    crate::publish::publish_accepted(store, publisher, &tasks, &accepted).await;
+    // The publisher stage only ends after this loop, so the send fails only if it panicked;
+    // the tasks are accepted either way, and the relay would publish them.
+    if to_publish.send((tasks, accepted)).await.is_err() {
+        warn!("The publisher stage is gone; the relay publishes this batch.");
+    }
     true
 }
