@@ -14,6 +14,8 @@ local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), t
 local now = now_ms()
 -- One SCARD per batch: the per-task pause checks run only while something is paused.
 local any_paused = redis.call('SCARD', PAUSED) > 0
+-- Likewise, held tasks are only looked for while there are any.
+local any_held = redis.call('EXISTS', HELD) == 1
 local out = {}
 for i = 0, n - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
@@ -46,7 +48,7 @@ for i = 0, n - 1 do
     redis.call('HSET', key, unpack(set))
     zadd_later(LEASES, expires, id)
     zrem_later(DUE, id)
-    zrem_later(HELD, id)
+    if any_held then zrem_later(HELD, id) end
     move(id, 'pending', 'running', now)
     code = 1
   end

@@ -12,7 +12,8 @@ use fleet_common::trace::TraceParent;
 use fleet_common::{Priority, rejected};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
@@ -85,6 +86,46 @@ impl std::fmt::Debug for Publisher {
 
 /// How long a send may wait for room in the producer queue and for the broker.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a send waits before trying again when the producer's queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
+
+/// An envelope the producer has queued: its acknowledgement, and the `publish` span to export
+/// once it arrives (only when OTLP export is on).
+struct Sending {
+    delivery: DeliveryFuture,
+    attempt: u32,
+    span: Option<(TraceParent, u64, String)>,
+}
+
+impl Sending {
+    /// Waits for the broker's acknowledgement (the producer's `message.timeout.ms` bounds it).
+    async fn delivered(self, id: &str) -> Result<(), KafkaError> {
+        let sent = match self.delivery.await {
+            Ok(Ok(delivery)) => Ok(delivery),
+            Ok(Err((err, _))) => Err(err),
+            Err(_canceled) => Err(KafkaError::Canceled),
+        };
+        if let Some((span, start_ns, topic)) = &self.span {
+            let mut exported = otlp::Span::of("publish", otlp::SpanKind::Producer, span, *start_ns)
+                .attr("task_id", id)
+                .attr("attempt", self.attempt)
+                .attr("messaging.destination.name", topic);
+            if let Err(err) = &sent {
+                exported.error = Some(err.to_string());
+            }
+            otlp::record(exported);
+        }
+        let delivered = sent?;
+        tracing::debug!(
+            task_id = id,
+            attempt = self.attempt,
+            partition = delivered.partition,
+            offset = delivered.offset,
+            "Task published."
+        );
+        Ok(())
+    }
+}
 
 impl Publisher {
     pub fn new(
@@ -117,33 +158,31 @@ impl Publisher {
     }
 
     /// Publishes one attempt of a task and waits for the broker's acknowledgement.
-    pub async fn task(
+    async fn send_task(
         &self,
         id: &str,
         priority: Priority,
         key: Option<&str>,
-        record_json: &str,
-        attempt: u32,
-        trace: &str,
+        attempt: (&str, u32, &str),
+        partition: Option<i32>,
     ) -> Result<(), KafkaError> {
-        self.send_task(
-            id,
-            priority,
-            key,
-            (record_json, attempt, trace),
-            self.partition_for(key),
-        )
-        .await
+        self.enqueue(id, priority, key, attempt, partition)
+            .await?
+            .delivered(id)
+            .await
     }
 
-    async fn send_task(
+    /// Hands one attempt's envelope to the producer and returns without waiting for the
+    /// broker, so a batch is queued in order and then awaited as a whole. Waits only while the
+    /// producer's queue is full.
+    async fn enqueue(
         &self,
         id: &str,
         priority: Priority,
         key: Option<&str>,
         (record_json, attempt, trace): (&str, u32, &str),
         partition: Option<i32>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<Sending, KafkaError> {
         let topic = self.topics.tasks(priority);
         let envelope = Envelope::encode(record_json, attempt);
         let attempt_text = attempt.to_string();
@@ -151,7 +190,7 @@ impl Publisher {
         let span = TraceParent::parse(trace).map(|t| t.child());
         let traceparent = span.as_ref().map(ToString::to_string);
         let start_ns = otlp::now_ns();
-        let mut headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new_with_capacity(3)
             .insert(Header {
                 key: "fleet-task-id",
                 value: Some(id),
@@ -173,27 +212,26 @@ impl Publisher {
         if let Some(partition) = partition {
             record = record.partition(partition);
         }
-        let sent = self
-            .producer
-            .send(record, SEND_TIMEOUT)
-            .await
-            .map_err(|(err, _)| err);
-        if let Some(span) = &span {
-            let mut exported = otlp::Span::of("publish", otlp::SpanKind::Producer, span, start_ns)
-                .attr("task_id", id)
-                .attr("attempt", attempt)
-                .attr("messaging.destination.name", &topic);
-            if let Err(err) = &sent {
-                exported.error = Some(err.to_string());
+        let queued_at = std::time::Instant::now();
+        let delivery = loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if queued_at.elapsed() < SEND_TIMEOUT =>
+                {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((err, _)) => return Err(err),
             }
-            otlp::record(exported);
-        }
-        let delivered = sent?;
-        tracing::debug!(
-            task_id = id, attempt, topic = %topic, partition = delivered.partition, offset = delivered.offset,
-            "Task published."
-        );
-        Ok(())
+        };
+        Ok(Sending {
+            delivery,
+            attempt,
+            span: span
+                .filter(|_| otlp::enabled())
+                .map(|span| (span, start_ns, topic)),
+        })
     }
 
     /// Publishes a task taken from Redis (relay or reaper) to a live worker's partition of its
@@ -271,31 +309,34 @@ pub async fn publish_accepted(
     accepted: &[Accepted],
 ) {
     let start_ns = otlp::now_ns();
-    let sends = tasks
-        .iter()
-        .zip(accepted)
-        .filter_map(|(task, outcome)| match outcome {
-            Accepted::Pending(_) => Some(async move {
-                let r = &task.record;
-                publisher
-                    .task(
-                        &r.id,
-                        r.priority,
-                        r.key.as_deref(),
-                        &task.record_json,
-                        1,
-                        &task.trace.to_string(),
-                    )
-                    .await
-                    .map(|()| r.id.as_str())
-            }),
-            _ => None,
-        });
-    let results = futures::future::join_all(sends).await;
-    let mut sent = Vec::with_capacity(results.len());
-    for result in results {
-        match result {
-            Ok(id) => sent.push((id, 1)),
+    // Queued one after the other, so tasks with the same key keep their order, then awaited:
+    // one wait for the whole batch, and no future per task to poll.
+    let mut queued = Vec::with_capacity(tasks.len());
+    for (task, outcome) in tasks.iter().zip(accepted) {
+        if !matches!(outcome, Accepted::Pending(_)) {
+            continue;
+        }
+        let r = &task.record;
+        let trace = task.trace.to_string();
+        let sending = publisher
+            .enqueue(
+                &r.id,
+                r.priority,
+                r.key.as_deref(),
+                (&task.record_json, 1, &trace),
+                publisher.partition_for(r.key.as_deref()),
+            )
+            .await;
+        queued.push((r.id.as_str(), sending));
+    }
+    let mut sent = Vec::with_capacity(queued.len());
+    for (id, sending) in queued {
+        let delivered = match sending {
+            Ok(sending) => sending.delivered(id).await,
+            Err(err) => Err(err),
+        };
+        match delivered {
+            Ok(()) => sent.push((id, 1)),
             Err(err) => warn!(error = %err, "Publishing a task failed; the relay will retry it."),
         }
     }

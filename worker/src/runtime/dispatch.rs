@@ -126,11 +126,23 @@ pub(super) async fn dispatch_loop(
             return; // shutting down: nothing of this batch is stored; claims are in Redis
         }
         drop(slots); // unused slots go back
+        // Only the batch's last offset of each partition is stored: picks keep every
+        // partition in offset order, so it covers the ones before it, with one librdkafka
+        // call (and topic lookup) per partition instead of one per record.
+        let mut last: Vec<(usize, i32, i64)> = Vec::new();
         for delivery in &picked {
-            let topic = &shared.topic_names[delivery.priority.index()];
-            if let Err(err) =
-                kafka::store_handled(&*consumer, topic, delivery.partition, delivery.offset)
+            let (topic, partition) = (delivery.priority.index(), delivery.partition);
+            match last
+                .iter_mut()
+                .find(|(t, p, _)| (*t, *p) == (topic, partition))
             {
+                Some(entry) => entry.2 = entry.2.max(delivery.offset),
+                None => last.push((topic, partition, delivery.offset)),
+            }
+        }
+        for (topic, partition, offset) in last {
+            let topic = &shared.topic_names[topic];
+            if let Err(err) = kafka::store_handled(&*consumer, topic, partition, offset) {
                 debug!(error = %err, "Offset not stored (partition revoked).");
             }
         }

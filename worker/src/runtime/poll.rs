@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use fleet_common::task::Envelope;
 use fleet_common::trace::TraceParent;
 use fleet_common::{Priority, kafka};
@@ -23,6 +25,10 @@ fn high_water(shared: &Shared) -> usize {
     (shared.settings.worker.concurrency * 16).max(2048)
 }
 
+/// Most records taken from the consumer in one go: they are buffered under one lock and
+/// announced with one wake-up.
+const POLL_BATCH: usize = 256;
+
 /// Reads task topics into the buffers until `token` is cancelled. Never blocks on work:
 /// a full priority is paused, and resumed once it drained to half.
 pub(super) async fn poll_loop(
@@ -34,6 +40,10 @@ pub(super) async fn poll_loop(
     let mut paused = [false; 4];
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut ticks = 0u32;
+    // One message stream for the whole loop: `recv()` per record registered and dropped a
+    // waker each time, and buffering record by record took the buffers' lock and woke the
+    // dispatcher once per record.
+    let mut records = consumer.stream().ready_chunks(POLL_BATCH);
     loop {
         tokio::select! {
             () = token.cancelled() => break,
@@ -50,33 +60,48 @@ pub(super) async fn poll_loop(
                     }
                 }
             }
-            message = consumer.recv() => {
-                let message = match message {
-                    Ok(m) => m,
-                    Err(err) => {
-                        warn!(error = %err, "Kafka consumer error; continuing.");
-                        continue;
+            batch = records.next() => {
+                let Some(batch) = batch else { break };
+                let mut deliveries = Vec::with_capacity(batch.len());
+                for message in batch {
+                    let message = match message {
+                        Ok(m) => m,
+                        Err(err) => {
+                            warn!(error = %err, "Kafka consumer error; continuing.");
+                            continue;
+                        }
+                    };
+                    let Some(i) = shared.topic_names.iter().position(|t| t == message.topic()) else { continue };
+                    let envelope = Envelope::decode(message.payload());
+                    // The raw bytes are kept only for a record that is refused as unreadable.
+                    let raw = envelope.is_err().then(|| message.payload().map(<[u8]>::to_vec)).flatten();
+                    deliveries.push(Delivery {
+                        priority: Priority::ALL[i],
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        envelope,
+                        raw,
+                        published_ms: message.timestamp().to_millis(),
+                        trace: TraceParent::from_kafka(&message),
+                    });
+                }
+                if deliveries.is_empty() {
+                    continue;
+                }
+                let mut full = [false; 4];
+                {
+                    let mut buffers = shared.buffers();
+                    for delivery in deliveries {
+                        let i = delivery.priority.index();
+                        full[i] |= buffers.push(delivery) >= high;
                     }
-                };
-                let Some(i) = shared.topic_names.iter().position(|t| t == message.topic()) else { continue };
-                let priority = Priority::ALL[i];
-                let envelope = Envelope::decode(message.payload());
-                // The raw bytes are kept only for a record that is refused as unreadable.
-                let raw = envelope.is_err().then(|| message.payload().map(<[u8]>::to_vec)).flatten();
-                let delivery = Delivery {
-                    priority,
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    envelope,
-                    raw,
-                    published_ms: message.timestamp().to_millis(),
-                    trace: TraceParent::from_kafka(&message),
-                };
-                let buffered = shared.buffers().push(delivery);
+                }
                 shared.work_ready.notify_one();
-                if buffered >= high && !paused[i] {
-                    set_paused(&consumer, &shared.topic_names[i], true);
-                    paused[i] = true;
+                for (i, &is_full) in full.iter().enumerate() {
+                    if is_full && !paused[i] {
+                        set_paused(&consumer, &shared.topic_names[i], true);
+                        paused[i] = true;
+                    }
                 }
             }
         }
