@@ -58,7 +58,11 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let concurrency = args.concurrency.to_string();
-    let worker_vars = [("FLEET__WORKER__CONCURRENCY", concurrency.as_str())];
+    // RUST_LOG as in production (the test harness also logs successes, at debug).
+    let worker_vars = [
+        ("FLEET__WORKER__CONCURRENCY", concurrency.as_str()),
+        ("RUST_LOG", "info"),
+    ];
     let mut stack = Stack::start("bench", args.workers, &worker_vars).await?;
     let lease_ms = stack.env.settings().lease.lease_ms;
     eprintln!("(a) end to end: {} no-op tasks …", args.tasks);
@@ -178,6 +182,18 @@ fn print_table(r: &Value) {
             .map(|(k, v)| format!("{k} {:.1} s", f(v)))
             .collect();
         println!("| CPU during (a) | {} |", parts.join(", "));
+    }
+    if let Some(cpu) = d["cpu_seconds"].as_object() {
+        let parts: Vec<String> = cpu
+            .iter()
+            .filter(|(k, _)| ["workers", "redis", "broker"].contains(&k.as_str()))
+            .map(|(k, v)| format!("{k} {:.1} s", f(v)))
+            .collect();
+        println!(
+            "| CPU during (b) | {}; Redis {:.0} µs per task |",
+            parts.join(", "),
+            f(&d["redis_cpu_us_per_task"])
+        );
     }
     if let Some(rows) = e["redis_profile"].as_array() {
         let parts: Vec<String> = rows

@@ -148,6 +148,8 @@ pub async fn drain(
     stack
         .wait_count(State::Pending, n as u64, Duration::from_secs(600))
         .await?;
+    let (_, redis_before) = redis_usage(&stack.store).await?;
+    let split_before = cpu_split(&stack);
     for i in 0..workers {
         stack.add_worker(&format!("drain{i}"), worker_vars);
     }
@@ -158,6 +160,9 @@ pub async fn drain(
             Duration::from_secs(600),
         )
         .await?;
+    let (_, redis_after) = redis_usage(&stack.store).await?;
+    // Workers started after `split_before` count all their CPU, start-up included.
+    let cpu = cpu_since(&stack, split_before);
     let rows = stack
         .fields(&ids, &["first_started_ms", "finished_ms"])
         .await?;
@@ -176,6 +181,8 @@ pub async fn drain(
         "tasks": n,
         "seconds": seconds,
         "tasks_per_s": n as f64 / seconds.max(0.001),
+        "redis_cpu_us_per_task": (redis_after - redis_before) * 1e6 / n as f64,
+        "cpu_seconds": cpu,
     }))
 }
 

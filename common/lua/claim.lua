@@ -19,8 +19,15 @@ local any_held = redis.call('EXISTS', HELD) == 1
 local out = {}
 for i = 0, n - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'timeout_ms',
-    'deadline_ms', 'first_started_ms')
+  -- Queue and priority are read only while something is paused (fields 6 and 7).
+  local f
+  if any_paused then
+    f = redis.call('HMGET', key, 'state', 'attempt', 'timeout_ms', 'deadline_ms',
+      'first_started_ms', 'queue', 'priority')
+  else
+    f = redis.call('HMGET', key, 'state', 'attempt', 'timeout_ms', 'deadline_ms',
+      'first_started_ms')
+  end
   local state, current = f[1], tonumber(f[2])
   local code
   if not state then code = 6
@@ -29,20 +36,20 @@ for i = 0, n - 1 do
     if state == 'running' and attempt == current then code = 2 else code = 3 end
   elseif attempt > current + 1 then code = 5
   elseif state ~= 'pending' then code = 7
-  elseif any_paused and is_paused(f[3], f[4]) then
+  elseif any_paused and is_paused(f[6], f[7]) then
     zadd_later(HELD, now, id)
     zrem_later(DUE, id)
     code = 8
   else
-    local timeout, expires = tonumber(f[5]) or 0, now + lease
+    local timeout, expires = tonumber(f[3]) or 0, now + lease
     local set = { 'state', 'running', 'attempt', ARGV[6 + i * 2], 'worker', worker,
                   'started_ms', text(now), 'updated_ms', text(now) }
-    if not f[7] then set[#set + 1] = 'first_started_ms'; set[#set + 1] = text(now) end
+    if not f[5] then set[#set + 1] = 'first_started_ms'; set[#set + 1] = text(now) end
     if timeout > 0 then
       local deadline = now + timeout + grace
       set[#set + 1] = 'deadline_ms'; set[#set + 1] = text(deadline)
       expires = math.min(expires, deadline)
-    elseif f[6] then
+    elseif f[4] then
       redis.call('HDEL', key, 'deadline_ms')
     end
     redis.call('HSET', key, unpack(set))

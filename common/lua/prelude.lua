@@ -139,10 +139,22 @@ local HISTORY_TRIM_BYTES = 8000
 -- `history` (the field's JSON, or false) with one more entry; the rest as attempt_ended. The
 -- entry is written as text, not through cjson: decoding and re-encoding the list on every
 -- completion was a visible part of the completion script's cost.
+local json_strings = { [''] = '""' }
+-- A string as JSON; a batch repeats the same few (its worker id, an empty error), so each is
+-- encoded once.
+local function json_string(s)
+  local j = json_strings[s]
+  if not j then
+    j = cjson.encode(s)
+    json_strings[s] = j
+  end
+  return j
+end
+
 local function history_after(history, attempt, worker, started, now, outcome, err)
-  local entry = '{"attempt":' .. json_number(attempt) .. ',"worker":' .. cjson.encode(worker or '')
+  local entry = '{"attempt":' .. json_number(attempt) .. ',"worker":' .. json_string(worker or '')
     .. ',"started_ms":' .. json_number(started) .. ',"ended_ms":' .. text(now)
-    .. ',"outcome":"' .. outcome .. '","error":' .. cjson.encode(clip(err or '', 1024)) .. '}'
+    .. ',"outcome":"' .. outcome .. '","error":' .. json_string(clip(err or '', 1024)) .. '}'
   if not history or history == '' or history == '[]' then return '[' .. entry .. ']' end
   if #history < HISTORY_TRIM_BYTES then
     return string.sub(history, 1, -2) .. ',' .. entry .. ']'

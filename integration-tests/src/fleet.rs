@@ -18,7 +18,12 @@ impl TestEnv {
     pub fn spawn(&self, binary: &str, name: &str, extra: &[(&str, &str)]) -> ManagedProcess {
         let mut vars = self.env_vars();
         vars.push(("FLEET__WORKER__ID".into(), name.into()));
-        vars.push(("RUST_LOG".into(), "info".into()));
+        // Successes are logged at debug; the tests read them from the log (a fenced attempt
+        // must never log one).
+        vars.push((
+            "RUST_LOG".into(),
+            "info,fleet_worker::runtime::execute=debug".into(),
+        ));
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         if binary != "fleet-worker" {
             vars.retain(|(k, _)| !k.starts_with("FLEET__WORKER__"));
