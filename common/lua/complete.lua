@@ -27,11 +27,16 @@ for i = 0, n - 1 do
       finish(key, id, 'running', 'cancelled', now, retention)
       out[#out + 1] = 'cancelled'
     elseif kind == 'ok' then
-      -- The hot path: everything read above, one HSET.
-      local history = history_after(f[11], f[2], f[3], f[10], now, 'succeeded', '')
+      -- The hot path: everything read above, one HSET. A task whose only attempt succeeded
+      -- gets no `history`: that attempt is its attempt, worker, started_ms and finished_ms
+      -- (Store::task shows it as a one-entry history), which saves a tenth of this script.
+      local set = { 'result', text }
+      if f[11] and f[11] ~= '' then
+        set[3] = 'history'
+        set[4] = history_after(f[11], f[2], f[3], f[10], now, 'succeeded', '')
+      end
       finish(key, id, 'running', 'succeeded', now, retention, {
-        queue = f[7], priority = f[8], has_deadline = f[9] ~= false,
-        set = { 'result', text, 'history', history } })
+        queue = f[7], priority = f[8], has_deadline = f[9] ~= false, set = set })
       out[#out + 1] = 'succeeded'
     elseif kind == 'retry' and current - tonumber(f[4]) < tonumber(f[5]) then
       attempt_ended(key, now, 'retry', text)

@@ -525,3 +525,58 @@ async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
     );
     assert_eq!(history[0]["outcome"], "released");
 }
+
+#[tokio::test]
+async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
+    let env = TestEnv::start("implied-history");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"once","kind":"noop"}"#),
+            env.new_task(r#"{"id":"twice","kind":"noop"}"#),
+        ])
+        .await
+        .unwrap();
+    store
+        .claim("w1", 3_000, &[("once", 1), ("twice", 1)])
+        .await
+        .unwrap();
+    // "twice" is handed back once, so its success is its second attempt ending.
+    assert_eq!(store.release("w1", &[("twice", 1)]).await.unwrap(), 1);
+    store.claim("w2", 3_000, &[("twice", 2)]).await.unwrap();
+    let ok = Outcome::Ok("7".into());
+    store.complete("w1", &[(("once", 1), &ok)]).await.unwrap();
+    store.complete("w2", &[(("twice", 2), &ok)]).await.unwrap();
+
+    let mut conn = env.redis_conn().await;
+    let stored: bool = redis::cmd("HEXISTS")
+        .arg(store.keys().task("once"))
+        .arg("history")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!stored, "no history is written for a first-attempt success");
+
+    let once = store.task("once").await.unwrap().unwrap();
+    let history: Vec<serde_json::Value> = serde_json::from_str(&once["history"]).unwrap();
+    assert_eq!(history.len(), 1);
+    let entry = &history[0];
+    assert_eq!(entry["attempt"], 1);
+    assert_eq!(entry["worker"], "w1");
+    assert_eq!(entry["outcome"], "succeeded");
+    assert_eq!(entry["error"], "");
+    assert_eq!(entry["started_ms"].to_string(), once["started_ms"]);
+    assert_eq!(entry["ended_ms"].to_string(), once["finished_ms"]);
+
+    let twice = store.task("twice").await.unwrap().unwrap();
+    let history: Vec<serde_json::Value> = serde_json::from_str(&twice["history"]).unwrap();
+    let outcomes: Vec<&str> = history
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["released", "succeeded"],
+        "a stored history is kept and appended to"
+    );
+}

@@ -579,12 +579,17 @@ impl Store {
             .await?)
     }
 
-    /// Every field of one task's hash; `None` if there is no such task.
+    /// Every field of one task's hash; `None` if there is no such task. A task whose only
+    /// attempt succeeded has no stored `history` (`complete.lua` skips it); it gets the one
+    /// entry that attempt implies, so readers always see a history.
     pub async fn task(&self, id: &str) -> Result<Option<HashMap<String, String>>, StoreError> {
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        let mut fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.task(id))
             .query_async(&mut self.conn.clone())
             .await?;
+        if let Some(history) = implied_history(&fields) {
+            fields.insert("history".into(), history);
+        }
         Ok((!fields.is_empty()).then_some(fields))
     }
 
@@ -684,4 +689,29 @@ pub(super) fn number(value: Option<&Value>) -> Result<i64, StoreError> {
             "script reply is shorter than expected",
         )),
     }
+}
+
+/// The history of a task that succeeded on its only attempt, which is not stored: one entry
+/// built from the attempt's own fields. `None` when a history is stored or does not apply.
+fn implied_history(fields: &HashMap<String, String>) -> Option<String> {
+    if fields.contains_key("history")
+        || fields.get("state").map(String::as_str) != Some("succeeded")
+    {
+        return None;
+    }
+    let number = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let entry = serde_json::json!({
+        "attempt": number("attempt"),
+        "worker": fields.get("worker").map_or("", String::as_str),
+        "started_ms": number("started_ms"),
+        "ended_ms": number("finished_ms"),
+        "outcome": "succeeded",
+        "error": "",
+    });
+    Some(serde_json::Value::Array(vec![entry]).to_string())
 }
