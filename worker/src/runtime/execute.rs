@@ -72,7 +72,9 @@ pub(super) fn start(
     let span = tracing::info_span!(
         "task", task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, trace_id
     );
-    info!(parent: &span, task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, trace_id, "Handler started.");
+    // The line carries the span's fields itself, so it is logged outside the span: the JSON
+    // layer would otherwise write each field twice.
+    info!(parent: None, task_id = %id, attempt, kind = %task.kind, worker_id = %shared.worker_id, trace_id, "Handler started.");
     let progress = ctx.progress_slot();
     shared.running().insert(
         id.clone(),
