@@ -14,8 +14,10 @@ local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), t
 local now = now_ms()
 -- One SCARD per batch: the per-task pause checks run only while something is paused.
 local any_paused = redis.call('SCARD', PAUSED) > 0
--- Likewise, held tasks are only looked for while there are any.
+-- Likewise, held tasks and outbox entries are only looked for while there are any (a claim
+-- only removes entries from either).
 local any_held = redis.call('EXISTS', HELD) == 1
+local any_due = redis.call('EXISTS', DUE) == 1
 local out = {}
 for i = 0, n - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
@@ -38,7 +40,7 @@ for i = 0, n - 1 do
   elseif state ~= 'pending' then code = 7
   elseif any_paused and is_paused(f[6], f[7]) then
     zadd_later(HELD, now, id)
-    zrem_later(DUE, id)
+    if any_due then zrem_later(DUE, id) end
     code = 8
   else
     local timeout, expires = tonumber(f[3]) or 0, now + lease
@@ -54,7 +56,7 @@ for i = 0, n - 1 do
     end
     redis.call('HSET', key, unpack(set))
     zadd_later(LEASES, expires, id)
-    zrem_later(DUE, id)
+    if any_due then zrem_later(DUE, id) end
     if any_held then zrem_later(HELD, id) end
     move(id, 'pending', 'running', now)
     code = 1

@@ -11,16 +11,21 @@
 local n, worker, retention = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local out = {}
+-- Whether a failed attempt may be retried: read only on that path, not for every outcome.
+local function within_budget(key, current)
+  local b = redis.call('HMGET', key, 'released', 'max_attempts')
+  return current - tonumber(b[1]) < tonumber(b[2])
+end
 for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
   local a = 4 + i * 5
   local id, attempt, kind, text, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'released', 'max_attempts',
-    'cancel_requested_ms', 'queue', 'priority', 'deadline_ms', 'started_ms', 'history')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
+    'queue', 'priority', 'deadline_ms', 'started_ms', 'history')
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     zrem_later(LEASES, id)
-    if f[6] then
+    if f[4] then
       local note = 'cancelled while running'
       if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. text end
       attempt_ended(key, now, 'cancelled', note)
@@ -29,16 +34,16 @@ for i = 0, n - 1 do
     elseif kind == 'ok' then
       -- The hot path: everything read above, one HSET. A task whose only attempt succeeded
       -- gets no `history`: that attempt is its attempt, worker, started_ms and finished_ms
-      -- (Store::task shows it as a one-entry history), which saves a tenth of this script.
+      -- (Store::task shows it as a one-entry history), so nothing is built or stored for it.
       local set = { 'result', text }
-      if f[11] and f[11] ~= '' then
+      if f[9] and f[9] ~= '' then
         set[3] = 'history'
-        set[4] = history_after(f[11], f[2], f[3], f[10], now, 'succeeded', '')
+        set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
       end
       finish(key, id, 'running', 'succeeded', now, retention, {
-        queue = f[7], priority = f[8], has_deadline = f[9] ~= false, set = set })
+        queue = f[5], priority = f[6], has_deadline = f[7] ~= false, set = set })
       out[#out + 1] = 'succeeded'
-    elseif kind == 'retry' and current - tonumber(f[4]) < tonumber(f[5]) then
+    elseif kind == 'retry' and within_budget(key, current) then
       attempt_ended(key, now, 'retry', text)
       redis.call('HSET', key, 'state', 'scheduled', 'last_error', text, 'updated_ms', now,
         'run_at_ms', now + delay)
