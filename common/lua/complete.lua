@@ -4,7 +4,7 @@
 -- was answered `cancelling` always wins the race with the completion.
 -- KEYS  globals, then per outcome: task hash
 -- ARGV  [1] outcomes  [2] worker id  [3] retention ms, then per outcome 5 values:
---       id, attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), text (result json or error),
+--       id, attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), body (result json or error),
 --       retry delay ms
 -- Returns per outcome: 'succeeded', 'scheduled' (retry), 'failed', 'cancelled', 'already'
 -- (this attempt already ended the task), or 'fenced'.
@@ -19,7 +19,8 @@ end
 for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
   local a = 4 + i * 5
-  local id, attempt, kind, text, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  -- `body`: the result JSON or the error (not `text`, which is the prelude's number formatter).
+  local id, attempt, kind, body, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
     'queue', 'priority', 'deadline_ms', 'started_ms', 'history')
   local state, current = f[1], tonumber(f[2])
@@ -27,7 +28,7 @@ for i = 0, n - 1 do
     zrem_later(LEASES, id)
     if f[4] then
       local note = 'cancelled while running'
-      if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. text end
+      if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. body end
       attempt_ended(key, now, 'cancelled', note)
       finish(key, id, 'running', 'cancelled', now, retention)
       out[#out + 1] = 'cancelled'
@@ -35,7 +36,7 @@ for i = 0, n - 1 do
       -- The hot path: everything read above, one HSET. A task whose only attempt succeeded
       -- gets no `history`: that attempt is its attempt, worker, started_ms and finished_ms
       -- (Store::task shows it as a one-entry history), so nothing is built or stored for it.
-      local set = { 'result', text }
+      local set = { 'result', body }
       if f[9] and f[9] ~= '' then
         set[3] = 'history'
         set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
@@ -44,16 +45,16 @@ for i = 0, n - 1 do
         queue = f[5], priority = f[6], has_deadline = f[7] ~= false, set = set })
       out[#out + 1] = 'succeeded'
     elseif kind == 'retry' and within_budget(key, current) then
-      attempt_ended(key, now, 'retry', text)
-      redis.call('HSET', key, 'state', 'scheduled', 'last_error', text, 'updated_ms', now,
+      attempt_ended(key, now, 'retry', body)
+      redis.call('HSET', key, 'state', 'scheduled', 'last_error', body, 'updated_ms', now,
         'run_at_ms', now + delay)
       redis.call('HDEL', key, 'deadline_ms')
       move(id, 'running', 'scheduled', now)
       zadd_later(DUE, now + delay, id)
       out[#out + 1] = 'scheduled'
     else
-      attempt_ended(key, now, 'failed', text)
-      fail(key, id, 'running', now, retention, text)
+      attempt_ended(key, now, 'failed', body)
+      fail(key, id, 'running', now, retention, body)
       out[#out + 1] = 'failed'
     end
   elseif state and TERMINAL[state] and current == attempt and f[3] == worker then

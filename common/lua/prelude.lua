@@ -129,7 +129,7 @@ local function json_number(v)
 end
 
 -- Histories shorter than this are appended to as text; longer ones are decoded and trimmed to
--- HISTORY_MAX entries. An entry is at least 95 bytes, so a history of HISTORY_MAX entries is
+-- HISTORY_MAX entries. An entry is at least 94 bytes, so a history of HISTORY_MAX entries is
 -- always past it.
 local HISTORY_TRIM_BYTES = 8000
 

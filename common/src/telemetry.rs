@@ -30,8 +30,21 @@ pub fn init(settings: &LogSettings) -> Result<(), Box<dyn std::error::Error + Se
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init()
+            .try_init()?;
+        log_panics();
+        Ok(())
     } else {
         builder.with_target(false).try_init()
     }
+}
+
+/// Panics become one log event each. The default hook writes a panic's message and backtrace
+/// in many small writes that other threads' log lines can land between, cutting JSON lines in
+/// two (a handler panic is caught and recorded as the attempt's error, but its report still
+/// went to stderr this way).
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        tracing::error!(panic = %info, backtrace = %backtrace, "A thread panicked.");
+    }));
 }

@@ -15,10 +15,7 @@
 
 use std::sync::Arc;
 
-use fleet_common::store::Accepted;
-use tokio::sync::mpsc;
-
-use fleet_common::store::{NewTask, Store};
+use fleet_common::store::{Accepted, NewTask, Store};
 use fleet_common::task::TaskSpec;
 use fleet_common::trace::TraceParent;
 use fleet_common::{Topics, kafka};
@@ -26,6 +23,7 @@ use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -104,10 +102,12 @@ pub async fn run(
     if let Err(err) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         debug!(error = %err, "Final offset commit skipped.");
     }
-    // Accepted batches still queued are published now rather than by the relay later.
+    // Accepted batches still queued are published now rather than by the relay later (the
+    // service's shutdown grace period bounds this wait; what it cuts off, the relay sends).
     drop(to_publish);
     if let Err(err) = publishing.await {
-        warn!(error = %err, "The publisher stage ended abnormally; the relay publishes the rest.");
+        // Whatever it did not publish is in the outbox; failing the service gets it restarted.
+        return Err(format!("the publisher stage failed: {err}").into());
     }
     info!("Ingest stopped.");
     Ok(())
@@ -231,10 +231,12 @@ async fn handle_batch(
         warn!(error = %err, "Could not count rejected submissions.");
     }
 
-    // The publisher stage only ends after this loop, so the send fails only if it panicked;
-    // the tasks are accepted either way, and the relay would publish them.
+    // The publisher stage only ends after ingest's loop, so the send fails only if it
+    // panicked. The batch is accepted either way (the relay publishes it); ingest stops, and
+    // `run` reports the failure so the service is restarted.
     if to_publish.send((tasks, accepted)).await.is_err() {
-        warn!("The publisher stage is gone; the relay publishes this batch.");
+        warn!("The publisher stage is gone; stopping ingest.");
+        return false;
     }
     true
 }

@@ -1,8 +1,9 @@
 //! Publishing task envelopes onto the priority topics, and records onto the rejected and dead
 //! topics. Shared by the scheduler's ingest, the relay and the reaper.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_common::otlp;
 use fleet_common::store::{Accepted, Dispatch, NewTask, Store};
@@ -94,7 +95,8 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
 struct Sending {
     delivery: DeliveryFuture,
     attempt: u32,
-    span: Option<(TraceParent, u64, String)>,
+    topic: String,
+    span: Option<(TraceParent, u64)>,
 }
 
 impl Sending {
@@ -105,11 +107,11 @@ impl Sending {
             Ok(Err((err, _))) => Err(err),
             Err(_canceled) => Err(KafkaError::Canceled),
         };
-        if let Some((span, start_ns, topic)) = &self.span {
+        if let Some((span, start_ns)) = &self.span {
             let mut exported = otlp::Span::of("publish", otlp::SpanKind::Producer, span, *start_ns)
                 .attr("task_id", id)
                 .attr("attempt", self.attempt)
-                .attr("messaging.destination.name", topic);
+                .attr("messaging.destination.name", &self.topic);
             if let Err(err) = &sent {
                 exported.error = Some(err.to_string());
             }
@@ -119,6 +121,7 @@ impl Sending {
         tracing::debug!(
             task_id = id,
             attempt = self.attempt,
+            topic = %self.topic,
             partition = delivered.partition,
             offset = delivered.offset,
             "Task published."
@@ -166,7 +169,8 @@ impl Publisher {
         attempt: (&str, u32, &str),
         partition: Option<i32>,
     ) -> Result<(), KafkaError> {
-        self.enqueue(id, priority, key, attempt, partition)
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        self.enqueue(id, priority, key, attempt, partition, deadline)
             .await?
             .delivered(id)
             .await
@@ -174,7 +178,8 @@ impl Publisher {
 
     /// Hands one attempt's envelope to the producer and returns without waiting for the
     /// broker, so a batch is queued in order and then awaited as a whole. Waits only while the
-    /// producer's queue is full.
+    /// producer's queue is full, and not past `deadline` (one for a whole batch, so a stuck
+    /// producer holds a batch up for at most [`SEND_TIMEOUT`]).
     async fn enqueue(
         &self,
         id: &str,
@@ -182,6 +187,7 @@ impl Publisher {
         key: Option<&str>,
         (record_json, attempt, trace): (&str, u32, &str),
         partition: Option<i32>,
+        deadline: Instant,
     ) -> Result<Sending, KafkaError> {
         let topic = self.topics.tasks(priority);
         let envelope = Envelope::encode(record_json, attempt);
@@ -212,12 +218,11 @@ impl Publisher {
         if let Some(partition) = partition {
             record = record.partition(partition);
         }
-        let queued_at = std::time::Instant::now();
         let delivery = loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => break delivery,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if queued_at.elapsed() < SEND_TIMEOUT =>
+                    if Instant::now() < deadline =>
                 {
                     record = back;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
@@ -228,9 +233,10 @@ impl Publisher {
         Ok(Sending {
             delivery,
             attempt,
+            topic,
             span: span
                 .filter(|_| otlp::enabled())
-                .map(|span| (span, start_ns, topic)),
+                .map(|span| (span, start_ns)),
         })
     }
 
@@ -310,34 +316,63 @@ pub async fn publish_accepted(
 ) {
     let start_ns = otlp::now_ns();
     // Queued one after the other, so tasks with the same key keep their order, then awaited:
-    // one wait for the whole batch, and no future per task to poll.
+    // one wait for the whole batch, and no future per task to poll. Once a key's task could
+    // not be queued, the rest of that key's tasks are left to the relay too, so they cannot
+    // overtake it.
+    let deadline = Instant::now() + SEND_TIMEOUT;
+    let mut failed_keys: HashSet<&str> = HashSet::new();
     let mut queued = Vec::with_capacity(tasks.len());
     for (task, outcome) in tasks.iter().zip(accepted) {
         if !matches!(outcome, Accepted::Pending(_)) {
             continue;
         }
         let r = &task.record;
+        let key = r.key.as_deref();
+        if key.is_some_and(|k| failed_keys.contains(k)) {
+            continue;
+        }
         let trace = task.trace.to_string();
         let sending = publisher
             .enqueue(
                 &r.id,
                 r.priority,
-                r.key.as_deref(),
+                key,
                 (&task.record_json, 1, &trace),
-                publisher.partition_for(r.key.as_deref()),
+                publisher.partition_for(key),
+                deadline,
             )
             .await;
-        queued.push((r.id.as_str(), sending));
+        match sending {
+            Ok(sending) => queued.push((r.id.as_str(), sending)),
+            Err(err) => {
+                warn!(task_id = %r.id, error = %err, "Publishing a task failed; the relay will retry it.");
+                failed_keys.extend(key);
+            }
+        }
     }
-    let mut sent = Vec::with_capacity(queued.len());
-    for (id, sending) in queued {
-        let delivered = match sending {
-            Ok(sending) => sending.delivered(id).await,
-            Err(err) => Err(err),
-        };
+    // With OTLP export on, the acknowledgements are awaited together, so each `publish` span
+    // ends when its own acknowledgement came, not when its turn in the line came.
+    let results: Vec<(&str, Result<(), KafkaError>)> = if otlp::enabled() {
+        futures::future::join_all(
+            queued
+                .into_iter()
+                .map(|(id, sending)| async move { (id, sending.delivered(id).await) }),
+        )
+        .await
+    } else {
+        let mut results = Vec::with_capacity(queued.len());
+        for (id, sending) in queued {
+            results.push((id, sending.delivered(id).await));
+        }
+        results
+    };
+    let mut sent = Vec::with_capacity(results.len());
+    for (id, delivered) in results {
         match delivered {
             Ok(()) => sent.push((id, 1)),
-            Err(err) => warn!(error = %err, "Publishing a task failed; the relay will retry it."),
+            Err(err) => {
+                warn!(task_id = %id, error = %err, "Publishing a task failed; the relay will retry it.");
+            }
         }
     }
     let mut duplicates = 0;

@@ -61,7 +61,10 @@ pub(super) async fn poll_loop(
                 }
             }
             batch = records.next() => {
-                let Some(batch) = batch else { break };
+                let Some(batch) = batch else {
+                    warn!("The Kafka message stream ended; the poll loop stops.");
+                    break;
+                };
                 let mut deliveries = Vec::with_capacity(batch.len());
                 for message in batch {
                     let message = match message {
