@@ -166,7 +166,7 @@ impl Publisher {
         id: &str,
         priority: Priority,
         key: Option<&str>,
-        attempt: (&str, u32, &str),
+        attempt: (&str, u32, Option<&TraceParent>),
         partition: Option<i32>,
     ) -> Result<(), KafkaError> {
         let deadline = Instant::now() + SEND_TIMEOUT;
@@ -179,13 +179,14 @@ impl Publisher {
     /// Hands one attempt's envelope to the producer and returns without waiting for the
     /// broker, so a batch is queued in order and then awaited as a whole. Waits only while the
     /// producer's queue is full, and not past `deadline` (one for a whole batch, so a stuck
-    /// producer holds a batch up for at most [`SEND_TIMEOUT`]).
+    /// producer holds a batch up for at most [`SEND_TIMEOUT`]). `trace` is the task's stored
+    /// trace context, if valid; the dispatch becomes a new span of it.
     async fn enqueue(
         &self,
         id: &str,
         priority: Priority,
         key: Option<&str>,
-        (record_json, attempt, trace): (&str, u32, &str),
+        (record_json, attempt, trace): (&str, u32, Option<&TraceParent>),
         partition: Option<i32>,
         deadline: Instant,
     ) -> Result<Sending, KafkaError> {
@@ -193,7 +194,7 @@ impl Publisher {
         let envelope = Envelope::encode(record_json, attempt);
         let attempt_text = attempt.to_string();
         // Each dispatch is a new span of the task's trace.
-        let span = TraceParent::parse(trace).map(|t| t.child());
+        let span = trace.map(TraceParent::child);
         let traceparent = span.as_ref().map(ToString::to_string);
         let start_ns = otlp::now_ns();
         let mut headers = OwnedHeaders::new_with_capacity(3)
@@ -259,7 +260,11 @@ impl Publisher {
             &dispatch.id,
             route.priority,
             key,
-            (&dispatch.record_json, dispatch.attempt, &dispatch.trace),
+            (
+                &dispatch.record_json,
+                dispatch.attempt,
+                TraceParent::parse(&dispatch.trace).as_ref(),
+            ),
             partition,
         )
         .await
@@ -331,13 +336,12 @@ pub async fn publish_accepted(
         if key.is_some_and(|k| failed_keys.contains(k)) {
             continue;
         }
-        let trace = task.trace.to_string();
         let sending = publisher
             .enqueue(
                 &r.id,
                 r.priority,
                 key,
-                (&task.record_json, 1, &trace),
+                (&task.record_json, 1, Some(&task.trace)),
                 publisher.partition_for(key),
                 deadline,
             )
