@@ -133,15 +133,9 @@ end
 -- always past it.
 local HISTORY_TRIM_BYTES = 8000
 
--- Appends how one attempt ended to the task's history: a JSON array in the field `history`,
--- oldest first, at most HISTORY_MAX entries. `outcome` is one of succeeded, retry, failed,
--- cancelled, lease_expired, deadline, released.
--- `history` (the field's JSON, or false) with one more entry; the rest as attempt_ended. The
--- entry is written as text, not through cjson: decoding and re-encoding the list on every
--- completion was a visible part of the completion script's cost.
-local json_strings = { [''] = '""' }
 -- A string as JSON; a batch repeats the same few (its worker id, an empty error), so each is
 -- encoded once.
+local json_strings = { [''] = '""' }
 local function json_string(s)
   local j = json_strings[s]
   if not j then
@@ -151,6 +145,12 @@ local function json_string(s)
   return j
 end
 
+-- Appends how one attempt ended to the task's history: a JSON array in the field `history`,
+-- oldest first, at most HISTORY_MAX entries. `outcome` is one of succeeded, retry, failed,
+-- cancelled, lease_expired, deadline, released.
+-- `history` (the field's JSON, or false) with one more entry; the rest as attempt_ended. The
+-- entry is written as text, not through cjson: decoding and re-encoding the list on every
+-- completion was a visible part of the completion script's cost.
 local function history_after(history, attempt, worker, started, now, outcome, err)
   local entry = '{"attempt":' .. json_number(attempt) .. ',"worker":' .. json_string(worker or '')
     .. ',"started_ms":' .. json_number(started) .. ',"ended_ms":' .. text(now)
