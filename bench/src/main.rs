@@ -3,6 +3,7 @@
 //! submit→start latency at fixed loads, recovery after `kill -9`, cost per task and memory.
 //! Prints a table and writes JSON. It reports numbers and asserts nothing about them.
 
+mod client;
 mod scenarios;
 mod stack;
 
@@ -14,7 +15,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 use crate::scenarios::Via;
-use crate::stack::Stack;
+use crate::stack::{Profile, Stack};
 
 #[derive(Debug, Parser)]
 #[command(name = "fleet-bench", about = "Benchmark Fleet on this machine.")]
@@ -34,17 +35,37 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     latency_secs: u64,
     /// Offered loads (tasks/s) of the latency runs through the submit topic.
-    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
-    rates: Vec<u64>,
+    #[arg(long, default_value = "1000,5000", value_parser = rates)]
+    rates: Rates,
     /// Offered loads (tasks/s) of the latency runs through the HTTP API (none: empty).
-    #[arg(long, value_delimiter = ',', default_value = "1000")]
-    http_rates: Vec<u64>,
+    #[arg(long, default_value = "1000", value_parser = rates)]
+    http_rates: Rates,
+    /// Offered loads of the latency runs, through the topic and through HTTP, with low-latency
+    /// client settings (linger 1 ms, fetch wait 2 ms) (none: empty).
+    #[arg(long, default_value = "1000", value_parser = rates)]
+    low_latency_rates: Rates,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: PathBuf,
+}
+
+/// Offered loads in tasks/s, comma-separated; empty for none.
+#[derive(Debug, Clone)]
+struct Rates(Vec<u64>);
+
+fn rates(list: &str) -> Result<Rates, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|rate| !rate.is_empty())
+        .map(|rate| match rate.parse::<u64>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+            _ => Err(format!("{rate:?} is not a rate from 1 to 1000000 tasks/s")),
+        })
+        .collect::<Result<_, _>>()
+        .map(Rates)
 }
 
 #[tokio::main]
@@ -63,39 +84,38 @@ async fn main() -> anyhow::Result<()> {
         ("FLEET__WORKER__CONCURRENCY", concurrency.as_str()),
         ("RUST_LOG", "info"),
     ];
-    let mut stack = Stack::start("bench", args.workers, &worker_vars).await?;
+    let mut stack = Stack::start("bench", args.workers, &worker_vars, Profile::Default).await?;
     let lease_ms = stack.env.settings().lease.lease_ms;
     eprintln!("(a) end to end: {} no-op tasks …", args.tasks);
     let throughput = scenarios::throughput(&stack, args.tasks).await?;
-    eprintln!("(c) latency at fixed loads …");
-    let mut latency = Vec::new();
-    for rate in &args.rates {
-        latency.push(
-            scenarios::latency(
-                &stack,
-                Via::Kafka,
-                *rate,
-                args.latency_secs,
-                &format!("l{rate}-"),
-            )
-            .await?,
-        );
-    }
-    for rate in &args.http_rates {
-        latency.push(
-            scenarios::latency(
-                &stack,
-                Via::Http,
-                *rate,
-                args.latency_secs,
-                &format!("h{rate}-"),
-            )
-            .await?,
-        );
-    }
     eprintln!("(d) recovery after kill -9 …");
     let recovery = scenarios::recovery(&mut stack, lease_ms).await?;
     drop(stack);
+    // Each latency run gets a fresh stack: the test broker keeps every record in memory and
+    // its fetches cost more as its log grows, so a run after others would measure their load.
+    eprintln!("(c) latency at fixed loads …");
+    let mut latency = Vec::new();
+    let default = Profile::Default;
+    let low = Profile::LowLatency;
+    let (kafka, http, low_rates) = (&args.rates.0, &args.http_rates.0, &args.low_latency_rates.0);
+    let runs = (kafka.iter().map(|r| (Via::Kafka, *r, default, "l")))
+        .chain(http.iter().map(|r| (Via::Http, *r, default, "h")))
+        .chain(low_rates.iter().map(|r| (Via::Kafka, *r, low, "ll")))
+        .chain(low_rates.iter().map(|r| (Via::Http, *r, low, "lh")));
+    for (via, rate, profile, tag) in runs {
+        let name = format!("bench-{tag}{rate}");
+        let stack = Stack::start(&name, args.workers, &worker_vars, profile).await?;
+        let mut run = scenarios::latency(
+            &stack,
+            via,
+            rate,
+            args.latency_secs,
+            &format!("{tag}{rate}-"),
+        )
+        .await?;
+        run["profile"] = profile.name().into();
+        latency.push(run);
+    }
     eprintln!("(b) drain of {} accepted tasks …", args.tasks);
     let drain = scenarios::drain(args.tasks, args.workers, &worker_vars).await?;
     eprintln!("(f) memory with {} sleeping tasks …", args.sleeping);
@@ -149,10 +169,11 @@ fn print_table(r: &Value) {
     );
     for l in r["latency"].as_array().into_iter().flatten() {
         println!(
-            "| (c) submit→start at {}/s for {} s via {} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms) |",
+            "| (c) submit→start at {}/s for {} s via {}, {} settings | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms) |",
             l["offered_per_s"],
             l["seconds"],
             l["via"].as_str().unwrap_or("?"),
+            l["profile"].as_str().unwrap_or("?"),
             l["p50_ms"],
             l["p99_ms"],
             l["p999_ms"],

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use fleet_common::task::State;
 use serde_json::{Value, json};
 
-use crate::stack::{Stack, cpu_seconds, now_ms, percentile, redis_commandstats, redis_usage, rss};
+use crate::stack::{
+    Profile, Stack, cpu_seconds, now_ms, percentile, redis_commandstats, redis_usage, rss,
+};
 
 /// CPU seconds used so far by each part of the stack and by this load generator.
 fn cpu_split(stack: &Stack) -> Vec<(&'static str, f64)> {
@@ -141,7 +143,7 @@ pub async fn drain(
     workers: usize,
     worker_vars: &[(&str, &str)],
 ) -> anyhow::Result<Value> {
-    let mut stack = Stack::start("bench-drain", 0, &[]).await?;
+    let mut stack = Stack::start("bench-drain", 0, &[], Profile::Default).await?;
     let before = 0;
     let (ids, bodies) = noop("d", n);
     stack.submit(&bodies).await?;
@@ -233,7 +235,7 @@ pub async fn latency(
         }
     }
     for send in sends {
-        send.await?;
+        send.await??;
     }
     stack
         .wait_count(
@@ -306,24 +308,37 @@ pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value>
         .map(|id| format!(r#"{{"id":"{id}","kind":"sleep","payload":{{"ms":30000}}}}"#))
         .collect();
     stack.submit(&bodies).await?;
-    let victim_name = "w0";
     let deadline = Instant::now() + Duration::from_secs(60);
-    let victims: Vec<String> = loop {
+    let rows = loop {
         let rows = stack.fields(&ids, &["state", "worker"]).await?;
         let running = rows
             .iter()
             .filter(|r| r.get("state").map(String::as_str) == Some("running"))
             .count();
         if running == n || Instant::now() > deadline {
-            break ids
-                .iter()
-                .zip(&rows)
-                .filter(|(_, r)| r.get("worker").map(String::as_str) == Some(victim_name))
-                .map(|(id, _)| id.clone())
-                .collect();
+            break rows;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The victim is the worker running the most of them.
+    let mut per_worker: std::collections::BTreeMap<&str, usize> = Default::default();
+    let running = rows
+        .iter()
+        .filter(|r| r.get("state").map(String::as_str) == Some("running"));
+    for worker in running.filter_map(|r| r.get("worker")) {
+        *per_worker.entry(worker.as_str()).or_default() += 1;
+    }
+    let victim_name = per_worker
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(w, _)| w.to_string())
+        .ok_or_else(|| anyhow::anyhow!("no recovery task started"))?;
+    let victims: Vec<String> = ids
+        .iter()
+        .zip(&rows)
+        .filter(|(_, r)| r.get("worker") == Some(&victim_name))
+        .map(|(id, _)| id.clone())
+        .collect();
     let victim = stack
         .workers
         .iter_mut()
@@ -336,7 +351,7 @@ pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value>
         let rows = stack.fields(&victims, &["state", "worker"]).await?;
         let moved = rows.iter().all(|r| {
             r.get("state").map(String::as_str) == Some("running")
-                && r.get("worker").map(String::as_str) != Some(victim_name)
+                && r.get("worker") != Some(&victim_name)
         });
         if moved || Instant::now() > deadline {
             break;
@@ -357,6 +372,7 @@ pub async fn memory(n: usize) -> anyhow::Result<Value> {
         "bench-memory",
         1,
         &[("FLEET__WORKER__CONCURRENCY", &concurrency)],
+        Profile::Default,
     )
     .await?;
     let (idle, _) = rss(stack.workers[0].pid());

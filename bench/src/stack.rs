@@ -8,20 +8,51 @@ use anyhow::{Context, bail};
 use fleet_common::Topics;
 use fleet_common::store::Store;
 use fleet_common::task::State;
-use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports, http};
+use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::client::Pool;
 
 /// One broker, one Redis, a scheduler, a reaper and workers.
 pub struct Stack {
     pub env: TestEnv,
-    /// The scheduler's HTTP API (no token).
-    pub api: std::net::SocketAddr,
     pub store: Store,
     pub scheduler: ManagedProcess,
     pub reaper: ManagedProcess,
     pub workers: Vec<ManagedProcess>,
     producer: FutureProducer,
     submit_topic: String,
+    /// The profile's settings file, for every service started.
+    config: String,
+    /// Kept-alive connections to the API for HTTP submissions.
+    http: Pool,
+}
+
+/// Kafka client settings of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Fleet's defaults: producer linger 5 ms, fetch wait 10 ms.
+    Default,
+    /// The low-latency settings of the README's Performance section: linger 1 ms, fetch wait
+    /// 2 ms.
+    LowLatency,
+}
+
+impl Profile {
+    /// `kafka.client` entries of the profile.
+    pub fn client(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Profile::Default => &[],
+            Profile::LowLatency => &[("linger.ms", "1"), ("fetch.wait.max.ms", "2")],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Default => "default",
+            Profile::LowLatency => "low-latency",
+        }
+    }
 }
 
 /// Wall-clock milliseconds (the same clock Redis `TIME` reads on this machine).
@@ -33,14 +64,24 @@ pub fn now_ms() -> u64 {
 
 impl Stack {
     /// Starts the stack with `workers` workers (each with `worker_vars`) and waits until every
-    /// worker owns partitions.
+    /// worker owns partitions. Fleet's services run with the client settings of `profile`, and
+    /// the load generator with its producer linger.
     pub async fn start(
         name: &str,
         workers: usize,
         worker_vars: &[(&str, &str)],
+        profile: Profile,
     ) -> anyhow::Result<Self> {
         let env = TestEnv::start(name);
         env.create_topics().await;
+        // The profile reaches the services as a settings file (`[kafka.client]`).
+        let config = env.dir.join("profile.toml");
+        let mut toml = String::from("[kafka.client]\n");
+        for (key, value) in profile.client() {
+            toml.push_str(&format!("\"{key}\" = \"{value}\"\n"));
+        }
+        std::fs::write(&config, toml).context("writing the profile's settings")?;
+        let config = config.to_string_lossy().into_owned();
         let [port] = free_ports::<1>();
         let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let scheduler = env.spawn(
@@ -49,25 +90,35 @@ impl Stack {
             &[
                 ("FLEET__HTTP__LISTEN", &api.to_string()),
                 ("FLEET__HTTP__INSECURE_NO_AUTH", "true"),
+                ("FLEET_CONFIG", &config),
             ],
         );
-        let reaper = env.spawn("fleet-reaper", "reaper", &[]);
+        let reaper = env.spawn("fleet-reaper", "reaper", &[("FLEET_CONFIG", &config)]);
         let mut stack = Self {
             store: env.store().await,
             producer: {
                 let mut config =
                     fleet_common::kafka::producer_config(&env.settings().kafka, "fleet-bench");
+                // A submitter as users run one: the client's default sticky partitioning (a
+                // partition per linger window), not Fleet's per-record one.
                 config
                     .set("linger.ms", "5")
+                    .set("sticky.partitioning.linger.ms", "10")
                     .set("batch.num.messages", "10000");
+                for (key, value) in profile.client() {
+                    if *key == "linger.ms" {
+                        config.set(*key, *value);
+                    }
+                }
                 config.create()?
             },
             submit_topic: Topics::from_settings(&env.settings().topics).submit(),
             env,
-            api,
             scheduler,
             reaper,
             workers: Vec::new(),
+            config,
+            http: Pool::new(api, "/v1/tasks"),
         };
         for i in 0..workers {
             stack.add_worker(&format!("w{i}"), worker_vars);
@@ -77,8 +128,10 @@ impl Stack {
     }
 
     pub fn add_worker(&mut self, name: &str, vars: &[(&str, &str)]) {
+        let mut vars = vars.to_vec();
+        vars.push(("FLEET_CONFIG", &self.config));
         self.workers
-            .push(self.env.spawn("fleet-worker", name, vars));
+            .push(self.env.spawn("fleet-worker", name, &vars));
     }
 
     /// Waits until `n` workers heartbeat and each owns task partitions.
@@ -122,32 +175,31 @@ impl Stack {
         Ok(bytes)
     }
 
-    /// Publishes one submission without waiting for its acknowledgement to return.
-    pub fn submit_one(&self, body: String) -> impl Future<Output = ()> + use<> {
+    /// Publishes one submission (a future to spawn, so the caller need not wait for it).
+    pub fn submit_one(&self, body: String) -> impl Future<Output = anyhow::Result<()>> + use<> {
         let producer = self.producer.clone();
         let topic = self.submit_topic.clone();
         async move {
-            let _ = producer
+            producer
                 .send(
                     FutureRecord::<(), _>::to(&topic).payload(body.as_bytes()),
                     Duration::from_secs(60),
                 )
-                .await;
+                .await
+                .map_err(|(err, _)| err)
+                .context("submitting")?;
+            Ok(())
         }
     }
 
     /// Submits one task through the scheduler's HTTP API, which accepts it in Redis and
     /// publishes it at once (no submit-topic hop).
-    pub fn submit_http(&self, body: String) -> impl Future<Output = ()> + use<> {
-        let api = self.api;
+    pub fn submit_http(&self, body: String) -> impl Future<Output = anyhow::Result<()>> + use<> {
+        let http = self.http.clone();
         async move {
-            let response =
-                http::request(api, "POST", "/v1/tasks", None, Some(body.as_bytes())).await;
-            if response.status != 201 {
-                eprintln!(
-                    "HTTP submit answered {}: {}",
-                    response.status, response.body
-                );
+            match http.post(body.into_bytes()).await.context("HTTP submit")? {
+                (201, _) => Ok(()),
+                (status, body) => bail!("HTTP submit answered {status}: {body}"),
             }
         }
     }

@@ -60,8 +60,10 @@ pub fn producer_config(settings: &KafkaSettings, client_id: &str) -> ClientConfi
             ("enable.idempotence", "true".into()),
             ("acks", "all".into()),
             ("linger.ms", "5".into()),
-            // Keyless records go to a random partition each, not to one "sticky" partition per
-            // linger window: a burst of tasks must spread over every worker's partitions.
+            // A record without a partition or key goes to a random partition of its own, not to
+            // one "sticky" partition per linger window: a burst of tasks must spread over every
+            // worker's partitions. (The scheduler routes keyless tasks itself by default; see
+            // `scheduler.partitioner`.)
             ("sticky.partitioning.linger.ms", "0".into()),
             ("message.timeout.ms", "30000".into()),
         ],

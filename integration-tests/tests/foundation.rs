@@ -315,6 +315,19 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("scheduler."), "{err}");
+    for (var, value, key) in [
+        ("FLEET__SCHEDULER__STICKY_RUN", "0", "scheduler.sticky_run"),
+        (
+            "FLEET__SCHEDULER__STICKY_RUN",
+            "99999999",
+            "scheduler.sticky_run",
+        ),
+        ("FLEET__SCHEDULER__PARTITIONER", "by_magic", "scheduler"),
+    ] {
+        let (code, _, err) = run_binary("fleet-scheduler", &["--check-config"], &[(var, value)]);
+        assert_eq!(code, 2, "{var}={value}: {err}");
+        assert!(err.contains(key), "{var}={value}: {err}");
+    }
     // The largest task (1 MiB by default) must fit through the producer.
     let small = dir.path().join("small.toml");
     std::fs::write(

@@ -7,5 +7,6 @@ pub mod ingest;
 pub mod publish;
 pub mod reaper;
 pub mod relay;
+pub mod routing;
 pub mod service;
 pub mod settings;

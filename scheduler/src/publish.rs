@@ -2,7 +2,7 @@
 //! topics. Shared by the scheduler's ingest, the relay and the reaper.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_common::otlp;
@@ -18,7 +18,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
-use crate::settings::Partitioner;
+use crate::routing::Router;
 
 /// The routing fields of a stored task record (the payload is skipped, not parsed).
 #[derive(Debug, Deserialize)]
@@ -72,9 +72,7 @@ impl LivePartitions {
 pub struct Publisher {
     producer: FutureProducer,
     topics: Topics,
-    partitioner: Partitioner,
-    partitions: i32,
-    next: std::sync::Arc<AtomicUsize>,
+    router: Arc<Router>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -131,33 +129,16 @@ impl Sending {
 }
 
 impl Publisher {
-    pub fn new(
-        producer: FutureProducer,
-        topics: Topics,
-        partitioner: Partitioner,
-        partitions: i32,
-    ) -> Self {
+    pub fn new(producer: FutureProducer, topics: Topics, router: Router) -> Self {
         Self {
             producer,
             topics,
-            partitioner,
-            partitions: partitions.max(1),
-            next: Default::default(),
+            router: Arc::new(router),
         }
     }
 
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
-    }
-
-    /// The partition for a task without a key, or `None` to let the producer pick.
-    fn partition_for(&self, key: Option<&str>) -> Option<i32> {
-        match (key, self.partitioner) {
-            (Some(_), _) | (None, Partitioner::Random) => None,
-            (None, Partitioner::RoundRobin) => {
-                Some((self.next.fetch_add(1, Ordering::Relaxed) % self.partitions as usize) as i32)
-            }
-        }
     }
 
     /// Publishes one attempt of a task and waits for the broker's acknowledgement.
@@ -255,7 +236,7 @@ impl Publisher {
         let key = route.key.as_deref();
         let partition = live
             .pick(route.priority)
-            .or_else(|| self.partition_for(key));
+            .or_else(|| self.router.one(route.priority, key));
         self.send_task(
             &dispatch.id,
             route.priority,
@@ -327,6 +308,13 @@ pub async fn publish_accepted(
     let deadline = Instant::now() + SEND_TIMEOUT;
     let mut failed_keys: HashSet<&str> = HashSet::new();
     let mut queued = Vec::with_capacity(tasks.len());
+    let mut keyless = [0; 4];
+    for (task, outcome) in tasks.iter().zip(accepted) {
+        if matches!(outcome, Accepted::Pending(_)) && task.record.key.is_none() {
+            keyless[task.record.priority.index()] += 1;
+        }
+    }
+    let mut batch_route = publisher.router.batch(keyless);
     for (task, outcome) in tasks.iter().zip(accepted) {
         if !matches!(outcome, Accepted::Pending(_)) {
             continue;
@@ -342,7 +330,7 @@ pub async fn publish_accepted(
                 r.priority,
                 key,
                 (&task.record_json, 1, Some(&task.trace)),
-                publisher.partition_for(key),
+                batch_route.next(r.priority, key),
                 deadline,
             )
             .await;
@@ -424,30 +412,10 @@ mod tests {
     use super::*;
     use fleet_common::settings::KafkaSettings;
 
-    fn publisher(partitioner: Partitioner) -> Publisher {
-        // Creating a producer does not connect, so no broker is needed here.
-        let producer = fleet_common::kafka::producer_config(&KafkaSettings::default(), "test")
-            .create()
-            .expect("producer");
-        Publisher::new(producer, Topics::new("t"), partitioner, 4)
-    }
-
     #[test]
-    fn round_robin_cycles_over_every_partition_for_keyless_tasks() {
-        let p = publisher(Partitioner::RoundRobin);
-        let picked: Vec<Option<i32>> = (0..8).map(|_| p.partition_for(None)).collect();
-        assert_eq!(picked, [0, 1, 2, 3, 0, 1, 2, 3].map(Some));
-    }
-
-    #[test]
-    fn keyed_tasks_go_by_key_hash_and_random_leaves_the_choice_to_the_producer() {
-        // `None` means librdkafka partitions: by the key's hash when there is a key, at random
-        // per record otherwise (sticky partitioning is off in `producer_config`).
-        assert_eq!(
-            publisher(Partitioner::RoundRobin).partition_for(Some("customer-42")),
-            None
-        );
-        assert_eq!(publisher(Partitioner::Random).partition_for(None), None);
+    fn random_means_a_partition_per_record_in_the_producer() {
+        // `Partitioner::Random` leaves keyless records to librdkafka, which must then pick a
+        // partition per record, not one "sticky" partition per linger window.
         let config = fleet_common::kafka::producer_config(&KafkaSettings::default(), "test");
         assert_eq!(config.get("sticky.partitioning.linger.ms"), Some("0"));
     }

@@ -9,12 +9,13 @@ use anyhow::Context;
 use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::{self, Outcome, Supervisor, TaskResult};
 use fleet_common::store::{self, Store, StoreError};
-use fleet_common::{Topics, kafka, message_size};
+use fleet_common::{Priority, Topics, kafka, message_size};
 use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::publish::Publisher;
+use crate::routing::Router;
 use crate::settings::SchedulerSettings;
 use crate::{api, ingest, reaper, relay};
 
@@ -37,7 +38,7 @@ pub async fn connect(
     let client_id = format!("{service}-{}", std::process::id());
     let mut config = kafka::producer_config(&settings.kafka, &client_id);
     message_size::fit_producer(&mut config, &settings.kafka, record_limit)?;
-    kafka::ensure_topics(
+    let statuses = kafka::ensure_topics(
         &settings.kafka,
         &topics.all(),
         settings.topics.partitions,
@@ -55,12 +56,23 @@ pub async fn connect(
     )
     .await?;
     let producer = config.create().context("creating the producer")?;
-    let publisher = Publisher::new(
-        producer,
-        topics,
+    // Keyless tasks are routed over the partitions the topics really have.
+    let partitions = Priority::ALL.map(|priority| {
+        let name = topics.tasks(priority);
+        statuses
+            .iter()
+            .find(|status| status.name == name && status.partitions > 0)
+            .map_or(settings.topics.partitions as usize, |status| {
+                status.partitions
+            })
+    });
+    let router = Router::new(
         settings.scheduler.partitioner,
-        settings.topics.partitions,
-    );
+        settings.scheduler.sticky_run,
+        partitions,
+    )
+    .with_random_start();
+    let publisher = Publisher::new(producer, topics, router);
     Ok((store, publisher))
 }
 

@@ -10,11 +10,15 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Partitioner {
-    /// The producer picks a partition at random (librdkafka's default for keyless records).
+    /// Runs of `sticky_run` consecutive tasks share a partition, then the next partition takes
+    /// over; a batch larger than that per partition is split evenly over every partition (see
+    /// [`crate::routing`]).
     #[default]
-    Random,
+    Sticky,
     /// Each task goes to the next partition in turn.
     RoundRobin,
+    /// The producer picks a partition at random for each task.
+    Random,
 }
 
 /// `[scheduler]`.
@@ -25,8 +29,10 @@ pub struct SchedulerSection {
     pub group_id: String,
     /// How long a stopping scheduler or reaper may take to finish its current batch.
     pub shutdown_grace_ms: u64,
-    /// Spreading of keyless tasks; tasks with a `key` always go by the key's hash.
+    /// Spreading of keyless tasks; a task with a `key` is first published by the key's hash.
     pub partitioner: Partitioner,
+    /// Consecutive keyless tasks of a priority sent to one partition under `sticky`.
+    pub sticky_run: usize,
     /// Most submissions handled in one Redis call.
     pub batch_size: usize,
     /// How often the relay looks for due tasks (delays, retries, unconfirmed dispatches).
@@ -38,7 +44,8 @@ impl Default for SchedulerSection {
         Self {
             group_id: "fleet-scheduler".into(),
             shutdown_grace_ms: 10_000,
-            partitioner: Partitioner::Random,
+            partitioner: Partitioner::Sticky,
+            sticky_run: 16,
             batch_size: 500,
             relay_interval_ms: 250,
         }
@@ -61,6 +68,12 @@ impl Validate for SchedulerSection {
             return Err(SettingsError::invalid(
                 "scheduler.group_id",
                 "must not be empty",
+            ));
+        }
+        if !(1..=10_000).contains(&self.sticky_run) {
+            return Err(SettingsError::invalid(
+                "scheduler.sticky_run",
+                "expected 1 to 10000",
             ));
         }
         if !(1..=10_000).contains(&self.batch_size) {
