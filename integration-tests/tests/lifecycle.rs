@@ -191,11 +191,15 @@ async fn delayed_tasks_run_on_time_once_across_a_scheduler_crash() {
     let _s2 = env.spawn("fleet-scheduler", "s2", &[]);
     let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
     let _w = env.spawn("fleet-worker", "w", &[]);
+    // The timer's accuracy is measured on a running fleet: a task submitted for now has run
+    // (the worker joined its group and fetches) before the delayed ones are submitted.
+    env.submit(&[r#"{"id":"now","kind":"noop"}"#.to_string()])
+        .await;
+    env.wait_terminal(&["now".to_string()], WAIT).await;
     let in_3s = (time::OffsetDateTime::now_utc() + Duration::from_secs(3))
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     let bodies = vec![
-        r#"{"id":"now","kind":"noop"}"#.to_string(),
         r#"{"id":"delay","kind":"noop","delay_ms":2000}"#.to_string(),
         format!(r#"{{"id":"at","kind":"noop","run_at":"{in_3s}"}}"#),
     ];
