@@ -266,3 +266,30 @@ fn machine() -> Value {
         "summary": format!("{cores} cores ({model}), {memory_gb:.0} GiB, Linux {}", kernel.trim()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_lists_take_commas_and_empty_and_refuse_anything_else() {
+        assert_eq!(rates("1000,5000").unwrap().0, [1000, 5000]);
+        assert_eq!(rates(" 200 , ").unwrap().0, [200]);
+        assert!(
+            rates("").unwrap().0.is_empty(),
+            "an empty list skips the runs"
+        );
+        for bad in [
+            "abc",
+            "0",
+            "-5",
+            "1e3",
+            "99999999999999999999",
+            "1000;5000",
+            "1000000001",
+        ] {
+            let err = rates(bad).unwrap_err();
+            assert!(err.contains("is not a rate"), "{bad}: {err}");
+        }
+    }
+}
