@@ -55,14 +55,14 @@ async fn main() -> anyhow::Result<()> {
             "{tool} is not installed (Debian: apt-get install valgrind)"
         );
     }
-    std::fs::create_dir_all(&args.dir)?;
-    for old in std::fs::read_dir(&args.dir)? {
-        std::fs::remove_file(old?.path())?;
-    }
+    let redis_server = resolve(&args.redis_server)?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    remove_old_dumps(&args.dir)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut redis = RedisUnderCallgrind::start(&args.redis_server, port, &args.dir)?;
+    let mut redis = RedisUnderCallgrind::start(&redis_server, port, &args.dir)?;
     let settings = RedisSettings {
         url: Secret::new(format!("redis://127.0.0.1:{port}")),
         ..Default::default()
@@ -125,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         "Redis instructions per task ({} tasks, {} per call; {}):",
         args.tasks,
         args.batch,
-        args.redis_server.display()
+        redis_server.display()
     );
     let mut total = 0;
     for phase in PHASES {
@@ -144,6 +144,45 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Callgrind's files in `dir` (named by `--callgrind-out-file` below); nothing else there is
+/// read or removed.
+fn dumps(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ours = entry.file_name().to_string_lossy().starts_with(DUMP_PREFIX);
+        if ours && entry.file_type()?.is_file() {
+            found.push(entry.path());
+        }
+    }
+    Ok(found)
+}
+
+/// Removes the dumps of an earlier run, so that phases are never read from them.
+fn remove_old_dumps(dir: &Path) -> anyhow::Result<()> {
+    for path in dumps(dir)? {
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The redis-server binary: a path, or a name looked up in PATH.
+fn resolve(redis_server: &Path) -> anyhow::Result<PathBuf> {
+    let found = if redis_server.components().count() > 1 {
+        Some(redis_server.to_path_buf()).filter(|path| path.is_file())
+    } else {
+        fleet_integration_tests::which(&redis_server.to_string_lossy())
+    };
+    found.with_context(|| {
+        format!(
+            "no redis-server at {:?} (install it with `make setup`, or pass --redis-server PATH)",
+            redis_server.display().to_string()
+        )
+    })
+}
+
+const DUMP_PREFIX: &str = "callgrind.out.";
+
 /// redis-server running under callgrind, which dumps its counters on request.
 #[derive(Debug)]
 struct RedisUnderCallgrind {
@@ -153,7 +192,7 @@ struct RedisUnderCallgrind {
 
 impl RedisUnderCallgrind {
     fn start(redis_server: &Path, port: u16, dir: &Path) -> anyhow::Result<Self> {
-        let out = dir.join("callgrind.out.%p");
+        let out = dir.join(format!("{DUMP_PREFIX}%p"));
         let child = Command::new("valgrind")
             .args([
                 "--tool=callgrind",
@@ -212,8 +251,7 @@ impl RedisUnderCallgrind {
     /// The dump file whose trigger names `phase`.
     fn dump_file(&self, phase: &str) -> anyhow::Result<PathBuf> {
         let trigger = format!("desc: Trigger: dump {phase}\n");
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
+        for path in dumps(&self.dir)? {
             if std::fs::read_to_string(&path)?.contains(&trigger) {
                 return Ok(path);
             }
@@ -301,6 +339,50 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arguments_out_of_range_or_malformed_are_refused() {
+        for bad in [
+            &["--tasks", "0"][..],
+            &["--tasks", "1000001"],
+            &["--tasks", "-5"],
+            &["--batch", "0"],
+            &["--batch", "ten"],
+            &["--top", "99999999999999999999999"],
+            &["--unknown"],
+        ] {
+            let argv = std::iter::once("fleet-redis-cost").chain(bad.iter().copied());
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?} was accepted");
+        }
+        let ok = Args::try_parse_from(["fleet-redis-cost", "--tasks", "5", "--batch", "2"]);
+        assert_eq!(ok.map(|a| (a.tasks, a.batch)).ok(), Some((5, 2)));
+    }
+
+    #[test]
+    fn a_missing_redis_server_is_named_in_the_error() {
+        let err = resolve(Path::new("/nonexistent/redis-server")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/redis-server"),
+            "{err}"
+        );
+        let err = resolve(Path::new("no-such-redis-server-binary")).unwrap_err();
+        assert!(err.to_string().contains("--redis-server"), "{err}");
+    }
+
+    #[test]
+    fn only_callgrind_dumps_are_read_and_removed() {
+        let dir = std::env::temp_dir().join(format!("fleet-redis-cost-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("callgrind.out.sub")).unwrap();
+        std::fs::write(dir.join("callgrind.out.12.1"), "dump").unwrap();
+        std::fs::write(dir.join("notes.txt"), "keep me").unwrap();
+        std::fs::write(dir.join("binary"), [0xff, 0xfe, 0x00]).unwrap();
+        assert_eq!(dumps(&dir).unwrap(), vec![dir.join("callgrind.out.12.1")]);
+        remove_old_dumps(&dir).unwrap();
+        assert!(!dir.join("callgrind.out.12.1").exists());
+        assert!(dir.join("notes.txt").exists() && dir.join("binary").exists());
+        assert!(dir.join("callgrind.out.sub").is_dir());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn profile_counts_own_instructions_and_not_those_of_callees() {
