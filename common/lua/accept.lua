@@ -1,5 +1,6 @@
--- Records a batch of new submissions: `pending` (due for publication after redeliver_ms unless
--- the scheduler confirms the dispatch first), or `scheduled` when run_at is in the future.
+-- Records a batch of new submissions: `pending`, with an outbox entry for its first attempt
+-- (published by the relay after redeliver_ms unless the scheduler's dispatch is acknowledged
+-- first), or `scheduled`, with a timer, when run_at is in the future.
 -- A known id or idempotency key returns the existing task instead.
 -- KEYS  globals, then per task 3 keys: task hash, idempotency key (the task key when none),
 --       queue index
@@ -24,13 +25,17 @@ for i = 0, n - 1 do
   elseif redis.call('EXISTS', key) == 1 then
     out[#out + 1] = { 'duplicate', id }
   else
-    local state, due_at = 'pending', now + redeliver
-    if run_at > now then state, due_at = 'scheduled', run_at end
+    local state = 'pending'
+    if run_at > now then state = 'scheduled' end
     redis.call('HSET', key, 'id', id, 'queue', queue, 'priority', priority, 'state', state,
       'attempt', '0', 'released', '0', 'max_attempts', max_attempts, 'record', record,
       'created_ms', text(now), 'updated_ms', text(now), 'run_at_ms', text(math.max(run_at, now)),
       'timeout_ms', ARGV[a + 8], 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
-    zadd_later(DUE, due_at, id)
+    if state == 'pending' then
+      zadd_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
+    else
+      zadd_later(DUE, run_at, id)
+    end
     zadd_later(IDX[state], now, id)
     zadd_later(queue_key, now, id)
     if not queues[queue] then

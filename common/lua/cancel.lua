@@ -13,7 +13,8 @@ local now = now_ms()
 local out = {}
 for i = 0, n - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[3 + i]
-  local state = redis.call('HGET', key, 'state')
+  local f = redis.call('HMGET', key, 'state', 'attempt')
+  local state = f[1]
   if not state then
     out[#out + 1] = 'unknown'
   elseif TERMINAL[state] then
@@ -24,6 +25,7 @@ for i = 0, n - 1 do
   else
     redis.call('HSET', key, 'cancel_requested_ms', now)
     redis.call('ZREM', DUE, id)
+    redis.call('ZREM', OUTBOX, outbox_member(id, tonumber(f[2]) + 1))
     redis.call('ZREM', HELD, id)
     finish(key, id, state, 'cancelled', now, retention)
     out[#out + 1] = 'cancelled'

@@ -15,20 +15,19 @@ local now = now_ms()
 -- One SCARD per batch: the per-task pause checks run only while something is paused.
 local any_paused = redis.call('SCARD', PAUSED) > 0
 -- Likewise, held tasks and outbox entries are only looked for while there are any (a claim
--- only removes entries from either).
+-- only removes entries from either). The outbox entry of the claimed attempt goes: whether or
+-- not its dispatch was acknowledged yet, the relay must not publish it again.
 local any_held = redis.call('EXISTS', HELD) == 1
-local any_due = redis.call('EXISTS', DUE) == 1
+local any_outbox = redis.call('EXISTS', OUTBOX) == 1
 local out = {}
 for i = 0, n - 1 do
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
-  -- Queue and priority are read only while something is paused (fields 6 and 7).
+  -- Queue and priority are read only while something is paused (fields 4 and 5).
   local f
   if any_paused then
-    f = redis.call('HMGET', key, 'state', 'attempt', 'timeout_ms', 'deadline_ms',
-      'first_started_ms', 'queue', 'priority')
+    f = redis.call('HMGET', key, 'state', 'attempt', 'timeout_ms', 'queue', 'priority')
   else
-    f = redis.call('HMGET', key, 'state', 'attempt', 'timeout_ms', 'deadline_ms',
-      'first_started_ms')
+    f = redis.call('HMGET', key, 'state', 'attempt', 'timeout_ms')
   end
   local state, current = f[1], tonumber(f[2])
   local code
@@ -38,25 +37,32 @@ for i = 0, n - 1 do
     if state == 'running' and attempt == current then code = 2 else code = 3 end
   elseif attempt > current + 1 then code = 5
   elseif state ~= 'pending' then code = 7
-  elseif any_paused and is_paused(f[6], f[7]) then
+  elseif any_paused and is_paused(f[4], f[5]) then
     zadd_later(HELD, now, id)
-    if any_due then zrem_later(DUE, id) end
+    if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[6 + i * 2])) end
     code = 8
   else
     local timeout, expires = tonumber(f[3]) or 0, now + lease
     local set = { 'state', 'running', 'attempt', ARGV[6 + i * 2], 'worker', worker,
                   'started_ms', text(now), 'updated_ms', text(now) }
-    if not f[5] then set[#set + 1] = 'first_started_ms'; set[#set + 1] = text(now) end
+    -- A task never claimed before (attempt 0, the usual case) has neither a first start nor a
+    -- leftover deadline: reading those absent fields would scan the whole hash for nothing.
+    local first_start, old_deadline = current == 0, false
+    if not first_start then
+      local g = redis.call('HMGET', key, 'first_started_ms', 'deadline_ms')
+      first_start, old_deadline = not g[1], g[2] ~= false
+    end
+    if first_start then set[#set + 1] = 'first_started_ms'; set[#set + 1] = text(now) end
     if timeout > 0 then
       local deadline = now + timeout + grace
       set[#set + 1] = 'deadline_ms'; set[#set + 1] = text(deadline)
       expires = math.min(expires, deadline)
-    elseif f[4] then
+    elseif old_deadline then
       redis.call('HDEL', key, 'deadline_ms')
     end
     redis.call('HSET', key, unpack(set))
     zadd_later(LEASES, expires, id)
-    if any_due then zrem_later(DUE, id) end
+    if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[6 + i * 2])) end
     if any_held then zrem_later(HELD, id) end
     move(id, 'pending', 'running', now)
     code = 1

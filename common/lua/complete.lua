@@ -21,8 +21,17 @@ for i = 0, n - 1 do
   local a = 4 + i * 5
   -- `body`: the result JSON or the error (not `text`, which is the prelude's number formatter).
   local id, attempt, kind, body, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
-    'queue', 'priority', 'deadline_ms', 'started_ms', 'history')
+  -- Absent fields cost a scan of the whole hash, so two are avoided: a running attempt has a
+  -- deadline exactly when its task has a timeout (claim.lua), and a first attempt has no
+  -- history to extend.
+  local f
+  if attempt > 1 then
+    f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
+      'queue', 'priority', 'timeout_ms', 'started_ms', 'history')
+  else
+    f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
+      'queue', 'priority', 'timeout_ms', 'started_ms')
+  end
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     zrem_later(LEASES, id)
@@ -42,7 +51,7 @@ for i = 0, n - 1 do
         set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
       end
       finish(key, id, 'running', 'succeeded', now, retention, {
-        queue = f[5], priority = f[6], has_deadline = f[7] ~= false, set = set })
+        queue = f[5], priority = f[6], has_deadline = (tonumber(f[7]) or 0) > 0, set = set })
       out[#out + 1] = 'succeeded'
     elseif kind == 'retry' and within_budget(key, current) then
       attempt_ended(key, now, 'retry', body)

@@ -1,11 +1,12 @@
--- Prepended to every transition script (see store/scripts.rs). KEYS[1..13] are the globals of
+-- Prepended to every transition script (see store/scripts.rs). KEYS[1..15] are the globals of
 -- Keys::globals(): leases, due, dead outbox, the six state indexes, queues, workers, paused, held,
--- totals.
+-- totals, outbox.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 local IDX = { pending = KEYS[4], scheduled = KEYS[5], running = KEYS[6],
               succeeded = KEYS[7], failed = KEYS[8], cancelled = KEYS[9] }
 local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
-local GLOBALS = 14
+local OUTBOX = KEYS[15]
+local GLOBALS = 15
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100
@@ -77,6 +78,14 @@ local function flush_later()
   for key, counts in pairs(later_incr) do
     for field, n in pairs(counts) do redis.call('HINCRBY', key, field, text(n)) end
   end
+end
+
+-- The outbox entry of one attempt of a task (store/keys.rs `outbox_member` writes the same).
+-- `attempt` may be a string (an argument) or a number; a number is formatted by `text`, since
+-- Lua's own number-to-string conversion calls snprintf every time.
+local function outbox_member(id, attempt)
+  if type(attempt) == 'number' then attempt = text(attempt) end
+  return id .. '#' .. attempt
 end
 
 -- Moves `id` from one state index to another.

@@ -1,5 +1,6 @@
 -- Sends failed tasks back for another round (redrive from the dead letters): each becomes
--- pending with a fresh budget of max_attempts, and the relay publishes it at once. The attempt
+-- pending with a fresh budget of max_attempts, and the relay publishes it at once (its outbox
+-- entry is due now). The attempt
 -- number keeps growing, so any earlier attempt stays fenced; `released` counts the attempts not
 -- charged against the budget (hand-backs, and every attempt before a redrive).
 -- KEYS  globals, then per task: task hash
@@ -16,7 +17,7 @@ for i = 0, tonumber(ARGV[1]) - 1 do
     redis.call('HDEL', key, 'error', 'finished_ms', 'worker', 'deadline_ms')
     redis.call('PERSIST', key)
     move(id, 'failed', 'pending', now)
-    redis.call('ZADD', DUE, now, id)
+    redis.call('ZADD', OUTBOX, now, outbox_member(id, tonumber(f[2]) + 1))
     redriven = redriven + 1
   end
 end

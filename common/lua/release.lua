@@ -1,6 +1,7 @@
 -- Hands running tasks back at once when their worker drains: they become pending again and the
 -- relay republishes them immediately. Not a failure: `released` is counted so it does not use
--- up an attempt, while the attempt number itself still only grows (fencing stays intact).
+-- up an attempt, while the attempt number itself still only grows (fencing stays intact). Its
+-- outbox entry for the next attempt is due now.
 -- A task whose cancellation was requested ends `cancelled` instead.
 -- The worker also leaves the live-worker set, so the relay routes the released tasks to
 -- partitions of workers that stay.
@@ -24,7 +25,7 @@ for i = 0, n - 1 do
       redis.call('HSET', key, 'state', 'pending', 'updated_ms', now)
       redis.call('HDEL', key, 'worker', 'deadline_ms')
       move(id, 'running', 'pending', now)
-      redis.call('ZADD', DUE, now, id)
+      redis.call('ZADD', OUTBOX, now, outbox_member(id, attempt + 1))
       released = released + 1
     end
   end

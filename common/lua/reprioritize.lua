@@ -9,15 +9,18 @@
 -- prevents it ('running', 'succeeded', 'failed', 'cancelled'), or 'unknown'.
 local key, id = KEYS[GLOBALS + 1], ARGV[1]
 local now = now_ms()
-local f = redis.call('HMGET', key, 'state', 'record')
+local f = redis.call('HMGET', key, 'state', 'record', 'attempt')
 if not f[1] then return 'unknown' end
 if f[1] ~= 'pending' and f[1] ~= 'scheduled' then return f[1] end
 if f[2] ~= ARGV[2] then return 'conflict' end
 redis.call('HSET', key, 'record', ARGV[3], 'priority', ARGV[4], 'updated_ms', now)
 redis.call('HINCRBY', key, 'attempt', 1)
 redis.call('HINCRBY', key, 'released', 1)
+-- A scheduled task keeps its timer: the relay publishes whatever attempt is next when it fires.
 if f[1] == 'pending' then
+  local attempt = tonumber(f[3])
   redis.call('ZREM', HELD, id)
-  redis.call('ZADD', DUE, now, id)
+  redis.call('ZREM', OUTBOX, outbox_member(id, attempt + 1))
+  redis.call('ZADD', OUTBOX, now, outbox_member(id, attempt + 2))
 end
 return 'moved'

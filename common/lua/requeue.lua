@@ -43,7 +43,7 @@ for i = 0, n - 1 do
     else
       redis.call('HSET', key, 'state', 'pending', 'updated_ms', now, 'last_error', why)
       move(id, 'running', 'pending', now)
-      redis.call('ZADD', DUE, now + redeliver, id)
+      redis.call('ZADD', OUTBOX, now + redeliver, outbox_member(id, attempt + 1))
       out[#out + 1] = { id, 'requeued', attempt + 1, f[5], f[9] or '' }
     end
   end

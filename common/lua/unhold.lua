@@ -1,5 +1,5 @@
 -- Publishes held tasks again after a resume: each that is still pending and whose queue and
--- priority are no longer paused leaves the held set for the relay's timer, due now. The caller
+-- priority are no longer paused leaves the held set for the outbox, due now. The caller
 -- removes the paused selector first and then lists the held set, so a task held by a claim
 -- racing the resume is always seen here.
 -- KEYS  globals, then per task: task hash
@@ -9,12 +9,12 @@ local now = now_ms()
 local sent = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[2 + i]
-  local f = redis.call('HMGET', key, 'state', 'queue', 'priority')
+  local f = redis.call('HMGET', key, 'state', 'queue', 'priority', 'attempt')
   if f[1] ~= 'pending' then
     redis.call('ZREM', HELD, id)
   elseif not is_paused(f[2], f[3]) then
     redis.call('ZREM', HELD, id)
-    redis.call('ZADD', DUE, now, id)
+    redis.call('ZADD', OUTBOX, now, outbox_member(id, tonumber(f[4]) + 1))
     sent = sent + 1
   end
 end

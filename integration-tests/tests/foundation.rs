@@ -190,12 +190,14 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
     let mut conn = store::connect(&settings.redis).await.expect("connect");
     let keys = store::Keys::new(&settings.redis.key_prefix);
 
-    assert!(
+    assert_eq!(
         store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+        store::SchemaCheck::Recorded,
         "first call records it"
     );
-    assert!(
-        !store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+    assert_eq!(
+        store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+        store::SchemaCheck::Current,
         "second call only checks"
     );
 
@@ -218,30 +220,69 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert!(!store::check_schema(&mut conn, &keys, "test").await.unwrap());
+    assert_eq!(
+        store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+        store::SchemaCheck::Current
+    );
 
-    // Data in a layout this build does not know is refused, and left untouched.
+    // Data in a layout this build does not know is refused, and left untouched: a newer one,
+    // and one older than this build reads.
+    for unknown in [store::SCHEMA_VERSION + 96, store::OLDEST_UPGRADABLE - 1] {
+        let () = redis::cmd("HSET")
+            .arg(keys.schema())
+            .arg("version")
+            .arg(unknown)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let err = store::check_schema(&mut conn, &keys, "test")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, store::StoreError::SchemaMismatch { found, .. } if found == unknown),
+            "{err}"
+        );
+        let version: String = redis::cmd("HGET")
+            .arg(keys.schema())
+            .arg("version")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(version, unknown.to_string());
+    }
+
+    // An older layout this build reads is upgraded in place, once.
     let () = redis::cmd("HSET")
         .arg(keys.schema())
         .arg("version")
-        .arg(99)
+        .arg(store::OLDEST_UPGRADABLE)
         .query_async(&mut raw)
         .await
         .unwrap();
-    let err = store::check_schema(&mut conn, &keys, "test")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, store::StoreError::SchemaMismatch { found: 99, .. }),
-        "{err}"
+    assert_eq!(
+        store::check_schema(&mut conn, &keys, "upgrader")
+            .await
+            .unwrap(),
+        store::SchemaCheck::Upgraded {
+            from: store::OLDEST_UPGRADABLE
+        }
     );
-    let version: String = redis::cmd("HGET")
+    assert_eq!(
+        store::check_schema(&mut conn, &keys, "test").await.unwrap(),
+        store::SchemaCheck::Current
+    );
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
         .arg(keys.schema())
-        .arg("version")
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert_eq!(version, "99");
+    assert_eq!(fields["version"], store::SCHEMA_VERSION.to_string());
+    assert_eq!(
+        fields["upgraded_from"],
+        store::OLDEST_UPGRADABLE.to_string()
+    );
+    assert_eq!(fields["upgraded_by"], "upgrader");
+    assert_eq!(fields["created_by"], "test", "the creation record stays");
 }
 
 /// Runs a Fleet binary with `env` and returns (exit code, stdout, stderr).

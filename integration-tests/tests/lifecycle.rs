@@ -365,7 +365,7 @@ async fn ingest_publishes_what_it_accepted_itself_and_in_the_order_accepted() {
     eventually(
         WAIT,
         "every dispatch is confirmed (outbox empty)",
-        || async { store.outbox_sizes().await.unwrap().0 == 0 },
+        || async { store.backlog().await.unwrap().outbox == 0 },
     )
     .await;
 

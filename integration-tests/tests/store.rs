@@ -407,13 +407,7 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
     );
 
     // The redriven task runs as attempt 2 with a fresh budget, and can succeed.
-    let due: Vec<(String, u32)> = store
-        .take_due(10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| (d.id, d.attempt))
-        .collect();
+    let due = due_now(&store).await;
     assert!(
         due.contains(&("mail1".into(), 2)) && due.contains(&("mail2".into(), 2)),
         "{due:?}"
@@ -579,4 +573,124 @@ async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
         ["released", "succeeded"],
         "a stored history is kept and appended to"
     );
+}
+
+/// `(id, attempt)` of what the relay would publish now.
+async fn due_now(store: &Store) -> Vec<(String, u32)> {
+    let mut due: Vec<(String, u32)> = store
+        .take_due(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.id, d.attempt))
+        .collect();
+    due.sort();
+    due
+}
+
+fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
+    list.iter().map(|(id, a)| (id.to_string(), *a)).collect()
+}
+
+#[tokio::test]
+async fn an_acknowledgement_removes_only_its_own_attempts_outbox_entry() {
+    let env = TestEnv::start("outbox");
+    let mut tasks = env.settings().tasks;
+    // Every unacknowledged dispatch is due again at once, so `take_due` shows the outbox.
+    tasks.redeliver_ms = 0;
+    let store = Store::new(
+        env.store().await.conn(),
+        env.store().await.keys().clone(),
+        &tasks,
+    );
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"t","kind":"noop","max_attempts":5}"#),
+            env.new_task(r#"{"id":"u","kind":"noop"}"#),
+        ])
+        .await
+        .unwrap();
+    store.dispatched(&[("t", 1)]).await.unwrap();
+    assert_eq!(
+        due_now(&store).await,
+        pairs(&[("u", 1)]),
+        "t was acknowledged"
+    );
+    assert_eq!(
+        store.claim("w", 3_000, &[("u", 1)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    assert_eq!(
+        due_now(&store).await,
+        [],
+        "a claim removes its attempt's entry"
+    );
+
+    // Attempt 1 of t dies; the requeue's entry for attempt 2 outlives a late acknowledgement
+    // of attempt 1 and goes with attempt 2's own.
+    store.claim("w", 3_000, &[("t", 1)]).await.unwrap();
+    env.expire_lease(&store, "t").await;
+    store.requeue(&["t".to_string()]).await.unwrap();
+    store.dispatched(&[("t", 1)]).await.unwrap();
+    assert_eq!(due_now(&store).await, pairs(&[("t", 2)]));
+    store.dispatched(&[("t", 2)]).await.unwrap();
+    assert_eq!(due_now(&store).await, []);
+
+    // A retry's timer outlives a late acknowledgement of the attempt that scheduled it; when it
+    // fires it becomes attempt 3's outbox entry, kept until attempt 3 is acknowledged.
+    store.claim("w", 3_000, &[("t", 2)]).await.unwrap();
+    let retry = Outcome::Retry {
+        error: "again".into(),
+        delay_ms: 0,
+    };
+    store.complete("w", &[(("t", 2), &retry)]).await.unwrap();
+    store.dispatched(&[("t", 2)]).await.unwrap();
+    assert_eq!(due_now(&store).await, pairs(&[("t", 3)]));
+    assert_eq!(state(&store, "t").await, "pending");
+    assert_eq!(
+        due_now(&store).await,
+        pairs(&[("t", 3)]),
+        "unacknowledged: published again"
+    );
+    store.dispatched(&[("t", 3)]).await.unwrap();
+    assert_eq!(due_now(&store).await, []);
+    let backlog = store.backlog().await.unwrap();
+    assert_eq!((backlog.timers, backlog.outbox), (0, 0));
+}
+
+#[tokio::test]
+async fn a_pending_tasks_timer_from_an_older_fleet_is_published_and_acknowledged() {
+    // Before the outbox was keyed by attempt, an unacknowledged dispatch was the bare id in
+    // `due`. Such an entry is published as the task's next attempt and then kept in the outbox.
+    let env = TestEnv::start("legacy-due");
+    let store = env.store().await;
+    store
+        .accept(&[env.new_task(r#"{"id":"old","kind":"noop"}"#)])
+        .await
+        .unwrap();
+    let mut conn = env.redis_conn().await;
+    let () = redis::pipe()
+        .cmd("DEL")
+        .arg(store.keys().outbox())
+        .ignore()
+        .cmd("ZADD")
+        .arg(store.keys().due())
+        .arg(0)
+        .arg("old")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(due_now(&store).await, pairs(&[("old", 1)]));
+    let outbox: Vec<String> = redis::cmd("ZRANGE")
+        .arg(store.keys().outbox())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(outbox, ["old#1"]);
+    store.dispatched(&[("old", 1)]).await.unwrap();
+    let backlog = store.backlog().await.unwrap();
+    assert_eq!((backlog.timers, backlog.outbox), (0, 0));
 }

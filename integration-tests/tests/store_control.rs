@@ -4,7 +4,7 @@
 
 use fleet_common::Priority;
 use fleet_common::store::{
-    Cancel, Claim, Completion, Outcome, Reprioritize, Requeue, Selector, Store,
+    Cancel, Claim, Completion, Outcome, Reprioritize, Requeue, Selector, Store, keys,
 };
 use fleet_common::task::State;
 use fleet_integration_tests::TestEnv;
@@ -56,14 +56,22 @@ async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report
         ]
     );
     // Nothing waits to be published for the cancelled ones, and a late delivery is refused.
-    let due: Vec<String> = redis::cmd("ZRANGE")
-        .arg(store.keys().due())
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut env.redis_conn().await)
-        .await
-        .unwrap();
-    assert!(!due.contains(&"p".into()) && !due.contains(&"s".into()));
+    let mut entries: Vec<String> = Vec::new();
+    for set in [store.keys().due(), store.keys().outbox()] {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(set)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut env.redis_conn().await)
+            .await
+            .unwrap();
+        entries.extend(members);
+    }
+    let waiting: Vec<&str> = entries.iter().map(|m| keys::entry_task_id(m)).collect();
+    assert!(
+        !waiting.contains(&"p") && !waiting.contains(&"s"),
+        "{entries:?}"
+    );
     assert_eq!(
         store.claim("w", 3_000, &[("p", 1)]).await.unwrap(),
         [Claim::Done]
@@ -334,5 +342,31 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
     assert_eq!(
         store.complete("w", &[(("t", 1), &ok)]).await.unwrap(),
         [Completion::Fenced]
+    );
+
+    // Attempt 2 keeps the first start, gets a deadline of its own, and its success removes the
+    // deadline and extends the history.
+    let first_started = field(&store, "t", "first_started_ms").await;
+    assert_eq!(
+        store.claim("w2", 60_000, &[("t", 2)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    assert_eq!(field(&store, "t", "first_started_ms").await, first_started);
+    let deadline2: u64 = field(&store, "t", "deadline_ms").await.parse().unwrap();
+    assert!(deadline2 > deadline);
+    assert_eq!(
+        store.complete("w2", &[(("t", 2), &ok)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert!(!fields.contains_key("deadline_ms"), "{fields:?}");
+    let h = history(&fields["history"]);
+    let ends: Vec<_> = h
+        .iter()
+        .map(|e| (e["attempt"].as_u64(), e["outcome"].as_str()))
+        .collect();
+    assert_eq!(
+        ends,
+        [(Some(1), Some("deadline")), (Some(2), Some("succeeded"))]
     );
 }

@@ -63,15 +63,16 @@ pub async fn round(
     Ok(due.len())
 }
 
-/// Tasks per state, and the relay's backlog: the timer and outbox (`due`) and the dead-letter
-/// outbox.
+/// Tasks per state, and the relay's backlog: timers (`due`), unacknowledged dispatches
+/// (`outbox`) and unwritten dead letters (`dead`).
 async fn record_gauges(store: &Store) -> Result<(), fleet_common::store::StoreError> {
     for (state, n) in store.counts().await? {
         metrics::gauge!("fleet_tasks", "state" => state.as_str()).set(n as f64);
     }
-    let (due, dead) = store.outbox_sizes().await?;
-    metrics::gauge!("fleet_outbox_size", "outbox" => "due").set(due as f64);
-    metrics::gauge!("fleet_outbox_size", "outbox" => "dead").set(dead as f64);
+    let backlog = store.backlog().await?;
+    metrics::gauge!("fleet_outbox_size", "outbox" => "due").set(backlog.timers as f64);
+    metrics::gauge!("fleet_outbox_size", "outbox" => "dispatch").set(backlog.outbox as f64);
+    metrics::gauge!("fleet_outbox_size", "outbox" => "dead").set(backlog.dead as f64);
     Ok(())
 }
 

@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 14;
+pub const GLOBAL_KEYS: usize = 15;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -38,10 +38,18 @@ impl Keys {
         format!("{}:leases", self.root)
     }
 
-    /// Sorted set of task ids to (re)publish, scored by when: the delay/retry timer and the
-    /// outbox of dispatches not yet acknowledged by Kafka.
+    /// Sorted set of timers: ids of scheduled tasks (delays, retry backoff) scored by when
+    /// they are due for publication.
     pub fn due(&self) -> String {
         format!("{}:due", self.root)
+    }
+
+    /// Sorted set of dispatches Kafka has not acknowledged yet, members [`outbox_member`],
+    /// scored by when the relay publishes them (again) unless the acknowledgement comes first.
+    /// Keyed by attempt, so an acknowledgement removes exactly its own entry with a plain
+    /// `ZREM`, with no need to read the task.
+    pub fn outbox(&self) -> String {
+        format!("{}:outbox", self.root)
     }
 
     /// Sorted set of failed task ids whose dead-letter record is not yet on Kafka.
@@ -104,7 +112,7 @@ impl Keys {
 
     /// The keys every transition script receives first, in this order: leases, due,
     /// dead outbox, the six state indexes (in [`State::ALL`] order), queues, workers, paused,
-    /// held, totals.
+    /// held, totals, outbox.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -121,8 +129,20 @@ impl Keys {
             self.paused(),
             self.held(),
             self.totals(),
+            self.outbox(),
         ]
     }
+}
+
+/// The outbox entry of attempt `attempt` of task `id`: `<id>#<attempt>`. Task ids never hold
+/// `#`, so the last one splits it; `lua/prelude.lua`'s `outbox_member` writes the same.
+pub fn outbox_member(id: &str, attempt: u32) -> String {
+    format!("{id}#{attempt}")
+}
+
+/// The task id of an outbox entry, or of a timer entry (which is the bare id).
+pub fn entry_task_id(member: &str) -> &str {
+    member.rsplit_once('#').map_or(member, |(id, _)| id)
 }
 
 #[cfg(test)]
@@ -135,6 +155,9 @@ mod tests {
         assert_eq!(keys.schema(), "{fleet}:schema");
         assert_eq!(keys.task("t1"), "{fleet}:task:t1");
         assert_eq!(keys.state_index(State::Running), "{fleet}:state:running");
+        assert_eq!(outbox_member("a:b", 7), "a:b#7");
+        assert_eq!(entry_task_id("a:b#7"), "a:b");
+        assert_eq!(entry_task_id("a:b"), "a:b");
         for key in keys.globals() {
             assert!(key.starts_with("{fleet}:"), "{key}");
         }

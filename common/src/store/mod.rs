@@ -15,15 +15,23 @@ pub use control::{Cancel, Reprioritize, Selector};
 pub use keys::Keys;
 pub use query::{Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use tasks::{
-    Accepted, Attempt, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome, Requeue,
-    Store,
+    Accepted, Attempt, Backlog, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome,
+    Requeue, Store,
 };
 
 use crate::settings::RedisSettings;
 
 /// Version of the key schema and script protocol. Bumped on any incompatible change so old and
 /// new services never write the same data in different layouts.
-pub const SCHEMA_VERSION: u32 = 2;
+///
+/// Version 3 keys the outbox of unacknowledged dispatches by attempt in its own sorted set;
+/// version 2 kept them as bare ids among the timers in `due`. Version 3 reads such entries
+/// (the relay publishes them as the task's next attempt), and version 2 services still running
+/// ignore the new set and treat `due`'s timers as before, so a rolling upgrade loses nothing.
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// The oldest schema version this build upgrades in place, see [`SCHEMA_VERSION`].
+pub const OLDEST_UPGRADABLE: u32 = 2;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,24 +60,39 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Stor
     Ok(conn)
 }
 
-/// Records [`SCHEMA_VERSION`] on first use, or checks it matches what is stored.
-/// Returns whether this call recorded it.
+/// What [`check_schema`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaCheck {
+    /// No Fleet data yet: this call recorded [`SCHEMA_VERSION`].
+    Recorded,
+    /// The data is already in [`SCHEMA_VERSION`].
+    Current,
+    /// The data was in this older version, which this build reads; it is now marked
+    /// [`SCHEMA_VERSION`].
+    Upgraded { from: u32 },
+}
+
+/// Records [`SCHEMA_VERSION`] on first use, upgrades data of a version from
+/// [`OLDEST_UPGRADABLE`] on, and refuses any other version.
 pub async fn check_schema(
     conn: &mut ConnectionManager,
     keys: &Keys,
     service: &str,
-) -> Result<bool, StoreError> {
-    let (found, created): (u32, u8) = scripts::SCHEMA
+) -> Result<SchemaCheck, StoreError> {
+    let (found, what): (u32, u8) = scripts::SCHEMA
         .key(keys.schema())
         .arg(SCHEMA_VERSION)
         .arg(service)
+        .arg(OLDEST_UPGRADABLE)
         .invoke_async(conn)
         .await?;
-    if found != SCHEMA_VERSION {
-        return Err(StoreError::SchemaMismatch {
+    match what {
+        1 => Ok(SchemaCheck::Recorded),
+        2 => Ok(SchemaCheck::Upgraded { from: found }),
+        _ if found == SCHEMA_VERSION => Ok(SchemaCheck::Current),
+        _ => Err(StoreError::SchemaMismatch {
             found,
             expected: SCHEMA_VERSION,
-        });
+        }),
     }
-    Ok(created == 1)
 }

@@ -41,8 +41,6 @@ pub static TAKE_DUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/take_due.lua")));
 /// See `lua/accept.lua`.
 pub static ACCEPT: LazyLock<Script> = transition!("accept.lua");
-/// See `lua/dispatched.lua`.
-pub static DISPATCHED: LazyLock<Script> = transition!("dispatched.lua");
 /// See `lua/claim.lua`.
 pub static CLAIM: LazyLock<Script> = transition!("claim.lua");
 /// See `lua/extend.lua`.

@@ -6,7 +6,7 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 
 use super::StoreError;
-use super::keys::Keys;
+use super::keys::{self, Keys};
 use super::scripts;
 use crate::settings::TaskSettings;
 use crate::task::{State, TaskRecord, TaskSpec, parse_run_at};
@@ -65,6 +65,17 @@ pub enum Accepted {
     Scheduled(String),
     /// Already known (same id or idempotency key): the existing task's id.
     Duplicate(String),
+}
+
+/// Entries waiting for the relay, see [`Store::backlog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Scheduled tasks' timers (`due`): delays and retry backoff.
+    pub timers: u64,
+    /// Dispatches Kafka has not acknowledged yet (`outbox`).
+    pub outbox: u64,
+    /// Failed tasks whose dead-letter record is not written yet (`dead-outbox`).
+    pub dead: u64,
 }
 
 /// One task's claim result, see `lua/claim.lua`.
@@ -270,17 +281,22 @@ impl Store {
             .collect())
     }
 
-    /// Confirms that Kafka acknowledged these `(id, published attempt)` messages.
+    /// Confirms that Kafka acknowledged these `(id, published attempt)` messages: their outbox
+    /// entries go, in one `ZREM`. An entry is keyed by attempt, so a later attempt's entry (a
+    /// retry, a requeue) is never removed by an earlier attempt's late acknowledgement.
     pub async fn dispatched(&self, sent: &[Attempt<'_>]) -> Result<(), StoreError> {
         if sent.is_empty() {
             return Ok(());
         }
-        let mut inv = self.invocation(&scripts::DISPATCHED);
-        inv.arg(sent.len());
-        for (id, attempt) in sent {
-            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
-        }
-        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        let members: Vec<String> = sent
+            .iter()
+            .map(|(id, attempt)| keys::outbox_member(id, *attempt))
+            .collect();
+        let _: i64 = redis::cmd("ZREM")
+            .arg(self.keys.outbox())
+            .arg(members)
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 
@@ -479,21 +495,24 @@ impl Store {
             .collect()
     }
 
-    /// Takes up to `limit` due tasks (timer and outbox) and prepares them for publication.
+    /// Takes up to `limit` due entries (timers, then unacknowledged dispatches) and prepares
+    /// their tasks for publication.
     pub async fn take_due(&self, limit: usize) -> Result<Vec<Dispatch>, StoreError> {
-        let ids: Vec<String> = scripts::TAKE_DUE
+        let members: Vec<String> = scripts::TAKE_DUE
             .key(self.keys.due())
+            .key(self.keys.outbox())
             .arg(limit)
             .arg(self.redeliver_ms)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        if ids.is_empty() {
+        if members.is_empty() {
             return Ok(Vec::new());
         }
         let mut inv = self.invocation(&scripts::PREPARE_DISPATCH);
-        inv.arg(ids.len());
-        for id in &ids {
-            inv.key(self.keys.task(id)).arg(id);
+        inv.arg(members.len());
+        for member in &members {
+            let id = keys::entry_task_id(member);
+            inv.key(self.keys.task(id)).arg(member).arg(id);
         }
         let rows: Vec<Vec<Value>> = inv.invoke_async(&mut self.conn.clone()).await?;
         let mut out = Vec::new();
@@ -593,11 +612,18 @@ impl Store {
         Ok((!fields.is_empty()).then_some(fields))
     }
 
-    /// Entries in the timer/outbox (`due`) and in the dead-letter outbox.
-    pub async fn outbox_sizes(&self) -> Result<(u64, u64), StoreError> {
+    /// The relay's backlog: timers, unacknowledged dispatches and unwritten dead letters.
+    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.zcard(self.keys.due()).zcard(self.keys.dead_outbox());
-        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+        pipe.zcard(self.keys.due())
+            .zcard(self.keys.outbox())
+            .zcard(self.keys.dead_outbox());
+        let (timers, outbox, dead) = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(Backlog {
+            timers,
+            outbox,
+            dead,
+        })
     }
 
     /// How many tasks are in each state.
