@@ -1,16 +1,15 @@
--- Takes members of sorted sets that are due (score ≤ Redis time), up to a limit across all of
--- them in KEYS order, and pushes their score hold_ms into the future, so that several relays
--- never take the same member at once and a relay that dies mid-way leaves them to be taken
--- again later.
+-- Takes members of sorted sets that are due (score ≤ Redis time), up to a limit from each set,
+-- so that a backlog in one never starves the other, and pushes their score hold_ms into the
+-- future, so that several relays never take the same member at once and a relay that dies
+-- mid-way leaves them to be taken again later.
 -- KEYS  sorted sets
--- ARGV  [1] at most this many in all  [2] hold ms
+-- ARGV  [1] at most this many from each set  [2] hold ms
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit, hold = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
 for _, set in ipairs(KEYS) do
-  if #out >= limit then break end
-  local members = redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit - #out)
+  local members = redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit)
   for _, member in ipairs(members) do
     redis.call('ZADD', set, now + hold, member)
     out[#out + 1] = member

@@ -694,3 +694,41 @@ async fn a_pending_tasks_timer_from_an_older_fleet_is_published_and_acknowledged
     let backlog = store.backlog().await.unwrap();
     assert_eq!((backlog.timers, backlog.outbox), (0, 0));
 }
+
+#[tokio::test]
+async fn a_backlog_of_timers_does_not_starve_the_outbox() {
+    let env = TestEnv::start("due-fair");
+    let mut tasks = env.settings().tasks;
+    tasks.redeliver_ms = 0;
+    let store = Store::new(
+        env.store().await.conn(),
+        env.store().await.keys().clone(),
+        &tasks,
+    );
+    let mut conn = env.redis_conn().await;
+    for i in 0..3 {
+        let pending = env.new_task(&format!(r#"{{"id":"p{i}","kind":"noop"}}"#));
+        let later = env.new_task(&format!(
+            r#"{{"id":"s{i}","kind":"noop","delay_ms":60000}}"#
+        ));
+        store.accept(&[pending, later]).await.unwrap();
+        // The delay has passed.
+        let () = redis::cmd("ZADD")
+            .arg(store.keys().due())
+            .arg(0)
+            .arg(format!("s{i}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let taken: Vec<String> = store
+        .take_due(2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    let timers = taken.iter().filter(|id| id.starts_with('s')).count();
+    let outbox = taken.iter().filter(|id| id.starts_with('p')).count();
+    assert_eq!((timers, outbox), (2, 2), "{taken:?}");
+}

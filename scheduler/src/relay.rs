@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::publish::{LivePartitions, Publisher};
 
-/// Most tasks taken per round.
+/// Most entries taken per round from each of the timers and the outbox.
 pub const BATCH: usize = 500;
 
 /// One round: due tasks, then dead letters. Returns how many due tasks were taken.

@@ -495,7 +495,7 @@ impl Store {
             .collect()
     }
 
-    /// Takes up to `limit` due entries (timers, then unacknowledged dispatches) and prepares
+    /// Takes up to `limit` due timers and as many due unacknowledged dispatches, and prepares
     /// their tasks for publication.
     pub async fn take_due(&self, limit: usize) -> Result<Vec<Dispatch>, StoreError> {
         let members: Vec<String> = scripts::TAKE_DUE
