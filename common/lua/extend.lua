@@ -1,7 +1,7 @@
 -- A worker's heartbeat: extends the leases of all its running tasks in one call (never past a
 -- task's hard deadline), records the worker as alive, and reports the tasks it no longer owns
 -- and those whose cancellation was requested, so it can stop their handlers.
--- KEYS  globals, [15] this worker's hash, then per task: task hash
+-- KEYS  globals, then this worker's hash, then per task: task hash
 -- ARGV  [1] tasks  [2] worker id  [3] lease ms  [4] worker info (json), then per task: id,
 --       attempt, progress percent ('' when none reported since the last beat), progress message
 -- Returns {lost, cancelled}: the 1-based positions of the tasks whose lease is lost, and of

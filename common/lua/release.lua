@@ -5,7 +5,7 @@
 -- A task whose cancellation was requested ends `cancelled` instead.
 -- The worker also leaves the live-worker set, so the relay routes the released tasks to
 -- partitions of workers that stay.
--- KEYS  globals, [15] this worker's hash, then per task: task hash
+-- KEYS  globals, then this worker's hash, then per task: task hash
 -- ARGV  [1] tasks  [2] worker id  [3] retention ms, then per task: id, attempt
 -- Returns the number of tasks released.
 local n, worker, retention = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])

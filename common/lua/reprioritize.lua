@@ -3,7 +3,7 @@
 -- or scheduled and the record is the one the caller read. The attempt number is bumped without
 -- charging the budget, which fences the message already on the old priority's topic; a pending
 -- task is then published again, on the new topic, at once.
--- KEYS  globals, [15] task hash
+-- KEYS  globals, then the task hash
 -- ARGV  [1] id  [2] record the caller read  [3] new record  [4] new priority
 -- Returns 'moved', 'conflict' (the record changed meanwhile: read again), the state that
 -- prevents it ('running', 'succeeded', 'failed', 'cancelled'), or 'unknown'.

@@ -2,6 +2,9 @@
 -- priority are no longer paused leaves the held set for the outbox, due now. The caller
 -- removes the paused selector first and then lists the held set, so a task held by a claim
 -- racing the resume is always seen here.
+-- The attempt number is bumped without charging the budget (as a priority change does): the
+-- message that was held is consumed, and a late acknowledgement of its dispatch must not
+-- remove the new outbox entry, which it would if both named the same attempt.
 -- KEYS  globals, then per task: task hash
 -- ARGV  [1] tasks, then per task: id
 -- Returns the number of tasks sent on.
@@ -13,8 +16,11 @@ for i = 0, tonumber(ARGV[1]) - 1 do
   if f[1] ~= 'pending' then
     redis.call('ZREM', HELD, id)
   elseif not is_paused(f[2], f[3]) then
+    local attempt = tonumber(f[4]) + 1
     redis.call('ZREM', HELD, id)
-    redis.call('ZADD', OUTBOX, now, outbox_member(id, tonumber(f[4]) + 1))
+    redis.call('HSET', key, 'attempt', text(attempt), 'updated_ms', text(now))
+    redis.call('HINCRBY', key, 'released', 1)
+    redis.call('ZADD', OUTBOX, now, outbox_member(id, attempt + 1))
     sent = sent + 1
   end
 end

@@ -209,17 +209,15 @@ async fn main() -> ExitCode {
 }
 
 async fn connect(settings: &CommonSettings) -> anyhow::Result<Store> {
-    let conn = store::connect(&settings.redis).await.with_context(|| {
+    let mut conn = store::connect(&settings.redis).await.with_context(|| {
         format!(
             "Redis at {}",
             settings::redact_url(settings.redis.url.expose())
         )
     })?;
-    Ok(Store::new(
-        conn,
-        store::Keys::new(&settings.redis.key_prefix),
-        &settings.tasks,
-    ))
+    let keys = store::Keys::new(&settings.redis.key_prefix);
+    store::check_schema_current(&mut conn, &keys, "fleetctl").await?;
+    Ok(Store::new(conn, keys, &settings.tasks))
 }
 
 async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<ExitCode> {

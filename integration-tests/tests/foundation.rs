@@ -251,7 +251,8 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
         assert_eq!(version, unknown.to_string());
     }
 
-    // An older layout this build reads is upgraded in place, once.
+    // An older layout this build reads is upgraded in place, once, by a service; a client
+    // such as fleetctl refuses it and says what to do.
     let () = redis::cmd("HSET")
         .arg(keys.schema())
         .arg("version")
@@ -259,6 +260,29 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
         .query_async(&mut raw)
         .await
         .unwrap();
+    let err = store::check_schema_current(&mut conn, &keys, "client")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, store::StoreError::SchemaNotUpgraded { found, .. } if found == store::OLDEST_UPGRADABLE),
+        "{err}"
+    );
+    let vars = env.env_vars();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, _, err) = run_binary("fleetctl", &["stats"], &vars);
+    assert_ne!(code, 0);
+    assert!(err.contains("start one (a scheduler first)"), "{err}");
+    let version: String = redis::cmd("HGET")
+        .arg(keys.schema())
+        .arg("version")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        version,
+        store::OLDEST_UPGRADABLE.to_string(),
+        "left as it was"
+    );
     assert_eq!(
         store::check_schema(&mut conn, &keys, "upgrader")
             .await

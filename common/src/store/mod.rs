@@ -44,6 +44,11 @@ pub enum StoreError {
          refusing to touch data in an unknown layout"
     )]
     SchemaMismatch { found: u32, expected: u32 },
+    #[error(
+        "Redis holds schema version {found}, which a Fleet service of version {expected} \
+         upgrades when it starts; start one (a scheduler first) before using this client"
+    )]
+    SchemaNotUpgraded { found: u32, expected: u32 },
     #[error("unexpected reply from a Fleet script: {0}")]
     Protocol(&'static str),
 }
@@ -73,17 +78,43 @@ pub enum SchemaCheck {
 }
 
 /// Records [`SCHEMA_VERSION`] on first use, upgrades data of a version from
-/// [`OLDEST_UPGRADABLE`] on, and refuses any other version.
+/// [`OLDEST_UPGRADABLE`] on, and refuses any other version. For the services.
 pub async fn check_schema(
     conn: &mut ConnectionManager,
     keys: &Keys,
     service: &str,
 ) -> Result<SchemaCheck, StoreError> {
+    schema_script(conn, keys, service, OLDEST_UPGRADABLE).await
+}
+
+/// Like [`check_schema`], but never upgrades: for clients such as `fleetctl`, which may run
+/// from a newer release than the fleet's relays, and must not write what those do not read.
+pub async fn check_schema_current(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    client: &str,
+) -> Result<SchemaCheck, StoreError> {
+    match schema_script(conn, keys, client, SCHEMA_VERSION).await {
+        Err(StoreError::SchemaMismatch { found, expected })
+            if found >= OLDEST_UPGRADABLE && found < expected =>
+        {
+            Err(StoreError::SchemaNotUpgraded { found, expected })
+        }
+        other => other,
+    }
+}
+
+async fn schema_script(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    who: &str,
+    oldest_upgradable: u32,
+) -> Result<SchemaCheck, StoreError> {
     let (found, what): (u32, u8) = scripts::SCHEMA
         .key(keys.schema())
         .arg(SCHEMA_VERSION)
-        .arg(service)
-        .arg(OLDEST_UPGRADABLE)
+        .arg(who)
+        .arg(oldest_upgradable)
         .invoke_async(conn)
         .await?;
     match what {
