@@ -228,13 +228,7 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
     // Data in a layout this build does not know is refused, and left untouched: a newer one,
     // and one older than this build reads.
     for unknown in [store::SCHEMA_VERSION + 96, store::OLDEST_UPGRADABLE - 1] {
-        let () = redis::cmd("HSET")
-            .arg(keys.schema())
-            .arg("version")
-            .arg(unknown)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        set_schema_version(&mut raw, &keys, unknown).await;
         let err = store::check_schema(&mut conn, &keys, "test")
             .await
             .unwrap_err();
@@ -242,24 +236,12 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
             matches!(err, store::StoreError::SchemaMismatch { found, .. } if found == unknown),
             "{err}"
         );
-        let version: String = redis::cmd("HGET")
-            .arg(keys.schema())
-            .arg("version")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        assert_eq!(version, unknown.to_string());
+        assert_eq!(schema_version(&mut raw, &keys).await, unknown.to_string());
     }
 
     // An older layout this build reads is upgraded in place, once, by a service; a client
     // such as fleetctl refuses it and says what to do.
-    let () = redis::cmd("HSET")
-        .arg(keys.schema())
-        .arg("version")
-        .arg(store::OLDEST_UPGRADABLE)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    set_schema_version(&mut raw, &keys, store::OLDEST_UPGRADABLE).await;
     let err = store::check_schema_current(&mut conn, &keys, "client")
         .await
         .unwrap_err();
@@ -272,14 +254,8 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
     let (code, _, err) = run_binary("fleetctl", &["stats"], &vars);
     assert_ne!(code, 0);
     assert!(err.contains("start one (a scheduler first)"), "{err}");
-    let version: String = redis::cmd("HGET")
-        .arg(keys.schema())
-        .arg("version")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
     assert_eq!(
-        version,
+        schema_version(&mut raw, &keys).await,
         store::OLDEST_UPGRADABLE.to_string(),
         "left as it was"
     );
@@ -307,6 +283,30 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
     );
     assert_eq!(fields["upgraded_by"], "upgrader");
     assert_eq!(fields["created_by"], "test", "the creation record stays");
+}
+
+/// Overwrites the schema version stored in Redis, as data of another release would have it.
+async fn set_schema_version(
+    raw: &mut redis::aio::MultiplexedConnection,
+    keys: &store::Keys,
+    version: u32,
+) {
+    let () = redis::cmd("HSET")
+        .arg(keys.schema())
+        .arg("version")
+        .arg(version)
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
+async fn schema_version(raw: &mut redis::aio::MultiplexedConnection, keys: &store::Keys) -> String {
+    redis::cmd("HGET")
+        .arg(keys.schema())
+        .arg("version")
+        .query_async(raw)
+        .await
+        .unwrap()
 }
 
 /// Runs a Fleet binary with `env` and returns (exit code, stdout, stderr).

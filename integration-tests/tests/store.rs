@@ -588,6 +588,15 @@ async fn due_now(store: &Store) -> Vec<(String, u32)> {
     due
 }
 
+/// A store whose unacknowledged dispatches are due again at once, so `take_due` shows the
+/// outbox.
+async fn eager_store(env: &TestEnv) -> Store {
+    let mut tasks = env.settings().tasks;
+    tasks.redeliver_ms = 0;
+    let store = env.store().await;
+    Store::new(store.conn(), store.keys().clone(), &tasks)
+}
+
 fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
     list.iter().map(|(id, a)| (id.to_string(), *a)).collect()
 }
@@ -595,14 +604,7 @@ fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
 #[tokio::test]
 async fn an_acknowledgement_removes_only_its_own_attempts_outbox_entry() {
     let env = TestEnv::start("outbox");
-    let mut tasks = env.settings().tasks;
-    // Every unacknowledged dispatch is due again at once, so `take_due` shows the outbox.
-    tasks.redeliver_ms = 0;
-    let store = Store::new(
-        env.store().await.conn(),
-        env.store().await.keys().clone(),
-        &tasks,
-    );
+    let store = eager_store(&env).await;
     store
         .accept(&[
             env.new_task(r#"{"id":"t","kind":"noop","max_attempts":5}"#),
@@ -698,13 +700,7 @@ async fn a_pending_tasks_timer_from_an_older_fleet_is_published_and_acknowledged
 #[tokio::test]
 async fn a_backlog_of_timers_does_not_starve_the_outbox() {
     let env = TestEnv::start("due-fair");
-    let mut tasks = env.settings().tasks;
-    tasks.redeliver_ms = 0;
-    let store = Store::new(
-        env.store().await.conn(),
-        env.store().await.keys().clone(),
-        &tasks,
-    );
+    let store = eager_store(&env).await;
     let mut conn = env.redis_conn().await;
     for i in 0..3 {
         let pending = env.new_task(&format!(r#"{{"id":"p{i}","kind":"noop"}}"#));

@@ -28,16 +28,9 @@ pub async fn connect(
         .await
         .context("connecting to Redis")?;
     let keys = store::Keys::new(&settings.redis.key_prefix);
-    let schema = store::check_schema(&mut conn, &keys, service)
+    store::check_schema(&mut conn, &keys, service)
         .await
         .context("checking the Redis schema")?;
-    if let store::SchemaCheck::Upgraded { from } = schema {
-        info!(
-            from,
-            to = store::SCHEMA_VERSION,
-            "Upgraded the Redis key schema in place."
-        );
-    }
     let store = Store::new(conn, keys, &settings.tasks);
 
     let topics = Topics::from_settings(&settings.topics);

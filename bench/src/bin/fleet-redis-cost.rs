@@ -1,5 +1,5 @@
 //! `fleet-redis-cost`: how many CPU instructions Redis spends per task in each hot transition
-//! (accept, dispatch confirmation, claim, completion), counted by valgrind's callgrind.
+//! (accept, dispatch acknowledgement, claim, completion), counted by valgrind's callgrind.
 //!
 //! Why: on a shared 2-core machine, timings of the same run differ by half (see README →
 //! Performance), so a change to a Lua script worth 5 % cannot be seen in `fleet-bench`.

@@ -78,13 +78,21 @@ pub enum SchemaCheck {
 }
 
 /// Records [`SCHEMA_VERSION`] on first use, upgrades data of a version from
-/// [`OLDEST_UPGRADABLE`] on, and refuses any other version. For the services.
+/// [`OLDEST_UPGRADABLE`] on (and logs it), and refuses any other version. For the services.
 pub async fn check_schema(
     conn: &mut ConnectionManager,
     keys: &Keys,
     service: &str,
 ) -> Result<SchemaCheck, StoreError> {
-    schema_script(conn, keys, service, OLDEST_UPGRADABLE).await
+    let check = schema_script(conn, keys, service, OLDEST_UPGRADABLE).await?;
+    if let SchemaCheck::Upgraded { from } = check {
+        tracing::info!(
+            from,
+            to = SCHEMA_VERSION,
+            "Upgraded the Redis key schema in place."
+        );
+    }
+    Ok(check)
 }
 
 /// Like [`check_schema`], but never upgrades: for clients such as `fleetctl`, which may run

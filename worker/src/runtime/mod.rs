@@ -154,15 +154,7 @@ impl Worker {
         let worker_id: Arc<str> = settings.worker.worker_id().into();
         let mut conn = store::connect(&settings.redis).await?;
         let keys = store::Keys::new(&settings.redis.key_prefix);
-        if let store::SchemaCheck::Upgraded { from } =
-            store::check_schema(&mut conn, &keys, "fleet-worker").await?
-        {
-            info!(
-                from,
-                to = store::SCHEMA_VERSION,
-                "Upgraded the Redis key schema in place."
-            );
-        }
+        store::check_schema(&mut conn, &keys, "fleet-worker").await?;
         let store = Store::new(conn, keys, &settings.tasks);
 
         let topics = Topics::from_settings(&settings.topics);
