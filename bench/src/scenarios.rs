@@ -356,6 +356,7 @@ pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value>
         if moved || Instant::now() > deadline {
             break;
         }
+        stack.check_services()?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(json!({

@@ -84,7 +84,7 @@ impl Stack {
         let config = config.to_string_lossy().into_owned();
         let [port] = free_ports::<1>();
         let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let scheduler = env.spawn(
+        let mut scheduler = env.spawn(
             "fleet-scheduler",
             "scheduler",
             &[
@@ -93,6 +93,11 @@ impl Stack {
                 ("FLEET_CONFIG", &config),
             ],
         );
+        // Every measurement waits on the scheduler: one that exited must stop the run here.
+        if !scheduler.listens_on(port, Duration::from_secs(30)) {
+            scheduler.print_log_tail(20);
+            bail!("the scheduler exited instead of listening on {api}");
+        }
         let reaper = env.spawn("fleet-reaper", "reaper", &[("FLEET_CONFIG", &config)]);
         let mut stack = Self {
             store: env.store().await,
@@ -204,6 +209,28 @@ impl Stack {
         }
     }
 
+    /// Fails, with the log's tail, if the broker, Redis, the scheduler or the reaper has
+    /// exited: the run could only wait out its deadline.
+    pub fn check_services(&self) -> anyhow::Result<()> {
+        let services = [
+            &self.env.broker,
+            &self.env.redis,
+            &self.scheduler,
+            &self.reaper,
+        ];
+        match services.into_iter().find(|p| p.has_exited()) {
+            Some(dead) => {
+                dead.print_log_tail(20);
+                bail!(
+                    "{} exited during the run; see {}",
+                    dead.name(),
+                    dead.log.display()
+                )
+            }
+            None => Ok(()),
+        }
+    }
+
     /// How many tasks are in `state` now.
     pub async fn count(&self, state: State) -> anyhow::Result<u64> {
         let counts = self.store.counts().await?;
@@ -224,6 +251,7 @@ impl Stack {
             if Instant::now() > deadline {
                 bail!("{have} of {n} tasks {state} after {limit:?}");
             }
+            self.check_services()?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -1,21 +1,65 @@
 //! Child processes that cannot outlive the test that started them.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::state_dir;
 
-/// `n` distinct free TCP ports on 127.0.0.1: all are bound at once, then released, so the same
-/// port is never handed out twice in one call.
+/// `n` distinct free TCP ports on 127.0.0.1 for servers the caller starts.
+///
+/// They are chosen at random below the kernel's ephemeral range, so no `bind(…:0)` and no
+/// outgoing connection, of this process or another, can take one between choosing it and the
+/// server binding it (a worker listening on port 0 once took a scheduler's port that way), and
+/// one process never hands out the same port twice.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (low, high) = assignable_range();
+    let mut ports = [0u16; N];
+    for slot in &mut ports {
+        *slot = (0..10_000)
+            .map(|_| low + (random() % u64::from(high - low)) as u16)
+            .find(|p| !given.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .expect("no free port below the ephemeral range after 10,000 tries");
+        given.insert(*slot);
+    }
+    ports
+}
+
+/// The ports [`free_ports`] picks from: 10000 up to the start of the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), or up to 32768 if that is lower than 20000.
+fn assignable_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low >= 20_000)
+        .unwrap_or(32_768);
+    (10_000, ephemeral_low)
+}
+
+/// A random number from the standard library's randomly keyed hasher.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Whether process `pid` exists and has not exited, read from `/proc`: an exited child that is
+/// not yet reaped (a zombie) counts as gone.
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
 }
 
 /// A child process killed when dropped, also when the test panics, and by the kernel if the
@@ -80,6 +124,12 @@ impl ManagedProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether the process has exited; unlike [`ManagedProcess::is_running`], a shared
+    /// reference will do.
+    pub fn has_exited(&self) -> bool {
+        !is_alive(self.pid())
     }
 
     /// Whether the process is still running.

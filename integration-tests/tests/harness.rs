@@ -1,10 +1,13 @@
-//! The harness itself: what a test starts is gone when the test is killed.
+//! The harness itself: what a test starts is gone when the test is killed, and its servers' ports
+//! cannot be taken before they bind.
 
+use std::collections::BTreeSet;
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports, is_alive};
 
 const PIDS_FILE: &str = "FLEET_IT_PIDS_FILE";
 
@@ -22,13 +25,7 @@ fn hold_environment_until_killed() {
 }
 
 fn alive(pid: &str) -> bool {
-    // A zombie (already dead, not yet reaped) counts as gone.
-    std::fs::read_to_string(Path::new("/proc").join(pid).join("stat")).is_ok_and(|stat| {
-        !stat
-            .split(") ")
-            .nth(1)
-            .is_some_and(|rest| rest.starts_with('Z'))
-    })
+    is_alive(pid.parse().expect("a pid"))
 }
 
 #[tokio::test]
@@ -65,6 +62,65 @@ async fn harness_processes_die_when_the_test_process_is_killed() {
         Duration::from_secs(10),
         "redis and tansu die with their test process",
         || async { pids.iter().all(|p| !alive(p)) },
+    )
+    .await;
+}
+
+/// A server's port must not be taken between choosing it and the server binding it: ports come
+/// from below the kernel's ephemeral range, where `bind(…:0)` and outgoing connections never
+/// land (a worker listening on port 0 once took the benchmark's scheduler port), and are never
+/// handed out twice.
+#[test]
+fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        for port in free_ports::<10>() {
+            assert!(seen.insert(port), "port {port} handed out twice");
+            assert!(
+                port < ephemeral_low,
+                "port {port} is in the ephemeral range"
+            );
+        }
+    }
+    // Servers on port 0 get ephemeral ports, so none of them can be one of ours.
+    let listeners: Vec<TcpListener> = (0..50)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for listener in &listeners {
+        let port = listener.local_addr().unwrap().port();
+        assert!(!seen.contains(&port), "port 0 gave out our port {port}");
+    }
+    // And each port we got is free for its server.
+    for port in seen.iter().take(20) {
+        TcpListener::bind(("127.0.0.1", *port)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_managed_process_tells_when_it_has_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let sleeper = ManagedProcess::spawn(
+        "sleeper",
+        Path::new("/bin/sleep"),
+        &["30"],
+        &[],
+        &dir.path().join("sleeper.log"),
+    );
+    assert!(!sleeper.has_exited(), "sleep 30 runs");
+    assert!(is_alive(sleeper.pid()));
+    sleeper.signal("KILL");
+    // Killed but not reaped: a zombie, which counts as exited.
+    eventually(
+        Duration::from_secs(10),
+        "the killed process counts as exited",
+        || async { sleeper.has_exited() },
     )
     .await;
 }
