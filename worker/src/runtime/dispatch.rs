@@ -75,51 +75,59 @@ pub(super) async fn dispatch_loop(
         };
         let mut claims = claims.into_iter();
         let mut refused: Vec<Refusal<'_>> = Vec::new();
-        for delivery in &picked {
-            match &delivery.envelope {
-                Err(err) => refused.push(Refusal {
-                    delivery,
-                    code: "invalid_envelope",
-                    reason: err.to_string(),
-                    payload: delivery.raw.clone(),
-                }),
-                Ok(envelope) => match claims.next().unwrap_or(Claim::Unknown) {
-                    Claim::Claimed => {
-                        let slot = slots.pop().expect("one slot per picked delivery");
-                        execute::start(
-                            &shared,
-                            &registry,
-                            envelope,
-                            (delivery.published_ms, delivery.trace.as_ref()),
-                            slot,
-                            done.clone(),
-                        );
-                    }
-                    Claim::Future => refused.push(Refusal {
+        let mut launches = Vec::with_capacity(picked.len());
+        // The batch's log lines ("Handler started." above all) go out in a few writes, all
+        // before any of its handlers is spawned: an execution is never without its line.
+        fleet_common::telemetry::batched(|| {
+            for delivery in &picked {
+                match &delivery.envelope {
+                    Err(err) => refused.push(Refusal {
                         delivery,
-                        code: "future_attempt",
-                        reason: format!(
-                            "task {} has no dispatch of attempt {}: not published by Fleet",
-                            envelope.task.id, envelope.attempt
+                        code: "invalid_envelope",
+                        reason: err.to_string(),
+                        payload: delivery.raw.clone(),
+                    }),
+                    Ok(envelope) => match claims.next().unwrap_or(Claim::Unknown) {
+                        Claim::Claimed => {
+                            let slot = slots.pop().expect("one slot per picked delivery");
+                            launches.push(execute::prepare(
+                                &shared,
+                                &registry,
+                                envelope,
+                                (delivery.published_ms, delivery.trace.as_ref()),
+                                slot,
+                                done.clone(),
+                            ));
+                        }
+                        Claim::Future => refused.push(Refusal {
+                            delivery,
+                            code: "future_attempt",
+                            reason: format!(
+                                "task {} has no dispatch of attempt {}: not published by Fleet",
+                                envelope.task.id, envelope.attempt
+                            ),
+                            payload: Some(envelope.to_json().into_bytes()),
+                        }),
+                        Claim::Unknown => refused.push(Refusal {
+                            delivery,
+                            code: "unknown_task",
+                            reason: format!("task {} is not in Redis", envelope.task.id),
+                            payload: Some(envelope.to_json().into_bytes()),
+                        }),
+                        Claim::Held => debug!(
+                            task_id = %envelope.task.id, attempt = envelope.attempt,
+                            "Queue or priority paused; task held until resumed."
                         ),
-                        payload: Some(envelope.to_json().into_bytes()),
-                    }),
-                    Claim::Unknown => refused.push(Refusal {
-                        delivery,
-                        code: "unknown_task",
-                        reason: format!("task {} is not in Redis", envelope.task.id),
-                        payload: Some(envelope.to_json().into_bytes()),
-                    }),
-                    Claim::Held => debug!(
-                        task_id = %envelope.task.id, attempt = envelope.attempt,
-                        "Queue or priority paused; task held until resumed."
-                    ),
-                    other => debug!(
-                        task_id = %envelope.task.id, attempt = envelope.attempt, claim = other.as_str(),
-                        "Duplicate or stale delivery skipped."
-                    ),
-                },
+                        other => debug!(
+                            task_id = %envelope.task.id, attempt = envelope.attempt, claim = other.as_str(),
+                            "Duplicate or stale delivery skipped."
+                        ),
+                    },
+                }
             }
+        });
+        for launch in launches {
+            launch.spawn(&shared);
         }
         // Refused records must be on the rejected topic before their offsets are stored.
         if !refuse(&shared, &store, &refuser, &refused, &token).await {

@@ -20,15 +20,35 @@ use tracing::{debug, info, warn};
 use super::{Finished, Labels, Running, Shared};
 use crate::handler::{HandlerError, Registry, TaskContext};
 
-/// Starts the handler of a claimed attempt on its own task.
-pub(super) fn start(
+/// A claimed attempt whose start is logged and recorded, and whose handler is ready to spawn.
+pub(super) struct Launch<F> {
+    id: Arc<str>,
+    attempt: u32,
+    run: F,
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Launch<F> {
+    /// Runs the handler on its own task.
+    pub(super) fn spawn(self, shared: &Shared) {
+        let join = tokio::spawn(self.run);
+        if let Some(entry) = shared.running().get_mut(&self.id)
+            && entry.attempt == self.attempt
+        {
+            entry.abort = Some(join.abort_handle());
+        }
+    }
+}
+
+/// Logs the start of a claimed attempt, records it as running, and returns its handler ready
+/// to spawn. The caller spawns it only once the log line is out (see `dispatch_loop`).
+pub(super) fn prepare(
     shared: &Arc<Shared>,
     registry: &Registry,
     envelope: &Envelope,
     (published_ms, trace): (Option<i64>, Option<&TraceParent>),
     slot: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<Finished>,
-) {
+) -> Launch<impl Future<Output = ()> + Send + 'static + use<>> {
     let task = &envelope.task;
     let labels = Labels {
         kind: task.kind.as_str().into(),
@@ -92,79 +112,73 @@ pub(super) fn start(
 
     let task_id = id.clone();
     let started = Instant::now();
-    let join = tokio::spawn(
-        async move {
-            let run = async {
-                let Some(handler) = handler else {
-                    return Err(HandlerError::permanent(format!(
-                        "no handler is registered for kind `{}`",
-                        ctx.kind
-                    )));
-                };
-                match timeout {
-                    None => handler.call(ctx).await,
-                    Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            cancel.cancel();
-                            Err(HandlerError::retryable(format!(
-                                "timeout after {} ms",
-                                limit.as_millis()
-                            )))
-                        }
-                    },
-                }
+    let run = async move {
+        let run = async {
+            let Some(handler) = handler else {
+                return Err(HandlerError::permanent(format!(
+                    "no handler is registered for kind `{}`",
+                    ctx.kind
+                )));
             };
-            let outcome = match AssertUnwindSafe(run).catch_unwind().await {
-                Ok(Ok(value)) => Outcome::Ok(value.to_string()),
-                Ok(Err(err)) if err.retryable => Outcome::Retry {
-                    error: clip(err.message),
-                    delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
-                },
-                Ok(Err(err)) => Outcome::Fail(clip(err.message)),
-                Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(ToString::to_string)
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Outcome::Retry {
-                        error: clip(format!("handler panicked: {message}")),
-                        delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+            match timeout {
+                None => handler.call(ctx).await,
+                Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        cancel.cancel();
+                        Err(HandlerError::retryable(format!(
+                            "timeout after {} ms",
+                            limit.as_millis()
+                        )))
                     }
-                }
-            };
-            if let Some(span) = &attempt_span {
-                let (name, error) = match &outcome {
-                    Outcome::Ok(_) => ("succeeded", None),
-                    Outcome::Retry { error, .. } => ("retry", Some(error.clone())),
-                    Outcome::Fail(error) => ("failed", Some(error.clone())),
-                    Outcome::Cancelled => ("cancelled", None),
-                };
-                let mut exported = otlp::Span::of("task", otlp::SpanKind::Consumer, span, start_ns)
-                    .attr("task_id", &task_id)
-                    .attr("attempt", attempt)
-                    .attr("kind", &labels.kind)
-                    .attr("worker_id", &worker_id)
-                    .attr("outcome", name);
-                exported.error = error;
-                otlp::record(exported);
+                },
             }
-            let _ = done.send(Finished {
-                id: task_id,
-                attempt,
-                outcome,
-                started,
-                labels,
-            });
+        };
+        let outcome = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(value)) => Outcome::Ok(value.to_string()),
+            Ok(Err(err)) if err.retryable => Outcome::Retry {
+                error: clip(err.message),
+                delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+            },
+            Ok(Err(err)) => Outcome::Fail(clip(err.message)),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(ToString::to_string)
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::Retry {
+                    error: clip(format!("handler panicked: {message}")),
+                    delay_ms: tasks.retry_delay_ms(attempt, rand::random::<f64>()),
+                }
+            }
+        };
+        if let Some(span) = &attempt_span {
+            let (name, error) = match &outcome {
+                Outcome::Ok(_) => ("succeeded", None),
+                Outcome::Retry { error, .. } => ("retry", Some(error.clone())),
+                Outcome::Fail(error) => ("failed", Some(error.clone())),
+                Outcome::Cancelled => ("cancelled", None),
+            };
+            let mut exported = otlp::Span::of("task", otlp::SpanKind::Consumer, span, start_ns)
+                .attr("task_id", &task_id)
+                .attr("attempt", attempt)
+                .attr("kind", &labels.kind)
+                .attr("worker_id", &worker_id)
+                .attr("outcome", name);
+            exported.error = error;
+            otlp::record(exported);
         }
-        .instrument(span),
-    );
-    if let Some(entry) = shared.running().get_mut(&id)
-        && entry.attempt == attempt
-    {
-        entry.abort = Some(join.abort_handle());
+        let _ = done.send(Finished {
+            id: task_id,
+            attempt,
+            outcome,
+            started,
+            labels,
+        });
     }
+    .instrument(span);
+    Launch { id, attempt, run }
 }
 
 /// Most bytes of a handler's error message that are recorded.
