@@ -270,15 +270,23 @@ impl Store {
                 .arg(&task.record.kind)
                 .arg(task.trace.to_string());
         }
-        let rows: Vec<(String, String)> = inv.invoke_async(&mut self.conn.clone()).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(state, id)| match state.as_str() {
-                "pending" => Accepted::Pending(id),
-                "scheduled" => Accepted::Scheduled(id),
-                _ => Accepted::Duplicate(id),
+        let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        if rows.len() != tasks.len() {
+            return Err(StoreError::Protocol(
+                "accept answered for a different number of tasks",
+            ));
+        }
+        rows.into_iter()
+            .zip(tasks)
+            .map(|(row, task)| match row.split_at_checked(1) {
+                Some(("p", "")) => Ok(Accepted::Pending(task.record.id.clone())),
+                Some(("s", "")) => Ok(Accepted::Scheduled(task.record.id.clone())),
+                Some(("d", existing)) if !existing.is_empty() => {
+                    Ok(Accepted::Duplicate(existing.to_string()))
+                }
+                _ => Err(StoreError::Protocol("accept answered an unknown state")),
             })
-            .collect())
+            .collect()
     }
 
     /// Confirms that Kafka acknowledged these `(id, published attempt)` messages: their outbox
