@@ -121,7 +121,8 @@ fn pieces(bytes: &[u8], limit: usize) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// The log writer: `inner()`, except inside [`batched`] on the same thread.
+/// The log writer: writes to the writer it wraps, except inside [`batched`] on the same thread,
+/// where it holds the lines.
 struct HoldingWriter<F>(F);
 
 impl<F: Fn() -> W, W: Write> Write for HoldingWriter<F> {
