@@ -20,7 +20,7 @@ use std::time::Duration;
 use fleet_common::settings::CommonSettings;
 
 pub use eventually::eventually;
-pub use process::{ManagedProcess, free_ports, is_alive};
+pub use process::{ManagedProcess, ephemeral_range, free_ports, is_alive};
 
 /// The command that installs everything the tests need; named in every "missing" message.
 pub const SETUP_COMMAND: &str = "make test (or: bash deploy/local/setup.sh)";

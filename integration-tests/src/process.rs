@@ -1,6 +1,6 @@
 //! Child processes that cannot outlive the test that started them.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -13,34 +13,76 @@ use crate::state_dir;
 
 /// `n` distinct free TCP ports on 127.0.0.1 for servers the caller starts.
 ///
-/// They are chosen at random below the kernel's ephemeral range, so no `bind(…:0)` and no
+/// They are chosen at random outside the kernel's ephemeral range, so no `bind(…:0)` and no
 /// outgoing connection, of this process or another, can take one between choosing it and the
-/// server binding it (a worker listening on port 0 once took a scheduler's port that way), and
-/// one process never hands out the same port twice.
+/// server binding it (a worker listening on port 0 once took a scheduler's port that way).
+/// Each port is also reserved for the life of this process by a lock on a file named after it
+/// in the temporary directory, so no other test process (nextest runs each test in its own)
+/// picks it meanwhile; the kernel drops the lock when the process ends, however it ends.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    static GIVEN: Mutex<BTreeMap<u16, File>> = Mutex::new(BTreeMap::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let (low, high) = assignable_range();
+    let (low, high) = assignable_range(ephemeral_range());
+    let locks = std::env::temp_dir().join("fleet-test-ports");
+    std::fs::create_dir_all(&locks).expect("creating the port lock directory");
     let mut ports = [0u16; N];
     for slot in &mut ports {
-        *slot = (0..10_000)
-            .map(|_| low + (random() % u64::from(high - low)) as u16)
-            .find(|p| !given.contains(p) && TcpListener::bind(("127.0.0.1", *p)).is_ok())
-            .expect("no free port below the ephemeral range after 10,000 tries");
-        given.insert(*slot);
+        let (port, lock) = (0..10_000)
+            .map(|_| (low + random() % (high - low)) as u16)
+            .filter(|p| !given.contains_key(p))
+            .find_map(|p| {
+                let lock = reserve(&locks, p)?;
+                TcpListener::bind(("127.0.0.1", p)).ok()?;
+                Some((p, lock))
+            })
+            .expect("no free port outside the ephemeral range after 10,000 tries");
+        given.insert(port, lock);
+        *slot = port;
     }
     ports
 }
 
-/// The ports [`free_ports`] picks from: 10000 up to the start of the kernel's ephemeral range
-/// (`net.ipv4.ip_local_port_range`), or up to 32768 if that is lower than 20000.
-fn assignable_range() -> (u16, u16) {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// The lock that reserves `port` among test processes, or `None` if another one holds it.
+fn reserve(dir: &Path, port: u16) -> Option<File> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{port}.lock")))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(file)
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), both ends included;
+/// Linux's default when it cannot be read.
+pub fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .filter(|low| *low >= 20_000)
-        .unwrap_or(32_768);
-    (10_000, ephemeral_low)
+        .and_then(|s| {
+            let mut ends = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((ends.next()??, ends.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+/// The ports [`free_ports`] picks from, as `low..high`: the larger of the gaps below the
+/// ephemeral range (from 10000) and above it, so no pick can be an ephemeral port.
+fn assignable_range((ephemeral_low, ephemeral_high): (u16, u16)) -> (u64, u64) {
+    let below = (10_000, u64::from(ephemeral_low).max(10_000));
+    let above = (u64::from(ephemeral_high) + 1, 65_536);
+    let size = |(low, high): (u64, u64)| high.saturating_sub(low);
+    let range = if size(below) >= size(above) {
+        below
+    } else {
+        above
+    };
+    assert!(
+        size(range) >= 1_000,
+        "the ephemeral port range {ephemeral_low}-{ephemeral_high} leaves fewer than 1,000 ports \
+         for test servers; narrow net.ipv4.ip_local_port_range"
+    );
+    range
 }
 
 /// A random number from the standard library's randomly keyed hasher.
@@ -244,5 +286,32 @@ pub(crate) fn sweep_stale() {
             let _ = Command::new("kill").arg("-9").arg(child).status();
         }
         let _ = std::fs::remove_file(entry.path());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_from_the_larger_gap_outside_the_ephemeral_range() {
+        assert_eq!(assignable_range((32_768, 60_999)), (10_000, 32_768));
+        // A range that starts low leaves the ports above it.
+        assert_eq!(assignable_range((1_024, 49_999)), (50_000, 65_536));
+        assert_eq!(assignable_range((12_000, 60_999)), (61_000, 65_536));
+        assert_eq!(assignable_range((15_000, 60_999)), (10_000, 15_000));
+        assert!(std::panic::catch_unwind(|| assignable_range((1_024, 65_000))).is_err());
+    }
+
+    #[test]
+    fn a_port_reserved_by_another_holder_is_not_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = reserve(dir.path(), 12_345).expect("a free reservation");
+        assert!(reserve(dir.path(), 12_345).is_none(), "held elsewhere");
+        drop(held);
+        assert!(
+            reserve(dir.path(), 12_345).is_some(),
+            "free again once released"
+        );
     }
 }

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports, is_alive};
+use fleet_integration_tests::{
+    ManagedProcess, TestEnv, ephemeral_range, eventually, free_ports, is_alive,
+};
 
 const PIDS_FILE: &str = "FLEET_IT_PIDS_FILE";
 
@@ -67,24 +69,18 @@ async fn harness_processes_die_when_the_test_process_is_killed() {
 }
 
 /// A server's port must not be taken between choosing it and the server binding it: ports come
-/// from below the kernel's ephemeral range, where `bind(…:0)` and outgoing connections never
-/// land (a worker listening on port 0 once took the benchmark's scheduler port), and are never
-/// handed out twice.
+/// from outside the kernel's ephemeral range, where `bind(…:0)` and outgoing connections never
+/// land (a worker listening on port 0 once took the benchmark's scheduler port), are never
+/// handed out twice, and are reserved against other test processes while this one lives.
 #[test]
-fn free_ports_are_distinct_and_below_the_ephemeral_range() {
-    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+    let (ephemeral_low, ephemeral_high) = ephemeral_range();
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
         for port in free_ports::<10>() {
             assert!(seen.insert(port), "port {port} handed out twice");
             assert!(
-                port < ephemeral_low,
+                !(ephemeral_low..=ephemeral_high).contains(&port),
                 "port {port} is in the ephemeral range"
             );
         }
@@ -97,6 +93,20 @@ fn free_ports_are_distinct_and_below_the_ephemeral_range() {
         let port = listener.local_addr().unwrap().port();
         assert!(!seen.contains(&port), "port 0 gave out our port {port}");
     }
+    // Another process cannot reserve them meanwhile (nextest runs each test in its own).
+    let port = *seen.first().unwrap();
+    let lock = std::env::temp_dir().join(format!("fleet-test-ports/{port}.lock"));
+    let other = std::process::Command::new("flock")
+        .args(["--nonblock", "--conflict-exit-code", "75"])
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .expect("running flock(1)");
+    assert_eq!(
+        other.code(),
+        Some(75),
+        "another process took the reservation of {port}"
+    );
     // And each port we got is free for its server.
     for port in seen.iter().take(20) {
         TcpListener::bind(("127.0.0.1", *port)).unwrap();
