@@ -8,6 +8,9 @@ use tracing_subscriber::fmt::format::FmtSpan;
 
 use crate::settings::{LogFormat, LogSettings};
 
+mod span_fields;
+pub use span_fields::JsonSpanFields;
+
 /// Installs the global `tracing` subscriber: human-readable on a terminal, JSON otherwise or when
 /// `log.format = "json"`. `RUST_LOG`, when set, takes precedence over `log.level`.
 ///
@@ -31,6 +34,7 @@ pub fn init(settings: &LogSettings) -> Result<(), Box<dyn std::error::Error + Se
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .fmt_fields(JsonSpanFields)
             .try_init()?;
         log_panics();
         Ok(())
