@@ -28,10 +28,12 @@ for i = 0, n - 1 do
   else
     local state = 'pending'
     if run_at > now then state = 'scheduled' end
-    redis.call('HSET', key, 'id', id, 'queue', queue, 'priority', priority, 'state', state,
-      'attempt', '0', 'released', '0', 'max_attempts', max_attempts, 'record', record,
-      'created_ms', text(now), 'updated_ms', text(now), 'run_at_ms', text(math.max(run_at, now)),
-      'timeout_ms', ARGV[a + 8], 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
+    -- Field order matters: a field is found by scanning the hash from its start, so the ones
+    -- that claim and complete read and write go first.
+    redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
+      'updated_ms', text(now), 'queue', queue, 'priority', priority, 'id', id, 'released', '0',
+      'max_attempts', max_attempts, 'record', record, 'created_ms', text(now),
+      'run_at_ms', text(math.max(run_at, now)), 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
     if state == 'pending' then
       zadd_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
     else

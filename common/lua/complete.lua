@@ -23,14 +23,14 @@ for i = 0, n - 1 do
   local id, attempt, kind, body, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   -- Absent fields cost a scan of the whole hash, so two are avoided: a running attempt has a
   -- deadline exactly when its task has a timeout (claim.lua), and a first attempt has no
-  -- history to extend.
+  -- history to extend (nor needs its start, which only a history entry records).
   local f
   if attempt > 1 then
     f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
       'queue', 'priority', 'timeout_ms', 'started_ms', 'history')
   else
     f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
-      'queue', 'priority', 'timeout_ms', 'started_ms')
+      'queue', 'priority', 'timeout_ms')
   end
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
