@@ -91,11 +91,13 @@ pub(super) fn prepare(
     let start_ns = otlp::now_ns();
     // Fields are passed as `&str`, not with `%`: a string is written as it is, where a
     // `Display` value goes through the formatting machinery (one span and one line per task).
-    let (task_id, kind, worker) = (&*id, task.kind.as_str(), &*shared.worker_id);
-    let span = tracing::info_span!("task", task_id, attempt, kind, worker_id = worker, trace_id);
-    // The line carries the span's fields itself, so it is logged outside the span: the JSON
-    // layer would otherwise write each field twice.
-    info!(parent: None, task_id, attempt, kind, worker_id = worker, trace_id, "Handler started.");
+    let span = {
+        let (task_id, kind, worker) = (&*id, task.kind.as_str(), &*shared.worker_id);
+        // The line carries the span's fields itself, so it is logged outside the span: the
+        // JSON layer would otherwise write each field twice.
+        info!(parent: None, task_id, attempt, kind, worker_id = worker, trace_id, "Handler started.");
+        tracing::info_span!("task", task_id, attempt, kind, worker_id = worker, trace_id)
+    };
     let progress = ctx.progress_slot();
     shared.running().insert(
         id.clone(),
