@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::bail;
 use fleet_common::task::State;
 use serde_json::{Value, json};
 
@@ -218,6 +219,7 @@ pub async fn latency(
     let mut broker_mark = cpu_seconds(stack.env.broker.pid());
     for (i, chunk) in bodies.chunks(per_tick).enumerate() {
         if i > 0 && i % 500 == 0 {
+            stack.check_services()?;
             let now = cpu_seconds(stack.env.broker.pid());
             broker_cpu.push(((now - broker_mark) * 100.0).round() / 100.0);
             broker_mark = now;
@@ -315,9 +317,13 @@ pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value>
             .iter()
             .filter(|r| r.get("state").map(String::as_str) == Some("running"))
             .count();
-        if running == n || Instant::now() > deadline {
+        if running == n {
             break rows;
         }
+        if Instant::now() > deadline {
+            bail!("only {running} of {n} recovery tasks running after 60 s");
+        }
+        stack.check_services()?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     // The victim is the worker running the most of them.
@@ -353,8 +359,11 @@ pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value>
             r.get("state").map(String::as_str) == Some("running")
                 && r.get("worker") != Some(&victim_name)
         });
-        if moved || Instant::now() > deadline {
+        if moved {
             break;
+        }
+        if Instant::now() > deadline {
+            bail!("the killed worker's tasks were not all running elsewhere after 120 s");
         }
         stack.check_services()?;
         tokio::time::sleep(Duration::from_millis(20)).await;

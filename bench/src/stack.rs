@@ -158,6 +158,15 @@ impl Stack {
             if Instant::now() > deadline {
                 bail!("only {ready} of {n} workers got partitions within 60 s");
             }
+            self.check_services()?;
+            if let Some(dead) = self.workers.iter().find(|w| w.has_exited()) {
+                dead.print_log_tail(20);
+                bail!(
+                    "{} exited while starting; see {}",
+                    dead.name(),
+                    dead.log.display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -340,7 +340,16 @@ pub enum InvalidEnvelope {
 impl Envelope {
     /// Builds the envelope text around a stored record without re-serializing it.
     pub fn encode(record_json: &str, attempt: u32) -> String {
-        format!("{{\"v\":{ENVELOPE_VERSION},\"attempt\":{attempt},\"task\":{record_json}}}")
+        use std::fmt::Write;
+        // Sized up front: `format!` grew the string while copying the record into it.
+        let mut out = String::with_capacity(record_json.len() + 40);
+        let _ = write!(
+            out,
+            "{{\"v\":{ENVELOPE_VERSION},\"attempt\":{attempt},\"task\":"
+        );
+        out.push_str(record_json);
+        out.push('}');
+        out
     }
 
     /// This envelope as JSON (the record is serialized again).

@@ -224,6 +224,55 @@ async fn lua_schema_script_runs_on_real_redis_and_survives_script_flush() {
         store::check_schema(&mut conn, &keys, "test").await.unwrap(),
         store::SchemaCheck::Current
     );
+    // So do the transition scripts, whose calls Fleet builds itself (`ScriptCall`): with the
+    // cache emptied, a batch of two is accepted, the keys and arguments of each task in place.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let task_store = env.store().await;
+    let new = |json: &str| {
+        let spec = fleet_common::task::TaskSpec::parse(json.as_bytes(), 1 << 20).unwrap();
+        store::NewTask::from_spec(spec, &settings.tasks, || unreachable!("the id is given"))
+    };
+    let accepted = task_store
+        .accept(&[
+            new(r#"{"id":"flushed-1","kind":"noop","queue":"q1"}"#),
+            new(r#"{"id":"flushed-2","kind":"noop","queue":"q2","priority":"high"}"#),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted,
+        [
+            store::Accepted::Pending("flushed-1".into()),
+            store::Accepted::Pending("flushed-2".into())
+        ]
+    );
+    for (id, queue, priority) in [("flushed-1", "q1", "normal"), ("flushed-2", "q2", "high")] {
+        let (state, stored_queue, stored_priority): (String, String, String) = redis::cmd("HMGET")
+            .arg(keys.task(id))
+            .arg(&["state", "queue", "priority"])
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                state.as_str(),
+                stored_queue.as_str(),
+                stored_priority.as_str()
+            ),
+            ("pending", queue, priority)
+        );
+        let indexed: Option<f64> = redis::cmd("ZSCORE")
+            .arg(keys.queue_index(queue))
+            .arg(id)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert!(indexed.is_some(), "{id} is in its queue's index");
+    }
 
     // Data in a layout this build does not know is refused, and left untouched: a newer one,
     // and one older than this build reads.

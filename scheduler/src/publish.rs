@@ -72,6 +72,8 @@ impl LivePartitions {
 pub struct Publisher {
     producer: FutureProducer,
     topics: Topics,
+    /// The priority topics' names, made once: every envelope names its topic.
+    task_topics: [Arc<str>; 4],
     router: Arc<Router>,
 }
 
@@ -93,7 +95,7 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
 struct Sending {
     delivery: DeliveryFuture,
     attempt: u32,
-    topic: String,
+    topic: Arc<str>,
     span: Option<(TraceParent, u64)>,
 }
 
@@ -132,6 +134,7 @@ impl Publisher {
     pub fn new(producer: FutureProducer, topics: Topics, router: Router) -> Self {
         Self {
             producer,
+            task_topics: Priority::ALL.map(|p| topics.tasks(p).into()),
             topics,
             router: Arc::new(router),
         }
@@ -171,13 +174,14 @@ impl Publisher {
         partition: Option<i32>,
         deadline: Instant,
     ) -> Result<Sending, KafkaError> {
-        let topic = self.topics.tasks(priority);
+        let topic = Arc::clone(&self.task_topics[priority.index()]);
         let envelope = Envelope::encode(record_json, attempt);
         let attempt_text = attempt.to_string();
         // Each dispatch is a new span of the task's trace.
         let span = trace.map(TraceParent::child);
-        let traceparent = span.as_ref().map(ToString::to_string);
-        let start_ns = otlp::now_ns();
+        let traceparent = span.as_ref().map(TraceParent::as_str);
+        // The span is exported, and so timed, only when OTLP export is on.
+        let start_ns = otlp::enabled().then(otlp::now_ns);
         let mut headers = OwnedHeaders::new_with_capacity(3)
             .insert(Header {
                 key: "fleet-task-id",
@@ -187,7 +191,7 @@ impl Publisher {
                 key: "fleet-attempt",
                 value: Some(&attempt_text),
             });
-        if let Some(traceparent) = &traceparent {
+        if let Some(traceparent) = traceparent {
             headers = headers.insert(Header {
                 key: "traceparent",
                 value: Some(traceparent),
@@ -216,9 +220,7 @@ impl Publisher {
             delivery,
             attempt,
             topic,
-            span: span
-                .filter(|_| otlp::enabled())
-                .map(|span| (span, start_ns)),
+            span: span.zip(start_ns),
         })
     }
 

@@ -232,8 +232,8 @@ impl Store {
         self.retention_ms
     }
 
-    pub(super) fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
+    pub(super) fn invocation<'a>(&self, script: &'a redis::Script) -> scripts::ScriptCall<'a> {
+        let mut inv = scripts::ScriptCall::new(script);
         for key in self.keys.globals() {
             inv.key(key);
         }
@@ -268,7 +268,7 @@ impl Store {
                 .arg(task.delay_ms)
                 .arg(task.record.timeout_ms)
                 .arg(&task.record.kind)
-                .arg(task.trace.to_string());
+                .arg(task.trace.as_str());
         }
         let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != tasks.len() {
