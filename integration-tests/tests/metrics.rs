@@ -123,4 +123,23 @@ async fn every_service_exports_the_metrics_the_grafana_dashboard_uses() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // The worker's per-task series carry the task's kind and priority, one count per attempt
+    // (counted just after the outcome is in Redis, so they may trail it briefly).
+    let expected = [
+        r#"fleet_tasks_started_total{kind="noop",priority="normal"} 1"#,
+        r#"fleet_tasks_started_total{kind="flaky",priority="normal"} 2"#,
+        r#"fleet_tasks_succeeded_total{kind="noop",priority="normal"} 1"#,
+        r#"fleet_tasks_retried_total{kind="flaky",priority="normal"} 1"#,
+        r#"fleet_tasks_failed_total{kind="fail",priority="normal"} 1"#,
+        r#"fleet_tasks_cancelled_total{kind="sleep",priority="normal"} 1"#,
+        r#"fleet_handler_duration_seconds_count{kind="noop"} 1"#,
+    ];
+    eventually(WAIT, "the worker's series by kind and priority", || async {
+        let page = request(addrs[2], "GET", "/metrics", None, None).await.body;
+        expected
+            .iter()
+            .all(|series| page.lines().any(|line| line == *series))
+    })
+    .await;
 }
