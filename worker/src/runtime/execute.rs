@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::{debug, info, warn};
 
-use super::{Finished, Labels, Running, Shared};
+use super::{Finished, Running, Shared};
 use crate::handler::{HandlerError, Registry, TaskContext};
 
 /// A claimed attempt whose start is logged and recorded, and whose handler is ready to spawn.
@@ -50,19 +50,16 @@ pub(super) fn prepare(
     done: mpsc::UnboundedSender<Finished>,
 ) -> Launch<impl Future<Output = ()> + Send + 'static + use<>> {
     let task = &envelope.task;
-    let labels = Labels {
-        kind: task.kind.as_str().into(),
-        priority: task.priority.as_str(),
-    };
-    // Label values as `Arc<str>` clones: a `String` per label was an allocation per task.
-    metrics::counter!("fleet_tasks_started_total", "kind" => Arc::clone(&labels.kind), "priority" => labels.priority)
-        .increment(1);
+    let metrics = shared.metrics.task(&task.kind, task.priority);
+    metrics.started();
     if let Some(published) = published_ms {
         // From the envelope's publication to the start of its handler.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        metrics::histogram!("fleet_queue_wait_seconds", "priority" => labels.priority)
+        shared
+            .metrics
+            .queue_wait(task.priority)
             .record((now - published).max(0) as f64 / 1000.0);
     }
     let id: Arc<str> = task.id.as_str().into();
@@ -72,7 +69,7 @@ pub(super) fn prepare(
     let ctx = TaskContext::new(
         id.clone(),
         attempt,
-        task.kind.as_str().into(),
+        Arc::clone(&metrics.kind),
         shared.worker_id.clone(),
         payload,
         cancel.clone(),
@@ -110,7 +107,7 @@ pub(super) fn prepare(
             lost: false,
             cancelled_at: None,
             progress,
-            labels: labels.clone(),
+            metrics: Arc::clone(&metrics),
             _slot: slot,
         },
     );
@@ -172,7 +169,7 @@ pub(super) fn prepare(
             let mut exported = otlp::Span::of("task", otlp::SpanKind::Consumer, span, start_ns)
                 .attr("task_id", &task_id)
                 .attr("attempt", attempt)
-                .attr("kind", &labels.kind)
+                .attr("kind", &metrics.kind)
                 .attr("worker_id", &worker_id)
                 .attr("outcome", name);
             exported.error = error;
@@ -183,7 +180,7 @@ pub(super) fn prepare(
             attempt,
             outcome,
             started,
-            labels,
+            metrics,
         });
     }
     .instrument(span);
@@ -227,7 +224,7 @@ pub(super) async fn complete_loop(
         .unwrap_or_default();
         for (finished, answer) in batch.iter().zip(answers) {
             let elapsed_ms = finished.started.elapsed().as_millis() as u64;
-            record_metrics(finished, answer);
+            finished.metrics.ended(answer, finished.started.elapsed());
             let (id, attempt) = (&finished.id, finished.attempt);
             match (&finished.outcome, answer) {
                 (_, Completion::Cancelled) => {
@@ -262,20 +259,4 @@ pub(super) async fn complete_loop(
         }
         batch.clear();
     }
-}
-
-/// Counts an attempt's end and its handler's duration.
-fn record_metrics(finished: &Finished, answer: Completion) {
-    let name = match answer {
-        Completion::Succeeded => "fleet_tasks_succeeded_total",
-        Completion::Scheduled => "fleet_tasks_retried_total",
-        Completion::Failed => "fleet_tasks_failed_total",
-        Completion::Cancelled => "fleet_tasks_cancelled_total",
-        Completion::Already | Completion::Fenced => "fleet_completions_fenced_total",
-    };
-    let kind = &finished.labels.kind;
-    let priority = finished.labels.priority;
-    metrics::counter!(name, "kind" => Arc::clone(kind), "priority" => priority).increment(1);
-    metrics::histogram!("fleet_handler_duration_seconds", "kind" => Arc::clone(kind))
-        .record(finished.started.elapsed().as_secs_f64());
 }

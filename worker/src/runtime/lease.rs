@@ -225,7 +225,7 @@ fn abort_cancelled(shared: &Shared, done: &mpsc::UnboundedSender<Finished>) {
                 attempt: entry.attempt,
                 outcome: Outcome::Cancelled,
                 started: Instant::now(),
-                labels: entry.labels.clone(),
+                metrics: entry.metrics.clone(),
             });
         }
     }

@@ -23,6 +23,7 @@ mod dispatch;
 mod execute;
 mod lease;
 mod poll;
+mod task_metrics;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -76,7 +77,7 @@ struct Running {
     cancelled_at: Option<Instant>,
     /// Progress the handler reported since the last heartbeat.
     progress: crate::handler::ProgressSlot,
-    labels: Labels,
+    metrics: Arc<task_metrics::TaskMetrics>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -87,14 +88,7 @@ struct Finished {
     attempt: u32,
     outcome: store::Outcome,
     started: Instant,
-    labels: Labels,
-}
-
-/// Metric labels of a running task.
-#[derive(Debug, Clone)]
-struct Labels {
-    kind: Arc<str>,
-    priority: &'static str,
+    metrics: Arc<task_metrics::TaskMetrics>,
 }
 
 /// State shared by the worker's loops.
@@ -111,6 +105,7 @@ struct Shared {
     buffers: Mutex<Buffers>,
     work_ready: Notify,
     slots: Arc<Semaphore>,
+    metrics: task_metrics::MetricsCache,
 }
 
 impl Shared {
@@ -185,6 +180,7 @@ impl Worker {
             )),
             work_ready: Notify::new(),
             slots: Arc::new(Semaphore::new(concurrency)),
+            metrics: task_metrics::MetricsCache::new(),
         });
         info!(
             worker_id = %worker_id, group = %settings.worker.group_id, concurrency,
