@@ -4,6 +4,7 @@
 //! Prints a table and writes JSON. It reports numbers and asserts nothing about them.
 
 mod client;
+mod cpu_check;
 mod scenarios;
 mod stack;
 
@@ -72,9 +73,10 @@ fn rates(list: &str) -> Result<Rates, String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let began = Instant::now();
-    let machine = machine();
+    let mut machine = machine();
+    let check_at_start = cpu_check::cpu_check_ms();
     eprintln!(
-        "fleet-bench on {}",
+        "fleet-bench on {} (CPU check {check_at_start:.0} ms)",
         machine["summary"].as_str().unwrap_or("?")
     );
 
@@ -121,6 +123,10 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("(f) memory with {} sleeping tasks …", args.sleeping);
     let memory = scenarios::memory(args.sleeping).await?;
 
+    machine["cpu_check_ms"] = json!({
+        "start": round1(check_at_start),
+        "end": round1(cpu_check::cpu_check_ms()),
+    });
     let results = json!({
         "machine": machine,
         "workers": args.workers,
@@ -150,8 +156,14 @@ fn print_table(r: &Value) {
         r["machine"]["summary"].as_str().unwrap_or("")
     );
     println!(
-        "{} workers (worker.concurrency {}), no-op handler, broker and Redis on the same machine\n",
+        "{} workers (worker.concurrency {}), no-op handler, broker and Redis on the same machine",
         r["workers"], r["worker_concurrency"]
+    );
+    let check = &r["machine"]["cpu_check_ms"];
+    println!(
+        "CPU check (a fixed single-thread workload, best of 3; lower is faster): {:.0} ms at the start, {:.0} ms at the end\n",
+        f(&check["start"]),
+        f(&check["end"])
     );
     println!("| measure | result |\n|---|---|");
     println!(
@@ -242,6 +254,11 @@ fn print_table(r: &Value) {
     println!("\nbenchmark took {:.0} s", f(&r["bench_seconds"]));
 }
 
+/// `x` to one decimal, for the JSON.
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
 /// What machine this ran on.
 fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -261,7 +278,7 @@ fn machine() -> Value {
     json!({
         "cpu": model,
         "cores": cores,
-        "memory_gib": (memory_gb * 10.0).round() / 10.0,
+        "memory_gib": round1(memory_gb),
         "kernel": kernel.trim(),
         "summary": format!("{cores} cores ({model}), {memory_gb:.0} GiB, Linux {}", kernel.trim()),
     })

@@ -14,18 +14,44 @@
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
 local out, queues = {}, {}
+
+-- What the batch finds already stored, read with one EXISTS over its task keys and one MGET
+-- over its idempotency keys instead of a call per task: each redis.call costs several times
+-- the read itself, and a new task (the usual case) exists under neither key. Only when EXISTS
+-- counts a stored task does each task check its own key. Tasks created earlier in this batch
+-- (an id or idempotency key given twice) are tracked here, since the reads came before them.
+local task_keys, idem_keys = {}, {}
+for i = 0, n - 1 do
+  task_keys[i + 1] = KEYS[GLOBALS + 1 + i * 3]
+  if ARGV[4 + i * 11 + 5] == '1' then idem_keys[#idem_keys + 1] = KEYS[GLOBALS + 2 + i * 3] end
+end
+local any_stored = false
+for j = 1, n, 1000 do
+  if redis.call('EXISTS', unpack(task_keys, j, math.min(j + 999, n))) > 0 then any_stored = true end
+end
+local created, idem_ids = {}, {}
+for j = 1, #idem_keys, 1000 do
+  local last = math.min(j + 999, #idem_keys)
+  local found = redis.call('MGET', unpack(idem_keys, j, last))
+  for k = j, last do idem_ids[idem_keys[k]] = found[k - j + 1] end
+end
+
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
   local a = 4 + i * 11
   local id, queue, priority, max_attempts, record = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local has_idem, run_at, delay = ARGV[a + 5] == '1', tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
-  if delay > 0 then run_at = now + delay end
-  local existing = has_idem and redis.call('GET', idem_key)
+  local has_idem = ARGV[a + 5] == '1'
+  -- '0' (now, no delay) is the usual value: tonumber costs a strtod.
+  local run_at = 0
+  if ARGV[a + 6] ~= '0' then run_at = tonumber(ARGV[a + 6]) end
+  if ARGV[a + 7] ~= '0' then run_at = now + tonumber(ARGV[a + 7]) end
+  local existing = has_idem and idem_ids[idem_key]
   if existing then
     out[#out + 1] = 'd' .. existing
-  elseif redis.call('EXISTS', key) == 1 then
+  elseif created[key] or (any_stored and redis.call('EXISTS', key) == 1) then
     out[#out + 1] = 'd' .. id
   else
+    created[key] = true
     local state = 'pending'
     if run_at > now then state = 'scheduled' end
     -- Field order matters: a field is found by scanning the hash from its start, so the ones
@@ -45,8 +71,11 @@ for i = 0, n - 1 do
       queues[queue] = true
       redis.call('SADD', QUEUES, queue)
     end
-    if has_idem then redis.call('SET', idem_key, id, 'PX', window) end
-    out[#out + 1] = string.sub(state, 1, 1)
+    if has_idem then
+      redis.call('SET', idem_key, id, 'PX', window)
+      idem_ids[idem_key] = id
+    end
+    out[#out + 1] = state == 'pending' and 'p' or 's'
   end
 end
 return out

@@ -42,7 +42,9 @@ for i = 0, n - 1 do
     if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[6 + i * 2])) end
     code = 8
   else
-    local timeout, expires = tonumber(f[3]) or 0, now + lease
+    -- '0' (no timeout) is the usual value: tonumber costs a strtod.
+    local timeout, expires = 0, now + lease
+    if f[3] ~= '0' then timeout = tonumber(f[3]) or 0 end
     local set = { 'state', 'running', 'attempt', ARGV[6 + i * 2], 'worker', worker,
                   'started_ms', text(now), 'updated_ms', text(now) }
     -- A task never claimed before (attempt 0, the usual case) has neither a first start nor a

@@ -20,7 +20,7 @@ for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
   local a = 4 + i * 5
   -- `body`: the result JSON or the error (not `text`, which is the prelude's number formatter).
-  local id, attempt, kind, body, delay = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local id, attempt, kind, body = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
   -- Absent fields cost a scan of the whole hash, so two are avoided: a running attempt has a
   -- deadline exactly when its task has a timeout (claim.lua), and a first attempt has no
   -- history to extend (nor needs its start, which only a history entry records).
@@ -51,10 +51,11 @@ for i = 0, n - 1 do
         set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
       end
       finish(key, id, 'running', 'succeeded', now, retention, {
-        queue = f[5], priority = f[6], has_deadline = (tonumber(f[7]) or 0) > 0, set = set })
+        queue = f[5], priority = f[6], has_deadline = f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set = set })
       out[#out + 1] = 'succeeded'
     elseif kind == 'retry' and within_budget(key, current) then
       attempt_ended(key, now, 'retry', body)
+      local delay = tonumber(ARGV[a + 4])
       redis.call('HSET', key, 'state', 'scheduled', 'last_error', body, 'updated_ms', now,
         'run_at_ms', now + delay)
       redis.call('HDEL', key, 'deadline_ms')

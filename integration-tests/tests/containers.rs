@@ -58,16 +58,52 @@ async fn all_succeeded(store: &Store, ids: &[String]) -> HashMap<String, HashMap
     tasks
 }
 
-/// The first worker container once some of `ids` run on it: (container, hostname, those ids).
+/// Every worker container with its hostname, which prefixes its worker id. Read before the
+/// tasks are submitted: `docker` calls can take seconds on a busy machine, longer than the
+/// tasks run.
+fn worker_hosts(stack: &Compose) -> Vec<(String, String)> {
+    stack
+        .containers("worker")
+        .into_iter()
+        .map(|c| {
+            let host = stack.hostname(&c);
+            (c, host)
+        })
+        .collect()
+}
+
+/// A worker container once some of `ids` run on it: (container, hostname, the ids running
+/// there). Whichever worker runs them first is chosen: the group may still be rebalancing when
+/// the tasks arrive (a replica that joins late gets its partitions after they were fetched),
+/// so no particular replica is sure to get any of them.
 async fn busy_worker(
-    stack: &Compose,
+    workers: &[(String, String)],
     store: &Store,
     ids: &[String],
 ) -> (String, String, Vec<String>) {
-    let victim = stack.containers("worker")[0].clone();
-    let host = stack.hostname(&victim);
-    let running = running_on(store, ids, &host).await;
-    (victim, host, running)
+    let start = Instant::now();
+    loop {
+        let tasks = compose::tasks(store, ids).await;
+        for (container, host) in workers {
+            let running: Vec<String> = tasks
+                .iter()
+                .filter(|(_, t)| {
+                    t.get("state").is_some_and(|s| s == "running")
+                        && t.get("worker")
+                            .is_some_and(|w| w.starts_with(host.as_str()))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !running.is_empty() {
+                return (container.clone(), host.clone(), running);
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no task ever ran on a worker container"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Whether every one of `ids` has succeeded by now.
@@ -76,27 +112,6 @@ async fn all_succeeded_now(store: &Store, ids: &[String]) -> bool {
         .await
         .values()
         .all(|t| t["state"] == "succeeded")
-}
-
-/// Waits until some of `ids` run on the worker whose id starts with `host`; returns those.
-async fn running_on(store: &Store, ids: &[String], host: &str) -> Vec<String> {
-    let start = Instant::now();
-    loop {
-        let running: Vec<String> = compose::tasks(store, ids)
-            .await
-            .into_iter()
-            .filter(|(_, t)| {
-                t.get("state").is_some_and(|s| s == "running")
-                    && t.get("worker").is_some_and(|w| w.starts_with(host))
-            })
-            .map(|(id, _)| id)
-            .collect();
-        if !running.is_empty() {
-            return running;
-        }
-        assert!(start.elapsed() < WAIT, "no task ever ran on {host}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn wait_succeeded(store: &Store, n: u64) {
@@ -155,16 +170,18 @@ async fn a_killed_worker_container_s_tasks_finish_elsewhere_within_lease_and_rea
     // Enough slots on each worker for every task, so recovery time is not queueing time.
     let stack = Compose::up("kill", 2, &[("FLEET_WORKER_CONCURRENCY", "32")]).await;
     let store = stack.store().await;
-    let (ids, tasks) = sleep_tasks("kill", 0..24, 1000);
+    // Tasks of 4 s: still running when `docker kill` lands, however slow docker is.
+    let (ids, tasks) = sleep_tasks("kill", 0..24, 4000);
+    let workers = worker_hosts(&stack);
     stack.submit(&tasks).await;
 
-    let (victim, host, running) = busy_worker(&stack, &store, &ids).await;
+    let (victim, host, running) = busy_worker(&workers, &store, &ids).await;
     docker(&["kill", &victim]);
     let killed_at = Instant::now();
 
-    // Lease 3 s + reaper period 0.5 s + a few seconds (the task itself takes 1 s).
+    // Lease 3 s + reaper period 0.5 s + the task's 4 s + a few seconds.
     eventually(
-        Duration::from_secs(9),
+        Duration::from_secs(12),
         "the victim's tasks ran again elsewhere",
         || all_succeeded_now(&store, &running),
     )
@@ -200,9 +217,10 @@ async fn a_worker_cut_off_from_redis_loses_its_tasks_to_others_and_rejoins_clean
     let stack = Compose::up("netcut", 2, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
     let store = stack.store().await;
     let (ids, tasks) = sleep_tasks("cut", 0..60, 2500);
+    let workers = worker_hosts(&stack);
     stack.submit(&tasks).await;
 
-    let (victim, host, running) = busy_worker(&stack, &store, &ids).await;
+    let (victim, host, running) = busy_worker(&workers, &store, &ids).await;
     let redis_net = stack.network("redis");
     docker(&["network", "disconnect", &redis_net, &victim]);
 

@@ -37,6 +37,26 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
     let counts: Vec<(State, u64)> = store.counts().await.unwrap();
     assert_eq!(counts[0], (State::Pending, 2));
 
+    // A later batch mixing stored ids and idempotency keys with new tasks: the batch-wide reads
+    // find the stored ones, and only those are answered as duplicates.
+    let fresh = env.new_task(r#"{"kind":"noop"}"#);
+    let k3 = env.new_task(r#"{"kind":"noop","idempotency_key":"order-7"}"#);
+    let k4 = env.new_task(r#"{"kind":"noop","idempotency_key":"order-8"}"#);
+    let got = store
+        .accept(&[fresh.clone(), a.clone(), k3, k4.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            Accepted::Pending(fresh.record.id.clone()),
+            Accepted::Duplicate("a".into()),
+            Accepted::Duplicate(k1.record.id.clone()),
+            Accepted::Pending(k4.record.id.clone()),
+        ]
+    );
+    assert_eq!(store.counts().await.unwrap()[0], (State::Pending, 4));
+
     let later = env.new_task(r#"{"kind":"noop","delay_ms":60000}"#);
     assert!(matches!(
         store.accept(&[later]).await.unwrap()[0],
