@@ -23,18 +23,15 @@ local out, queues = {}, {}
 local task_keys, idem_keys = {}, {}
 for i = 0, n - 1 do
   task_keys[i + 1] = KEYS[GLOBALS + 1 + i * 3]
+  -- ARGV[a + 5] of the loop below: whether the task has an idempotency key.
   if ARGV[4 + i * 11 + 5] == '1' then idem_keys[#idem_keys + 1] = KEYS[GLOBALS + 2 + i * 3] end
 end
 local any_stored = false
-for j = 1, n, 1000 do
-  if redis.call('EXISTS', unpack(task_keys, j, math.min(j + 999, n))) > 0 then any_stored = true end
-end
+chunked('EXISTS', nil, task_keys, function(count) any_stored = any_stored or count > 0 end)
 local created, idem_ids = {}, {}
-for j = 1, #idem_keys, 1000 do
-  local last = math.min(j + 999, #idem_keys)
-  local found = redis.call('MGET', unpack(idem_keys, j, last))
-  for k = j, last do idem_ids[idem_keys[k]] = found[k - j + 1] end
-end
+chunked('MGET', nil, idem_keys, function(found, first)
+  for k = 1, #found do idem_ids[idem_keys[first + k - 1]] = found[k] end
+end)
 
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]

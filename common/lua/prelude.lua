@@ -57,11 +57,24 @@ local function incr_later(key, field)
   counts[field] = (counts[field] or 0) + 1
 end
 
--- Sends `args` as `cmd key args...` in chunks (Lua's unpack has a stack limit).
-local function variadic(cmd, key, args)
+-- Sends `cmd args...` (`cmd key args...` when `key` is given) in chunks of 1000 arguments, as
+-- Lua's unpack has a stack limit; hands each reply and the index of its chunk's first argument
+-- to `on_reply`, when given.
+local function chunked(cmd, key, args, on_reply)
   for j = 1, #args, 1000 do
-    redis.call(cmd, key, unpack(args, j, math.min(j + 999, #args)))
+    local last, reply = math.min(j + 999, #args)
+    if key then
+      reply = redis.call(cmd, key, unpack(args, j, last))
+    else
+      reply = redis.call(cmd, unpack(args, j, last))
+    end
+    if on_reply then on_reply(reply, j) end
   end
+end
+
+-- Sends `args` as `cmd key args...` in chunks.
+local function variadic(cmd, key, args)
+  chunked(cmd, key, args)
 end
 
 local function flush_later()
