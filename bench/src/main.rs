@@ -180,8 +180,21 @@ fn print_table(r: &Value) {
         f(&d["seconds"])
     );
     for l in r["latency"].as_array().into_iter().flatten() {
+        // The drift over the run: the test broker's fetches get dearer as its log grows.
+        let series = |key: &str, pick: fn(&Value) -> Option<f64>| {
+            let values: Vec<String> = l[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(pick)
+                .map(|v| format!("{v}"))
+                .collect();
+            values.join(", ")
+        };
+        let p99s = series("p50_p99_ms_per_5s", |w| w[1].as_f64());
+        let broker = series("broker_cpu_s_per_5s", Value::as_f64);
         println!(
-            "| (c) submit→start at {}/s for {} s via {}, {} settings | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms) |",
+            "| (c) submit→start at {}/s for {} s via {}, {} settings | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s |",
             l["offered_per_s"],
             l["seconds"],
             l["via"].as_str().unwrap_or("?"),
