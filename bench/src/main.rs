@@ -16,7 +16,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 use crate::scenarios::Via;
-use crate::stack::{Profile, Stack};
+use crate::stack::{Profile, REDIS_NICENESS, Stack};
 
 #[derive(Debug, Parser)]
 #[command(name = "fleet-bench", about = "Benchmark Fleet on this machine.")]
@@ -45,6 +45,10 @@ struct Args {
     /// client settings (linger 1 ms, fetch wait 2 ms) (none: empty).
     #[arg(long, default_value = "1000", value_parser = rates)]
     low_latency_rates: Rates,
+    /// Also run (a) and (b) with redis-server at a higher CPU priority than the other
+    /// processes (needs root or CAP_SYS_NICE; `--redis-first false` skips them).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    redis_first: bool,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -119,7 +123,27 @@ async fn main() -> anyhow::Result<()> {
         latency.push(run);
     }
     eprintln!("(b) drain of {} accepted tasks …", args.tasks);
-    let drain = scenarios::drain(args.tasks, args.workers, &worker_vars).await?;
+    let drain = scenarios::drain(args.tasks, args.workers, &worker_vars, false).await?;
+    // (a) and (b) again with Redis at a higher CPU priority: on two shared cores its single
+    // thread is the critical path, and every process waits while it is preempted.
+    let mut redis_first = json!(null);
+    if args.redis_first {
+        eprintln!("(a) and (b) again, redis-server at niceness {REDIS_NICENESS} …");
+        let stack = Stack::start("bench-rf", args.workers, &worker_vars, Profile::Default).await?;
+        // Without the privilege to renice, the pair is reported as not run, with the reason.
+        redis_first = match stack.prioritize_redis() {
+            Err(err) => {
+                eprintln!("not run: {err:#}");
+                json!({ "niceness": REDIS_NICENESS, "not_run": format!("{err:#}") })
+            }
+            Ok(()) => {
+                let end_to_end = scenarios::throughput(&stack, args.tasks).await?;
+                drop(stack);
+                let drain = scenarios::drain(args.tasks, args.workers, &worker_vars, true).await?;
+                json!({ "niceness": REDIS_NICENESS, "end_to_end": end_to_end, "drain": drain })
+            }
+        };
+    }
     eprintln!("(f) memory with {} sleeping tasks …", args.sleeping);
     let memory = scenarios::memory(args.sleeping).await?;
 
@@ -133,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         "worker_concurrency": args.concurrency,
         "end_to_end": throughput,
         "drain": drain,
+        "redis_first": redis_first,
         "latency": latency,
         "recovery": recovery,
         "memory": memory,
@@ -179,6 +204,24 @@ fn print_table(r: &Value) {
         f(&d["tasks_per_s"]),
         f(&d["seconds"])
     );
+    let rf = &r["redis_first"];
+    if let Some(reason) = rf["not_run"].as_str() {
+        println!(
+            "| (a) and (b) with redis-server at niceness {} | not run: {reason} |",
+            rf["niceness"].as_str().unwrap_or("?")
+        );
+    } else if !rf.is_null() {
+        let (e, d) = (&rf["end_to_end"], &rf["drain"]);
+        println!(
+            "| (a) and (b) with redis-server at niceness {} | end to end {:.0} tasks/s ({:.1} s; Redis {:.0} µs per task); drain {:.0} tasks/s ({:.1} s) |",
+            rf["niceness"].as_str().unwrap_or("?"),
+            f(&e["tasks_per_s"]),
+            f(&e["seconds"]),
+            f(&e["redis_cpu_us_per_task"]),
+            f(&d["tasks_per_s"]),
+            f(&d["seconds"])
+        );
+    }
     for l in r["latency"].as_array().into_iter().flatten() {
         // The drift over the run: the test broker's fetches get dearer as its log grows.
         let series = |key: &str, pick: fn(&Value) -> Option<f64>| {

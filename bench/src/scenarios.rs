@@ -139,12 +139,22 @@ fn per_task_profile(
 
 /// (b) drain: `n` tasks accepted on a fresh stack while no worker runs, then drained by
 /// `workers` workers; timed from the first start to the last finish, by Redis's clock.
+/// With `redis_first`, redis-server runs at a higher CPU priority than everything else.
 pub async fn drain(
     n: usize,
     workers: usize,
     worker_vars: &[(&str, &str)],
+    redis_first: bool,
 ) -> anyhow::Result<Value> {
-    let mut stack = Stack::start("bench-drain", 0, &[], Profile::Default).await?;
+    let name = if redis_first {
+        "bench-drain-rf"
+    } else {
+        "bench-drain"
+    };
+    let mut stack = Stack::start(name, 0, &[], Profile::Default).await?;
+    if redis_first {
+        stack.prioritize_redis()?;
+    }
     let before = 0;
     let (ids, bodies) = noop("d", n);
     stack.submit(&bodies).await?;

@@ -55,6 +55,9 @@ impl Profile {
     }
 }
 
+/// Niceness of redis-server in the runs that give it priority (see `prioritize_redis`).
+pub const REDIS_NICENESS: &str = "-10";
+
 /// Wall-clock milliseconds (the same clock Redis `TIME` reads on this machine).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -63,6 +66,29 @@ pub fn now_ms() -> u64 {
 }
 
 impl Stack {
+    /// Gives every thread of this stack's redis-server a higher CPU priority (niceness −10)
+    /// than the broker, the services and the load generator, as Redis on a core of its own
+    /// would have. Needs root or CAP_SYS_NICE.
+    pub fn prioritize_redis(&self) -> anyhow::Result<()> {
+        let pid = self.env.redis.pid();
+        let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("listing the threads of redis-server ({pid})"))?
+            .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+            .collect();
+        let status = std::process::Command::new("renice")
+            .args(["-n", REDIS_NICENESS, "-p"])
+            .args(&tids)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running renice")?;
+        if !status.success() {
+            bail!(
+                "renice -n {REDIS_NICENESS} of redis-server failed (it needs root or CAP_SYS_NICE)"
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the stack with `workers` workers (each with `worker_vars`) and waits until every
     /// worker owns partitions. Fleet's services run with the client settings of `profile`, and
     /// the load generator with its producer linger.
