@@ -365,4 +365,15 @@ mod tests {
             assert!(err.contains("is not a rate"), "{bad}: {err}");
         }
     }
+
+    #[test]
+    fn the_redis_first_pair_runs_by_default_and_takes_only_true_or_false() {
+        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
+        assert!(parse(&[]).unwrap().redis_first);
+        assert!(!parse(&["--redis-first", "false"]).unwrap().redis_first);
+        for bad in ["maybe", "", "1; rm -rf /", &"t".repeat(10_000)] {
+            let err = parse(&["--redis-first", bad]).unwrap_err().to_string();
+            assert!(err.contains("--redis-first"), "{bad:.20}: {err}");
+        }
+    }
 }
