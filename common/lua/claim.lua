@@ -5,12 +5,15 @@
 -- A task with a timeout gets a hard deadline (start + timeout + grace): its lease is never
 -- extended past it, so the reaper stops a handler that hangs yet still heartbeats.
 -- KEYS  globals, then per delivery: task hash
--- ARGV  [1] deliveries  [2] worker id  [3] lease ms  [4] timeout grace ms, then per delivery:
---       id, attempt
--- Returns per delivery: 1 claimed, 2 busy (that attempt is running), 3 stale (an older
--- attempt), 4 done (terminal), 5 future (an attempt beyond the next), 6 unknown task,
--- 7 not ready (scheduled, or running an older attempt), 8 held (paused).
+-- ARGV  [1] deliveries  [2] worker id  [3] lease ms  [4] timeout grace ms  [5] call id (the
+--       same for a retry of this call), then per delivery: id, attempt
+-- Returns per delivery: 1 claimed, 2 busy (that attempt is running on another worker), 3 stale
+-- (an older attempt), 4 done (terminal), 5 future (an attempt beyond the next), 6 unknown task,
+-- 7 not ready (scheduled, or running an older attempt), 8 held (paused), 9 owned (that attempt
+-- was claimed by this very call: an earlier try of it ran but its reply was lost, or the
+-- delivery came twice in it; the worker runs it unless it already does).
 local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local call = ARGV[5]
 local now = now_ms()
 -- One SCARD per batch: the per-task pause checks run only while something is paused.
 local any_paused = redis.call('SCARD', PAUSED) > 0
@@ -21,7 +24,8 @@ local any_held = redis.call('EXISTS', HELD) == 1
 local any_outbox = redis.call('EXISTS', OUTBOX) == 1
 local out = {}
 for i = 0, n - 1 do
-  local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[5 + i * 2], tonumber(ARGV[6 + i * 2])
+  local a = 6 + i * 2
+  local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[a], tonumber(ARGV[a + 1])
   -- Queue and priority are read only while something is paused (fields 4 and 5).
   local f
   if any_paused then
@@ -34,19 +38,25 @@ for i = 0, n - 1 do
   if not state then code = 6
   elseif TERMINAL[state] then code = 4
   elseif attempt <= current then
-    if state == 'running' and attempt == current then code = 2 else code = 3 end
+    if state ~= 'running' or attempt ~= current then code = 3
+    else
+      -- Only the call that claimed it, not the worker: a worker restarted under the same id
+      -- must not run its predecessor's attempt again (the lease runs out, then a new attempt).
+      local g = redis.call('HMGET', key, 'worker', 'claim_call')
+      if g[1] == worker and g[2] == call then code = 9 else code = 2 end
+    end
   elseif attempt > current + 1 then code = 5
   elseif state ~= 'pending' then code = 7
   elseif any_paused and is_paused(f[4], f[5]) then
     zadd_later(HELD, now, id)
-    if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[6 + i * 2])) end
+    if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[a + 1])) end
     code = 8
   else
     -- '0' (no timeout) is the usual value: tonumber costs a strtod.
     local timeout, expires = 0, now + lease
     if f[3] ~= '0' then timeout = tonumber(f[3]) or 0 end
-    local set = { 'state', 'running', 'attempt', ARGV[6 + i * 2], 'worker', worker,
-                  'started_ms', text(now), 'updated_ms', text(now) }
+    local set = { 'state', 'running', 'attempt', ARGV[a + 1], 'worker', worker,
+                  'started_ms', text(now), 'updated_ms', text(now), 'claim_call', call }
     -- A task never claimed before (attempt 0, the usual case) has neither a first start nor a
     -- leftover deadline: reading those absent fields would scan the whole hash for nothing.
     local first_start, old_deadline = current == 0, false
@@ -64,7 +74,7 @@ for i = 0, n - 1 do
     end
     redis.call('HSET', key, unpack(set))
     zadd_later(LEASES, expires, id)
-    if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[6 + i * 2])) end
+    if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[a + 1])) end
     if any_held then zrem_later(HELD, id) end
     move(id, 'pending', 'running', now)
     code = 1

@@ -93,6 +93,14 @@ local function flush_later()
   end
 end
 
+-- Whether a script's error is Redis refusing a write for want of memory (maxmemory reached,
+-- noeviction). Redis refuses only a script's first write that may grow memory, so after this
+-- error the script has written nothing.
+local function refused_for_memory(err)
+  if type(err) == 'table' then err = err.err end
+  return type(err) == 'string' and string.match(err, '^%-?OOM ') ~= nil
+end
+
 -- The outbox entry of one attempt of a task (store/keys.rs `outbox_member` writes the same).
 -- `attempt` may be a string (an argument) or a number; a number is formatted by `text`, since
 -- Lua's own number-to-string conversion calls snprintf every time.

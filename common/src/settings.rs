@@ -574,6 +574,9 @@ impl Default for TaskSettings {
     }
 }
 
+/// Longest `tasks.retention_ms` and `tasks.idempotency_window_ms`: ten years.
+const MAX_KEEP_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
 impl TaskSettings {
     fn validate(&self) -> Result<(), SettingsError> {
         if !(1024..=16 << 20).contains(&self.max_task_bytes) {
@@ -599,6 +602,16 @@ impl TaskSettings {
                 "tasks.retention_ms",
                 "retention and idempotency window must be at least 1000 ms",
             ));
+        }
+        // Redis gets them as numbers formatted in Lua; far beyond any real need, they would be
+        // written in exponent form, which PEXPIRE refuses after the task's state has changed.
+        for (key, ms) in [
+            ("tasks.retention_ms", self.retention_ms),
+            ("tasks.idempotency_window_ms", self.idempotency_window_ms),
+        ] {
+            if ms > MAX_KEEP_MS {
+                return Err(SettingsError::invalid(key, "at most ten years"));
+            }
         }
         if self.retry_base_ms == 0 || self.retry_cap_ms < self.retry_base_ms {
             return Err(SettingsError::invalid(

@@ -141,6 +141,21 @@ fn invalid_values_name_the_key_and_the_expected_form() {
         env(&[("FLEET__TOPICS__PREFIX", "fleet/../etc")]),
     ));
     assert_eq!(key, "topics.prefix");
+
+    // Ten years is the longest a task or an idempotency key is kept; 1e17 ms would reach
+    // Redis in exponent form.
+    for (var, key) in [
+        ("FLEET__TASKS__RETENTION_MS", "tasks.retention_ms"),
+        (
+            "FLEET__TASKS__IDEMPOTENCY_WINDOW_MS",
+            "tasks.idempotency_window_ms",
+        ),
+    ] {
+        let (got, message) = invalid(load_with_env(None, env(&[(var, "100000000000000000")])));
+        assert_eq!(got, key);
+        assert!(message.contains("ten years"), "{message}");
+        assert!(load_with_env::<CommonSettings>(None, env(&[(var, "315360000000")])).is_ok());
+    }
 }
 
 #[test]

@@ -237,6 +237,23 @@ impl TestEnv {
         )
     }
 
+    /// Publishes `attempt` of `task` on partition 0 of the normal-priority topic, as Fleet's
+    /// dispatch would (for tests that record tasks in Redis themselves).
+    pub async fn publish_attempt(&self, task: &fleet_common::store::NewTask, attempt: u32) {
+        let topic =
+            Topics::from_settings(&self.settings().topics).tasks(fleet_common::Priority::Normal);
+        let body = fleet_common::task::Envelope::encode(&task.record_json, attempt);
+        self.producer()
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .payload(&body)
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("publish an attempt");
+    }
+
     /// Makes a running task's lease expire now, as if its worker had stopped heartbeating.
     pub async fn expire_lease(&self, store: &Store, id: &str) {
         let mut conn = self.redis_conn().await;

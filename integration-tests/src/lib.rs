@@ -12,6 +12,7 @@ mod eventually;
 pub mod fleet;
 pub mod http;
 mod process;
+pub mod reply_cut;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};

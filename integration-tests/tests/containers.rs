@@ -135,6 +135,18 @@ async fn scaling_from_one_worker_to_four_mid_run_spreads_the_work_and_runs_each_
 
     assert_eq!(stack.containers("scheduler").len(), 2, "two schedulers");
     assert_eq!(stack.containers("reaper").len(), 1);
+    // Redis runs every transition on one thread: under contention it gets 4x the CPU weight
+    // of the others (0 means Docker's default, 1024).
+    let shares = |service: &str| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.CpuShares}}",
+            &stack.containers(service)[0],
+        ])
+    };
+    assert_eq!(shares("redis").trim(), "4096");
+    assert_eq!(shares("worker").trim(), "0");
     stack.ok(&["up", "-d", "--no-recreate", "--scale", "worker=4"]);
     stack.wait_healthy(WAIT).await;
     let workers = stack.containers("worker");

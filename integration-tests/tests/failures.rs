@@ -127,3 +127,47 @@ async fn failures_retry_with_backoff_and_end_failed_once_with_their_history() {
     );
     assert!(worker.is_running());
 }
+
+/// A task redriven before the relay wrote its dead-letter record gets none: it is no longer
+/// dead, and its hash now describes its next round. One that stays failed gets its record.
+#[tokio::test]
+async fn a_task_redriven_before_its_dead_letter_is_written_gets_none() {
+    use fleet_common::store::{Claim, Completion, Outcome};
+
+    let env = TestEnv::start("redriven-letter");
+    env.create_topics().await;
+    let store = env.store().await;
+    // Both fail for good while no scheduler (and so no relay) runs; "a" fails first.
+    for id in ["a", "b"] {
+        let task = env.new_task(&format!(
+            r#"{{"id":"{id}","kind":"noop","max_attempts":1}}"#
+        ));
+        store.accept(&[task]).await.unwrap();
+        assert_eq!(
+            store.claim("w", 60_000, &[(id, 1)]).await.unwrap(),
+            [Claim::Claimed]
+        );
+        let failed = Outcome::Fail("boom".into());
+        assert_eq!(
+            store.complete("w", &[((id, 1), &failed)]).await.unwrap(),
+            [Completion::Failed]
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.redrive(&["a".to_string()]).await.unwrap(), 1);
+
+    let _s = env.spawn("fleet-scheduler", "s", &[]);
+    eventually(WAIT, "the relay handled both dead letters", || async {
+        store.backlog().await.unwrap().dead == 0
+    })
+    .await;
+    // The relay takes dead letters oldest first, so a record for "a" would come first.
+    let dead = Topics::from_settings(&env.settings().topics).dead();
+    let letters = env.read_topic(&dead, 1, WAIT).await;
+    assert_eq!(letters[0].json()["id"], "b", "{:?}", letters[0].json());
+    assert_eq!(
+        env.tasks(&["a".to_string()]).await["a"]["state"],
+        "pending",
+        "a is out for another round"
+    );
+}

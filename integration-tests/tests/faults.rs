@@ -30,6 +30,26 @@ async fn owned_by(env: &TestEnv, ids: &[String], worker: &str, state: &str) -> V
         .collect()
 }
 
+/// Waits until every one of `ids` runs on `worker`.
+async fn wait_all_running_on(env: &TestEnv, ids: &[String], worker: &str) {
+    eventually(
+        WAIT,
+        &format!("{} tasks running on {worker}", ids.len()),
+        || async { owned_by(env, ids, worker, "running").await.len() == ids.len() },
+    )
+    .await;
+}
+
+/// Waits until `worker` heartbeats with partitions of the normal topic.
+async fn wait_owns_partitions(store: &fleet_common::store::Store, worker: &str) {
+    eventually(WAIT, &format!("{worker} owns partitions"), || async {
+        let live = store.live_workers(2_000).await.unwrap();
+        live.iter()
+            .any(|(id, info)| id == worker && !info.contains("\"normal\":[]"))
+    })
+    .await;
+}
+
 /// Every execution is of a claimed attempt: executions ≤ attempts, attempts contiguous.
 fn assert_executions_bounded(tasks: &Tasks, runs: &BTreeMap<String, Vec<(u64, String)>>) {
     for (id, task) in tasks {
@@ -146,10 +166,7 @@ async fn a_zombie_worker_is_fenced_and_its_task_ends_once() {
 
     let (ids, bodies) = sleep_tasks("z", 1, 5_000, "high");
     env.submit(&bodies).await;
-    eventually(WAIT, "w0 runs the task", || async {
-        owned_by(&env, &ids, "w0", "running").await.len() == 1
-    })
-    .await;
+    wait_all_running_on(&env, &ids, "w0").await;
     w0.signal("STOP");
     let _w1 = env.spawn("fleet-worker", "w1", &[]);
     eventually(
@@ -306,10 +323,7 @@ async fn two_reapers_and_a_killed_one_requeue_each_expired_lease_once() {
     );
     let (ids, bodies) = sleep_tasks("r", 300, 60_000, "low");
     env.submit(&bodies).await;
-    eventually(WAIT, "all 300 run on the doomed worker", || async {
-        owned_by(&env, &ids, "doomed", "running").await.len() == 300
-    })
-    .await;
+    wait_all_running_on(&env, &ids, "doomed").await;
     doomed.signal("KILL");
     let _w = env.spawn(
         "fleet-worker",
@@ -319,10 +333,7 @@ async fn two_reapers_and_a_killed_one_requeue_each_expired_lease_once() {
     // Kill one reaper about when the leases expire, most likely mid-scan.
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     r1.signal("KILL");
-    eventually(WAIT, "every task runs again on the survivor", || async {
-        owned_by(&env, &ids, "survivor", "running").await.len() == 300
-    })
-    .await;
+    wait_all_running_on(&env, &ids, "survivor").await;
 
     let tasks = env.tasks(&ids).await;
     for id in &ids {
@@ -356,34 +367,16 @@ async fn two_reapers_and_a_killed_one_requeue_each_expired_lease_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_stale_deliveries_execute_once() {
-    use fleet_common::store::{NewTask, Requeue};
-    use fleet_common::task::{Envelope, TaskRecord, TaskSpec};
-    use rdkafka::producer::FutureRecord;
+    use fleet_common::store::Requeue;
 
     let env = TestEnv::start("dupes");
     env.create_topics().await;
-    let settings = env.settings();
     let store = env.store().await;
     // Record two tasks straight in Redis (no scheduler, no relay: only this test publishes).
     let new = |id: &str| {
-        let spec = TaskSpec::parse(
-            format!(r#"{{"id":"{id}","kind":"sleep","payload":{{"ms":300}}}}"#).as_bytes(),
-            1 << 20,
-        )
-        .unwrap();
-        let record = TaskRecord::from_spec(
-            spec,
-            settings.tasks.defaults_for("sleep"),
-            || unreachable!(),
-        );
-        NewTask {
-            record_json: record.to_json(),
-            record,
-            idempotency_key: None,
-            run_at_ms: 0,
-            delay_ms: 0,
-            trace: fleet_common::trace::TraceParent::new_root(),
-        }
+        env.new_task(&format!(
+            r#"{{"id":"{id}","kind":"sleep","payload":{{"ms":300}}}}"#
+        ))
     };
     let (b, c) = (new("b"), new("c"));
     store.accept(&[b.clone(), c.clone()]).await.unwrap();
@@ -397,9 +390,6 @@ async fn duplicate_and_stale_deliveries_execute_once() {
     ));
 
     let _w = env.spawn("fleet-worker", "w", &[]);
-    let producer = env.producer();
-    let topic =
-        fleet_common::Topics::from_settings(&settings.topics).tasks(fleet_common::Priority::Normal);
     let deliveries = [
         (&b, 1),
         (&b, 1), // the same message twice
@@ -409,16 +399,7 @@ async fn duplicate_and_stale_deliveries_execute_once() {
         (&b, 1), // again, possibly after b finished
     ];
     for (task, attempt) in deliveries {
-        let body = Envelope::encode(&task.record_json, attempt);
-        producer
-            .send(
-                FutureRecord::<(), _>::to(&topic)
-                    .payload(&body)
-                    .partition(0),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        env.publish_attempt(task, attempt).await;
     }
     let ids = vec!["b".to_string(), "c".to_string()];
     let tasks = env.wait_terminal(&ids, WAIT).await;
@@ -451,6 +432,191 @@ async fn duplicate_and_stale_deliveries_execute_once() {
         [2],
         "c ran once, as attempt 2"
     );
+}
+
+/// A claim call can run in Redis while its reply never reaches the worker (a timeout, a reset
+/// connection): here a proxy between the worker and Redis cuts the connection of the claim
+/// after passing it on. The worker's retry of that call is answered `owned` for the task the
+/// lost try claimed, and runs it at once, once, instead of leaving it running with no handler
+/// until its lease runs out (no reaper runs here to rescue it).
+#[tokio::test]
+async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() {
+    use fleet_integration_tests::reply_cut::ReplyCut;
+
+    let env = TestEnv::start("lostreply");
+    env.create_topics().await;
+    let store = env.store().await;
+    let task = env.new_task(r#"{"id":"l","kind":"noop"}"#);
+    store.accept(std::slice::from_ref(&task)).await.unwrap();
+    let redis_addr = env
+        .settings()
+        .redis
+        .url
+        .expose()
+        .trim_start_matches("redis://")
+        .parse()
+        .expect("the test Redis's address");
+    let proxy = ReplyCut::start(redis_addr).await;
+    let url = proxy.url();
+    let _w = env.spawn("fleet-worker", "w", &[("FLEET__REDIS__URL", &url)]);
+    wait_owns_partitions(&store, "w").await;
+
+    // The claim names the task's key; its reply is lost. (The script is loaded first, or the
+    // cut request would be an EVALSHA answered NOSCRIPT, which claims nothing.)
+    store
+        .claim("nobody", 1_000, &[("unknown", 1)])
+        .await
+        .unwrap();
+    proxy.cut_reply_of(format!("{}\r\n", store.keys().task("l")).as_bytes());
+    env.publish_attempt(&task, 1).await;
+
+    let ids = vec!["l".to_string()];
+    let tasks = env.wait_terminal(&ids, Duration::from_secs(30)).await;
+    assert!(proxy.has_cut(), "the claim's reply was lost");
+    assert_eq!(field(&tasks, "l", "state"), "succeeded");
+    assert_eq!(field(&tasks, "l", "attempt"), "1");
+    assert_eq!(field(&tasks, "l", "worker"), "w");
+    let runs = executions(&env, &["w"]);
+    assert_eq!(runs["l"], [(1, "w".to_string())], "ran once, on w");
+    assert!(
+        log_events(&env, &["w"]).iter().any(|e| {
+            e.get("message").and_then(|m| m.as_str()) == Some("Failed claiming tasks; retrying.")
+        }),
+        "w retried its claim"
+    );
+}
+
+/// A task's lease can lapse while its worker still runs it (Redis out of reach for a lease),
+/// and its next attempt can reach the same worker before a heartbeat tells it the old one is
+/// lost. The worker then stops the old attempt's handler: it never runs beside the new one,
+/// and never finishes to have its outcome fenced.
+#[tokio::test]
+async fn a_newer_attempt_claimed_on_the_same_worker_stops_the_older_one() {
+    use fleet_common::store::{Claim, Requeue};
+
+    let env = TestEnv::start("newer");
+    env.create_topics().await;
+    let store = env.store().await;
+    // Deaf to cancellation: only an abort stops it before its 6 s are up.
+    let task = env.new_task(
+        r#"{"id":"n","kind":"sleep","max_attempts":3,"payload":{"ms":6000,"ignore_cancel":true}}"#,
+    );
+    store.accept(std::slice::from_ref(&task)).await.unwrap();
+    // Heartbeats far apart, so none tells the worker that attempt 1 was lost.
+    let _w = env.spawn(
+        "fleet-worker",
+        "w",
+        &[
+            ("FLEET__LEASE__LEASE_MS", "180000"),
+            ("FLEET__LEASE__HEARTBEAT_MS", "60000"),
+        ],
+    );
+    env.publish_attempt(&task, 1).await;
+    eventually(WAIT, "attempt 1 running on w", || async {
+        let t = env.tasks(&["n".to_string()]).await;
+        t["n"].get("state").map(String::as_str) == Some("running")
+    })
+    .await;
+    // Its lease lapses; a reaper requeues it, and attempt 2 goes to the same worker.
+    env.expire_lease(&store, "n").await;
+    let expired = store.expired_leases(10).await.unwrap();
+    assert!(matches!(
+        store.requeue(&expired).await.unwrap()[..],
+        [Requeue::Requeued(_)]
+    ));
+    env.publish_attempt(&task, 2).await;
+
+    let ids = vec!["n".to_string()];
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+    assert_eq!(field(&tasks, "n", "state"), "succeeded");
+    assert_eq!(field(&tasks, "n", "attempt"), "2");
+    assert_eq!(
+        store.claim("w", 1_000, &[("n", 2)]).await.unwrap(),
+        [Claim::Done]
+    );
+    let runs = executions(&env, &["w"]);
+    assert_eq!(
+        runs["n"],
+        [(1, "w".to_string()), (2, "w".to_string())],
+        "one execution per attempt"
+    );
+    let events = log_events(&env, &["w"]);
+    let said = |message: &str| {
+        events.iter().any(|e| {
+            e.get("message").and_then(|m| m.as_str()) == Some(message)
+                && e.get("attempt").and_then(serde_json::Value::as_u64) == Some(1)
+        })
+    };
+    assert!(said(
+        "A newer attempt was claimed; stopping this one's handler."
+    ));
+    // Attempt 1 started first; had it slept its 6 s, its outcome would have been fenced
+    // before attempt 2 ended.
+    assert!(
+        !said("Completion fenced: this attempt no longer owns the task."),
+        "attempt 1's handler ran to its end beside attempt 2"
+    );
+}
+
+/// A draining worker leaves the consumer group as its drain starts: a worker that joins
+/// meanwhile (the next replica of a rolling deploy) gets partitions and runs new tasks while
+/// the first still finishes its long ones, instead of waiting for that drain to end. Every
+/// task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joining_while_another_drains_gets_partitions_at_once() {
+    let env = TestEnv::start("joindrain");
+    env.create_topics().await;
+    let store = env.store().await;
+    let _s = env.spawn("fleet-scheduler", "s", &[]);
+    let mut a = env.spawn(
+        "fleet-worker",
+        "a",
+        &[("FLEET__WORKER__SHUTDOWN_GRACE_MS", "30000")],
+    );
+    let (long, long_bodies) = sleep_tasks("long", 4, 12_000, "normal");
+    env.submit(&long_bodies).await;
+    wait_all_running_on(&env, &long, "a").await;
+
+    a.signal("TERM");
+    // b starts once a is out of the group: the local broker (tansu 0.6) loses track of a
+    // group whose member leaves while another's join is under way (README: notes on the
+    // local broker).
+    eventually(
+        Duration::from_secs(10),
+        "a left the consumer group",
+        || async {
+            log_events(&env, &["a"]).iter().any(|e| {
+                e.get("message").and_then(|m| m.as_str())
+                    == Some("Left the consumer group; draining the running tasks.")
+            })
+        },
+    )
+    .await;
+    let _b = env.spawn("fleet-worker", "b", &[]);
+    wait_owns_partitions(&store, "b").await;
+    let (short, short_bodies) = sleep_tasks("short", 8, 10, "normal");
+    env.submit(&short_bodies).await;
+    let tasks = env.wait_terminal(&short, WAIT).await;
+    assert!(
+        a.is_running(),
+        "b took partitions and ran new tasks while a still drained"
+    );
+    for id in &short {
+        assert_eq!(field(&tasks, id, "state"), "succeeded");
+        assert_eq!(field(&tasks, id, "worker"), "b");
+    }
+
+    assert_eq!(a.wait_exit(Duration::from_secs(40)), Some(0), "a drained");
+    let tasks = env.wait_terminal(&long, WAIT).await;
+    for id in &long {
+        assert_eq!(field(&tasks, id, "state"), "succeeded");
+        assert_eq!(field(&tasks, id, "attempt"), "1", "{id} finished on a");
+        assert_eq!(field(&tasks, id, "worker"), "a");
+    }
+    let runs = executions(&env, &["a", "b"]);
+    for id in long.iter().chain(&short) {
+        assert_eq!(runs[id].len(), 1, "{id} ran once: {:?}", runs[id]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,18 +680,10 @@ async fn sigterm_finishes_short_tasks_and_hands_long_ones_back_at_once() {
     env.submit(&long_bodies).await;
     let mut all = short.clone();
     all.extend(long.iter().cloned());
-    eventually(WAIT, "w0 runs all six", || async {
-        owned_by(&env, &all, "w0", "running").await.len() == 6
-    })
-    .await;
+    wait_all_running_on(&env, &all, "w0").await;
     let _w1 = env.spawn("fleet-worker", "w1", &grace);
     // Let the group settle with both members before w0 leaves it.
-    eventually(WAIT, "w1 owns partitions", || async {
-        let live = env.store().await.live_workers(2_000).await.unwrap();
-        live.iter()
-            .any(|(id, info)| id == "w1" && !info.contains("\"normal\":[]"))
-    })
-    .await;
+    wait_owns_partitions(&env.store().await, "w1").await;
 
     w0.signal("TERM");
     assert_eq!(

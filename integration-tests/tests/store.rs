@@ -108,14 +108,28 @@ async fn claims_answer_for_every_kind_of_delivery() {
     );
     assert_eq!(
         store
-            .claim("w1", lease, &[("t", 1), ("t", 1)])
+            .claim_call("w1", lease, "c1", &[("t", 1), ("t", 1)])
             .await
             .unwrap(),
-        [Claim::Claimed, Claim::Busy],
-        "a duplicate in the same batch is busy"
+        [Claim::Claimed, Claim::Owned],
+        "a duplicate in the same call is that call's own"
     );
     assert_eq!(
         store.claim("w2", lease, &[("t", 1)]).await.unwrap(),
+        [Claim::Busy],
+        "another worker's attempt is busy"
+    );
+    // A retry of the call, as after a lost reply: the attempt is its own, unchanged.
+    assert_eq!(
+        store
+            .claim_call("w1", lease, "c1", &[("t", 1)])
+            .await
+            .unwrap(),
+        [Claim::Owned]
+    );
+    // Another call under the same worker id (a worker restarted under it) does not own it.
+    assert_eq!(
+        store.claim("w1", lease, &[("t", 1)]).await.unwrap(),
         [Claim::Busy]
     );
     let fields = store.task("t").await.unwrap().unwrap();
@@ -747,4 +761,77 @@ async fn a_backlog_of_timers_does_not_starve_the_outbox() {
     let timers = taken.iter().filter(|id| id.starts_with('s')).count();
     let outbox = taken.iter().filter(|id| id.starts_with('p')).count();
     assert_eq!((timers, outbox), (2, 2), "{taken:?}");
+}
+
+/// With Redis at `maxmemory` (`noeviction`), a completion is refused as a whole: Redis refuses
+/// a script's first write, and the batched writes queued before it (the lease's removal, the
+/// totals) are not sent either. The task stays running under its lease, as it was, and the
+/// same completion once memory is back counts once.
+#[tokio::test]
+async fn a_completion_refused_for_memory_changes_nothing_and_counts_once_later() {
+    let env = TestEnv::start("oom");
+    let store = env.store().await;
+    store
+        .accept(&[env.new_task(r#"{"id":"t","kind":"noop"}"#)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("w1", 60_000, &[("t", 1)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    let mut conn = env.redis_conn().await;
+    let lease = |mut conn: redis::aio::MultiplexedConnection| {
+        let key = store.keys().leases();
+        async move {
+            redis::cmd("ZSCORE")
+                .arg(key)
+                .arg("t")
+                .query_async::<Option<f64>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let totals = |mut conn: redis::aio::MultiplexedConnection| {
+        let key = store.keys().totals();
+        async move {
+            redis::cmd("HGETALL")
+                .arg(key)
+                .query_async::<std::collections::HashMap<String, u64>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = totals(conn.clone()).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let done = Outcome::Ok("null".into());
+    let err = store
+        .complete("w1", &[(("t", 1), &done)])
+        .await
+        .expect_err("refused for memory");
+    assert!(err.to_string().contains("OOM"), "{err}");
+    assert_eq!(state(&store, "t").await, "running");
+    assert!(lease(conn.clone()).await.is_some(), "the lease is kept");
+    assert_eq!(totals(conn.clone()).await, before, "nothing counted");
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.complete("w1", &[(("t", 1), &done)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    assert_eq!(state(&store, "t").await, "succeeded");
+    assert!(lease(conn.clone()).await.is_none());
+    let after = totals(conn).await;
+    assert_eq!(after.get("succeeded:queue:default"), Some(&1), "{after:?}");
 }

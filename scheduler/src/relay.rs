@@ -48,6 +48,13 @@ pub async fn round(
             written.push(id); // expired meanwhile: nothing left to write
             continue;
         };
+        if task.get("state").map(String::as_str) != Some("failed") {
+            // Redriven before its record was written: no longer dead, and the stored task
+            // now describes its next round, not the failure.
+            info!(task_id = %id, "Dead-letter record skipped: the task was redriven.");
+            written.push(id);
+            continue;
+        }
         match publisher.dead(&id, &dead_letter(&task)).await {
             Ok(()) => {
                 info!(task_id = %id, "Dead-letter record written.");

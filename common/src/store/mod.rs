@@ -16,7 +16,7 @@ pub use keys::Keys;
 pub use query::{Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use tasks::{
     Accepted, Attempt, Backlog, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome,
-    Requeue, Store,
+    Requeue, Store, new_call_id,
 };
 
 use crate::settings::RedisSettings;

@@ -21,8 +21,12 @@ macro_rules! transition {
                     "local function transition()\n",
                     include_str!(concat!("../../lua/", $file)),
                     // The deferred writes go out even when the script fails part-way, so the
-                    // hash writes already made never lack their index and lease entries.
-                    "\nend\nlocal ok, result = pcall(transition)\nflush_later()\n",
+                    // hash writes already made never lack their index and lease entries. Not
+                    // after an out-of-memory refusal: Redis refuses only a script's first
+                    // write, so nothing was written, and a flushed ZREM (never refused) would
+                    // take a running task's lease while its hash stayed as it was.
+                    "\nend\nlocal ok, result = pcall(transition)\n",
+                    "if ok or not refused_for_memory(result) then flush_later() end\n",
                     "if not ok then error(result, 0) end\nreturn result\n",
                 ]
                 .concat(),

@@ -82,8 +82,13 @@ pub struct Backlog {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
     Claimed,
-    /// The same attempt is already running (a duplicate delivery).
+    /// The same attempt is already running on another worker (a duplicate delivery).
     Busy,
+    /// The same attempt was claimed by this very call ([`Store::claim_call`]): an earlier try
+    /// of it ran but its reply was lost (a timeout, a reset connection), or the delivery came
+    /// twice in it. The worker runs it unless it already does; skipping it would leave the task
+    /// running with no handler until its lease ran out.
+    Owned,
     /// An older attempt's delivery.
     Stale,
     /// The task already ended.
@@ -108,6 +113,7 @@ impl Claim {
             5 => Claim::Future,
             6 => Claim::Unknown,
             8 => Claim::Held,
+            9 => Claim::Owned,
             _ => Claim::NotReady,
         }
     }
@@ -116,6 +122,7 @@ impl Claim {
         match self {
             Claim::Claimed => "claimed",
             Claim::Busy => "busy",
+            Claim::Owned => "owned",
             Claim::Stale => "stale",
             Claim::Done => "done",
             Claim::Future => "future",
@@ -308,11 +315,25 @@ impl Store {
         Ok(())
     }
 
-    /// Claims deliveries for `worker`, in one call.
+    /// Claims deliveries for `worker`, in one call of its own.
     pub async fn claim(
         &self,
         worker: &str,
         lease_ms: u64,
+        deliveries: &[Attempt<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
+        self.claim_call(worker, lease_ms, &new_call_id(), deliveries)
+            .await
+    }
+
+    /// Claims deliveries for `worker` in the call `call`. A call that failed may still have
+    /// claimed (its reply lost); its retry passes the same `call` and gets [`Claim::Owned`]
+    /// for what it claimed, where another call gets [`Claim::Busy`].
+    pub async fn claim_call(
+        &self,
+        worker: &str,
+        lease_ms: u64,
+        call: &str,
         deliveries: &[Attempt<'_>],
     ) -> Result<Vec<Claim>, StoreError> {
         if deliveries.is_empty() {
@@ -322,7 +343,8 @@ impl Store {
         inv.arg(deliveries.len())
             .arg(worker)
             .arg(lease_ms)
-            .arg(self.timeout_grace_ms);
+            .arg(self.timeout_grace_ms)
+            .arg(call);
         for (id, attempt) in deliveries {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
         }
@@ -748,4 +770,10 @@ fn implied_history(fields: &HashMap<String, String>) -> Option<String> {
         "error": "",
     });
     Some(serde_json::Value::Array(vec![entry]).to_string())
+}
+
+/// A fresh id for a claim call ([`Store::claim_call`]): 64 random bits in hex, stored with the
+/// attempts it claims.
+pub fn new_call_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }

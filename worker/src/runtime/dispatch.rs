@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_common::retry::retry_until;
-use fleet_common::store::{Claim, Store};
+use fleet_common::store::{Claim, Store, new_call_id};
+use fleet_common::task::Envelope;
 use fleet_common::{kafka, rejected};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
@@ -66,12 +67,22 @@ pub(super) async fn dispatch_loop(
                     .map(|e| (e.task.id.as_str(), e.attempt))
             })
             .collect();
+        // One id for the call and its retries: a retry answers `Owned` for what a try whose
+        // reply was lost had claimed.
+        let call = new_call_id();
         let Some(claims) = retry_until(&token, "claiming tasks", || {
-            store.claim(&shared.worker_id, lease_ms, &attempts)
+            store.claim_call(&shared.worker_id, lease_ms, &call, &attempts)
         })
         .await
         else {
-            return; // shutting down: nothing was claimed, nothing is stored
+            // Shutting down after a failed call, which may still have claimed them (a lost
+            // reply): the hand-back releases them too. Nothing of this batch is stored.
+            shared.unanswered().extend(
+                attempts
+                    .iter()
+                    .map(|(id, attempt)| (Arc::from(*id), *attempt)),
+            );
+            return;
         };
         let mut claims = claims.into_iter();
         let mut refused: Vec<Refusal<'_>> = Vec::new();
@@ -87,7 +98,11 @@ pub(super) async fn dispatch_loop(
                         reason: err.to_string(),
                         payload: delivery.raw.clone(),
                     }),
-                    Ok(envelope) => match claims.next().unwrap_or(Claim::Unknown) {
+                    Ok(envelope) => match owned_as_claimed(
+                        &shared,
+                        envelope,
+                        claims.next().unwrap_or(Claim::Unknown),
+                    ) {
                         Claim::Claimed => {
                             let slot = slots.pop().expect("one slot per picked delivery");
                             launches.push(execute::prepare(
@@ -154,6 +169,22 @@ pub(super) async fn dispatch_loop(
                 debug!(error = %err, "Offset not stored (partition revoked).");
             }
         }
+    }
+}
+
+/// `claim`, with an attempt claimed by a try of this call whose reply was lost taken as
+/// claimed: it runs now. One this worker already runs (a delivery twice in the batch) stays
+/// `Owned`, a duplicate.
+fn owned_as_claimed(shared: &Shared, envelope: &Envelope, claim: Claim) -> Claim {
+    let runs = || {
+        shared
+            .running()
+            .get(envelope.task.id.as_str())
+            .is_some_and(|entry| entry.attempt == envelope.attempt)
+    };
+    match claim {
+        Claim::Owned if !runs() => Claim::Claimed,
+        claim => claim,
     }
 }
 

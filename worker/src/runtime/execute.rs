@@ -98,7 +98,7 @@ pub(super) fn prepare(
         tracing::info_span!("task", task_id, attempt, kind, worker_id = worker, trace_id)
     };
     let progress = ctx.progress_slot();
-    shared.running().insert(
+    let older = shared.running().insert(
         id.clone(),
         Running {
             attempt,
@@ -111,6 +111,22 @@ pub(super) fn prepare(
             _slot: slot,
         },
     );
+    if let Some(older) = older {
+        // Redis gave the task a newer attempt, and this worker claimed it, while the older one
+        // still ran here (its lease lapsed while Redis was out of reach, before a heartbeat
+        // could tell). The older one is fenced: it stops now rather than run beside this one.
+        warn!(
+            task_id = &*id,
+            attempt = older.attempt,
+            worker_id = &*shared.worker_id,
+            "A newer attempt was claimed; stopping this one's handler."
+        );
+        metrics::counter!("fleet_leases_lost_total").increment(1);
+        older.cancel.cancel();
+        if let Some(abort) = &older.abort {
+            abort.abort();
+        }
+    }
 
     let task_id = id.clone();
     let started = Instant::now();

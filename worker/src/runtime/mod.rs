@@ -99,6 +99,10 @@ struct Shared {
     /// Task topic names by priority index, so deliveries need not carry strings.
     topic_names: [String; 4],
     running: Mutex<HashMap<Arc<str>, Running>>,
+    /// Attempts of a claim call that failed as shutdown came: it may have claimed them with its
+    /// reply lost, so the hand-back releases them too (release is fenced: attempts this worker
+    /// does not hold are left alone).
+    unanswered: Mutex<Vec<(Arc<str>, u32)>>,
     /// This worker's partitions of each priority topic, reported with every heartbeat so that
     /// requeued tasks are routed to partitions a live worker consumes.
     assignment: Mutex<[Vec<i32>; 4]>,
@@ -111,6 +115,12 @@ struct Shared {
 impl Shared {
     fn running(&self) -> MutexGuard<'_, HashMap<Arc<str>, Running>> {
         self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn unanswered(&self) -> MutexGuard<'_, Vec<(Arc<str>, u32)>> {
+        self.unanswered
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -173,6 +183,7 @@ impl Worker {
             settings: settings.clone(),
             topic_names,
             running: Mutex::new(HashMap::new()),
+            unanswered: Mutex::new(Vec::new()),
             assignment: Mutex::new(Default::default()),
             buffers: Mutex::new(Buffers::new(
                 settings.worker.priority_weights,
@@ -260,6 +271,7 @@ impl Worker {
                 "Unclaimed buffered deliveries left for the next owner of their partitions."
             );
         }
+        leave_group(consumer, &shared).await;
 
         // Let running handlers finish within the grace period (their leases are still kept),
         // then hand the rest back.
@@ -282,16 +294,30 @@ impl Worker {
                 outcome = Outcome::Unclean;
             }
         }
-        if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored since the last auto-commit, or the group is rebalancing: the next
-            // owner re-reads at most the claimed deliveries, which claim as duplicates.
-            info!(error = %err, "Final offset commit skipped.");
-        }
-        consumer.unsubscribe();
-        drop(consumer);
         info!(?outcome, "Worker stopped.");
         Ok(outcome)
     }
+}
+
+/// Commits the stored offsets and leaves the consumer group, as soon as the drain starts.
+///
+/// Offsets are stored once a record's claim is in Redis, so committing them does not wait on
+/// outcomes, and every record left unclaimed is read again by the next owner. Leaving at once
+/// matters: a draining worker no longer polls its consumer, and under the eager protocol every
+/// member must rejoin a rebalance, so staying in the group would hold up every other worker's
+/// rebalance (the next replica of a rolling deploy, say) until this drain ended.
+async fn leave_group(consumer: Arc<kafka::MeteredConsumer>, shared: &Shared) {
+    if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last auto-commit, or the group is rebalancing: the next
+        // owner re-reads at most the claimed deliveries, which claim as duplicates.
+        info!(error = %err, "Final offset commit skipped.");
+    }
+    consumer.unsubscribe();
+    // Heartbeats stop offering this worker's partitions to the relay and the reaper.
+    *shared.assignment() = Default::default();
+    // Closing serves the group's callbacks until it has left; it blocks, so off the runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    info!("Left the consumer group; draining the running tasks.");
 }
 
 /// Cancels and aborts the handlers it holds when dropped.
@@ -320,7 +346,12 @@ async fn hand_back(shared: &Shared, store: &Store) -> bool {
     // interruption as a failed attempt before the hand-back reached Redis. Once released,
     // whatever they report is fenced.
     let _stop = StopOnDrop(entries);
-    let refs: Vec<(&str, u32)> = remaining.iter().map(|(id, a)| (&**id, *a)).collect();
+    let unanswered = std::mem::take(&mut *shared.unanswered());
+    let refs: Vec<(&str, u32)> = remaining
+        .iter()
+        .chain(&unanswered)
+        .map(|(id, a)| (&**id, *a))
+        .collect();
     for attempt in 1..=3 {
         match store.release(&shared.worker_id, &refs).await {
             Ok(released) => {
