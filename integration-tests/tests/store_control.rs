@@ -379,3 +379,36 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
         [(Some(1), Some("deadline")), (Some(2), Some("succeeded"))]
     );
 }
+
+/// A resume cut short after lifting its pause (its process killed before publishing the held
+/// tasks) leaves them held; running it again publishes them, and a third run finds nothing.
+#[tokio::test]
+async fn a_resume_cut_short_is_finished_by_running_it_again() {
+    let env = TestEnv::start("resume-again");
+    let store = env.store().await;
+    store
+        .accept(&[env.new_task(r#"{"id":"h","kind":"noop","queue":"reports"}"#)])
+        .await
+        .unwrap();
+    let reports = Selector::Queue("reports".into());
+    assert!(store.pause(&reports).await.unwrap());
+    assert_eq!(
+        store.claim("w", 3_000, &[("h", 1)]).await.unwrap(),
+        [Claim::Held]
+    );
+    // The first half of a resume: the pause is gone, the task is still held.
+    let mut conn = env.redis_conn().await;
+    let () = redis::cmd("SREM")
+        .arg(store.keys().paused())
+        .arg(reports.member())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.paused().await.unwrap().is_empty());
+    assert_eq!(store.held_count().await.unwrap(), 1);
+
+    assert_eq!(store.resume(&reports).await.unwrap(), 1, "published again");
+    assert_eq!(store.held_count().await.unwrap(), 0);
+    assert_eq!(store.resume(&reports).await.unwrap(), 0, "nothing left");
+    assert_eq!(field(&store, "h", "state").await, "pending");
+}
