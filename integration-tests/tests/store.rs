@@ -780,32 +780,26 @@ async fn a_completion_refused_for_memory_changes_nothing_and_counts_once_later()
         [Claim::Claimed]
     );
     let mut conn = env.redis_conn().await;
-    let lease = |mut conn: redis::aio::MultiplexedConnection| {
-        let key = store.keys().leases();
-        async move {
-            redis::cmd("ZSCORE")
-                .arg(key)
-                .arg("t")
-                .query_async::<Option<f64>>(&mut conn)
-                .await
-                .unwrap()
-        }
+    let lease = || async {
+        let mut conn = env.redis_conn().await;
+        redis::cmd("ZSCORE")
+            .arg(store.keys().leases())
+            .arg("t")
+            .query_async::<Option<f64>>(&mut conn)
+            .await
+            .unwrap()
     };
-    let totals = |mut conn: redis::aio::MultiplexedConnection| {
-        let key = store.keys().totals();
-        async move {
-            redis::cmd("HGETALL")
-                .arg(key)
-                .query_async::<std::collections::HashMap<String, u64>>(&mut conn)
-                .await
-                .unwrap()
-        }
+    let totals = || async {
+        let mut conn = env.redis_conn().await;
+        redis::cmd("HGETALL")
+            .arg(store.keys().totals())
+            .query_async::<std::collections::HashMap<String, u64>>(&mut conn)
+            .await
+            .unwrap()
     };
-    let before = totals(conn.clone()).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
+    let before = totals().await;
+    let () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "1"][..])
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -816,13 +810,11 @@ async fn a_completion_refused_for_memory_changes_nothing_and_counts_once_later()
         .expect_err("refused for memory");
     assert!(err.to_string().contains("OOM"), "{err}");
     assert_eq!(state(&store, "t").await, "running");
-    assert!(lease(conn.clone()).await.is_some(), "the lease is kept");
-    assert_eq!(totals(conn.clone()).await, before, "nothing counted");
+    assert!(lease().await.is_some(), "the lease is kept");
+    assert_eq!(totals().await, before, "nothing counted");
 
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
+    let () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"][..])
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -831,7 +823,7 @@ async fn a_completion_refused_for_memory_changes_nothing_and_counts_once_later()
         [Completion::Succeeded]
     );
     assert_eq!(state(&store, "t").await, "succeeded");
-    assert!(lease(conn.clone()).await.is_none());
-    let after = totals(conn).await;
+    assert!(lease().await.is_none());
+    let after = totals().await;
     assert_eq!(after.get("succeeded:queue:default"), Some(&1), "{after:?}");
 }
