@@ -7,7 +7,7 @@
 --       id, attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), body (result json or error),
 --       retry delay ms
 -- Returns per outcome: 'succeeded', 'scheduled' (retry), 'failed', 'cancelled', 'already'
--- (this attempt already ended the task), or 'fenced'.
+-- (this attempt already ended the task, or already scheduled its retry), or 'fenced'.
 local n, worker, retention = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local out = {}
@@ -68,6 +68,12 @@ for i = 0, n - 1 do
       out[#out + 1] = 'failed'
     end
   elseif state and TERMINAL[state] and current == attempt and f[3] == worker then
+    out[#out + 1] = 'already'
+  elseif kind == 'retry' and (state == 'scheduled' or state == 'pending') and current == attempt
+      and f[3] == worker then
+    -- A retried call whose first try scheduled this very retry (its reply was lost): recorded,
+    -- not fenced. Only a handler's retry keeps the ended attempt's `worker`; a lease that
+    -- expired, a release and a redrive remove it, so their attempts' late reports are fenced.
     out[#out + 1] = 'already'
   else
     out[#out + 1] = 'fenced'

@@ -310,6 +310,94 @@ async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a
 }
 
 #[tokio::test]
+async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_one_is_fenced() {
+    let env = TestEnv::start("retry-again");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"later","kind":"fail","max_attempts":3}"#),
+            env.new_task(r#"{"id":"now","kind":"fail","max_attempts":3}"#),
+            env.new_task(r#"{"id":"lost","kind":"fail","max_attempts":3}"#),
+        ])
+        .await
+        .unwrap();
+    let retry = |delay_ms| Outcome::Retry {
+        error: "boom".into(),
+        delay_ms,
+    };
+    let (in_a_minute, at_once) = (retry(60_000), retry(0));
+    let history_len = |fields: std::collections::HashMap<String, String>| {
+        serde_json::from_str::<Vec<serde_json::Value>>(&fields["history"])
+            .unwrap()
+            .len()
+    };
+
+    // Its retry scheduled, the same report again (a call retried after its reply was lost).
+    store.claim("w", 3_000, &[("later", 1)]).await.unwrap();
+    let report = [(("later", 1), &in_a_minute)];
+    assert_eq!(
+        store.complete("w", &report).await.unwrap(),
+        [Completion::Scheduled]
+    );
+    assert_eq!(
+        store.complete("w", &report).await.unwrap(),
+        [Completion::Already],
+        "the retry this report scheduled"
+    );
+    assert_eq!(
+        store
+            .complete("w2", &[(("later", 1), &in_a_minute)])
+            .await
+            .unwrap(),
+        [Completion::Fenced],
+        "another worker's report"
+    );
+    let fields = store.task("later").await.unwrap().unwrap();
+    assert_eq!(fields["state"], "scheduled");
+    assert_eq!(history_len(fields), 1, "recorded once");
+
+    // The same once its retry is due (pending, attempt 2 published), and fenced once attempt 2
+    // is claimed.
+    store.claim("w", 3_000, &[("now", 1)]).await.unwrap();
+    let report = [(("now", 1), &at_once)];
+    assert_eq!(
+        store.complete("w", &report).await.unwrap(),
+        [Completion::Scheduled]
+    );
+    let due = store.take_due(10).await.unwrap();
+    assert_eq!((due[0].id.as_str(), due[0].attempt), ("now", 2));
+    assert_eq!(state(&store, "now").await, "pending");
+    assert_eq!(
+        store.complete("w", &report).await.unwrap(),
+        [Completion::Already]
+    );
+    store.claim("w", 3_000, &[("now", 2)]).await.unwrap();
+    assert_eq!(
+        store.complete("w", &report).await.unwrap(),
+        [Completion::Fenced],
+        "attempt 2 owns the task now"
+    );
+    assert_eq!(state(&store, "now").await, "running");
+
+    // An attempt whose lease expired was requeued, not retried (the task is pending at the same
+    // attempt number, as after a retry): its late report is fenced.
+    store.claim("w", 3_000, &[("lost", 1)]).await.unwrap();
+    env.expire_lease(&store, "lost").await;
+    let requeued = store.requeue(&["lost".to_string()]).await.unwrap();
+    assert!(matches!(&requeued[0], Requeue::Requeued(d) if d.attempt == 2));
+    assert_eq!(
+        store
+            .complete("w", &[(("lost", 1), &at_once)])
+            .await
+            .unwrap(),
+        [Completion::Fenced]
+    );
+    let fields = store.task("lost").await.unwrap().unwrap();
+    assert_eq!(fields["state"], "pending");
+    assert_eq!(history_len(fields), 1, "only the expired lease");
+}
+
+#[tokio::test]
 async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
     let env = TestEnv::start("reap");
     let store = env.store().await;

@@ -155,7 +155,8 @@ pub enum Completion {
     Failed,
     /// Its cancellation had been requested: the task ended `cancelled`.
     Cancelled,
-    /// This attempt had already ended the task (a repeated report).
+    /// This attempt had already ended the task or scheduled its retry (a repeated report,
+    /// such as the retry of a call whose reply was lost).
     Already,
     /// Not the current attempt of this worker: nothing changed.
     Fenced,
