@@ -143,3 +143,68 @@ async fn every_service_exports_the_metrics_the_grafana_dashboard_uses() {
     })
     .await;
 }
+
+/// The value of the series `series` (name and labels, as printed) in a Prometheus text page.
+fn value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_handler_that_outlives_its_abort_is_counted_once() {
+    let env = TestEnv::start("abort-count");
+    env.create_topics().await;
+    let [port] = free_ports::<1>();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _worker = env.spawn(
+        "fleet-worker",
+        "w1",
+        &[
+            ("FLEET__HTTP__LISTEN", &addr.to_string()),
+            ("FLEET__WORKER__CANCEL_GRACE_MS", "300"),
+        ],
+    );
+    // `block` never yields: the abort after the grace period cannot stop it, so it ends by
+    // itself 2.5 s after it started and reports its own outcome.
+    env.submit(&[json!({"id": "hog", "kind": "block", "payload": {"ms": 2500}}).to_string()])
+        .await;
+    let hog = ["hog".to_string()];
+    eventually(WAIT, "hog runs", || async {
+        env.tasks(&hog)
+            .await
+            .get("hog")
+            .is_some_and(|t| t["state"] == "running")
+    })
+    .await;
+    env.store().await.cancel(&hog).await.unwrap();
+    let ended = env.wait_terminal(&hog, WAIT).await;
+    assert_eq!(ended["hog"]["state"], "cancelled");
+
+    // Its one end is counted once, with the handler's whole run as its duration.
+    let page = || async { request(addr, "GET", "/metrics", None, None).await.body };
+    eventually(WAIT, "the hog's handler time counted", || async {
+        value(
+            &page().await,
+            r#"fleet_handler_duration_seconds_sum{kind="block"}"#,
+        )
+        .is_some_and(|s| s >= 2.5)
+    })
+    .await;
+    let page = page().await;
+    let series = |name: &str| {
+        value(
+            &page,
+            &format!(r#"{name}{{kind="block",priority="normal"}}"#),
+        )
+    };
+    assert_eq!(series("fleet_tasks_cancelled_total"), Some(1.0));
+    assert_eq!(series("fleet_completions_fenced_total"), None, "{page}");
+    assert_eq!(
+        value(
+            &page,
+            r#"fleet_handler_duration_seconds_count{kind="block"}"#
+        ),
+        Some(1.0)
+    );
+}

@@ -30,11 +30,11 @@ pub(super) struct Launch<F> {
 impl<F: Future<Output = ()> + Send + 'static> Launch<F> {
     /// Runs the handler on its own task.
     pub(super) fn spawn(self, shared: &Shared) {
-        let join = tokio::spawn(self.run);
+        let handler = tokio::spawn(self.run);
         if let Some(entry) = shared.running().get_mut(&self.id)
             && entry.attempt == self.attempt
         {
-            entry.abort = Some(join.abort_handle());
+            entry.handler = Some(handler);
         }
     }
 }
@@ -98,12 +98,14 @@ pub(super) fn prepare(
         tracing::info_span!("task", task_id, attempt, kind, worker_id = worker, trace_id)
     };
     let progress = ctx.progress_slot();
+    let started = Instant::now();
     let older = shared.running().insert(
         id.clone(),
         Running {
             attempt,
             cancel: cancel.clone(),
-            abort: None,
+            handler: None,
+            started,
             lost: false,
             cancelled_at: None,
             progress,
@@ -123,13 +125,12 @@ pub(super) fn prepare(
         );
         metrics::counter!("fleet_leases_lost_total").increment(1);
         older.cancel.cancel();
-        if let Some(abort) = &older.abort {
-            abort.abort();
+        if let Some(handler) = &older.handler {
+            handler.abort();
         }
     }
 
     let task_id = id.clone();
-    let started = Instant::now();
     let run = async move {
         let run = async {
             let Some(handler) = handler else {

@@ -119,8 +119,8 @@ async fn keep_leases(
         // Handlers whose lease was lost at the previous beat and that have not stopped yet.
         shared.running().retain(|id, entry| {
             if entry.lost {
-                if let Some(abort) = &entry.abort {
-                    abort.abort();
+                if let Some(handler) = &entry.handler {
+                    handler.abort();
                 }
                 warn!(task_id = %id, attempt = entry.attempt, "Handler aborted after losing its lease.");
             }
@@ -210,22 +210,30 @@ async fn keep_leases(
     }
 }
 
-/// Aborts the handlers of cancelled tasks that outlived the cancel grace period, and reports
-/// them as cancelled (the completer records it and frees their slots).
+/// Aborts the handlers of cancelled tasks that outlived the cancel grace period. Each attempt's
+/// end is reported exactly once: an aborted handler is reported as cancelled (the completer
+/// records it and frees its slot) once its task has stopped, but a handler that ended by
+/// itself meanwhile (an abort cannot stop code that never yields) has reported its own outcome.
 fn abort_cancelled(shared: &Shared, done: &mpsc::UnboundedSender<Finished>) {
     let grace = shared.settings.worker.cancel_grace();
     let mut running = shared.running();
     for (id, entry) in running.iter_mut() {
         let overdue = entry.cancelled_at.is_some_and(|at| at.elapsed() >= grace);
-        if overdue && let Some(abort) = entry.abort.take() {
-            abort.abort();
+        if overdue && let Some(handler) = entry.handler.take() {
+            handler.abort();
             warn!(task_id = %id, attempt = entry.attempt, worker_id = %shared.worker_id, "Cancelled handler did not stop within the grace period; aborted.");
-            let _ = done.send(Finished {
+            let finished = Finished {
                 id: id.clone(),
                 attempt: entry.attempt,
                 outcome: Outcome::Cancelled,
-                started: Instant::now(),
+                started: entry.started,
                 metrics: entry.metrics.clone(),
+            };
+            let done = done.clone();
+            tokio::spawn(async move {
+                if handler.await.is_err_and(|err| err.is_cancelled()) {
+                    let _ = done.send(finished);
+                }
             });
         }
     }

@@ -36,7 +36,7 @@ use fleet_common::{Priority, Topics, kafka};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -68,7 +68,11 @@ const ASSIGNMENT_STRATEGY: &str = "partition.assignment.strategy";
 struct Running {
     attempt: u32,
     cancel: CancellationToken,
-    abort: Option<AbortHandle>,
+    /// The handler's task: aborting it stops the handler at its next await point, and awaiting
+    /// it tells whether the handler ended by itself (and so reported its own outcome).
+    handler: Option<JoinHandle<()>>,
+    /// When the handler started, for the duration of an aborted one.
+    started: Instant,
     /// Set by the lease keeper when Redis says the lease is gone; the next heartbeat aborts a
     /// handler that has not stopped by then.
     lost: bool,
@@ -327,8 +331,8 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         for (_, entry) in &self.0 {
             entry.cancel.cancel();
-            if let Some(abort) = &entry.abort {
-                abort.abort();
+            if let Some(handler) = &entry.handler {
+                handler.abort();
             }
         }
     }
