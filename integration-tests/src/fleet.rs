@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleet_common::store::{Keys, Store};
+use fleet_common::store::{Keys, Selector, Store};
 use fleet_common::{Topics, kafka};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -265,6 +265,18 @@ impl TestEnv {
             .query_async(&mut conn)
             .await
             .expect("expire lease");
+    }
+
+    /// The first half of a resume, as left by one whose process died before it sent the held
+    /// tasks on: the pause of `selector` is lifted, its tasks stay held.
+    pub async fn lift_pause_only(&self, store: &Store, selector: &Selector) {
+        let mut conn = self.redis_conn().await;
+        let () = redis::cmd("SREM")
+            .arg(store.keys().paused())
+            .arg(selector.member())
+            .query_async(&mut conn)
+            .await
+            .expect("lift the pause");
     }
 }
 

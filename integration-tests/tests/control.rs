@@ -282,3 +282,45 @@ async fn paused_queue_and_priority_hold_their_tasks_until_resumed_and_moved_task
         assert_eq!(runs_of(&runs, id), 1, "{id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_left_held_by_a_resume_cut_short_are_sent_on_by_the_relay() {
+    let env = TestEnv::start("resume-cut");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let _w1 = env.spawn("fleet-worker", "w1", &[]);
+    let store = env.store().await;
+    let reports = Selector::Queue("reports".into());
+    let audit = Selector::Queue("audit".into());
+    store.pause(&reports).await.unwrap();
+    store.pause(&audit).await.unwrap();
+
+    // More held tasks than the sweep looks at per round, in two paused queues.
+    let report_ids: Vec<String> = (0..150).map(|i| format!("rep{i:03}")).collect();
+    let audit_ids: Vec<String> = (0..150).map(|i| format!("aud{i:03}")).collect();
+    let bodies: Vec<String> = (report_ids.iter().map(|id| (id, "reports")))
+        .chain(audit_ids.iter().map(|id| (id, "audit")))
+        .map(|(id, queue)| json!({"id": id, "kind": "noop", "queue": queue}).to_string())
+        .collect();
+    env.submit(&bodies).await;
+    eventually(WAIT, "every task held", || async {
+        store.held_count().await.unwrap() == 300
+    })
+    .await;
+
+    // The first half of a resume of `reports`: its pause is lifted, and its process dies
+    // before it sends the held tasks on. No resume runs again.
+    env.lift_pause_only(&store, &reports).await;
+
+    let done = env.wait_terminal(&report_ids, WAIT).await;
+    assert!(done.values().all(|t| t["state"] == "succeeded"), "{done:?}");
+    assert_one_state_each(&env, &done).await;
+    let runs = executions(&env, &["w1"]);
+    assert!(report_ids.iter().all(|id| runs_of(&runs, id) == 1));
+    // The queue still paused keeps its tasks held and unstarted.
+    assert_eq!(store.held_count().await.unwrap(), 150);
+    let held = env.tasks(&audit_ids).await;
+    assert!(held.values().all(|t| t["state"] == "pending"), "{held:?}");
+    assert!(audit_ids.iter().all(|id| runs_of(&runs, id) == 0));
+}

@@ -397,13 +397,7 @@ async fn a_resume_cut_short_is_finished_by_running_it_again() {
         [Claim::Held]
     );
     // The first half of a resume: the pause is gone, the task is still held.
-    let mut conn = env.redis_conn().await;
-    let () = redis::cmd("SREM")
-        .arg(store.keys().paused())
-        .arg(reports.member())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    env.lift_pause_only(&store, &reports).await;
     assert!(store.paused().await.unwrap().is_empty());
     assert_eq!(store.held_count().await.unwrap(), 1);
 
@@ -411,4 +405,61 @@ async fn a_resume_cut_short_is_finished_by_running_it_again() {
     assert_eq!(store.held_count().await.unwrap(), 0);
     assert_eq!(store.resume(&reports).await.unwrap(), 0, "nothing left");
     assert_eq!(field(&store, "h", "state").await, "pending");
+}
+
+#[tokio::test]
+async fn the_held_sweep_walks_the_held_set_and_sends_on_only_what_nothing_pauses() {
+    let env = TestEnv::start("held-sweep");
+    let store = env.store().await;
+    let ids = ["a1", "a2", "r1", "r2", "r3"];
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let queue = if id.starts_with('a') {
+                "audit"
+            } else {
+                "reports"
+            };
+            env.new_task(&format!(
+                r#"{{"id":"{id}","kind":"noop","queue":"{queue}"}}"#
+            ))
+        })
+        .collect();
+    store.accept(&tasks).await.unwrap();
+    let (reports, audit) = (
+        Selector::Queue("reports".into()),
+        Selector::Queue("audit".into()),
+    );
+    store.pause(&reports).await.unwrap();
+    store.pause(&audit).await.unwrap();
+    let deliveries: Vec<(&str, u32)> = ids.iter().map(|id| (*id, 1)).collect();
+    assert_eq!(
+        store.claim("w", 3_000, &deliveries).await.unwrap(),
+        [Claim::Held; 5]
+    );
+    // A resume of `reports` cut short after lifting its pause.
+    env.lift_pause_only(&store, &reports).await;
+
+    // Held in one call, the five rank by id: a1, a2, r1, r2, r3. Two at a time, the sweep
+    // leaves the paused ones and sends the rest on; what it sends leaves the set.
+    assert_eq!(store.sweep_held(0, 2).await.unwrap(), (2, 0));
+    assert_eq!(store.sweep_held(2, 2).await.unwrap(), (2, 2));
+    assert_eq!(store.sweep_held(2, 2).await.unwrap(), (1, 1));
+    assert_eq!(store.sweep_held(2, 2).await.unwrap(), (0, 0));
+    assert_eq!(store.sweep_held(0, 0).await.unwrap(), (0, 0));
+    assert_eq!(store.held_count().await.unwrap(), 2);
+    for id in ["r1", "r2", "r3"] {
+        assert_eq!(field(&store, id, "state").await, "pending");
+        // The held message is consumed; the next attempt (2) is in the outbox.
+        assert_eq!(field(&store, id, "attempt").await, "1");
+    }
+    assert_eq!(field(&store, "a1", "attempt").await, "0");
+    assert_eq!(
+        store.resume(&reports).await.unwrap(),
+        0,
+        "nothing left to resume"
+    );
+    assert_eq!(field(&store, "r1", "attempt").await, "1", "sent on once");
+    assert_eq!(store.resume(&audit).await.unwrap(), 2);
+    assert_eq!(store.held_count().await.unwrap(), 0);
 }

@@ -1,9 +1,11 @@
 //! The relay: publishes tasks that are due in Redis — delayed tasks whose time came, retries
 //! whose backoff ended, released tasks, and dispatches Kafka never confirmed (the outbox) — and
-//! writes the dead-letter records of failed tasks. Safe with any number of replicas: entries are
-//! taken atomically, and a duplicate message is absorbed at claim.
+//! writes the dead-letter records of failed tasks. It also sweeps the held set for tasks that
+//! nothing pauses any more. Safe with any number of replicas: entries are taken atomically, and
+//! a duplicate message is absorbed at claim.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fleet_common::store::Store;
 use fleet_common::task::Envelope;
@@ -15,11 +17,47 @@ use crate::publish::{LivePartitions, Publisher};
 /// Most entries taken per round from each of the timers and the outbox.
 pub const BATCH: usize = 500;
 
-/// One round: due tasks, then dead letters. Returns how many due tasks were taken.
+/// Held tasks the sweep looks at per round.
+const SWEEP: usize = 100;
+
+/// Where the held-task sweep goes on in the held set at the next round.
+///
+/// A resume lifts its pause, then sends the held tasks on; if its process dies in between,
+/// they stay held with nothing pausing them. The sweep walks the held set a few at a time, so
+/// it finds them within a few rounds per hundred held tasks, at the cost of one read of the
+/// held set per round (none when nothing is held).
+#[derive(Debug, Default)]
+pub struct HeldSweep(AtomicUsize);
+
+impl HeldSweep {
+    async fn step(&self, store: &Store) -> Result<(), fleet_common::store::StoreError> {
+        let from = self.0.load(Ordering::Relaxed);
+        let (looked, sent) = store.sweep_held(from, SWEEP).await?;
+        if sent > 0 {
+            info!(
+                sent,
+                "Held tasks sent on: nothing pauses them any more (a resume that did not finish)."
+            );
+        }
+        // Those sent on left the set, so the next part starts that much earlier; after the
+        // end of the set the walk starts over.
+        let next = if looked < SWEEP {
+            0
+        } else {
+            from + looked - sent
+        };
+        self.0.store(next, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// One round: due tasks, dead letters, then a step of the held-task sweep. Returns how many
+/// due tasks were taken.
 pub async fn round(
     store: &Store,
     publisher: &Publisher,
     live_max_age_ms: u64,
+    sweep: &HeldSweep,
 ) -> Result<usize, fleet_common::store::StoreError> {
     let due = store.take_due(BATCH).await?;
     if !due.is_empty() {
@@ -66,6 +104,7 @@ pub async fn round(
         }
     }
     store.dead_letter_sent(&written).await?;
+    sweep.step(store).await?;
     record_gauges(store).await?;
     Ok(due.len())
 }

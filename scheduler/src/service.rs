@@ -140,12 +140,22 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
     }
     {
         let (store, publisher) = (store.clone(), publisher.clone());
+        let sweep = Arc::new(relay::HeldSweep::default());
         supervisor.spawn(
             "relay",
-            every("relay", settings.scheduler.relay_interval(), token.child_token(), move || {
-                let (store, publisher) = (store.clone(), publisher.clone());
-                async move { Ok(relay::round(&store, &publisher, live_age).await? >= relay::BATCH) }
-            }),
+            every(
+                "relay",
+                settings.scheduler.relay_interval(),
+                token.child_token(),
+                move || {
+                    let (store, publisher, sweep) =
+                        (store.clone(), publisher.clone(), sweep.clone());
+                    async move {
+                        Ok(relay::round(&store, &publisher, live_age, &sweep).await?
+                            >= relay::BATCH)
+                    }
+                },
+            ),
         );
     }
     match role {

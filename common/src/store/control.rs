@@ -108,14 +108,42 @@ impl Store {
             .arg(selector.member())
             .query_async(&mut self.conn())
             .await?;
-        let held: Vec<String> = redis::cmd("ZRANGE")
+        let held = self.held_ids(0, -1).await?;
+        self.unhold(&held).await
+    }
+
+    /// Sends on held tasks that nothing pauses any more, `limit` of them from rank `from` of
+    /// the held set, and returns how many it looked at and how many it sent on. The relay
+    /// calls it every round, moving `from` through the set: a resume whose process died
+    /// after lifting its pause but before sending its tasks on leaves them held with no
+    /// pause, and this sweep finds them. Tasks still paused stay held.
+    pub async fn sweep_held(
+        &self,
+        from: usize,
+        limit: usize,
+    ) -> Result<(usize, usize), StoreError> {
+        let Some(last) = (from + limit).checked_sub(1) else {
+            return Ok((0, 0));
+        };
+        let held = self.held_ids(from as i64, last as i64).await?;
+        let sent = self.unhold(&held).await?;
+        Ok((held.len(), sent))
+    }
+
+    /// Ids in the held set from rank `first` to `last` (inclusive; -1 is the end).
+    async fn held_ids(&self, first: i64, last: i64) -> Result<Vec<String>, StoreError> {
+        Ok(redis::cmd("ZRANGE")
             .arg(self.keys().held())
-            .arg(0)
-            .arg(-1)
+            .arg(first)
+            .arg(last)
             .query_async(&mut self.conn())
-            .await?;
+            .await?)
+    }
+
+    /// Runs `lua/unhold.lua` over `ids`, 500 per call; returns how many were sent on.
+    async fn unhold(&self, ids: &[String]) -> Result<usize, StoreError> {
         let mut sent = 0;
-        for chunk in held.chunks(500) {
+        for chunk in ids.chunks(500) {
             let mut inv = self.invocation(&scripts::UNHOLD);
             inv.arg(chunk.len());
             for id in chunk {
