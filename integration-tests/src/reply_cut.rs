@@ -1,4 +1,4 @@
-//! A loopback TCP proxy in front of Redis that loses one reply on purpose: the request that
+//! A loopback TCP proxy in front of Redis that loses replies on purpose: a request that
 //! contains a chosen byte string reaches Redis and runs, but its connection is cut before the
 //! reply comes back, as a timeout or a reset connection does in production.
 
@@ -13,8 +13,34 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Debug)]
 pub struct ReplyCut {
     addr: SocketAddr,
-    armed: Arc<Mutex<Option<Vec<u8>>>>,
+    armed: Arc<Mutex<Armed>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Which requests lose their replies.
+#[derive(Debug, Default)]
+struct Armed {
+    pattern: Option<Vec<u8>>,
+    /// Every matching request, not only the next one.
+    every: bool,
+    cuts: usize,
+}
+
+impl Armed {
+    /// Whether `request` loses its reply (counted as a cut).
+    fn cuts(&mut self, request: &[u8]) -> bool {
+        let hit = self
+            .pattern
+            .as_ref()
+            .is_some_and(|p| request.windows(p.len()).any(|w| w == p.as_slice()));
+        if hit {
+            self.cuts += 1;
+            if !self.every {
+                self.pattern = None;
+            }
+        }
+        hit
+    }
 }
 
 impl ReplyCut {
@@ -22,7 +48,7 @@ impl ReplyCut {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let armed: Arc<Mutex<Armed>> = Arc::default();
         let task = tokio::spawn({
             let armed = armed.clone();
             async move {
@@ -41,12 +67,28 @@ impl ReplyCut {
 
     /// Loses the reply of the next request that contains `pattern` (once).
     pub fn cut_reply_of(&self, pattern: &[u8]) {
-        *self.armed.lock().unwrap() = Some(pattern.to_vec());
+        self.arm(pattern, false);
     }
 
-    /// Whether the armed cut has happened.
+    /// Loses the reply of every request that contains `pattern` from now on.
+    pub fn cut_replies_of(&self, pattern: &[u8]) {
+        self.arm(pattern, true);
+    }
+
+    fn arm(&self, pattern: &[u8], every: bool) {
+        let mut armed = self.armed.lock().unwrap();
+        armed.pattern = Some(pattern.to_vec());
+        armed.every = every;
+    }
+
+    /// How many replies were lost so far.
+    pub fn cuts(&self) -> usize {
+        self.armed.lock().unwrap().cuts
+    }
+
+    /// Whether an armed cut has happened.
     pub fn has_cut(&self) -> bool {
-        self.armed.lock().unwrap().is_none()
+        self.cuts() > 0
     }
 }
 
@@ -59,7 +101,7 @@ impl Drop for ReplyCut {
 /// Forwards one client connection. When a request holds the armed pattern, replies stop at
 /// once and the connection ends shortly after, so Redis runs the request and its reply goes
 /// nowhere.
-async fn relay(client: TcpStream, upstream: SocketAddr, armed: Arc<Mutex<Option<Vec<u8>>>>) {
+async fn relay(client: TcpStream, upstream: SocketAddr, armed: Arc<Mutex<Armed>>) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
@@ -74,16 +116,7 @@ async fn relay(client: TcpStream, upstream: SocketAddr, armed: Arc<Mutex<Option<
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let cut = {
-            let mut armed = armed.lock().unwrap();
-            let hit = armed
-                .as_ref()
-                .is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice()));
-            if hit {
-                *armed = None;
-            }
-            hit
-        };
+        let cut = armed.lock().unwrap().cuts(&buf[..n]);
         if cut {
             // No reply reaches the client from now on; the rest of the request (a client may
             // write one in pieces) still goes to Redis for a moment, then the connection ends.

@@ -486,6 +486,75 @@ async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() 
     );
 }
 
+/// A worker told to stop while it retries a claim whose replies are lost: the claim ran in
+/// Redis, so the task is `running` on it with no handler. The hand-back releases it with the
+/// running ones, and another worker runs it at once; no reaper runs here, so nothing else
+/// could free it before its lease expires.
+// Multi-threaded: the proxy must keep serving while the test blocks waiting for w to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_its_claims_replies_are_lost_hands_the_claimed_task_back() {
+    use fleet_integration_tests::reply_cut::ReplyCut;
+
+    let env = TestEnv::start("lostreply-stop");
+    env.create_topics().await;
+    let store = env.store().await;
+    let task = env.new_task(r#"{"id":"l","kind":"noop"}"#);
+    store.accept(std::slice::from_ref(&task)).await.unwrap();
+    let redis_addr = env
+        .settings()
+        .redis
+        .url
+        .expose()
+        .trim_start_matches("redis://")
+        .parse()
+        .expect("the test Redis's address");
+    let proxy = ReplyCut::start(redis_addr).await;
+    let url = proxy.url();
+    let mut w = env.spawn(
+        "fleet-worker",
+        "w",
+        &[
+            ("FLEET__REDIS__URL", &url),
+            // Leases far longer than the test: only the hand-back can free the task.
+            ("FLEET__LEASE__LEASE_MS", "600000"),
+        ],
+    );
+    wait_owns_partitions(&store, "w").await;
+
+    // Every claim call's reply is lost (the script is loaded first, or the cut request would
+    // be an EVALSHA answered NOSCRIPT, which claims nothing).
+    store
+        .claim("nobody", 1_000, &[("unknown", 1)])
+        .await
+        .unwrap();
+    proxy.cut_replies_of(fleet_common::store::scripts::CLAIM.get_hash().as_bytes());
+    env.publish_attempt(&task, 1).await;
+    let ids = vec!["l".to_string()];
+    eventually(WAIT, "l claimed in Redis while w retries", || async {
+        proxy.cuts() >= 2 && env.tasks(&ids).await["l"]["state"] == "running"
+    })
+    .await;
+
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(WAIT), Some(0), "w drained");
+    let tasks = env.tasks(&ids).await;
+    assert_eq!(field(&tasks, "l", "state"), "pending", "handed back");
+    assert_eq!(field(&tasks, "l", "released"), "1", "not charged");
+    assert!(
+        field(&tasks, "l", "history").contains(r#""outcome":"released""#),
+        "{tasks:?}"
+    );
+
+    // Another worker and the relay take it from there: attempt 2 runs once, on w2.
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _w2 = env.spawn("fleet-worker", "w2", &[]);
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+    assert_eq!(field(&tasks, "l", "state"), "succeeded");
+    assert_eq!(field(&tasks, "l", "attempt"), "2");
+    let runs = executions(&env, &["w", "w2"]);
+    assert_eq!(runs["l"], [(2, "w2".to_string())], "ran once, on w2");
+}
+
 /// A task's lease can lapse while its worker still runs it (Redis out of reach for a lease),
 /// and its next attempt can reach the same worker before a heartbeat tells it the old one is
 /// lost. The worker then stops the old attempt's handler: it never runs beside the new one,
