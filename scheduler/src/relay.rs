@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use fleet_common::store::Store;
 use fleet_common::task::Envelope;
@@ -17,21 +19,32 @@ use crate::publish::{LivePartitions, Publisher};
 /// Most entries taken per round from each of the timers and the outbox.
 pub const BATCH: usize = 500;
 
-/// Held tasks the sweep looks at per round.
+/// Held tasks the sweep looks at in one step, and the least time between its steps.
 const SWEEP: usize = 100;
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Where the held-task sweep goes on in the held set at the next round.
+/// Where the held-task sweep goes on in the held set at its next step.
 ///
 /// A resume lifts its pause, then sends the held tasks on; if its process dies in between,
-/// they stay held with nothing pausing them. The sweep walks the held set a few at a time, so
-/// it finds them within a few rounds per hundred held tasks, at the cost of one read of the
-/// held set per round (none when nothing is held).
+/// they stay held with nothing pausing them. The sweep walks the held set, 100 tasks a second
+/// per relay, so it finds them within a second per hundred held tasks. While nothing is held
+/// it costs one read of an empty set a second.
 #[derive(Debug, Default)]
-pub struct HeldSweep(AtomicUsize);
+pub struct HeldSweep {
+    from: AtomicUsize,
+    last: Mutex<Option<Instant>>,
+}
 
 impl HeldSweep {
     async fn step(&self, store: &Store) -> Result<(), fleet_common::store::StoreError> {
-        let from = self.0.load(Ordering::Relaxed);
+        {
+            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let from = self.from.load(Ordering::Relaxed);
         let (looked, sent) = store.sweep_held(from, SWEEP).await?;
         if sent > 0 {
             info!(
@@ -46,7 +59,7 @@ impl HeldSweep {
         } else {
             from + looked - sent
         };
-        self.0.store(next, Ordering::Relaxed);
+        self.from.store(next, Ordering::Relaxed);
         Ok(())
     }
 }
