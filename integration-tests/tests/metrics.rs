@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use fleet_integration_tests::fleet::log_events;
 use fleet_integration_tests::http::request;
 use fleet_integration_tests::{TestEnv, eventually, free_ports, workspace_root};
 use serde_json::json;
@@ -166,8 +167,8 @@ async fn a_cancelled_handler_that_outlives_its_abort_is_counted_once() {
         ],
     );
     // `block` never yields: the abort after the grace period cannot stop it, so it ends by
-    // itself 2.5 s after it started and reports its own outcome.
-    env.submit(&[json!({"id": "hog", "kind": "block", "payload": {"ms": 2500}}).to_string()])
+    // itself 4 s after it started and reports its own outcome.
+    env.submit(&[json!({"id": "hog", "kind": "block", "payload": {"ms": 4000}}).to_string()])
         .await;
     let hog = ["hog".to_string()];
     eventually(WAIT, "hog runs", || async {
@@ -191,6 +192,11 @@ async fn a_cancelled_handler_that_outlives_its_abort_is_counted_once() {
         .is_some_and(|s| s >= 2.5)
     })
     .await;
+    let aborted = log_events(&env, &["w1"]).iter().any(|e| {
+        e["message"] == "Cancelled handler did not stop within the grace period; aborted."
+            && e["task_id"] == "hog"
+    });
+    assert!(aborted, "the abort came while the handler still ran");
     let page = page().await;
     let series = |name: &str| {
         value(
