@@ -459,6 +459,9 @@ async fn the_held_sweep_walks_the_held_set_and_sends_on_only_what_nothing_pauses
         0,
         "nothing left to resume"
     );
+    // A resume that listed r1 before the sweep sent it on: r1 is no longer held, so it is
+    // not sent on (nor its attempt bumped) a second time.
+    assert_eq!(store.unhold(&["r1".to_string()]).await.unwrap(), 0);
     assert_eq!(field(&store, "r1", "attempt").await, "1", "sent on once");
     assert_eq!(store.resume(&audit).await.unwrap(), 2);
     assert_eq!(store.held_count().await.unwrap(), 0);

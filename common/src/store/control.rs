@@ -140,8 +140,10 @@ impl Store {
             .await?)
     }
 
-    /// Runs `lua/unhold.lua` over `ids`, 500 per call; returns how many were sent on.
-    async fn unhold(&self, ids: &[String]) -> Result<usize, StoreError> {
+    /// Sends on those of `ids` that are still held and that nothing pauses any more (see
+    /// `lua/unhold.lua`), 500 per call; returns how many were sent on. Safe to repeat: a task
+    /// no longer held is left alone.
+    pub async fn unhold(&self, ids: &[String]) -> Result<usize, StoreError> {
         let mut sent = 0;
         for chunk in ids.chunks(500) {
             let mut inv = self.invocation(&scripts::UNHOLD);
