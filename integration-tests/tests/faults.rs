@@ -434,20 +434,26 @@ async fn duplicate_and_stale_deliveries_execute_once() {
     );
 }
 
-/// A claim call can run in Redis while its reply never reaches the worker (a timeout, a reset
-/// connection): here a proxy between the worker and Redis cuts the connection of the claim
-/// after passing it on. The worker's retry of that call is answered `owned` for the task the
-/// lost try claimed, and runs it at once, once, instead of leaving it running with no handler
-/// until its lease runs out (no reaper runs here to rescue it).
-#[tokio::test]
-async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() {
-    use fleet_integration_tests::reply_cut::ReplyCut;
-
-    let env = TestEnv::start("lostreply");
+/// The lost-reply tests' start: task `l` accepted, and a reply-cut proxy in front of Redis for
+/// the worker. The claim script is loaded first, or a cut request would be an EVALSHA answered
+/// NOSCRIPT, which claims nothing.
+async fn lost_reply_stack(
+    name: &str,
+) -> (
+    TestEnv,
+    fleet_common::store::Store,
+    fleet_common::store::NewTask,
+    fleet_integration_tests::reply_cut::ReplyCut,
+) {
+    let env = TestEnv::start(name);
     env.create_topics().await;
     let store = env.store().await;
     let task = env.new_task(r#"{"id":"l","kind":"noop"}"#);
     store.accept(std::slice::from_ref(&task)).await.unwrap();
+    store
+        .claim("nobody", 1_000, &[("unknown", 1)])
+        .await
+        .unwrap();
     let redis_addr = env
         .settings()
         .redis
@@ -456,17 +462,23 @@ async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() 
         .trim_start_matches("redis://")
         .parse()
         .expect("the test Redis's address");
-    let proxy = ReplyCut::start(redis_addr).await;
+    let proxy = fleet_integration_tests::reply_cut::ReplyCut::start(redis_addr).await;
+    (env, store, task, proxy)
+}
+
+/// A claim call can run in Redis while its reply never reaches the worker (a timeout, a reset
+/// connection): here a proxy between the worker and Redis cuts the connection of the claim
+/// after passing it on. The worker's retry of that call is answered `owned` for the task the
+/// lost try claimed, and runs it at once, once, instead of leaving it running with no handler
+/// until its lease runs out (no reaper runs here to rescue it).
+#[tokio::test]
+async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() {
+    let (env, store, task, proxy) = lost_reply_stack("lostreply").await;
     let url = proxy.url();
     let _w = env.spawn("fleet-worker", "w", &[("FLEET__REDIS__URL", &url)]);
     wait_owns_partitions(&store, "w").await;
 
-    // The claim names the task's key; its reply is lost. (The script is loaded first, or the
-    // cut request would be an EVALSHA answered NOSCRIPT, which claims nothing.)
-    store
-        .claim("nobody", 1_000, &[("unknown", 1)])
-        .await
-        .unwrap();
+    // The claim names the task's key; its reply is lost.
     proxy.cut_reply_of(format!("{}\r\n", store.keys().task("l")).as_bytes());
     env.publish_attempt(&task, 1).await;
 
@@ -493,22 +505,7 @@ async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() 
 // Multi-threaded: the proxy must keep serving while the test blocks waiting for w to exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_while_its_claims_replies_are_lost_hands_the_claimed_task_back() {
-    use fleet_integration_tests::reply_cut::ReplyCut;
-
-    let env = TestEnv::start("lostreply-stop");
-    env.create_topics().await;
-    let store = env.store().await;
-    let task = env.new_task(r#"{"id":"l","kind":"noop"}"#);
-    store.accept(std::slice::from_ref(&task)).await.unwrap();
-    let redis_addr = env
-        .settings()
-        .redis
-        .url
-        .expose()
-        .trim_start_matches("redis://")
-        .parse()
-        .expect("the test Redis's address");
-    let proxy = ReplyCut::start(redis_addr).await;
+    let (env, store, task, proxy) = lost_reply_stack("lostreply-stop").await;
     let url = proxy.url();
     let mut w = env.spawn(
         "fleet-worker",
@@ -521,12 +518,7 @@ async fn a_worker_stopped_while_its_claims_replies_are_lost_hands_the_claimed_ta
     );
     wait_owns_partitions(&store, "w").await;
 
-    // Every claim call's reply is lost (the script is loaded first, or the cut request would
-    // be an EVALSHA answered NOSCRIPT, which claims nothing).
-    store
-        .claim("nobody", 1_000, &[("unknown", 1)])
-        .await
-        .unwrap();
+    // Every claim call's reply is lost.
     proxy.cut_replies_of(fleet_common::store::scripts::CLAIM.get_hash().as_bytes());
     env.publish_attempt(&task, 1).await;
     let ids = vec!["l".to_string()];

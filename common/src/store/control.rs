@@ -114,7 +114,7 @@ impl Store {
 
     /// Sends on held tasks that nothing pauses any more, `limit` of them from rank `from` of
     /// the held set, and returns how many it looked at and how many it sent on. The relay
-    /// calls it every round, moving `from` through the set: a resume whose process died
+    /// calls it once a second, moving `from` through the set: a resume whose process died
     /// after lifting its pause but before sending its tasks on leaves them held with no
     /// pause, and this sweep finds them. Tasks still paused stay held.
     pub async fn sweep_held(
