@@ -52,14 +52,20 @@ for i = 0, n - 1 do
     local state = 'pending'
     if run_at > now then state = 'scheduled' end
     -- Field order matters: a field is found by scanning the hash from its start, so the ones
-    -- that claim and complete read and write go first.
-    redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
-      'updated_ms', text(now), 'queue', queue, 'priority', priority, 'id', id, 'released', '0',
-      'max_attempts', max_attempts, 'record', record, 'created_ms', text(now),
-      'run_at_ms', text(math.max(run_at, now)), 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
+    -- that claim and complete read and write go first. Every field written is a scan of the
+    -- hash so far, so none is stored that the reader can tell otherwise: not the id (the key
+    -- holds it) nor, for a task due now, `run_at_ms` (its `created_ms`); Store::task adds both.
     if state == 'pending' then
+      redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
+        'updated_ms', text(now), 'queue', queue, 'priority', priority, 'released', '0',
+        'max_attempts', max_attempts, 'record', record, 'created_ms', text(now),
+        'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
       zadd_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
     else
+      redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
+        'updated_ms', text(now), 'queue', queue, 'priority', priority, 'released', '0',
+        'max_attempts', max_attempts, 'record', record, 'created_ms', text(now),
+        'run_at_ms', text(run_at), 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
       zadd_later(DUE, run_at, id)
     end
     zadd_later(IDX[state], now, id)

@@ -1,12 +1,14 @@
--- Prepended to every transition script (see store/scripts.rs). KEYS[1..15] are the globals of
--- Keys::globals(): leases, due, dead outbox, the six state indexes, queues, workers, paused, held,
+-- Prepended to every transition script (see store/scripts.rs). KEYS[1..14] are the globals of
+-- Keys::globals(): leases, due, dead outbox, five state indexes, queues, workers, paused, held,
 -- totals, outbox.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
-local IDX = { pending = KEYS[4], scheduled = KEYS[5], running = KEYS[6],
-              succeeded = KEYS[7], failed = KEYS[8], cancelled = KEYS[9] }
-local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
-local OUTBOX = KEYS[15]
-local GLOBALS = 15
+-- No `running` index: the lease set is the running tasks' index (schema 4), and every script
+-- that starts or ends an attempt adds or removes its lease itself.
+local IDX = { pending = KEYS[4], scheduled = KEYS[5],
+              succeeded = KEYS[6], failed = KEYS[7], cancelled = KEYS[8] }
+local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local OUTBOX = KEYS[14]
+local GLOBALS = 14
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100
@@ -109,10 +111,12 @@ local function outbox_member(id, attempt)
   return id .. '#' .. attempt
 end
 
--- Moves `id` from one state index to another.
+-- Moves `id` from one state index to another; `running` has none but the lease set, which the
+-- caller writes.
 local function move(id, from, to, now)
-  zrem_later(IDX[from], id)
-  zadd_later(IDX[to], now, id)
+  local out_of, into = IDX[from], IDX[to]
+  if out_of then zrem_later(out_of, id) end
+  if into then zadd_later(into, now, id) end
 end
 
 -- Ends a task in a terminal state: index, timestamps, totals per queue and priority, expiry

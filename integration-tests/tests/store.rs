@@ -92,6 +92,45 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
 }
 
 #[tokio::test]
+async fn a_task_hash_leaves_out_what_it_repeats_and_reads_whole() {
+    // Every stored field costs a scan of the hash in each later write, so the id (the key's)
+    // and the run-at time of a task due now (its creation time) are not stored, yet a read
+    // shows them. A delayed task stores its run-at time.
+    let env = TestEnv::start("lean-hash");
+    let store = env.store().await;
+    store
+        .accept(&[
+            env.new_task(r#"{"id":"now","kind":"noop"}"#),
+            env.new_task(r#"{"id":"later","kind":"noop","delay_ms":60000}"#),
+        ])
+        .await
+        .unwrap();
+    let mut conn = env.redis_conn().await;
+    let stored = |id: &str| redis::cmd("HGETALL").arg(store.keys().task(id)).to_owned();
+    let now: std::collections::HashMap<String, String> =
+        stored("now").query_async(&mut conn).await.unwrap();
+    assert!(
+        !now.contains_key("id") && !now.contains_key("run_at_ms"),
+        "{now:?}"
+    );
+    let read = store.task("now").await.unwrap().unwrap();
+    assert_eq!(read["id"], "now");
+    assert_eq!(read["run_at_ms"], now["created_ms"]);
+
+    let later: std::collections::HashMap<String, String> =
+        stored("later").query_async(&mut conn).await.unwrap();
+    let created: u64 = later["created_ms"].parse().unwrap();
+    let run_at: u64 = later["run_at_ms"].parse().unwrap();
+    assert!(run_at.abs_diff(created + 60_000) < 1_000, "{later:?}");
+    let read = store.task("later").await.unwrap().unwrap();
+    assert_eq!(
+        (read["id"].as_str(), &read["run_at_ms"]),
+        ("later", &later["run_at_ms"])
+    );
+    assert_eq!(store.task("missing").await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn claims_answer_for_every_kind_of_delivery() {
     let env = TestEnv::start("claim");
     let store = env.store().await;
@@ -817,6 +856,86 @@ async fn a_pending_tasks_timer_from_an_older_fleet_is_published_and_acknowledged
     store.dispatched(&[("old", 1)]).await.unwrap();
     let backlog = store.backlog().await.unwrap();
     assert_eq!((backlog.timers, backlog.outbox), (0, 0));
+}
+
+#[tokio::test]
+async fn running_tasks_are_indexed_by_their_leases_and_the_old_running_index_is_pruned() {
+    // Schema 4: the lease set is the `running` index. A claim and a completion write no other,
+    // and what version-3 services leave in the retired `{fleet}:state:running` is pruned by the
+    // index trim once its tasks no longer run.
+    let env = TestEnv::start("running-index");
+    let store = env.store().await;
+    let tasks: Vec<NewTask> = ["a", "b", "c"]
+        .iter()
+        .map(|id| env.new_task(&format!(r#"{{"id":"{id}","kind":"noop"}}"#)))
+        .collect();
+    store.accept(&tasks).await.unwrap();
+    assert_eq!(
+        store
+            .claim("w", 60_000, &[("a", 1), ("b", 1)])
+            .await
+            .unwrap(),
+        [Claim::Claimed, Claim::Claimed]
+    );
+    let mut conn = env.redis_conn().await;
+    let retired = store.keys().retired_running_index();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&retired)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "a claim writes no running index besides the lease");
+    let counts: std::collections::HashMap<State, u64> =
+        store.counts().await.unwrap().into_iter().collect();
+    assert_eq!((counts[&State::Running], counts[&State::Pending]), (2, 1));
+    let filter = fleet_common::store::TaskFilter {
+        state: Some(State::Running),
+        ..Default::default()
+    };
+    let mut running: Vec<String> = store
+        .list(&filter, None, 10)
+        .await
+        .unwrap()
+        .tasks
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    running.sort();
+    assert_eq!(running, ["a", "b"]);
+
+    // Left by version 3: `a` still running, `c` pending again (its worker died, a version-4
+    // reaper requeued it), and a task whose hash has expired.
+    let () = redis::cmd("ZADD")
+        .arg(&retired)
+        .arg(&[(1, "a"), (2, "c"), (3, "gone")])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.trim_terminal_indexes().await.unwrap(), 2);
+    let left: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&retired)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, ["a"], "a task still running keeps its entry");
+    let done = Outcome::Ok("null".into());
+    assert_eq!(
+        store.complete("w", &[(("a", 1), &done)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    assert_eq!(store.trim_terminal_indexes().await.unwrap(), 1);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&retired)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "the retired index is gone with its last entry");
+    let counts: std::collections::HashMap<State, u64> =
+        store.counts().await.unwrap().into_iter().collect();
+    assert_eq!((counts[&State::Running], counts[&State::Succeeded]), (1, 1));
+    assert_eq!(store.trim_terminal_indexes().await.unwrap(), 0);
 }
 
 #[tokio::test]

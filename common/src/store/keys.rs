@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 15;
+pub const GLOBAL_KEYS: usize = 14;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -33,7 +33,10 @@ impl Keys {
         join(&[&self.root, ":task:", id])
     }
 
-    /// Sorted set of running task ids scored by lease deadline (Redis time, ms).
+    /// Sorted set of running task ids scored by lease deadline (Redis time, ms). It is also the
+    /// `running` state index ([`Keys::state_index`]): a task is running exactly while it holds
+    /// a lease, so a second index would only double the sorted-set writes of every claim and
+    /// completion.
     pub fn leases(&self) -> String {
         format!("{}:leases", self.root)
     }
@@ -57,9 +60,20 @@ impl Keys {
         format!("{}:dead-outbox", self.root)
     }
 
-    /// Sorted set of task ids in `state`, scored by when they entered it (ms).
+    /// Sorted set of task ids in `state`, scored by when they entered it (ms); for `running`,
+    /// the lease set, scored by when the lease ends.
     pub fn state_index(&self, state: State) -> String {
-        format!("{}:state:{}", self.root, state.as_str())
+        match state {
+            State::Running => self.leases(),
+            _ => format!("{}:state:{}", self.root, state.as_str()),
+        }
+    }
+
+    /// The `running` index of schema 3 and older, which schema 4 replaced by the lease set.
+    /// Services of version 3 still running during a rolling upgrade go on writing it; the index
+    /// trim removes the entries of tasks that are no longer running, until the key is gone.
+    pub fn retired_running_index(&self) -> String {
+        format!("{}:state:running", self.root)
     }
 
     /// Set of queue names that have ever had a task.
@@ -111,8 +125,8 @@ impl Keys {
     }
 
     /// The keys every transition script receives first, in this order: leases, due,
-    /// dead outbox, the six state indexes (in [`State::ALL`] order), queues, workers, paused,
-    /// held, totals, outbox.
+    /// dead outbox, the state indexes but `running`'s (the lease set), in [`State::ALL`] order,
+    /// queues, workers, paused, held, totals, outbox.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -120,7 +134,6 @@ impl Keys {
             self.dead_outbox(),
             self.state_index(State::Pending),
             self.state_index(State::Scheduled),
-            self.state_index(State::Running),
             self.state_index(State::Succeeded),
             self.state_index(State::Failed),
             self.state_index(State::Cancelled),
@@ -165,7 +178,9 @@ mod tests {
         let keys = Keys::new("fleet");
         assert_eq!(keys.schema(), "{fleet}:schema");
         assert_eq!(keys.task("t1"), "{fleet}:task:t1");
-        assert_eq!(keys.state_index(State::Running), "{fleet}:state:running");
+        assert_eq!(keys.state_index(State::Pending), "{fleet}:state:pending");
+        assert_eq!(keys.state_index(State::Running), keys.leases());
+        assert_eq!(keys.retired_running_index(), "{fleet}:state:running");
         assert_eq!(keys.queue_index("emails"), "{fleet}:queue:emails");
         assert_eq!(keys.idempotency("order-9"), "{fleet}:idem:order-9");
         assert_eq!(outbox_member("a:b", 7), "a:b#7");
@@ -175,5 +190,8 @@ mod tests {
         for key in keys.globals() {
             assert!(key.starts_with("{fleet}:"), "{key}");
         }
+        let globals = keys.globals();
+        let distinct: std::collections::HashSet<_> = globals.iter().collect();
+        assert_eq!(distinct.len(), GLOBAL_KEYS, "each global key once");
     }
 }

@@ -24,11 +24,18 @@ use crate::settings::RedisSettings;
 /// Version of the key schema and script protocol. Bumped on any incompatible change so old and
 /// new services never write the same data in different layouts.
 ///
+/// Version 4 drops the `running` state index: the lease set already holds exactly the running
+/// tasks, so claims and completions write two sorted sets fewer; and a task hash no longer
+/// stores its id, nor `run_at_ms` when due at creation (Store::task adds both back). Version
+/// 3 services reading such a hash miss only those shown fields. Version 3 services still
+/// running go on writing the old index, which nothing of version 4 reads; the index trim
+/// removes its entries once their tasks stop running ([`Keys::retired_running_index`]).
+///
 /// Version 3 keys the outbox of unacknowledged dispatches by attempt in its own sorted set;
 /// version 2 kept them as bare ids among the timers in `due`. Version 3 reads such entries
 /// (the relay publishes them as the task's next attempt), and version 2 services still running
 /// ignore the new set and treat `due`'s timers as before, so a rolling upgrade loses nothing.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The oldest schema version this build upgrades in place, see [`SCHEMA_VERSION`].
 pub const OLDEST_UPGRADABLE: u32 = 2;

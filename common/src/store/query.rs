@@ -79,7 +79,7 @@ pub struct Stats {
 pub const STATS_SCAN_LIMIT: usize = 50_000;
 
 /// Fields a list reads per task.
-const SUMMARY_FIELDS: [&str; 11] = [
+const SUMMARY_FIELDS: [&str; 10] = [
     "state",
     "kind",
     "queue",
@@ -90,7 +90,6 @@ const SUMMARY_FIELDS: [&str; 11] = [
     "updated_ms",
     "last_error",
     "progress",
-    "id",
 ];
 
 /// Most index entries one list call reads while filtering, so a rare filter cannot make a

@@ -629,18 +629,27 @@ impl Store {
             .await?)
     }
 
-    /// Every field of one task's hash; `None` if there is no such task. A task whose only
-    /// attempt succeeded has no stored `history` (`complete.lua` skips it); it gets the one
-    /// entry that attempt implies, so readers always see a history.
+    /// Every field of one task's hash; `None` if there is no such task. What the hash leaves
+    /// out because it repeats other fields is filled in, so readers always see it: the
+    /// `history` of a task whose only attempt succeeded (the one entry that attempt implies,
+    /// see `complete.lua`), its `id`, and the `run_at_ms` of a task due when created.
     pub async fn task(&self, id: &str) -> Result<Option<HashMap<String, String>>, StoreError> {
         let mut fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.task(id))
             .query_async(&mut self.conn.clone())
             .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
         if let Some(history) = implied_history(&fields) {
             fields.insert("history".into(), history);
         }
-        Ok((!fields.is_empty()).then_some(fields))
+        // Not stored since schema 4, as they repeat what the hash has: see accept.lua.
+        fields.entry("id".into()).or_insert_with(|| id.to_string());
+        if let Some(created) = fields.get("created_ms").cloned() {
+            fields.entry("run_at_ms".into()).or_insert(created);
+        }
+        Ok(Some(fields))
     }
 
     /// The relay's backlog: timers, unacknowledged dispatches and unwritten dead letters.
@@ -684,6 +693,7 @@ impl Store {
         }
         let removed: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
         let mut total: u64 = removed.into_iter().sum();
+        total += self.prune_retired_running_index().await?;
 
         // Queue indexes keep every task of a queue; drop entries older than the retention
         // period whose task hash has expired (a long-delayed task stays).
@@ -725,6 +735,45 @@ impl Store {
             }
         }
         Ok(total)
+    }
+}
+
+impl Store {
+    /// Removes entries of schema 3's `running` index ([`Keys::retired_running_index`]) whose
+    /// task no longer runs, oldest first, at most 1,000 per call. Services of version 3 add
+    /// and remove their own entries while a rolling upgrade goes on; what they leave behind
+    /// is a task they claimed that a version-4 process ended (the reaper, after their worker
+    /// died). Nothing of version 4 reads the key, so a race with a version-3 claim costs
+    /// nothing but that service's count; the key is gone once its last entry is.
+    async fn prune_retired_running_index(&self) -> Result<u64, StoreError> {
+        let index = self.keys.retired_running_index();
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(0)
+            .arg(999)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(self.keys.task(id), "state");
+        }
+        let states: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let ended: Vec<&String> = ids
+            .iter()
+            .zip(states)
+            .filter_map(|(id, state)| (state.as_deref() != Some("running")).then_some(id))
+            .collect();
+        if ended.is_empty() {
+            return Ok(0);
+        }
+        Ok(redis::cmd("ZREM")
+            .arg(&index)
+            .arg(&ended)
+            .query_async(&mut self.conn.clone())
+            .await?)
     }
 }
 
