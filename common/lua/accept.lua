@@ -13,6 +13,7 @@
 -- has each new task's id, and parsing nested replies was a tenth of the scheduler's CPU.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
+local now_text = text(now)
 local out, queues = {}, {}
 
 -- What the batch finds already stored, read with one EXISTS over its task keys and one MGET
@@ -44,9 +45,9 @@ for i = 0, n - 1 do
   if ARGV[a + 7] ~= '0' then run_at = now + tonumber(ARGV[a + 7]) end
   local existing = has_idem and idem_ids[idem_key]
   if existing then
-    out[#out + 1] = 'd' .. existing
+    out[i + 1] = 'd' .. existing
   elseif created[key] or (any_stored and redis.call('EXISTS', key) == 1) then
-    out[#out + 1] = 'd' .. id
+    out[i + 1] = 'd' .. id
   else
     created[key] = true
     local state = 'pending'
@@ -57,19 +58,19 @@ for i = 0, n - 1 do
     -- holds it) nor, for a task due now, `run_at_ms` (its `created_ms`); Store::task adds both.
     if state == 'pending' then
       redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
-        'updated_ms', text(now), 'queue', queue, 'priority', priority, 'released', '0',
-        'max_attempts', max_attempts, 'record', record, 'created_ms', text(now),
+        'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
+        'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
         'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
-      zadd_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
+      zadd_new_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
     else
       redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
-        'updated_ms', text(now), 'queue', queue, 'priority', priority, 'released', '0',
-        'max_attempts', max_attempts, 'record', record, 'created_ms', text(now),
+        'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
+        'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
         'run_at_ms', text(run_at), 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
-      zadd_later(DUE, run_at, id)
+      zadd_new_later(DUE, run_at, id)
     end
-    zadd_later(IDX[state], now, id)
-    zadd_later(queue_key, now, id)
+    zadd_new_later(IDX[state], now, id)
+    zadd_new_later(queue_key, now, id)
     if not queues[queue] then
       queues[queue] = true
       redis.call('SADD', QUEUES, queue)
@@ -78,7 +79,7 @@ for i = 0, n - 1 do
       redis.call('SET', idem_key, id, 'PX', window)
       idem_ids[idem_key] = id
     end
-    out[#out + 1] = state == 'pending' and 'p' or 's'
+    out[i + 1] = state == 'pending' and 'p' or 's'
   end
 end
 return out

@@ -15,6 +15,7 @@
 local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local call = ARGV[5]
 local now = now_ms()
+local now_text = text(now)
 -- One SCARD per batch: the per-task pause checks run only while something is paused.
 local any_paused = redis.call('SCARD', PAUSED) > 0
 -- Likewise, held tasks and outbox entries are only looked for while there are any (a claim
@@ -56,7 +57,8 @@ for i = 0, n - 1 do
     local timeout, expires = 0, now + lease
     if f[3] ~= '0' then timeout = tonumber(f[3]) or 0 end
     local set = { 'state', 'running', 'attempt', ARGV[a + 1], 'worker', worker,
-                  'started_ms', text(now), 'updated_ms', text(now), 'claim_call', call }
+                  'started_ms', now_text, 'updated_ms', now_text, 'claim_call', call }
+    local k = 12
     -- A task never claimed before (attempt 0, the usual case) has neither a first start nor a
     -- leftover deadline: reading those absent fields would scan the whole hash for nothing.
     local first_start, old_deadline = current == 0, false
@@ -64,10 +66,10 @@ for i = 0, n - 1 do
       local g = redis.call('HMGET', key, 'first_started_ms', 'deadline_ms')
       first_start, old_deadline = not g[1], g[2] ~= false
     end
-    if first_start then set[#set + 1] = 'first_started_ms'; set[#set + 1] = text(now) end
+    if first_start then set[13] = 'first_started_ms'; set[14] = now_text; k = 14 end
     if timeout > 0 then
       local deadline = now + timeout + grace
-      set[#set + 1] = 'deadline_ms'; set[#set + 1] = text(deadline)
+      set[k + 1] = 'deadline_ms'; set[k + 2] = text(deadline)
       expires = math.min(expires, deadline)
     elseif old_deadline then
       redis.call('HDEL', key, 'deadline_ms')
@@ -79,6 +81,6 @@ for i = 0, n - 1 do
     move(id, 'pending', 'running', now)
     code = 1
   end
-  out[#out + 1] = code
+  out[i + 1] = code
 end
 return out

@@ -40,7 +40,7 @@ for i = 0, n - 1 do
       if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. body end
       attempt_ended(key, now, 'cancelled', note)
       finish(key, id, 'running', 'cancelled', now, retention)
-      out[#out + 1] = 'cancelled'
+      out[i + 1] = 'cancelled'
     elseif kind == 'ok' then
       -- The hot path: everything read above, one HSET. A task whose only attempt succeeded
       -- gets no `history`: that attempt is its attempt, worker, started_ms and finished_ms
@@ -50,9 +50,9 @@ for i = 0, n - 1 do
         set[3] = 'history'
         set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
       end
-      finish(key, id, 'running', 'succeeded', now, retention, {
-        queue = f[5], priority = f[6], has_deadline = f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set = set })
-      out[#out + 1] = 'succeeded'
+      finish(key, id, 'running', 'succeeded', now, retention,
+        f[5], f[6], f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set)
+      out[i + 1] = 'succeeded'
     elseif kind == 'retry' and within_budget(key, current) then
       attempt_ended(key, now, 'retry', body)
       local delay = tonumber(ARGV[a + 4])
@@ -61,22 +61,22 @@ for i = 0, n - 1 do
       redis.call('HDEL', key, 'deadline_ms')
       move(id, 'running', 'scheduled', now)
       zadd_later(DUE, now + delay, id)
-      out[#out + 1] = 'scheduled'
+      out[i + 1] = 'scheduled'
     else
       attempt_ended(key, now, 'failed', body)
       fail(key, id, 'running', now, retention, body)
-      out[#out + 1] = 'failed'
+      out[i + 1] = 'failed'
     end
   elseif state and TERMINAL[state] and current == attempt and f[3] == worker then
-    out[#out + 1] = 'already'
+    out[i + 1] = 'already'
   elseif kind == 'retry' and (state == 'scheduled' or state == 'pending') and current == attempt
       and f[3] == worker then
     -- A retried call whose first try scheduled this very retry (its reply was lost): recorded,
     -- not fenced. Only a handler's retry keeps the ended attempt's `worker`; a lease that
     -- expired, a release and a redrive remove it, so their attempts' late reports are fenced.
-    out[#out + 1] = 'already'
+    out[i + 1] = 'already'
   else
-    out[#out + 1] = 'fenced'
+    out[i + 1] = 'fenced'
   end
 end
 return out

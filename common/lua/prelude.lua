@@ -53,6 +53,17 @@ local function zrem_later(key, id)
   if adds then adds[id] = nil end
 end
 
+-- New members only: appended, not looked up. For members no other deferred write of the same
+-- script touches (accept's new tasks), so there is nothing for the last write to win over.
+local later_new = {}
+local function zadd_new_later(key, score, id)
+  local list = later_new[key]
+  if not list then list = { n = 0 }; later_new[key] = list end
+  local k = list.n
+  list[k + 1] = text(score); list[k + 2] = id
+  list.n = k + 2
+end
+
 local function incr_later(key, field)
   local counts = later_incr[key]
   if not counts then counts = {}; later_incr[key] = counts end
@@ -80,15 +91,20 @@ local function variadic(cmd, key, args)
 end
 
 local function flush_later()
+  -- Counted, not `#args + 1`: Lua's length operator is a binary search.
   for key, rems in pairs(later_rem) do
-    local args = {}
-    for id in pairs(rems) do args[#args + 1] = id end
+    local args, k = {}, 0
+    for id in pairs(rems) do k = k + 1; args[k] = id end
     variadic('ZREM', key, args)
   end
   for key, adds in pairs(later_add) do
-    local args = {}
-    for id, score in pairs(adds) do args[#args + 1] = text(score); args[#args + 1] = id end
+    local args, k = {}, 0
+    for id, score in pairs(adds) do args[k + 1] = text(score); args[k + 2] = id; k = k + 2 end
     variadic('ZADD', key, args)
+  end
+  for key, list in pairs(later_new) do
+    list.n = nil
+    variadic('ZADD', key, list)
   end
   for key, counts in pairs(later_incr) do
     for field, n in pairs(counts) do redis.call('HINCRBY', key, field, text(n)) end
@@ -119,22 +135,40 @@ local function move(id, from, to, now)
   if into then zadd_later(into, now, id) end
 end
 
+-- The totals' field names (`<state>:queue:<name>`, `<state>:priority:<level>`), each built once
+-- per batch: its tasks end in few states, queues and priorities, and building a string costs
+-- more than looking one up.
+local total_fields = { queue = {}, priority = {} }
+local function total_field(dimension, to, name)
+  local names = total_fields[dimension][to]
+  if not names then
+    names = {}
+    total_fields[dimension][to] = names
+  end
+  local field = names[name]
+  if not field then
+    field = to .. ':' .. dimension .. ':' .. name
+    names[name] = field
+  end
+  return field
+end
+
 -- Ends a task in a terminal state: index, timestamps, totals per queue and priority, expiry
--- after the retention period. `t` may carry what the caller already read (queue, priority,
--- has_deadline) and more fields to set (`set`), saving calls on the hot path.
-local function finish(key, id, from, to, now, retention, t)
-  t = t or {}
-  local queue, priority, has_deadline = t.queue, t.priority, t.has_deadline
+-- after the retention period. A caller that already read `queue`, `priority` and whether the
+-- attempt has a deadline passes them, and may pass more fields to set (`set`, a list of
+-- field-value pairs), saving calls on the hot path; with no queue they are read here.
+local function finish(key, id, from, to, now, retention, queue, priority, has_deadline, set)
   if not queue then
     local f = redis.call('HMGET', key, 'queue', 'priority', 'deadline_ms')
     queue, priority, has_deadline = f[1], f[2], f[3] ~= false
   end
-  incr_later(TOTALS, to .. ':queue:' .. (queue or '?'))
-  incr_later(TOTALS, to .. ':priority:' .. (priority or '?'))
-  local set = t.set or {}
-  set[#set + 1] = 'state'; set[#set + 1] = to
-  set[#set + 1] = 'finished_ms'; set[#set + 1] = text(now)
-  set[#set + 1] = 'updated_ms'; set[#set + 1] = text(now)
+  incr_later(TOTALS, total_field('queue', to, queue or '?'))
+  incr_later(TOTALS, total_field('priority', to, priority or '?'))
+  set = set or {}
+  local n, at = #set, text(now)
+  set[n + 1] = 'state'; set[n + 2] = to
+  set[n + 3] = 'finished_ms'; set[n + 4] = at
+  set[n + 5] = 'updated_ms'; set[n + 6] = at
   redis.call('HSET', key, unpack(set))
   if has_deadline then redis.call('HDEL', key, 'deadline_ms') end
   move(id, from, to, now)
