@@ -6,6 +6,7 @@ pub mod keys;
 mod query;
 pub mod scripts;
 mod tasks;
+mod trim;
 
 use std::time::Duration;
 
