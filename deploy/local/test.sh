@@ -9,6 +9,8 @@ say "cargo fmt --check"
 cargo fmt --all --check
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo doc -D warnings (broken or private doc links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 say "building the binaries the integration tests start"
 cargo build --workspace --bins --locked
 say "running the doc tests"

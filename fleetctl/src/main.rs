@@ -172,7 +172,7 @@ impl SelectorArgs {
 
 #[derive(Debug, Subcommand)]
 enum TopicsCommand {
-    /// Create every Fleet topic that does not exist yet (submit, tasks.<priority>, rejected,
+    /// Create every Fleet topic that does not exist yet (submit, `tasks.<priority>`, rejected,
     /// dead). Existing topics are left alone.
     Create {
         /// Partitions per topic (default: `topics.partitions`).

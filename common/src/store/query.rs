@@ -69,7 +69,7 @@ pub struct Stats {
     pub paused: Vec<String>,
     pub held: u64,
     pub counters: BTreeMap<String, u64>,
-    /// True when a waiting or running state held more than [`STATS_SCAN_LIMIT`] tasks: the
+    /// True when a waiting or running state held more than `STATS_SCAN_LIMIT` tasks: the
     /// per-queue and per-priority counts of that state then cover only the newest ones.
     pub partial: bool,
 }

@@ -3,7 +3,7 @@
 //! Transition scripts get `lua/prelude.lua` prepended (key names, Redis time, index moves), so
 //! that shared code is written once, and run as a function followed by `flush_later()`, which
 //! writes the batch's deferred sorted-set updates and counters with one command per key. They
-//! are called through [`ScriptCall`], which sends EVALSHA and loads the script on NOSCRIPT, so
+//! are called through `ScriptCall`, which sends EVALSHA and loads the script on NOSCRIPT, so
 //! a Redis restart or `SCRIPT FLUSH` needs no bookkeeping here.
 
 use std::sync::LazyLock;
