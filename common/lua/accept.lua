@@ -56,17 +56,14 @@ for i = 0, n - 1 do
     -- that claim and complete read and write go first. Every field written is a scan of the
     -- hash so far, so none is stored that the reader can tell otherwise: not the id (the key
     -- holds it) nor, for a task due now, `run_at_ms` (its `created_ms`); Store::task adds both.
+    redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
+      'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
+      'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
+      'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
     if state == 'pending' then
-      redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
-        'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
-        'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
-        'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
       zadd_new_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
     else
-      redis.call('HSET', key, 'state', state, 'attempt', '0', 'timeout_ms', ARGV[a + 8],
-        'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
-        'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
-        'run_at_ms', text(run_at), 'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
+      redis.call('HSET', key, 'run_at_ms', text(run_at))
       zadd_new_later(DUE, run_at, id)
     end
     zadd_new_later(IDX[state], now, id)

@@ -13,8 +13,9 @@ local now = now_ms()
 local sent = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[2 + i]
-  local f = redis.call('HMGET', key, 'state', 'queue', 'priority', 'attempt')
-  if not redis.call('ZSCORE', HELD, id) then
+  local f = redis.call('ZSCORE', HELD, id) and
+    redis.call('HMGET', key, 'state', 'queue', 'priority', 'attempt')
+  if not f then
     -- already sent on
   elseif f[1] ~= 'pending' then
     redis.call('ZREM', HELD, id)
