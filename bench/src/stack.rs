@@ -2,13 +2,14 @@
 //! with Fleet's release binaries, and the helpers every scenario needs.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use fleet_common::Topics;
 use fleet_common::store::Store;
 use fleet_common::task::State;
-use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports};
+use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports, tansu_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::client::Pool;
@@ -98,7 +99,18 @@ impl Stack {
         worker_vars: &[(&str, &str)],
         profile: Profile,
     ) -> anyhow::Result<Self> {
-        let env = TestEnv::start(name);
+        Self::start_on(name, workers, worker_vars, profile, &tansu_binary()).await
+    }
+
+    /// [`Stack::start`] with the broker binary `tansu`.
+    pub async fn start_on(
+        name: &str,
+        workers: usize,
+        worker_vars: &[(&str, &str)],
+        profile: Profile,
+        tansu: &Path,
+    ) -> anyhow::Result<Self> {
+        let env = TestEnv::start_with_broker(name, tansu);
         env.create_topics().await;
         // The profile reaches the services as a settings file (`[kafka.client]`).
         let config = env.dir.join("profile.toml");

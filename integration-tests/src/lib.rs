@@ -86,6 +86,11 @@ impl TestEnv {
     /// Starts redis-server and tansu for the test `name` and waits until both accept
     /// connections.
     pub fn start(name: &str) -> Self {
+        Self::start_with_broker(name, &tansu_binary())
+    }
+
+    /// [`TestEnv::start`] with another tansu binary: the benchmark compares broker builds.
+    pub fn start_with_broker(name: &str, tansu: &Path) -> Self {
         process::sweep_stale();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
@@ -102,7 +107,6 @@ impl TestEnv {
 
         let redis_bin = which("redis-server")
             .unwrap_or_else(|| panic!("redis-server is not installed: run {SETUP_COMMAND}"));
-        let tansu = tansu_binary();
         assert!(
             tansu.exists(),
             "the tansu broker is not installed at {}: run {SETUP_COMMAND}",
@@ -140,7 +144,7 @@ impl TestEnv {
             let url = format!("tcp://127.0.0.1:{broker_port}");
             let mut broker = ManagedProcess::spawn(
                 "tansu",
-                &tansu,
+                tansu,
                 &[
                     "broker",
                     "--listener-url",

@@ -134,3 +134,16 @@ async fn a_managed_process_tells_when_it_has_exited() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_environment_runs_the_broker_binary_it_is_given() {
+    // A copy of the usual broker under another path: the process must run from that path.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("tansu-copy");
+    std::fs::copy(fleet_integration_tests::tansu_binary(), &copy).unwrap();
+    let env = TestEnv::start_with_broker("harness_broker_binary", &copy);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", env.broker.pid())).unwrap();
+    assert_eq!(exe, copy);
+    // And it is a working broker: the test topics can be created on it.
+    env.create_topics().await;
+}
