@@ -9,7 +9,7 @@ cd "$FLEET_REPO"
 
 bash deploy/local/setup.sh
 if [ ! -x "$TANSU_RELEASE_BIN" ]; then
-  say "building tansu 0.6.0 from crates.io into $(dirname "$(dirname "$TANSU_RELEASE_BIN")") (about 10 minutes, once)"
+  say "building tansu 0.6.0 from crates.io into $(dirname "$(dirname "$TANSU_RELEASE_BIN")") (10 to 15 minutes, once)"
   cargo install tansu --version 0.6.0 --locked --features dynostore --root "$(dirname "$(dirname "$TANSU_RELEASE_BIN")")"
 fi
 say "building the release binaries"
