@@ -364,9 +364,10 @@ fn machine() -> Value {
     })
 }
 
-/// The `--second-broker` binary: none when empty, else a file that must exist, so a wrong
-/// path stops the benchmark before its first run rather than after the others.
+/// The `--second-broker` binary: none when empty, else an executable file, so a wrong path
+/// stops the benchmark before its first run rather than after the others.
 fn second_broker(arg: &str) -> anyhow::Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
     if arg.is_empty() {
         return Ok(None);
     }
@@ -375,6 +376,8 @@ fn second_broker(arg: &str) -> anyhow::Result<Option<PathBuf>> {
         path.is_file(),
         "--second-broker {arg}: no such file (`make bench` installs tansu 0.6.0 there with cargo)"
     );
+    let mode = std::fs::metadata(&path)?.permissions().mode();
+    anyhow::ensure!(mode & 0o111 != 0, "--second-broker {arg}: not executable");
     Ok(Some(path))
 }
 
@@ -427,7 +430,14 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         let path = exe.to_str().unwrap();
         assert_eq!(second_broker(path).unwrap().unwrap(), exe);
-        for bad in ["/nonexistent/tansu", "/tmp", "\0", &"x".repeat(10_000)] {
+        let not_executable = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        for bad in [
+            "/nonexistent/tansu",
+            "/tmp",
+            "\0",
+            &"x".repeat(10_000),
+            not_executable,
+        ] {
             let err = second_broker(bad).unwrap_err().to_string();
             assert!(err.contains("--second-broker"), "{bad:.20}: {err}");
         }
