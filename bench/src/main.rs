@@ -5,6 +5,7 @@
 
 mod client;
 mod cpu_check;
+mod hop;
 mod scenarios;
 mod stack;
 
@@ -55,6 +56,10 @@ struct Args {
     /// about half the CPU of the tests' build (the wheel's static one).
     #[arg(long, default_value = "")]
     second_broker: String,
+    /// Seconds of the broker-hop probe (one producer, one consumer, no Fleet) before the first
+    /// low-latency run on each broker (none: 0).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=60))]
+    hop_secs: u64,
     /// Also run (a) and (b) with redis-server at a higher CPU priority than the other
     /// processes (needs root or CAP_SYS_NICE; `--redis-first false` skips them).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -87,6 +92,8 @@ fn rates(list: &str) -> Result<Rates, String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let began = Instant::now();
+    // Progress lines carry the time since the start, so a slow phase shows in the log.
+    let note = |line: &str| eprintln!("[{:>5.1} s] {line}", began.elapsed().as_secs_f64());
     let mut machine = machine();
     let check_at_start = cpu_check::cpu_check_ms();
     eprintln!(
@@ -102,14 +109,14 @@ async fn main() -> anyhow::Result<()> {
     ];
     let mut stack = Stack::start("bench", args.workers, &worker_vars, Profile::Default).await?;
     let lease_ms = stack.env.settings().lease.lease_ms;
-    eprintln!("(a) end to end: {} no-op tasks …", args.tasks);
+    note(&format!("(a) end to end: {} no-op tasks …", args.tasks));
     let throughput = scenarios::throughput(&stack, args.tasks).await?;
-    eprintln!("(d) recovery after kill -9 …");
+    note("(d) recovery after kill -9 …");
     let recovery = scenarios::recovery(&mut stack, lease_ms).await?;
     drop(stack);
     // Each latency run gets a fresh stack: the test broker keeps every record in memory and
     // its fetches cost more as its log grows, so a run after others would measure their load.
-    eprintln!("(c) latency at fixed loads …");
+    note("(c) latency at fixed loads …");
     let mut latency = Vec::new();
     let default = Profile::Default;
     let low = Profile::LowLatency;
@@ -125,10 +132,25 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(move |r| (Via::Http, *r, low, "sh", Some(path.as_path())))
         }));
+    let mut hops = std::collections::HashMap::new();
     for (via, rate, profile, tag, broker) in runs {
         let name = format!("bench-{tag}{rate}");
         let tansu = broker.unwrap_or(&tests_broker);
         let stack = Stack::start_on(&name, args.workers, &worker_vars, profile, tansu).await?;
+        // The broker's own hop under the low-latency settings, once per broker and rate, on
+        // the fresh stack with Fleet's consumers idle: the floor of the runs aimed at 10 ms.
+        let hop = match (profile, args.hop_secs) {
+            (Profile::LowLatency, secs) if secs > 0 => {
+                let key = (tansu.to_path_buf(), rate);
+                if !hops.contains_key(&key) {
+                    let hop = hop::broker_hop(&stack.env, profile, rate, secs).await?;
+                    note(&format!("the broker's own hop at {rate}/s: {hop}"));
+                    hops.insert(key.clone(), hop);
+                }
+                hops[&key].clone()
+            }
+            _ => Value::Null,
+        };
         let mut run = scenarios::latency(
             &stack,
             via,
@@ -138,23 +160,28 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         run["profile"] = profile.name().into();
+        if !hop.is_null() {
+            run["broker_hop"] = hop;
+        }
         if let Some(path) = broker {
             run["broker"] = path.display().to_string().into();
         }
         latency.push(run);
     }
-    eprintln!("(b) drain of {} accepted tasks …", args.tasks);
+    note(&format!("(b) drain of {} accepted tasks …", args.tasks));
     let drain = scenarios::drain(args.tasks, args.workers, &worker_vars, false).await?;
     // (a) and (b) again with Redis at a higher CPU priority: on two shared cores its single
     // thread is the critical path, and every process waits while it is preempted.
     let mut redis_first = json!(null);
     if args.redis_first {
-        eprintln!("(a) and (b) again, redis-server at niceness {REDIS_NICENESS} …");
+        note(&format!(
+            "(a) and (b) again, redis-server at niceness {REDIS_NICENESS} …"
+        ));
         let stack = Stack::start("bench-rf", args.workers, &worker_vars, Profile::Default).await?;
         // Without the privilege to renice, the pair is reported as not run, with the reason.
         redis_first = match stack.prioritize_redis() {
             Err(err) => {
-                eprintln!("not run: {err:#}");
+                note(&format!("not run: {err:#}"));
                 json!({ "niceness": REDIS_NICENESS, "not_run": format!("{err:#}") })
             }
             Ok(()) => {
@@ -165,7 +192,10 @@ async fn main() -> anyhow::Result<()> {
             }
         };
     }
-    eprintln!("(f) memory with {} sleeping tasks …", args.sleeping);
+    note(&format!(
+        "(f) memory with {} sleeping tasks …",
+        args.sleeping
+    ));
     let memory = scenarios::memory(args.sleeping).await?;
 
     machine["cpu_check_ms"] = json!({
@@ -190,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("results written to {}", args.out.display());
+    note(&format!("results written to {}", args.out.display()));
     Ok(())
 }
 
@@ -257,8 +287,18 @@ fn print_table(r: &Value) {
         };
         let p99s = series("p50_p99_ms_per_5s", |w| w[1].as_f64());
         let broker = series("broker_cpu_s_per_5s", Value::as_f64);
+        // What one hop through the broker alone costs: the HTTP path has one, the topic two.
+        let hop = &l["broker_hop"];
+        let hop = if hop.is_null() {
+            String::new()
+        } else {
+            format!(
+                "; the broker's own hop p50 {} ms, p99 {} ms, p99.9 {} ms",
+                hop["p50_ms"], hop["p99_ms"], hop["p999_ms"]
+            )
+        };
         println!(
-            "| (c) submit→start at {}/s for {} s via {}, {} settings{} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s |",
+            "| (c) submit→start at {}/s for {} s via {}, {} settings{} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s{hop} |",
             l["offered_per_s"],
             l["seconds"],
             l["via"].as_str().unwrap_or("?"),
@@ -415,6 +455,32 @@ mod tests {
         for bad in ["maybe", "", "1; rm -rf /", &"t".repeat(10_000)] {
             let err = parse(&["--redis-first", bad]).unwrap_err().to_string();
             assert!(err.contains("--redis-first"), "{bad:.20}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_hop_probe_takes_0_to_60_seconds() {
+        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
+        assert_eq!(parse(&[]).unwrap().hop_secs, 3);
+        assert_eq!(
+            parse(&["--hop-secs", "0"]).unwrap().hop_secs,
+            0,
+            "0 leaves it out"
+        );
+        assert_eq!(parse(&["--hop-secs", "60"]).unwrap().hop_secs, 60);
+        for bad in [
+            "61",
+            "-1",
+            "1.5",
+            "",
+            "3s",
+            "99999999999999999999",
+            &"9".repeat(10_000),
+        ] {
+            let err = parse(&[&format!("--hop-secs={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--hop-secs"), "{bad:.20}: {err}");
         }
     }
 
