@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::stack::{
     Profile, Stack, cpu_seconds, now_ms, percentile, redis_commandstats, redis_usage, rss,
+    steal_seconds,
 };
 
 /// CPU seconds used so far by each part of the stack and by this load generator.
@@ -22,6 +23,9 @@ fn cpu_split(stack: &Stack) -> Vec<(&'static str, f64)> {
         ("reaper", cpu_seconds(stack.reaper.pid())),
         ("workers", workers),
         ("load generator", cpu_seconds(std::process::id())),
+        // Not a process: CPU time the hypervisor gave to other guests. A run with much of it
+        // was measured on a slower machine.
+        ("steal", steal_seconds()),
     ]
 }
 

@@ -6,11 +6,12 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use fleet_common::Topics;
 use fleet_common::store::Store;
 use fleet_common::task::State;
+use fleet_common::{Priority, Topics};
 use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports, tansu_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
 
 use crate::client::Pool;
 
@@ -177,24 +178,21 @@ impl Stack {
             .push(self.env.spawn("fleet-worker", name, &vars));
     }
 
-    /// Waits until `n` workers heartbeat and each owns task partitions.
+    /// Waits until `n` workers heartbeat and between them own every partition of every
+    /// priority topic exactly once: the group's rebalance is over.
     pub async fn wait_workers(&self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let partitions = self.env.settings().topics.partitions;
         loop {
             let live = self.store.live_workers(2_000).await?;
-            let ready = live
-                .iter()
-                .filter(|(_, info)| {
-                    !info.contains("\"normal\":[]") && info.contains("\"normal\":[")
-                })
-                .count();
-            if ready >= n {
-                // The group may still move partitions once more; let it settle.
-                tokio::time::sleep(Duration::from_secs(2)).await;
+            let infos: Vec<&str> = live.iter().map(|(_, info)| info.as_str()).collect();
+            if n == 0 || assignment_settled(&infos, n, partitions) {
+                // Heartbeats report assignments up to a beat late: a short margin.
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("only {ready} of {n} workers got partitions within 60 s");
+                bail!("{n} workers did not own every task partition once within 60 s: {infos:?}");
             }
             self.check_services()?;
             if let Some(dead) = self.workers.iter().find(|w| w.has_exited()) {
@@ -360,6 +358,49 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Whether `n` workers' heartbeat infos each show partitions of every priority topic and
+/// together own each of its `partitions` partitions exactly once. A worker still holding what
+/// a rebalance moves away, or one not yet given its share, fails the check.
+fn assignment_settled(infos: &[&str], n: usize, partitions: i32) -> bool {
+    let parsed: Vec<Value> = infos
+        .iter()
+        .filter_map(|info| serde_json::from_str(info).ok())
+        .collect();
+    if parsed.len() != n {
+        return false;
+    }
+    Priority::ALL.iter().all(|priority| {
+        let mut owned: Vec<i64> = Vec::new();
+        for info in &parsed {
+            let Some(list) = info["partitions"][priority.as_str()].as_array() else {
+                return false;
+            };
+            if list.is_empty() && n as i64 <= i64::from(partitions) {
+                return false;
+            }
+            owned.extend(list.iter().filter_map(Value::as_i64));
+        }
+        owned.sort_unstable();
+        owned == (0..i64::from(partitions)).collect::<Vec<_>>()
+    })
+}
+
+/// Core-seconds the hypervisor took from this machine's CPUs so far (`steal` in
+/// `/proc/stat`): time the processes wanted to run and a neighbour ran instead.
+pub fn steal_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    steal_of(&stat)
+}
+
+/// The steal column of `/proc/stat`'s summary line, in seconds (0 when absent).
+fn steal_of(stat: &str) -> f64 {
+    stat.lines()
+        .find_map(|line| line.strip_prefix("cpu "))
+        .and_then(|fields| fields.split_whitespace().nth(7))
+        .and_then(|ticks| ticks.parse::<f64>().ok())
+        .map_or(0.0, |ticks| ticks / 100.0)
+}
+
 /// Redis's total commands processed and CPU seconds used so far.
 pub async fn redis_usage(store: &Store) -> anyhow::Result<(u64, f64)> {
     let info: String = redis::cmd("INFO")
@@ -414,4 +455,72 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_assignment_is_settled_when_every_partition_has_one_owner() {
+        let info = |parts: [&str; 4]| {
+            format!(
+                r#"{{"host":"h","partitions":{{"critical":[{}],"high":[{}],"normal":[{}],"low":[{}]}}}}"#,
+                parts[0], parts[1], parts[2], parts[3]
+            )
+        };
+        let half = info(["0,2", "0,2", "0,2", "0,2"]);
+        let other = info(["1,3", "1,3", "1,3", "1,3"]);
+        let all = info(["0,1,2,3"; 4]);
+        let none = info([""; 4]);
+        assert!(assignment_settled(&[&half, &other], 2, 4));
+        assert!(assignment_settled(&[&all], 1, 4));
+        // Mid-rebalance: one still holds everything, the other its new share or nothing.
+        assert!(!assignment_settled(&[&all, &other], 2, 4));
+        assert!(!assignment_settled(&[&all, &none], 2, 4));
+        // Too few workers reporting, a partition nobody owns, or one reported twice.
+        assert!(!assignment_settled(&[&half], 2, 4));
+        assert!(!assignment_settled(
+            &[&half, &info(["1,3", "1,3", "1", "1,3"])],
+            2,
+            4
+        ));
+        assert!(!assignment_settled(
+            &[&half, &info(["1,3", "1,3", "1,2,3", "1,3"])],
+            2,
+            4
+        ));
+        // Unreadable or incomplete infos never count.
+        assert!(!assignment_settled(&["not json", &other], 2, 4));
+        assert!(!assignment_settled(
+            &[&half, r#"{"partitions":{"normal":[1,3]}}"#],
+            2,
+            4
+        ));
+        // More workers than partitions: some own none, which is settled too.
+        let one = |p: &str| info([p; 4]);
+        let (w0, w1, w2) = (one("0"), one("1"), one(""));
+        assert!(assignment_settled(&[&w0, &w1, &w2], 3, 2));
+    }
+
+    #[test]
+    fn steal_is_read_from_the_summary_line_only() {
+        let stat = "cpu  229577 133967 31506 272369 900 0 3835 3824 0 0\n\
+                    cpu0 115438 66700 15763 135767 418 0 1866 1929 0 0\n";
+        assert_eq!(steal_of(stat), 38.24);
+        assert_eq!(
+            steal_of(&steal_seconds().to_string()),
+            0.0,
+            "not a stat file"
+        );
+        for broken in [
+            "",
+            "cpu0 1 2 3 4 5 6 7 8",
+            "cpu  1 2 3",
+            "cpu  1 2 3 4 5 6 7 x",
+        ] {
+            assert_eq!(steal_of(broken), 0.0, "{broken:?}");
+        }
+        assert!(steal_seconds() >= 0.0);
+    }
 }
