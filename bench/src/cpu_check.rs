@@ -1,7 +1,7 @@
 //! A fixed single-thread workload timed at the start and at the end of a run, alone and with
-//! a copy on every core. This shared
-//! machine has spells in which every process runs several times slower; the check puts a
-//! number on the machine's speed beside the results, so runs are compared only when it agrees.
+//! a copy on every core. This shared machine has spells in which every process runs several
+//! times slower; the check puts a number on the machine's speed beside the results, so runs
+//! are compared only when it agrees.
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};

@@ -91,6 +91,8 @@ fn rates(list: &str) -> Result<Rates, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Checked before any run, so a wrong path costs seconds, not the runs before its own.
+    let second = second_broker(&args.second_broker)?;
     let began = Instant::now();
     // Progress lines carry the time since the start, so a slow phase shows in the log.
     let note = |line: &str| eprintln!("[{:>5.1} s] {line}", began.elapsed().as_secs_f64());
@@ -123,7 +125,6 @@ async fn main() -> anyhow::Result<()> {
     let low = Profile::LowLatency;
     let (kafka, http, low_rates) = (&args.rates.0, &args.http_rates.0, &args.low_latency_rates.0);
     let tests_broker = tansu_binary();
-    let second = second_broker(&args.second_broker)?;
     let runs = (kafka.iter().map(|r| (Via::Kafka, *r, default, "l", None)))
         .chain(http.iter().map(|r| (Via::Http, *r, default, "h", None)))
         .chain(low_rates.iter().map(|r| (Via::Kafka, *r, low, "ll", None)))
