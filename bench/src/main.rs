@@ -64,6 +64,11 @@ struct Args {
     /// processes (needs root or CAP_SYS_NICE; `--redis-first false` skips them).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     redis_first: bool,
+    /// Kafka client settings of Fleet's services in (a), (d), (b) and the reniced pair: the
+    /// defaults, or the low-latency settings of the latency runs, to see what those cost in
+    /// throughput.
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    throughput_settings: Profile,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -99,8 +104,9 @@ async fn main() -> anyhow::Result<()> {
     let mut machine = machine();
     let check_at_start = cpu_check::cpu_check_ms();
     let all_cores_at_start = cpu_check::all_cores_ms();
+    let memory_at_start = cpu_check::memory_ns();
     eprintln!(
-        "fleet-bench on {} (CPU check {check_at_start:.0} ms)",
+        "fleet-bench on {} (CPU check {check_at_start:.0} ms, memory check {memory_at_start:.0} ns)",
         machine["summary"].as_str().unwrap_or("?")
     );
 
@@ -110,7 +116,13 @@ async fn main() -> anyhow::Result<()> {
         ("FLEET__WORKER__CONCURRENCY", concurrency.as_str()),
         ("RUST_LOG", "info"),
     ];
-    let mut stack = Stack::start("bench", args.workers, &worker_vars, Profile::Default).await?;
+    let mut stack = Stack::start(
+        "bench",
+        args.workers,
+        &worker_vars,
+        args.throughput_settings,
+    )
+    .await?;
     let lease_ms = stack.env.settings().lease.lease_ms;
     note(&format!("(a) end to end: {} no-op tasks …", args.tasks));
     let throughput = scenarios::throughput(&stack, args.tasks).await?;
@@ -171,7 +183,14 @@ async fn main() -> anyhow::Result<()> {
         latency.push(run);
     }
     note(&format!("(b) drain of {} accepted tasks …", args.tasks));
-    let drain = scenarios::drain(args.tasks, args.workers, &worker_vars, false).await?;
+    let drain = scenarios::drain(
+        args.tasks,
+        args.workers,
+        &worker_vars,
+        args.throughput_settings,
+        false,
+    )
+    .await?;
     // (a) and (b) again with Redis at a higher CPU priority: on two shared cores its single
     // thread is the critical path, and every process waits while it is preempted.
     let mut redis_first = json!(null);
@@ -179,7 +198,13 @@ async fn main() -> anyhow::Result<()> {
         note(&format!(
             "(a) and (b) again, redis-server at niceness {REDIS_NICENESS} …"
         ));
-        let stack = Stack::start("bench-rf", args.workers, &worker_vars, Profile::Default).await?;
+        let stack = Stack::start(
+            "bench-rf",
+            args.workers,
+            &worker_vars,
+            args.throughput_settings,
+        )
+        .await?;
         // Without the privilege to renice, the pair is reported as not run, with the reason.
         redis_first = match stack.prioritize_redis() {
             Err(err) => {
@@ -189,7 +214,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(()) => {
                 let end_to_end = scenarios::throughput(&stack, args.tasks).await?;
                 drop(stack);
-                let drain = scenarios::drain(args.tasks, args.workers, &worker_vars, true).await?;
+                let drain = scenarios::drain(
+                    args.tasks,
+                    args.workers,
+                    &worker_vars,
+                    args.throughput_settings,
+                    true,
+                )
+                .await?;
                 json!({ "niceness": REDIS_NICENESS, "end_to_end": end_to_end, "drain": drain })
             }
         };
@@ -206,8 +238,13 @@ async fn main() -> anyhow::Result<()> {
         "all_cores_start": round1(all_cores_at_start),
         "all_cores_end": round1(cpu_check::all_cores_ms()),
     });
+    machine["memory_check_ns"] = json!({
+        "start": round1(memory_at_start),
+        "end": round1(cpu_check::memory_ns()),
+    });
     let results = json!({
         "machine": machine,
+        "throughput_settings": args.throughput_settings.name(),
         "workers": args.workers,
         "worker_concurrency": args.concurrency,
         "end_to_end": throughput,
@@ -236,16 +273,21 @@ fn print_table(r: &Value) {
         r["machine"]["summary"].as_str().unwrap_or("")
     );
     println!(
-        "{} workers (worker.concurrency {}), no-op handler, broker and Redis on the same machine",
-        r["workers"], r["worker_concurrency"]
+        "{} workers (worker.concurrency {}), no-op handler, broker and Redis on the same machine; (a) and (b) with the {} settings",
+        r["workers"],
+        r["worker_concurrency"],
+        r["throughput_settings"].as_str().unwrap_or("?")
     );
     let check = &r["machine"]["cpu_check_ms"];
+    let memory = &r["machine"]["memory_check_ns"];
     println!(
-        "CPU check (a fixed single-thread workload, best of 3; lower is faster): {:.0} ms at the start, {:.0} ms at the end; with a copy on every core at once {:.0} and {:.0} ms\n",
+        "CPU check (a fixed single-thread workload, best of 3; lower is faster): {:.0} ms at the start, {:.0} ms at the end; with a copy on every core at once {:.0} and {:.0} ms; memory check (a random read over 64 MiB) {:.0} and {:.0} ns\n",
         f(&check["start"]),
         f(&check["end"]),
         f(&check["all_cores_start"]),
-        f(&check["all_cores_end"])
+        f(&check["all_cores_end"]),
+        f(&memory["start"]),
+        f(&memory["end"])
     );
     println!("| measure | result |\n|---|---|");
     println!(
@@ -462,6 +504,20 @@ mod tests {
         for bad in ["maybe", "", "1; rm -rf /", &"t".repeat(10_000)] {
             let err = parse(&["--redis-first", bad]).unwrap_err().to_string();
             assert!(err.contains("--redis-first"), "{bad:.20}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_throughput_runs_take_either_settings_and_nothing_else() {
+        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
+        assert_eq!(parse(&[]).unwrap().throughput_settings, Profile::Default);
+        let low = parse(&["--throughput-settings", "low-latency"]).unwrap();
+        assert_eq!(low.throughput_settings, Profile::LowLatency);
+        for bad in ["", "fast", "Default", "low_latency", &"d".repeat(10_000)] {
+            let err = parse(&[&format!("--throughput-settings={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--throughput-settings"), "{bad:.20}: {err}");
         }
     }
 

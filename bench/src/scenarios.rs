@@ -148,6 +148,7 @@ pub async fn drain(
     n: usize,
     workers: usize,
     worker_vars: &[(&str, &str)],
+    profile: Profile,
     redis_first: bool,
 ) -> anyhow::Result<Value> {
     let name = if redis_first {
@@ -155,7 +156,7 @@ pub async fn drain(
     } else {
         "bench-drain"
     };
-    let mut stack = Stack::start(name, 0, &[], Profile::Default).await?;
+    let mut stack = Stack::start(name, 0, &[], profile).await?;
     if redis_first {
         stack.prioritize_redis()?;
     }

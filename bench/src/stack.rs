@@ -31,7 +31,7 @@ pub struct Stack {
 }
 
 /// Kafka client settings of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
     /// Fleet's defaults: producer linger 5 ms, fetch wait 10 ms.
     Default,
