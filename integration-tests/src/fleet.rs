@@ -237,6 +237,21 @@ impl TestEnv {
         )
     }
 
+    /// A store client with `tasks` (submission JSON) accepted, each as a new task: how most
+    /// store-level tests begin.
+    pub async fn store_with(&self, tasks: &[&str]) -> Store {
+        let store = self.store().await;
+        let new: Vec<_> = tasks.iter().map(|json| self.new_task(json)).collect();
+        let accepted = store.accept(&new).await.expect("accept");
+        assert!(
+            !accepted
+                .iter()
+                .any(|a| matches!(a, fleet_common::store::Accepted::Duplicate(_))),
+            "every task is new: {accepted:?}"
+        );
+        store
+    }
+
     /// Publishes `attempt` of `task` on partition 0 of the normal-priority topic, as Fleet's
     /// dispatch would (for tests that record tasks in Redis themselves).
     pub async fn publish_attempt(&self, task: &fleet_common::store::NewTask, attempt: u32) {

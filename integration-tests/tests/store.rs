@@ -97,14 +97,12 @@ async fn a_task_hash_leaves_out_what_it_repeats_and_reads_whole() {
     // and the run-at time of a task due now (its creation time) are not stored, yet a read
     // shows them. A delayed task stores its run-at time.
     let env = TestEnv::start("lean-hash");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"now","kind":"noop"}"#),
-            env.new_task(r#"{"id":"later","kind":"noop","delay_ms":60000}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"now","kind":"noop"}"#,
+            r#"{"id":"later","kind":"noop","delay_ms":60000}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     let mut conn = env.redis_conn().await;
     let stored = |id: &str| redis::cmd("HGETALL").arg(store.keys().task(id)).to_owned();
     let now: std::collections::HashMap<String, String> =
@@ -210,11 +208,9 @@ async fn claims_answer_for_every_kind_of_delivery() {
 #[tokio::test]
 async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     let env = TestEnv::start("fence");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"t","kind":"noop","max_attempts":3}"#)])
-        .await
-        .unwrap();
+    let store = env
+        .store_with(&[r#"{"id":"t","kind":"noop","max_attempts":3}"#])
+        .await;
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
     assert_eq!(
         store
@@ -305,11 +301,9 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
 #[tokio::test]
 async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a_dead_letter() {
     let env = TestEnv::start("retry");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"t","kind":"fail","max_attempts":2}"#)])
-        .await
-        .unwrap();
+    let store = env
+        .store_with(&[r#"{"id":"t","kind":"fail","max_attempts":2}"#])
+        .await;
     let retry = Outcome::Retry {
         error: "boom".into(),
         delay_ms: 0,
@@ -351,15 +345,13 @@ async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a
 #[tokio::test]
 async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_one_is_fenced() {
     let env = TestEnv::start("retry-again");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"later","kind":"fail","max_attempts":3}"#),
-            env.new_task(r#"{"id":"now","kind":"fail","max_attempts":3}"#),
-            env.new_task(r#"{"id":"lost","kind":"fail","max_attempts":3}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"later","kind":"fail","max_attempts":3}"#,
+            r#"{"id":"now","kind":"fail","max_attempts":3}"#,
+            r#"{"id":"lost","kind":"fail","max_attempts":3}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     let retry = |delay_ms| Outcome::Retry {
         error: "boom".into(),
         delay_ms,
@@ -487,11 +479,9 @@ async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
 #[tokio::test]
 async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
     let env = TestEnv::start("release");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"t","kind":"noop","max_attempts":1}"#)])
-        .await
-        .unwrap();
+    let store = env
+        .store_with(&[r#"{"id":"t","kind":"noop","max_attempts":1}"#])
+        .await;
     store.claim("w", 3_000, &[("t", 1)]).await.unwrap();
     assert_eq!(store.release("w", &[("t", 1)]).await.unwrap(), 1);
     assert_eq!(
@@ -596,11 +586,7 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
 #[tokio::test]
 async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
     let env = TestEnv::start("progress-store");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"t","kind":"noop"}"#)])
-        .await
-        .unwrap();
+    let store = env.store_with(&[r#"{"id":"t","kind":"noop"}"#]).await;
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
     store
         .extend("w2", 3_000, "{}", &[("t", 1, Some((50, "not mine")))])
@@ -636,11 +622,9 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
 #[tokio::test]
 async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
     let env = TestEnv::start("history");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"h","kind":"noop","max_attempts":1}"#)])
-        .await
-        .unwrap();
+    let store = env
+        .store_with(&[r#"{"id":"h","kind":"noop","max_attempts":1}"#])
+        .await;
     // A worker id that needs JSON escaping; released attempts do not use up the budget.
     let worker = "w\"\\é";
     for attempt in 1..=105 {
@@ -684,14 +668,12 @@ async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
 #[tokio::test]
 async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
     let env = TestEnv::start("implied-history");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"once","kind":"noop"}"#),
-            env.new_task(r#"{"id":"twice","kind":"noop"}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"once","kind":"noop"}"#,
+            r#"{"id":"twice","kind":"noop"}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     store
         .claim("w1", 3_000, &[("once", 1), ("twice", 1)])
         .await
@@ -826,11 +808,7 @@ async fn a_pending_tasks_timer_from_an_older_fleet_is_published_and_acknowledged
     // Before the outbox was keyed by attempt, an unacknowledged dispatch was the bare id in
     // `due`. Such an entry is published as the task's next attempt and then kept in the outbox.
     let env = TestEnv::start("legacy-due");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"old","kind":"noop"}"#)])
-        .await
-        .unwrap();
+    let store = env.store_with(&[r#"{"id":"old","kind":"noop"}"#]).await;
     let mut conn = env.redis_conn().await;
     let () = redis::pipe()
         .cmd("DEL")
@@ -977,11 +955,7 @@ async fn a_backlog_of_timers_does_not_starve_the_outbox() {
 #[tokio::test]
 async fn a_completion_refused_for_memory_changes_nothing_and_counts_once_later() {
     let env = TestEnv::start("oom");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"t","kind":"noop"}"#)])
-        .await
-        .unwrap();
+    let store = env.store_with(&[r#"{"id":"t","kind":"noop"}"#]).await;
     assert_eq!(
         store.claim("w1", 60_000, &[("t", 1)]).await.unwrap(),
         [Claim::Claimed]

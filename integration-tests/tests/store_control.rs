@@ -24,16 +24,14 @@ fn history(json: &str) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report() {
     let env = TestEnv::start("cancel-store");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"p","kind":"noop"}"#),
-            env.new_task(r#"{"id":"s","kind":"noop","delay_ms":60000}"#),
-            env.new_task(r#"{"id":"r","kind":"noop"}"#),
-            env.new_task(r#"{"id":"done","kind":"noop"}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"p","kind":"noop"}"#,
+            r#"{"id":"s","kind":"noop","delay_ms":60000}"#,
+            r#"{"id":"r","kind":"noop"}"#,
+            r#"{"id":"done","kind":"noop"}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     store
         .claim("w", 3_000, &[("r", 1), ("done", 1)])
         .await
@@ -117,15 +115,13 @@ async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report
 #[tokio::test]
 async fn a_cancel_after_the_completion_loses_and_a_cancel_before_a_hand_back_or_expiry_wins() {
     let env = TestEnv::start("cancel-race");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"a","kind":"noop"}"#),
-            env.new_task(r#"{"id":"b","kind":"noop"}"#),
-            env.new_task(r#"{"id":"c","kind":"noop"}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"a","kind":"noop"}"#,
+            r#"{"id":"b","kind":"noop"}"#,
+            r#"{"id":"c","kind":"noop"}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     store
         .claim("w", 3_000, &[("a", 1), ("b", 1), ("c", 1)])
         .await
@@ -161,16 +157,14 @@ async fn a_cancel_after_the_completion_loses_and_a_cancel_before_a_hand_back_or_
 #[tokio::test]
 async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
     let env = TestEnv::start("pause-store");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"q1","kind":"noop","queue":"reports"}"#),
-            env.new_task(r#"{"id":"q2","kind":"noop","queue":"reports","priority":"high"}"#),
-            env.new_task(r#"{"id":"o","kind":"noop"}"#),
-            env.new_task(r#"{"id":"lo","kind":"noop","priority":"low"}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"q1","kind":"noop","queue":"reports"}"#,
+            r#"{"id":"q2","kind":"noop","queue":"reports","priority":"high"}"#,
+            r#"{"id":"o","kind":"noop"}"#,
+            r#"{"id":"lo","kind":"noop","priority":"low"}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     assert!(
         store
             .pause(&Selector::Queue("reports".into()))
@@ -289,14 +283,12 @@ async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
 #[tokio::test]
 async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_timeout() {
     let env = TestEnv::start("deadline-store");
-    let store = env.store().await;
-    store
-        .accept(&[
-            env.new_task(r#"{"id":"t","kind":"block","timeout_ms":200,"max_attempts":2}"#),
-            env.new_task(r#"{"id":"free","kind":"noop"}"#),
+    let store = env
+        .store_with(&[
+            r#"{"id":"t","kind":"block","timeout_ms":200,"max_attempts":2}"#,
+            r#"{"id":"free","kind":"noop"}"#,
         ])
-        .await
-        .unwrap();
+        .await;
     store
         .claim("w", 60_000, &[("t", 1), ("free", 1)])
         .await
@@ -385,11 +377,9 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
 #[tokio::test]
 async fn a_resume_cut_short_is_finished_by_running_it_again() {
     let env = TestEnv::start("resume-again");
-    let store = env.store().await;
-    store
-        .accept(&[env.new_task(r#"{"id":"h","kind":"noop","queue":"reports"}"#)])
-        .await
-        .unwrap();
+    let store = env
+        .store_with(&[r#"{"id":"h","kind":"noop","queue":"reports"}"#])
+        .await;
     let reports = Selector::Queue("reports".into());
     assert!(store.pause(&reports).await.unwrap());
     assert_eq!(
