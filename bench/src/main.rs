@@ -474,6 +474,21 @@ fn second_broker(arg: &str) -> anyhow::Result<Option<PathBuf>> {
 mod tests {
     use super::*;
 
+    /// `fleet-bench` with `extra` arguments.
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from([&["fleet-bench"], extra].concat())
+    }
+
+    /// Each of `bad`, given as `--flag=value`, is refused with an error that names the flag.
+    fn refused(flag: &str, bad: &[&str]) {
+        for value in bad {
+            let err = parse(&[&format!("{flag}={value}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag), "{value:.20}: {err}");
+        }
+    }
+
     #[test]
     fn rate_lists_take_commas_and_empty_and_refuse_anything_else() {
         assert_eq!(rates("1000,5000").unwrap().0, [1000, 5000]);
@@ -498,32 +513,27 @@ mod tests {
 
     #[test]
     fn the_redis_first_pair_runs_by_default_and_takes_only_true_or_false() {
-        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
         assert!(parse(&[]).unwrap().redis_first);
         assert!(!parse(&["--redis-first", "false"]).unwrap().redis_first);
-        for bad in ["maybe", "", "1; rm -rf /", &"t".repeat(10_000)] {
-            let err = parse(&["--redis-first", bad]).unwrap_err().to_string();
-            assert!(err.contains("--redis-first"), "{bad:.20}: {err}");
-        }
+        refused(
+            "--redis-first",
+            &["maybe", "", "1; rm -rf /", &"t".repeat(10_000)],
+        );
     }
 
     #[test]
     fn the_throughput_runs_take_either_settings_and_nothing_else() {
-        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
         assert_eq!(parse(&[]).unwrap().throughput_settings, Profile::Default);
         let low = parse(&["--throughput-settings", "low-latency"]).unwrap();
         assert_eq!(low.throughput_settings, Profile::LowLatency);
-        for bad in ["", "fast", "Default", "low_latency", &"d".repeat(10_000)] {
-            let err = parse(&[&format!("--throughput-settings={bad}")])
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("--throughput-settings"), "{bad:.20}: {err}");
-        }
+        refused(
+            "--throughput-settings",
+            &["", "fast", "Default", "low_latency", &"d".repeat(10_000)],
+        );
     }
 
     #[test]
     fn the_hop_probe_takes_0_to_60_seconds() {
-        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
         assert_eq!(parse(&[]).unwrap().hop_secs, 3);
         assert_eq!(
             parse(&["--hop-secs", "0"]).unwrap().hop_secs,
@@ -531,25 +541,22 @@ mod tests {
             "0 leaves it out"
         );
         assert_eq!(parse(&["--hop-secs", "60"]).unwrap().hop_secs, 60);
-        for bad in [
-            "61",
-            "-1",
-            "1.5",
-            "",
-            "3s",
-            "99999999999999999999",
-            &"9".repeat(10_000),
-        ] {
-            let err = parse(&[&format!("--hop-secs={bad}")])
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("--hop-secs"), "{bad:.20}: {err}");
-        }
+        refused(
+            "--hop-secs",
+            &[
+                "61",
+                "-1",
+                "1.5",
+                "",
+                "3s",
+                "99999999999999999999",
+                &"9".repeat(10_000),
+            ],
+        );
     }
 
     #[test]
     fn a_second_broker_is_optional_and_must_exist() {
-        let parse = |extra: &[&str]| Args::try_parse_from([&["fleet-bench"], extra].concat());
         let none = parse(&[]).unwrap().second_broker;
         assert!(second_broker(&none).unwrap().is_none());
         assert!(second_broker("").unwrap().is_none());
