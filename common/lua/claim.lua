@@ -65,6 +65,8 @@ for i = 0, n - 1 do
     if not first_start then
       local g = redis.call('HMGET', key, 'first_started_ms', 'deadline_ms')
       first_start, old_deadline = not g[1], g[2] ~= false
+      -- A new attempt starts with no progress: an earlier attempt's would show on it.
+      redis.call('HDEL', key, 'progress', 'progress_message', 'progress_ms')
     end
     if first_start then set[13] = 'first_started_ms'; set[14] = now_text; k = 14 end
     if timeout > 0 then

@@ -64,10 +64,10 @@ local function zadd_new_later(key, score, id)
   list.n = k + 2
 end
 
-local function incr_later(key, field)
+local function incr_later(key, field, by)
   local counts = later_incr[key]
   if not counts then counts = {}; later_incr[key] = counts end
-  counts[field] = (counts[field] or 0) + 1
+  counts[field] = (counts[field] or 0) + (by or 1)
 end
 
 -- Sends `cmd args...` (`cmd key args...` when `key` is given) in chunks of 1000 arguments, as

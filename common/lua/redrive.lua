@@ -5,13 +5,17 @@
 -- charged against the budget (hand-backs, and every attempt before a redrive).
 -- KEYS  globals, then per task: task hash
 -- ARGV  [1] tasks, then per task: id
+-- The failed totals of its queue and priority give the task back, so that they count tasks
+-- that ended failed, not endings: a task redriven four times that then succeeds is one success.
 -- Returns the number of tasks redriven (tasks that are not failed are left alone).
 local now = now_ms()
 local redriven = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[2 + i]
-  local f = redis.call('HMGET', key, 'state', 'attempt')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority')
   if f[1] == 'failed' then
+    incr_later(TOTALS, total_field('queue', 'failed', f[3] or '?'), -1)
+    incr_later(TOTALS, total_field('priority', 'failed', f[4] or '?'), -1)
     redis.call('HSET', key, 'state', 'pending', 'released', f[2], 'updated_ms', now)
     redis.call('HINCRBY', key, 'redriven', 1)
     redis.call('HDEL', key, 'error', 'finished_ms', 'worker', 'deadline_ms')

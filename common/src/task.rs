@@ -98,7 +98,7 @@ impl InvalidTask {
     }
 }
 
-/// Deepest nesting of arrays and objects accepted in a submission (the payload is kept as raw
+/// Deepest nesting of arrays and objects accepted in a task's `payload` (it is kept as raw
 /// text, which serde does not depth-check, and handlers would choke on it later).
 pub const MAX_DEPTH: usize = 64;
 
@@ -172,6 +172,12 @@ fn check_name(field: &'static str, value: &str) -> Result<(), InvalidTask> {
     Ok(())
 }
 
+/// Checks a queue name as a task's `queue` is checked, so that a pause or a filter names a
+/// queue some task can have.
+pub fn check_queue(name: &str) -> Result<(), InvalidTask> {
+    check_name("queue", name)
+}
+
 impl TaskSpec {
     /// Parses and validates a submission of at most `max_bytes`.
     pub fn parse(bytes: &[u8], max_bytes: usize) -> Result<Self, InvalidTask> {
@@ -182,14 +188,24 @@ impl TaskSpec {
             });
         }
         let text = std::str::from_utf8(bytes).map_err(|_| InvalidTask::NotUtf8)?;
-        if nesting_depth(bytes) > MAX_DEPTH {
+        // The task object around the payload is one level more than the payload's own.
+        if nesting_depth(bytes) > MAX_DEPTH + 1 {
             return Err(InvalidTask::Json(format!(
-                "nesting deeper than {MAX_DEPTH} levels"
+                "`payload` nests deeper than {MAX_DEPTH} levels"
             )));
         }
-        let spec: TaskSpec = serde_json::from_str(text).map_err(|e| {
-            let mut message = e.to_string();
-            message.truncate(200);
+        let mut json = serde_json::Deserializer::from_str(text);
+        let spec: TaskSpec = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            // Name the field: serde's own text says only where in the text it went wrong.
+            let path = e.path().to_string();
+            let mut message = if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("`{path}`: {}", e.inner())
+            };
+            if message.len() > 200 {
+                message.truncate(message.floor_char_boundary(200));
+            }
             InvalidTask::Json(message)
         })?;
         spec.validate()?;
@@ -229,12 +245,13 @@ impl TaskSpec {
                 format!("must be 1 to {MAX_ATTEMPTS_LIMIT}"),
             ));
         }
+        // 0 opts out of a timeout, also of a per-kind default.
         if let Some(ms) = self.timeout_ms
-            && !(1..=MAX_TIMEOUT_MS).contains(&ms)
+            && ms > MAX_TIMEOUT_MS
         {
             return Err(InvalidTask::field(
                 "timeout_ms",
-                format!("must be 1 to {MAX_TIMEOUT_MS}"),
+                format!("must be 0 (no timeout) to {MAX_TIMEOUT_MS}"),
             ));
         }
         if self.run_at.is_some() && self.delay_ms.is_some() {
@@ -485,7 +502,10 @@ mod tests {
             (br#"{"kind":"noop","max_attempts":0}"#, "invalid_field"),
             (br#"{"kind":"noop","max_attempts":-1}"#, "invalid_json"),
             (br#"{"kind":"noop","max_attempts":1e99}"#, "invalid_json"),
-            (br#"{"kind":"noop","timeout_ms":0}"#, "invalid_field"),
+            (
+                br#"{"kind":"noop","timeout_ms":604800001}"#,
+                "invalid_field",
+            ),
             (br#"{"kind":"noop","kind":"echo"}"#, "invalid_json"),
             (b"", "invalid_json"),
             (b"[]", "invalid_json"),
@@ -523,13 +543,28 @@ mod tests {
         let err = TaskSpec::parse(deep.as_bytes(), LIMIT)
             .map(|_| ())
             .unwrap_err();
-        assert!(err.to_string().contains("nesting"), "{err}");
-        let ok = format!(
-            r#"{{"kind":"noop","payload":{}{}}}"#,
-            "[".repeat(60),
-            "]".repeat(60)
+        assert!(err.to_string().contains("nests deeper"), "{err}");
+        // The limit is the payload's own depth: 64 levels pass, 65 do not.
+        let nested = |levels: usize| {
+            format!(
+                r#"{{"kind":"noop","payload":{}{}}}"#,
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )
+        };
+        assert!(TaskSpec::parse(nested(MAX_DEPTH).as_bytes(), LIMIT).is_ok());
+        let objects = format!(
+            r#"{{"kind":"noop","payload":{}1{}}}"#,
+            r#"{"a":"#.repeat(MAX_DEPTH),
+            "}".repeat(MAX_DEPTH)
         );
-        assert!(TaskSpec::parse(ok.as_bytes(), LIMIT).is_ok());
+        assert!(TaskSpec::parse(objects.as_bytes(), LIMIT).is_ok());
+        let err = TaskSpec::parse(nested(MAX_DEPTH + 1).as_bytes(), LIMIT).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        assert!(
+            err.to_string().contains("`payload` nests deeper than 64"),
+            "{err}"
+        );
         let in_string = format!(
             r#"{{"kind":"noop","payload":"{}\"{}"}}"#,
             "[".repeat(1000),
@@ -539,6 +574,29 @@ mod tests {
             TaskSpec::parse(in_string.as_bytes(), LIMIT).is_ok(),
             "brackets inside strings do not count"
         );
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_field_and_a_zero_timeout_opts_out_of_the_default() {
+        let err = TaskSpec::parse(br#"{"kind":"noop","max_attempts":"five"}"#, LIMIT).unwrap_err();
+        assert_eq!(err.code(), "invalid_json");
+        assert!(
+            err.to_string()
+                .contains("JSON: `max_attempts`: invalid type"),
+            "{err}"
+        );
+        let err = TaskSpec::parse(br#"{"kind":"noop","priority":7}"#, LIMIT).unwrap_err();
+        assert!(err.to_string().contains("JSON: `priority`: "), "{err}");
+        let err = TaskSpec::parse(br#"{"kind":"noop","colour":"red"}"#, LIMIT).unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+
+        let spec = TaskSpec::parse(br#"{"kind":"noop","timeout_ms":0}"#, LIMIT).unwrap();
+        let defaults = TaskDefaults {
+            max_attempts: 5,
+            timeout_ms: 30_000,
+        };
+        let record = TaskRecord::from_spec(spec, defaults, || "t".into());
+        assert_eq!(record.timeout_ms, 0, "0 = no timeout, whatever the default");
     }
 
     #[test]

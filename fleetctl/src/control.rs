@@ -36,14 +36,29 @@ pub async fn redrive(
     all_failed: bool,
 ) -> anyhow::Result<ExitCode> {
     if !ids.is_empty() {
-        let n = store.redrive(ids).await?;
+        // One at a time, so that each task left alone is named with why: it does not exist,
+        // or it is not failed.
+        let (mut n, mut code) = (0, ExitCode::SUCCESS);
+        for id in ids {
+            if store.redrive(std::slice::from_ref(id)).await? == 1 {
+                n += 1;
+                continue;
+            }
+            match store.task(id).await?.and_then(|t| t.get("state").cloned()) {
+                None => {
+                    eprintln!("fleetctl: no task `{id}`");
+                    code = ExitCode::from(EXIT_NOT_FOUND);
+                }
+                Some(state) => {
+                    eprintln!("fleetctl: task `{id}` is {state}; only failed tasks are redriven");
+                    if code == ExitCode::SUCCESS {
+                        code = ExitCode::from(EXIT_ENDED);
+                    }
+                }
+            }
+        }
         println!("redriven {n} of {}", ids.len());
-        return Ok(if n == ids.len() {
-            ExitCode::SUCCESS
-        } else {
-            eprintln!("fleetctl: only failed tasks are redriven");
-            ExitCode::from(EXIT_NOT_FOUND)
-        });
+        return Ok(code);
     }
     if kind.is_none() && queue.is_none() && !all_failed {
         eprintln!("fleetctl: give task ids, --kind, --queue or --all-failed");

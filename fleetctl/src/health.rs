@@ -124,13 +124,12 @@ pub fn local_url(listen: &str, path: &str) -> anyhow::Result<String> {
     Ok(format!("http://{addr}{path}"))
 }
 
-/// GETs `url` (plain `http://host:port/path`) and exits 0 on 200, else 1 with the reason.
-/// Hand-written so that the image needs no curl and the probe no TLS or proxy logic.
-pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process::ExitCode> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Splits a plain `http://host:port/path` URL into its authority and path; anything else is
+/// refused with the reason.
+pub fn probe_target(url: &str) -> Result<(&str, &str), String> {
     let rest = url
         .strip_prefix("http://")
-        .with_context(|| format!("`{url}`: only http:// URLs can be probed"))?;
+        .ok_or_else(|| format!("`{url}`: only plain http:// URLs can be probed"))?;
     let (authority, path) = match rest.find('/') {
         Some(at) => (&rest[..at], &rest[at..]),
         None => (rest, "/"),
@@ -139,8 +138,23 @@ pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process:
         || authority.contains(char::is_whitespace)
         || path.contains(char::is_whitespace)
     {
-        anyhow::bail!("`{url}` is not a usable URL");
+        return Err(format!("`{url}` is not a usable URL"));
     }
+    Ok((authority, path))
+}
+
+/// GETs `url` (plain `http://host:port/path`) and exits 0 on 200, else 1 with the reason
+/// (2 for a URL it cannot probe). Hand-written so that the image needs no curl and the probe
+/// no TLS or proxy logic.
+pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process::ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (authority, path) = match probe_target(url) {
+        Ok(target) => target,
+        Err(reason) => {
+            eprintln!("fleetctl probe: {reason}");
+            return Ok(std::process::ExitCode::from(crate::EXIT_BAD_INPUT));
+        }
+    };
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(authority).await?;
         let request =
@@ -178,7 +192,26 @@ pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process:
 
 #[cfg(test)]
 mod tests {
-    use super::local_url;
+    use super::{local_url, probe_target};
+
+    #[test]
+    fn only_plain_http_urls_are_probed() {
+        assert_eq!(
+            probe_target("http://127.0.0.1:8080/readyz"),
+            Ok(("127.0.0.1:8080", "/readyz"))
+        );
+        assert_eq!(probe_target("http://h:1"), Ok(("h:1", "/")));
+        for bad in [
+            "https://h:1/readyz",
+            "h:1/readyz",
+            "http:///x",
+            "http://a b/",
+            "",
+            "ftp://h",
+        ] {
+            assert!(probe_target(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_wildcard_listener_is_probed_on_loopback_and_any_other_on_its_address() {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use fleet_common::settings::CommonSettings;
-use fleet_common::store::{Store, TaskFilter};
+use fleet_common::store::{Cursor, Store, TaskFilter};
 use fleet_common::task::State;
 use fleet_common::{Priority, Topics, kafka};
 
@@ -107,7 +107,7 @@ pub async fn watch(store: &Store, id: &str, every: Duration) -> anyhow::Result<E
 pub async fn list(
     store: &Store,
     filter: &TaskFilter,
-    cursor: Option<&str>,
+    cursor: Option<Cursor>,
     limit: usize,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -174,7 +174,9 @@ pub async fn stats(
     for (priority, counts) in &stats.by_priority {
         row(&format!("p:{priority}"), counts);
     }
-    println!("(terminal columns of queues and priorities are totals; the rest is current)");
+    println!(
+        "(ended columns of queues and priorities count the tasks that ended so, all time; the rest is current)"
+    );
     if stats.partial {
         println!(
             "(a waiting or running state is large: its per-queue split covers the newest 50,000)"

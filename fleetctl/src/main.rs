@@ -99,7 +99,7 @@ enum Command {
         limit: u64,
         /// `next` cursor printed by the previous page.
         #[arg(long)]
-        cursor: Option<String>,
+        cursor: Option<store::Cursor>,
         #[arg(long)]
         json: bool,
     },
@@ -154,7 +154,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
 struct SelectorArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = queue_name)]
     queue: Option<String>,
     #[arg(long)]
     priority: Option<Priority>,
@@ -168,6 +168,13 @@ impl SelectorArgs {
             (None, None) => unreachable!("clap requires one"),
         }
     }
+}
+
+/// A queue name as tasks may carry it (clap's value parser: a bad one is a usage error).
+fn queue_name(text: &str) -> Result<String, String> {
+    fleet_common::task::check_queue(text)
+        .map(|()| text.to_string())
+        .map_err(|err| err.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,10 +235,14 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
         }
         Command::Ping { wait } => health::ping(settings, Duration::from_secs(wait)).await?,
         Command::Probe { url, timeout_ms } => {
-            let url = match url {
-                Some(url) => url,
-                None => health::local_url(&settings.http.listen, "/readyz")?,
-            };
+            let url =
+                match url.map_or_else(|| health::local_url(&settings.http.listen, "/readyz"), Ok) {
+                    Ok(url) => url,
+                    Err(err) => {
+                        eprintln!("fleetctl probe: {err:#}");
+                        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+                    }
+                };
             return health::probe(&url, Duration::from_millis(timeout_ms)).await;
         }
         Command::Submit {
@@ -270,6 +281,10 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                 },
                 (None, None) => unreachable!("clap requires --kind or --file"),
             };
+            if submissions.is_empty() {
+                eprintln!("fleetctl: no task to submit: the input has no JSON lines");
+                return Ok(ExitCode::from(EXIT_BAD_INPUT));
+            }
             let mut ready = Vec::with_capacity(submissions.len());
             for submission in submissions {
                 match submission {
@@ -314,7 +329,7 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                 priority,
             };
             let store = connect(settings).await?;
-            inspect::list(&store, &filter, cursor.as_deref(), limit as usize, json).await?;
+            inspect::list(&store, &filter, cursor, limit as usize, json).await?;
         }
         Command::Workers { json } => {
             inspect::workers(&connect(settings).await?, settings.lease.lease_ms, json).await?;

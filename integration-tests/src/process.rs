@@ -138,6 +138,8 @@ impl ManagedProcess {
             .arg("--")
             .arg(program)
             .args(args)
+            // As under systemd or a plain shell: services must not depend on it.
+            .env_remove("HOSTNAME")
             .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)

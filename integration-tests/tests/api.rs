@@ -156,6 +156,20 @@ async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
         }
     }
     assert_eq!(seen.len(), 20);
+    // A cursor no page gave out is refused, not read as the first page.
+    for bad in ["not-a-cursor", "1:-3", "9:0", "1%3A2%3A3"] {
+        let answer = call(addr, "GET", &format!("/v1/tasks?cursor={bad}"), None).await;
+        assert_eq!(answer.status, 400, "{bad}");
+        let body = answer.json();
+        assert_eq!(body["error"]["code"], "bad_cursor", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cursor"),
+            "{body}"
+        );
+    }
 
     // Cancel a running task; a second cancel is a conflict.
     let sleeper = call(
@@ -256,6 +270,13 @@ async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
     assert_eq!(stats["states"]["cancelled"], 1);
     let workers = call(addr, "GET", "/v1/workers", None).await.json();
     assert_eq!(workers["workers"][0]["id"], "w1");
+    // Started without `HOSTNAME` (as under systemd), the worker still names its host.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(
+        workers["workers"][0]["info"]["host"],
+        host.trim(),
+        "{workers}"
+    );
     let metrics = request(addr, "GET", "/metrics", None, None).await;
     assert!(
         metrics.body.contains("fleet_tasks_accepted_total"),
@@ -337,6 +358,17 @@ async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
         ),
         ("/v1/pause", json!({"priority": "urgent"}), "invalid_json"),
         (
+            "/v1/pause",
+            json!({"queue": "no such queue!"}),
+            "bad_selector",
+        ),
+        ("/v1/resume", json!({"queue": ""}), "bad_selector"),
+        (
+            "/v1/tasks",
+            json!({"kind": "noop", "max_attempts": "five"}),
+            "invalid_json",
+        ),
+        (
             "/v1/tasks/b1/priority",
             json!({"priority": 3}),
             "invalid_json",
@@ -349,6 +381,43 @@ async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
             "{path}: {}",
             r.body
         );
+    }
+    let typed = call(
+        addr,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"kind": "noop", "max_attempts": "five"})),
+    );
+    let typed = typed.await.json();
+    assert!(
+        typed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`max_attempts`: invalid type"),
+        "a wrong type names its field: {typed}"
+    );
+    // A wrong method gets the JSON error format and the methods the route takes.
+    for (method, path, allow) in [
+        ("DELETE", "/v1/tasks", "GET,HEAD,POST"),
+        ("GET", "/v1/pause", "POST"),
+        ("POST", "/readyz", "GET,HEAD"),
+        ("PUT", "/", "GET,HEAD"),
+    ] {
+        let r = call(addr, method, path, None).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (405, "method_not_allowed"),
+            "{method} {path}: {}",
+            r.body
+        );
+        let mut allowed: Vec<&str> = r
+            .headers
+            .iter()
+            .find(|(name, _)| name == "allow")
+            .map(|(_, v)| v.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        allowed.sort_unstable();
+        assert_eq!(allowed.join(","), allow, "{method} {path}");
     }
     let garbage = send_raw(addr, b"\x16\x03\x01garbage that is not HTTP\r\n\r\n").await;
     assert!(garbage.status == 400 || garbage.status == 0, "{garbage:?}");
@@ -412,6 +481,56 @@ async fn the_openapi_document_and_the_routes_stay_in_step() {
     );
     let dashboard = request(addr, "GET", "/", None, None).await;
     assert!(dashboard.status == 200 && dashboard.body.contains("<title>Fleet</title>"));
+}
+
+/// What the OpenAPI document says of an outage: every `/v1` operation it gives a 503 answers
+/// 503 with the JSON error format while Redis is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_503_is_what_the_api_answers_while_redis_is_down() {
+    let mut env = TestEnv::start("api-redis-down");
+    env.create_topics().await;
+    let (_scheduler, addr) = scheduler(&env, &[("FLEET__HTTP__TOKENS", TOKEN)]).await;
+    let doc: Value = serde_json::from_str(fleet_scheduler::api::OPENAPI).unwrap();
+    let mut documented = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if path.starts_with("/v1/") && op["responses"]["503"].is_object() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let v1 = fleet_scheduler::api::ROUTES
+        .iter()
+        .filter(|(_, p)| p.starts_with("/v1/") && *p != "/v1/openapi.json")
+        .count();
+    assert_eq!(
+        documented.len(),
+        v1,
+        "every /v1 operation documents its 503"
+    );
+
+    env.redis.signal("KILL");
+    env.redis.wait_exit(Duration::from_secs(10));
+    let bodies = [
+        ("/v1/tasks", json!({"kind": "noop"})),
+        ("/v1/pause", json!({"queue": "q"})),
+        ("/v1/resume", json!({"queue": "q"})),
+        ("/v1/tasks/{id}/priority", json!({"priority": "high"})),
+    ];
+    for (method, path) in &documented {
+        let body = bodies
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or_else(|| json!({}), |(_, b)| b.clone());
+        let body = (method == "POST").then_some(body);
+        let r = call(addr, method, &path.replace("{id}", "some-task"), body).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (503, "unavailable"),
+            "{method} {path}: {}",
+            r.body
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,15 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
         "{\"id\":\"piped-1\",\"kind\":\"noop\"}\n{\"id\":\"piped-2\",\"kind\":\"noop\"}\n",
     );
     assert_eq!((code, out.trim()), (0, "piped-1\npiped-2"), "{err}");
+    for empty in ["", "\n  \n"] {
+        let (code, out, err) = env.fleetctl_with_stdin(&["submit", "--file", "-"], empty);
+        assert_eq!(
+            (code, out.as_str()),
+            (2, ""),
+            "empty input is an error: {err}"
+        );
+        assert!(err.contains("no task to submit"), "{err}");
+    }
 
     // watch: 0 when it succeeds, 4 when it fails (with the error).
     let watched = ok(&env, &["watch", "n0", "--interval-ms", "100"]);
@@ -117,6 +126,12 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
         }
     }
     assert_eq!(seen.len(), 30);
+    let (code, out, err) = env.fleetctl(&["list", "--cursor", "not-a-cursor"]);
+    assert_eq!(code, 2, "a bad cursor is a usage error: {out}");
+    assert!(
+        err.contains("not-a-cursor") && err.contains("cursor"),
+        "{err}"
+    );
     let table = ok(&env, &["list", "--state", "failed"]);
     assert!(table.contains("bad") && table.contains("boom"), "{table}");
 
@@ -154,8 +169,20 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
     let (code, out, _) = env.fleetctl(&["watch", "bad", "--interval-ms", "100"]);
     assert_eq!(code, 4, "fails again: {out}");
     assert!(ok(&env, &["retry", "--kind", "fail"]).contains("redriven 1"));
+    let (code, out, err) = env.fleetctl(&["redrive", "n0"]);
+    assert_eq!(code, 4, "a task that exists but is not failed: {out}");
+    assert!(
+        err.contains("task `n0` is succeeded; only failed tasks are redriven"),
+        "{err}"
+    );
+    let (code, _, err) = env.fleetctl(&["redrive", "ghost"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no task `ghost`"), "{err}");
     for args in [
         &["redrive"][..],
+        &["pause", "--queue", "no such queue!"],
+        &["pause", "--queue", ""],
+        &["resume", "--queue", &"q".repeat(129)],
         &["pause"],
         &["pause", "--queue", "a", "--priority", "low"],
         &["list", "--state", "bogus"],
@@ -216,7 +243,10 @@ async fn fleetctl_probe_reports_a_services_health_by_exit_code() {
     assert_eq!(code, 1, "{err}");
     for bad in ["https://127.0.0.1/readyz", "http:// /x", "ftp://x"] {
         let (code, _, err) = env.fleetctl(&["probe", "--url", bad]);
-        assert_ne!(code, 0, "{bad}: {err}");
+        assert_eq!(
+            code, 2,
+            "bad input, not an unanswered dependency: {bad}: {err}"
+        );
         assert!(err.contains(bad.trim_end_matches("/x")), "{bad}: {err}");
     }
     let (code, _, err) = env.fleetctl(&["probe", "--timeout-ms", "0"]);

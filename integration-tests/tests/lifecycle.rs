@@ -145,7 +145,7 @@ async fn invalid_submissions_go_to_the_rejected_topic_and_the_line_keeps_moving(
     for (code, hint) in [
         ("too_large", ""),
         ("not_utf8", ""),
-        ("invalid_json", "nesting"),
+        ("invalid_json", "nests deeper"),
         ("invalid_field", "run_at"),
         ("invalid_json", "timeout_ms"),
         ("invalid_field", "delay_ms"),

@@ -581,6 +581,22 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
         (fields["redriven"].as_str(), fields["released"].as_str()),
         ("1", "1")
     );
+    // The totals count tasks, not endings: mail1 failed, was redriven and succeeded, so it is
+    // one success and no failure; sms is the one failure; mail2 is waiting again.
+    let stats = store.stats().await.unwrap();
+    let counted = |counts: Option<&std::collections::BTreeMap<String, u64>>, state: &str| {
+        counts.and_then(|c| c.get(state)).copied().unwrap_or(0)
+    };
+    let normal = stats.by_priority.get("normal");
+    assert_eq!(counted(normal, "failed"), 1, "{stats:?}");
+    assert_eq!(counted(normal, "succeeded"), 2, "{stats:?}");
+    let default = stats.by_queue.get("default");
+    assert_eq!(counted(default, "failed"), 1, "{stats:?}");
+    assert_eq!(
+        counted(stats.by_queue.get("bulk"), "failed"),
+        0,
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -617,6 +633,26 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         ),
         ("40", "halfway-ish")
     );
+    // The next attempt starts without the last one's progress, and ends without it.
+    assert_eq!(store.release("w1", &[("t", 1)]).await.unwrap(), 1);
+    assert_eq!(
+        store.claim("w1", 3_000, &[("t", 2)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    let fields = store.task("t").await.unwrap().unwrap();
+    for field in ["progress", "progress_message", "progress_ms"] {
+        assert!(
+            !fields.contains_key(field),
+            "{field} of attempt 1 left: {fields:?}"
+        );
+    }
+    store
+        .complete("w1", &[(("t", 2), &Outcome::Ok("{}".into()))])
+        .await
+        .unwrap();
+    let fields = store.task("t").await.unwrap().unwrap();
+    assert_eq!(fields["state"], "succeeded");
+    assert!(!fields.contains_key("progress"), "{fields:?}");
 }
 
 #[tokio::test]

@@ -64,14 +64,26 @@ impl WorkerSection {
         if !self.id.is_empty() {
             return self.id.clone();
         }
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "worker".into());
+        let host = host_name().unwrap_or_else(|| "worker".into());
         format!("{host}-{}", std::process::id())
     }
+}
+
+/// This machine's (or container's) host name: `HOSTNAME` if exported, else the kernel's.
+///
+/// Shells set `HOSTNAME` without exporting it, and systemd does not set it, so the variable
+/// alone leaves the name blank for most services run outside a container.
+pub fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .into_iter()
+        .chain(
+            ["/proc/sys/kernel/hostname", "/etc/hostname"]
+                .into_iter()
+                .filter_map(|path| std::fs::read_to_string(path).ok()),
+        )
+        .map(|h| h.trim().to_string())
+        .find(|h| !h.is_empty())
 }
 
 impl Validate for WorkerSection {

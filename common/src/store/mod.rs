@@ -14,7 +14,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use control::{Cancel, Reprioritize, Selector};
 pub use keys::Keys;
-pub use query::{Page, Stats, TaskFilter, TaskSummary, WorkerView};
+pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use tasks::{
     Accepted, Attempt, Backlog, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome,
     Requeue, Store, new_call_id,

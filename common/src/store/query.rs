@@ -43,6 +43,46 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// Where a [`Store::list`] page starts: `"<index>:<offset>"`, as a previous page's `next`
+/// gives it. Anything else is refused, so a mistyped cursor is not silently the first page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Which index of the list's walk (one per state when no state or queue is given).
+    index: usize,
+    /// How many entries of that index were read already.
+    offset: usize,
+}
+
+/// A cursor that no page gave out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a list cursor: pass the `next` value of the previous page (e.g. `1:50`)")]
+pub struct BadCursor(String);
+
+impl std::str::FromStr for Cursor {
+    type Err = BadCursor;
+
+    fn from_str(text: &str) -> Result<Self, BadCursor> {
+        let bad = || BadCursor(text.chars().take(64).collect());
+        let (index, offset) = text.split_once(':').ok_or_else(bad)?;
+        let number = |s: &str| {
+            (!s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse().ok())
+                .flatten()
+        };
+        match (number(index), number(offset)) {
+            // Fewer than one index per state is all a walk ever has.
+            (Some(index), Some(offset)) if index < LIST_ORDER.len() => Ok(Self { index, offset }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.index, self.offset)
+    }
+}
+
 /// A live worker, from its heartbeats.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerView {
@@ -112,7 +152,7 @@ impl Store {
     pub async fn list(
         &self,
         filter: &TaskFilter,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         limit: usize,
     ) -> Result<Page, StoreError> {
         // The index to walk: the state's, else the queue's, else every state's in turn.
@@ -124,7 +164,10 @@ impl Store {
                 .map(|s| self.keys().state_index(*s))
                 .collect(),
         };
-        let (mut index, mut offset) = parse_cursor(cursor);
+        let Cursor {
+            mut index,
+            mut offset,
+        } = cursor.unwrap_or_default();
         let limit = limit.clamp(1, 1000);
         let mut tasks = Vec::new();
         let mut scanned = 0;
@@ -162,7 +205,7 @@ impl Store {
         let more = index < indexes.len();
         Ok(Page {
             tasks,
-            next: more.then(|| format!("{index}:{offset}")),
+            next: more.then(|| Cursor { index, offset }.to_string()),
         })
     }
 
@@ -282,14 +325,6 @@ impl Store {
     }
 }
 
-/// `"<index>:<offset>"`; anything else starts from the beginning.
-fn parse_cursor(cursor: Option<&str>) -> (usize, usize) {
-    cursor
-        .and_then(|c| c.split_once(':'))
-        .and_then(|(i, o)| Some((i.parse().ok()?, o.parse().ok()?)))
-        .unwrap_or((0, 0))
-}
-
 fn summary(id: &str, row: Vec<Option<String>>) -> Option<TaskSummary> {
     let mut row = row.into_iter();
     let mut text = || row.next().flatten().unwrap_or_default();
@@ -331,10 +366,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursors_round_trip_and_garbage_starts_over() {
-        assert_eq!(parse_cursor(Some("2:40")), (2, 40));
-        assert_eq!(parse_cursor(Some("x")), (0, 0));
-        assert_eq!(parse_cursor(Some("1:-3")), (0, 0));
-        assert_eq!(parse_cursor(None), (0, 0));
+    fn cursors_round_trip_and_anything_else_is_refused() {
+        let cursor: Cursor = "2:40".parse().unwrap();
+        assert_eq!(
+            cursor,
+            Cursor {
+                index: 2,
+                offset: 40
+            }
+        );
+        assert_eq!(cursor.to_string(), "2:40");
+        let long = "9".repeat(10_000);
+        for bad in [
+            "",
+            "x",
+            "not-a-cursor",
+            "1:-3",
+            "-1:3",
+            ":",
+            "1:",
+            ":5",
+            "1:2:3",
+            " 1:2",
+            "1:2 ",
+            "+1:2",
+            "6:0",
+            "1:99999999999999999999",
+            &long,
+        ] {
+            let err = bad.parse::<Cursor>().unwrap_err();
+            assert!(
+                err.to_string().contains("is not a list cursor"),
+                "{bad}: {err}"
+            );
+            assert!(
+                err.to_string().len() < 200,
+                "the error quotes at most 64 characters"
+            );
+        }
     }
 }

@@ -72,3 +72,12 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /v1/openapi.json")
 }
+
+/// A known path asked with a method it does not take (axum adds the `Allow` header).
+pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this route does not take {method}; see the Allow header and /v1/openapi.json"),
+    )
+}

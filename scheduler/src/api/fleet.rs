@@ -35,9 +35,10 @@ pub struct SelectorBody {
 fn selector(body: &[u8]) -> Result<Selector, ApiError> {
     let body: SelectorBody = parse_body(body)?;
     match (body.queue, body.priority) {
-        (Some(queue), None) if !queue.is_empty() && queue.len() <= 128 => {
-            Ok(Selector::Queue(queue))
-        }
+        (Some(queue), None) => match fleet_common::task::check_queue(&queue) {
+            Ok(()) => Ok(Selector::Queue(queue)),
+            Err(err) => Err(ApiError::bad_request("bad_selector", err.to_string())),
+        },
         (None, Some(priority)) => Ok(Selector::Priority(priority)),
         _ => Err(ApiError::bad_request(
             "bad_selector",

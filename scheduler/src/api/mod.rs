@@ -78,6 +78,8 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
         .route("/v1/resume", post(fleet::resume))
         .route("/v1/stats", get(fleet::stats))
         .route("/v1/workers", get(fleet::workers))
+        // Before the token layer: layered routes no longer take a fallback.
+        .method_not_allowed_fallback(error::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -90,6 +92,7 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
         .route("/", get(|| async { Html(DASHBOARD) }))
         .merge(api)
         .merge(ops::router(readiness))
+        .method_not_allowed_fallback(error::method_not_allowed)
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -8,7 +8,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use fleet_common::Priority;
-use fleet_common::store::{Accepted, Cancel, NewTask, Reprioritize, TaskFilter};
+use fleet_common::store::{Accepted, Cancel, Cursor, NewTask, Reprioritize, TaskFilter};
 use fleet_common::task::{State as TaskState, TaskSpec, new_task_id};
 use fleet_common::trace::TraceParent;
 use serde::Deserialize;
@@ -159,16 +159,19 @@ pub async fn list(
             "limit must be 1 to 1000",
         ));
     }
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(str::parse::<Cursor>)
+        .transpose()
+        .map_err(|err| ApiError::bad_request("bad_cursor", err.to_string()))?;
     let filter = TaskFilter {
         state: q.state,
         queue: q.queue,
         kind: q.kind,
         priority: q.priority,
     };
-    let page = state
-        .store
-        .list(&filter, q.cursor.as_deref(), q.limit)
-        .await?;
+    let page = state.store.list(&filter, cursor, q.limit).await?;
     Ok(Json(serde_json::to_value(page).unwrap_or_default()))
 }
 

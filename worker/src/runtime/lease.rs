@@ -96,7 +96,7 @@ async fn keep_leases(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let mut info = serde_json::json!({
-        "host": std::env::var("HOSTNAME").unwrap_or_default(),
+        "host": crate::settings::host_name().unwrap_or_default(),
         "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),
         "concurrency": settings.worker.concurrency,
