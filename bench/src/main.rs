@@ -69,6 +69,9 @@ struct Args {
     /// throughput.
     #[arg(long, value_enum, default_value_t = Profile::Default)]
     throughput_settings: Profile,
+    /// Running tasks the worker killed in the recovery run holds at least.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    orphans: u64,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -116,19 +119,28 @@ async fn main() -> anyhow::Result<()> {
         ("FLEET__WORKER__CONCURRENCY", concurrency.as_str()),
         ("RUST_LOG", "info"),
     ];
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "bench",
         args.workers,
         &worker_vars,
         args.throughput_settings,
     )
     .await?;
-    let lease_ms = stack.env.settings().lease.lease_ms;
     note(&format!("(a) end to end: {} no-op tasks …", args.tasks));
     let throughput = scenarios::throughput(&stack, args.tasks).await?;
-    note("(d) recovery after kill -9 …");
-    let recovery = scenarios::recovery(&mut stack, lease_ms).await?;
     drop(stack);
+    note(&format!(
+        "(d) recovery after kill -9 of a worker holding {}+ tasks …",
+        args.orphans
+    ));
+    let recovery = scenarios::recovery(args.orphans as usize, args.throughput_settings).await?;
+    note(
+        "(g) scheduler failover: kill -9 of the only scheduler (restarted at once), then of one of two …",
+    );
+    let failover = vec![
+        scenarios::failover(1, args.throughput_settings).await?,
+        scenarios::failover(2, args.throughput_settings).await?,
+    ];
     // Each latency run gets a fresh stack: the test broker keeps every record in memory and
     // its fetches cost more as its log grows, so a run after others would measure their load.
     note("(c) latency at fixed loads …");
@@ -252,6 +264,7 @@ async fn main() -> anyhow::Result<()> {
         "redis_first": redis_first,
         "latency": latency,
         "recovery": recovery,
+        "failover": failover,
         "memory": memory,
         "bench_seconds": began.elapsed().as_secs_f64(),
     });
@@ -365,11 +378,27 @@ fn print_table(r: &Value) {
     }
     let rc = &r["recovery"];
     println!(
-        "| (d) recovery after kill -9 ({} tasks, lease {} ms) | {:.2} s |",
+        "| (d) recovery after kill -9 ({} tasks, lease {} ms): each running again after | first {:.2} s, median {:.2} s, last {:.2} s (all seen running elsewhere {:.2} s) |",
         rc["tasks_on_killed_worker"],
         rc["lease_ms"],
+        f(&rc["first_restart_s"]),
+        f(&rc["median_restart_s"]),
+        f(&rc["last_restart_s"]),
         f(&rc["seconds"])
     );
+    for fo in r["failover"].as_array().into_iter().flatten() {
+        println!(
+            "| (g) scheduler failover, kill -9 of {} (session {} ms) | next submission accepted after {:.1} s; longest wait {:.1} s |",
+            if fo["schedulers"] == 1 {
+                "the only scheduler, restarted at once"
+            } else {
+                "one of two schedulers"
+            },
+            fo["session_timeout_ms"],
+            f(&fo["takeover_s"]),
+            f(&fo["longest_wait_s"])
+        );
+    }
     println!(
         "| (e) cost per task | {:.1} Redis commands, {:.0} µs Redis CPU, {:.1} Kafka records, {:.0} Kafka bytes |",
         f(&e["redis_commands_per_task"]),

@@ -314,46 +314,47 @@ pub async fn latency(
     }))
 }
 
-/// (d) recovery: `kill -9` of a worker running sleeping tasks; time until every one of its
-/// tasks runs again on another worker.
-pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value> {
-    // Few enough that the surviving workers have free slots for the killed one's tasks.
-    let n = 8 * stack.workers.len();
+/// (d) recovery: `kill -9` of a worker holding at least `orphans` sleeping tasks, on a stack
+/// of its own whose two workers have slots for everything (`3 × orphans` each), so every
+/// orphan can start again at once elsewhere. Measures when each orphan started again (its
+/// `started_ms`, Redis time) after the kill: first, median and last.
+pub async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result<Value> {
+    let concurrency = (3 * orphans).to_string();
+    let mut stack = Stack::start(
+        "bench-recovery",
+        2,
+        &[
+            ("FLEET__WORKER__CONCURRENCY", concurrency.as_str()),
+            ("RUST_LOG", "info"),
+        ],
+        profile,
+    )
+    .await?;
+    let lease_ms = stack.env.settings().lease.lease_ms;
+    // Spread over both workers: the busier one holds at least half, over `orphans`.
+    let n = 2 * orphans + orphans / 5;
     let ids: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
     let bodies: Vec<String> = ids
         .iter()
-        .map(|id| format!(r#"{{"id":"{id}","kind":"sleep","payload":{{"ms":30000}}}}"#))
+        .map(|id| format!(r#"{{"id":"{id}","kind":"sleep","payload":{{"ms":600000}}}}"#))
         .collect();
     stack.submit(&bodies).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let rows = loop {
-        let rows = stack.fields(&ids, &["state", "worker"]).await?;
-        let running = rows
-            .iter()
-            .filter(|r| r.get("state").map(String::as_str) == Some("running"))
-            .count();
-        if running == n {
-            break rows;
-        }
-        if Instant::now() > deadline {
-            bail!("only {running} of {n} recovery tasks running after 60 s");
-        }
-        stack.check_services()?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    // The victim is the worker running the most of them.
-    let mut per_worker: std::collections::BTreeMap<&str, usize> = Default::default();
-    let running = rows
-        .iter()
-        .filter(|r| r.get("state").map(String::as_str) == Some("running"));
-    for worker in running.filter_map(|r| r.get("worker")) {
+    stack
+        .wait_count(State::Running, n as u64, Duration::from_secs(120))
+        .await?;
+    let rows = stack.fields(&ids, &["worker"]).await?;
+    let mut per_worker: BTreeMap<&str, usize> = Default::default();
+    for worker in rows.iter().filter_map(|r| r.get("worker")) {
         *per_worker.entry(worker.as_str()).or_default() += 1;
     }
-    let victim_name = per_worker
+    let (victim_name, held) = per_worker
         .iter()
         .max_by_key(|(_, n)| **n)
-        .map(|(w, _)| w.to_string())
+        .map(|(w, n)| (w.to_string(), *n))
         .ok_or_else(|| anyhow::anyhow!("no recovery task started"))?;
+    if held < orphans {
+        bail!("the busier worker holds only {held} of {n} tasks, fewer than {orphans}");
+    }
     let victims: Vec<String> = ids
         .iter()
         .zip(&rows)
@@ -367,26 +368,120 @@ pub async fn recovery(stack: &mut Stack, lease_ms: u64) -> anyhow::Result<Value>
         .ok_or_else(|| anyhow::anyhow!("no worker {victim_name}"))?;
     victim.signal("KILL");
     let killed = Instant::now();
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
     let deadline = killed + Duration::from_secs(120);
-    loop {
-        let rows = stack.fields(&victims, &["state", "worker"]).await?;
+    let rows = loop {
+        let rows = stack
+            .fields(&victims, &["state", "worker", "started_ms"])
+            .await?;
         let moved = rows.iter().all(|r| {
             r.get("state").map(String::as_str) == Some("running")
                 && r.get("worker") != Some(&victim_name)
         });
         if moved {
-            break;
+            break rows;
         }
         if Instant::now() > deadline {
             bail!("the killed worker's tasks were not all running elsewhere after 120 s");
         }
         stack.check_services()?;
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let all_moved_s = killed.elapsed().as_secs_f64();
+    let mut restarted: Vec<u64> = rows
+        .iter()
+        .filter_map(|r| r.get("started_ms")?.parse::<i64>().ok())
+        .map(|ms| (ms - killed_ms).max(0) as u64)
+        .collect();
+    restarted.sort_unstable();
+    let at = |q: f64| {
+        restarted
+            .get(((restarted.len() as f64 - 1.0) * q) as usize)
+            .copied()
+    };
     Ok(json!({
         "tasks_on_killed_worker": victims.len(),
-        "seconds": killed.elapsed().as_secs_f64(),
+        "seconds": all_moved_s,
+        "first_restart_s": at(0.0).map(|ms| ms as f64 / 1000.0),
+        "median_restart_s": at(0.5).map(|ms| ms as f64 / 1000.0),
+        "last_restart_s": at(1.0).map(|ms| ms as f64 / 1000.0),
         "lease_ms": lease_ms,
+        "worker_concurrency": 3 * orphans,
+    }))
+}
+
+/// (g) scheduler failover: `kill -9` of a scheduler while a submission arrives on the submit
+/// topic every 50 ms; the time from the kill until the first submission sent after it is
+/// accepted. With one scheduler it is started again at once (as a supervisor would); with two,
+/// the other takes over the killed one's partitions.
+pub async fn failover(schedulers: usize, profile: Profile) -> anyhow::Result<Value> {
+    let mut stack = Stack::start(
+        &format!("bench-failover-{schedulers}"),
+        1,
+        &[("RUST_LOG", "info")],
+        profile,
+    )
+    .await?;
+    let mut extra = Vec::new();
+    for i in 1..schedulers {
+        extra.push(stack.add_scheduler(&format!("scheduler{i}")));
+    }
+    // Warm up until every scheduler holds partitions of the submit topic.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let body = |i: usize| format!(r#"{{"id":"f{i}","kind":"noop"}}"#);
+    let mut sent_at = Vec::new();
+    let start = Instant::now();
+    let mut i = 0;
+    let mut killed = None;
+    while start.elapsed() < Duration::from_secs(40) {
+        if killed.is_none() && start.elapsed() >= Duration::from_secs(5) {
+            stack.scheduler.signal("KILL");
+            killed = Some((i, now_ms()));
+            if schedulers == 1 {
+                stack.scheduler.wait_exit(Duration::from_secs(5));
+                stack.restart_scheduler();
+            }
+        }
+        tokio::spawn(stack.submit_one(body(i)));
+        sent_at.push(now_ms());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (first_after, killed_ms) = killed.ok_or_else(|| anyhow::anyhow!("never killed"))?;
+    let ids: Vec<String> = (0..i).map(|n| format!("f{n}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = stack.fields(&ids, &["created_ms"]).await?;
+        if rows.iter().all(|r| r.contains_key("created_ms")) {
+            break rows;
+        }
+        if Instant::now() > deadline {
+            bail!("not every failover submission was accepted within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let accepted: Vec<u64> = rows
+        .iter()
+        .map(|r| r["created_ms"].parse().unwrap_or(0))
+        .collect();
+    // The first submission sent at or after the kill, and the longest any waited.
+    let takeover_ms = accepted[first_after].saturating_sub(killed_ms);
+    let longest_wait_ms = accepted
+        .iter()
+        .zip(&sent_at)
+        .map(|(a, s)| a.saturating_sub(*s))
+        .max()
+        .unwrap_or(0);
+    drop(extra);
+    Ok(json!({
+        "schedulers": schedulers,
+        "restarted": schedulers == 1,
+        "takeover_s": takeover_ms as f64 / 1000.0,
+        "longest_wait_s": longest_wait_ms as f64 / 1000.0,
+        "session_timeout_ms": stack.env.settings().kafka.session_timeout_ms,
+        "submissions": i,
     }))
 }
 

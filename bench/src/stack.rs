@@ -171,6 +171,20 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Starts another scheduler (no HTTP listener) and returns it.
+    pub fn add_scheduler(&self, name: &str) -> ManagedProcess {
+        self.env.spawn(
+            "fleet-scheduler",
+            name,
+            &[("FLEET_CONFIG", &self.config), ("FLEET__HTTP__LISTEN", "")],
+        )
+    }
+
+    /// Starts the stack's scheduler again (after it was killed), without its HTTP API.
+    pub fn restart_scheduler(&mut self) {
+        self.scheduler = self.add_scheduler("scheduler-restarted");
+    }
+
     pub fn add_worker(&mut self, name: &str, vars: &[(&str, &str)]) {
         let mut vars = vars.to_vec();
         vars.push(("FLEET_CONFIG", &self.config));

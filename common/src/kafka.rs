@@ -124,38 +124,6 @@ pub struct TopicStatus {
     pub partitions: usize,
 }
 
-/// A group consumer that reports its lag per partition as the gauge `fleet_consumer_lag`
-/// (from librdkafka's statistics, every `statistics.interval.ms`, 5 s by default here).
-pub type MeteredConsumer = rdkafka::consumer::StreamConsumer<LagContext>;
-
-/// Consumer context publishing librdkafka's per-partition consumer lag as a metric.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LagContext;
-
-impl rdkafka::ClientContext for LagContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, stats) in &statistics.topics {
-            for (partition, p) in &stats.partitions {
-                // -1: unknown (not assigned, or no committed offset yet).
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!("fleet_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for LagContext {}
-
-/// Creates a [`MeteredConsumer`] from `config` (e.g. [`consumer_config`]).
-pub fn metered_consumer(mut config: ClientConfig) -> Result<MeteredConsumer, KafkaError> {
-    if config.get("statistics.interval.ms").is_none() {
-        config.set("statistics.interval.ms", "5000");
-    }
-    config.create_with_context(LagContext)
-}
-
 /// An admin client.
 pub fn admin_config(settings: &KafkaSettings) -> ClientConfig {
     client_config(settings, &[("client.id", "fleet-admin".into())])

@@ -7,6 +7,7 @@
 //! - [`task`]: the submission format, the stored record, the envelope, the states.
 //! - [`topics`]: every Kafka topic name.
 //! - [`kafka`]: producer/consumer/admin configuration and topic creation.
+//! - [`membership`]: group consumers whose assignment is logged, measured and watched.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
 //! - [`retry`]: retrying a call on a dependency that is briefly away.
 //! - [`telemetry`]: `tracing` set-up.
@@ -14,6 +15,7 @@
 
 pub mod cli;
 pub mod kafka;
+pub mod membership;
 pub mod message_size;
 pub mod ops;
 pub mod otlp;

@@ -2,9 +2,10 @@
 //! `/readyz` (it reached Redis and Kafka and does its work) and `/metrics` (Prometheus text).
 //! The scheduler adds its API and dashboard to the same listener.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -109,16 +110,55 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Whether the service is ready for traffic; `/readyz` answers from it.
+/// Whether the service is ready for traffic; `/readyz` answers from it. Ready means started,
+/// not draining, and no named problem (e.g. a consumer without partitions) is open; the answer
+/// names every open problem, so nothing is idle without saying why.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    started: AtomicBool,
+    problems: Mutex<BTreeMap<&'static str, String>>,
+}
 
 impl Readiness {
+    /// Started and not draining.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.0.started.store(ready, Ordering::Relaxed);
     }
+
+    /// Opens (`Some(reason)`) or closes (`None`) the problem named `what`.
+    pub fn problem(&self, what: &'static str, reason: Option<String>) {
+        let mut problems = self.problems();
+        match reason {
+            Some(reason) => problems.insert(what, reason),
+            None => problems.remove(what),
+        };
+    }
+
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.started.load(Ordering::Relaxed) && self.problems().is_empty()
+    }
+
+    /// Why the service is not ready, one reason per line; empty when it is ready.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut reasons: Vec<String> = self
+            .problems()
+            .iter()
+            .map(|(what, reason)| format!("{what}: {reason}"))
+            .collect();
+        if !self.0.started.load(Ordering::Relaxed) {
+            reasons.insert(0, "starting or draining".into());
+        }
+        reasons
+    }
+
+    fn problems(&self) -> MutexGuard<'_, BTreeMap<&'static str, String>> {
+        self.0
+            .problems
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -132,10 +172,16 @@ pub fn router(readiness: Readiness) -> Router {
 }
 
 async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {
-    if readiness.get() {
-        (StatusCode::OK, "ready\n")
+    let reasons = readiness.reasons();
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        let mut body = "not ready\n".to_string();
+        for reason in reasons {
+            body.push_str(&reason);
+            body.push('\n');
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }
 

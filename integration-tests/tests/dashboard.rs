@@ -60,27 +60,52 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
     let mut browser = Browser::launch(&env).await;
     let base = format!("http://{addr}/");
 
-    // Without a token the page says what is missing.
+    // Without a token the page says what is missing and points at the token field.
     browser.navigate(&base).await;
     browser
         .wait_for(
             "the missing-token message",
-            "document.getElementById('message').textContent.includes('Authorization')",
+            "document.getElementById('message').textContent.includes('Authorization') && \
+             document.getElementById('need-token')?.textContent.includes('API token') && \
+             document.getElementById('token').classList.contains('wanted') && \
+             !document.getElementById('view').textContent.includes('Loading')",
+        )
+        .await;
+    browser.screenshot(&shots.join("no-token.png")).await;
+
+    // A wrong token, then the right one typed into the field: the error goes with its cause.
+    let type_token = |token: &str| {
+        format!(
+            "{{ const t = document.getElementById('token'); t.value = '{token}'; \
+             t.dispatchEvent(new Event('change')); }}"
+        )
+    };
+    browser.eval(&type_token("not-the-token-at-all")).await;
+    browser
+        .wait_for(
+            "the wrong-token message",
+            "document.getElementById('message').textContent.includes('not valid') && \
+             document.getElementById('need-token')?.textContent.includes('not accepted')",
+        )
+        .await;
+    browser.eval(&type_token(TOKEN)).await;
+    browser
+        .wait_for(
+            "12 succeeded tasks and the worker on the overview, and no stale error",
+            "(document.getElementById('count-succeeded')?.textContent === '12') && \
+             document.getElementById('workers')?.textContent.includes('w1') && \
+             document.body.textContent.includes('emails') && \
+             document.getElementById('message').textContent === '' && \
+             !document.getElementById('token').classList.contains('wanted')",
         )
         .await;
 
-    // With the token: live counts, queues and the worker.
-    browser
-        .eval(&format!("localStorage.setItem('fleet-token', '{TOKEN}')"))
-        .await;
-    browser.navigate(&format!("{base}#/")).await;
+    // The token was kept, so a reload shows the data at once.
     browser.call("Page.reload", json!({})).await;
     browser
         .wait_for(
-            "12 succeeded tasks and the worker on the overview",
-            "(document.getElementById('count-succeeded')?.textContent === '12') && \
-             document.getElementById('workers')?.textContent.includes('w1') && \
-             document.body.textContent.includes('emails')",
+            "the overview after a reload",
+            "document.getElementById('count-succeeded')?.textContent === '12'",
         )
         .await;
     browser.screenshot(&shots.join("overview.png")).await;
@@ -126,7 +151,25 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         )
         .await;
     browser.screenshot(&shots.join("task-cancelled.png")).await;
+    // A passing Redis outage shows while it lasts, and goes when Redis is back (last: it
+    // costs the workers their leases).
+    env.redis.signal("STOP");
+    browser
+        .wait_for(
+            "the outage shows",
+            "document.getElementById('message').textContent.includes('Redis')",
+        )
+        .await;
+    env.redis.signal("CONT");
+    browser
+        .wait_for(
+            "the outage message goes",
+            "document.getElementById('message').textContent === '' && \
+             document.getElementById('task-state')?.textContent === 'cancelled'",
+        )
+        .await;
     for name in [
+        "no-token.png",
         "overview.png",
         "tasks.png",
         "task-running.png",

@@ -15,10 +15,11 @@
 
 use std::sync::Arc;
 
+use fleet_common::ops::Readiness;
 use fleet_common::store::{Accepted, NewTask, Store};
 use fleet_common::task::TaskSpec;
 use fleet_common::trace::TraceParent;
-use fleet_common::{Topics, kafka};
+use fleet_common::{Topics, kafka, membership};
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
@@ -31,22 +32,36 @@ use crate::publish::Publisher;
 use crate::settings::SchedulerSettings;
 use fleet_common::retry::retry_until;
 
-/// Runs ingest until `token` is cancelled.
+/// Runs ingest until `token` is cancelled. A stall of the submit consumer's group is reported
+/// on `readiness` and repaired (see [`membership`]).
 pub async fn run(
     settings: Arc<SchedulerSettings>,
     store: Store,
     publisher: Publisher,
+    readiness: Readiness,
     token: CancellationToken,
 ) -> fleet_common::shutdown::TaskResult {
     let topics = Topics::from_settings(&settings.topics);
     let client_id = format!("fleet-scheduler-{}", std::process::id());
-    let consumer = kafka::metered_consumer(kafka::consumer_config(
-        &settings.kafka,
-        &settings.scheduler.group_id,
-        &client_id,
-    ))?;
+    let group = &settings.scheduler.group_id;
+    let consumer = Arc::new(membership::consumer(
+        kafka::consumer_config(&settings.kafka, group, &client_id),
+        group,
+    )?);
     consumer.subscribe(&[&topics.submit()])?;
-    info!(topic = %topics.submit(), group = %settings.scheduler.group_id, "Ingest started.");
+    info!(topic = %topics.submit(), group = %group, "Ingest started.");
+    let watcher = tokio::spawn(membership::watch(
+        consumer.clone(),
+        membership::Watch {
+            kafka: settings.kafka.clone(),
+            group: group.clone(),
+            topics: vec![topics.submit()],
+            member: client_id.clone(),
+            store: store.clone(),
+            readiness,
+        },
+        token.child_token(),
+    ));
 
     let (to_publish, accepted_batches) = mpsc::channel(PUBLISH_QUEUE);
     let publishing = tokio::spawn(publish_stage(
@@ -89,7 +104,7 @@ pub async fn run(
         }
         for message in &messages {
             if let Err(err) = kafka::store_handled(
-                &consumer,
+                &*consumer,
                 message.topic(),
                 message.partition(),
                 message.offset(),
@@ -99,6 +114,7 @@ pub async fn run(
         }
     }
     drop(batches);
+    watcher.abort();
     if let Err(err) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         debug!(error = %err, "Final offset commit skipped.");
     }

@@ -253,6 +253,34 @@ impl Publisher {
         .await
     }
 
+    /// Publishes a batch of tasks taken from Redis (see [`Publisher::dispatch`]) all at once:
+    /// every record is queued before any acknowledgement is awaited, so a batch costs one wait
+    /// for the broker, not one per task. Returns the ids and attempts Kafka acknowledged, for
+    /// [`Store::dispatched`]; the rest stay in the outbox for the relay.
+    pub async fn dispatch_all<'a>(
+        &self,
+        dispatches: impl IntoIterator<Item = &'a Dispatch>,
+        live: &LivePartitions,
+        who: &str,
+    ) -> Vec<(&'a str, u32)> {
+        let dispatches: Vec<&Dispatch> = dispatches.into_iter().collect();
+        let results =
+            futures::future::join_all(dispatches.iter().map(|d| self.dispatch(d, live))).await;
+        let mut sent = Vec::with_capacity(dispatches.len());
+        for (dispatch, result) in dispatches.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    debug!(task_id = %dispatch.id, attempt = dispatch.attempt, "Task dispatched by the {who}.");
+                    sent.push((dispatch.id.as_str(), dispatch.attempt));
+                }
+                Err(err) => {
+                    warn!(task_id = %dispatch.id, error = %err, "The {who} could not publish a task; the relay will retry it.")
+                }
+            }
+        }
+        sent
+    }
+
     /// Sends a refused submission to the rejected topic with the reason in headers.
     pub async fn rejected(
         &self,

@@ -7,8 +7,8 @@ use tracing::{info, warn};
 
 use crate::publish::{LivePartitions, Publisher};
 
-/// Most expired leases handled per scan.
-pub const BATCH: usize = 500;
+/// Most expired leases handled per scan (a full scan runs again at once).
+pub const BATCH: usize = 1_000;
 
 /// One scan; returns how many expired leases it found. `live_max_age_ms`: workers heard from
 /// within this long count as live for routing the requeued tasks.
@@ -27,7 +27,7 @@ pub async fn scan(
     } else {
         LivePartitions::default()
     };
-    let mut sent = Vec::new();
+    let mut requeued = Vec::new();
     for outcome in &outcomes {
         match outcome {
             Requeue::Requeued(dispatch) => {
@@ -35,12 +35,7 @@ pub async fn scan(
                 let (kind, priority) = labels(&dispatch.record_json);
                 metrics::counter!("fleet_tasks_requeued_total", "kind" => kind, "priority" => priority)
                     .increment(1);
-                match publisher.dispatch(dispatch, &live).await {
-                    Ok(()) => sent.push((dispatch.id.as_str(), dispatch.attempt)),
-                    Err(err) => {
-                        warn!(task_id = %dispatch.id, error = %err, "Requeued task not published; the relay will.")
-                    }
-                }
+                requeued.push(dispatch);
             }
             Requeue::Failed(id) => {
                 metrics::counter!("fleet_tasks_failed_total", "by" => "reaper").increment(1);
@@ -53,6 +48,9 @@ pub async fn scan(
             Requeue::Skipped(_) => {}
         }
     }
+    // The whole scan's requeues go out together: a worker that died holding a thousand tasks
+    // must not make them wait for one broker round trip each.
+    let sent = publisher.dispatch_all(requeued, &live, "reaper").await;
     store.dispatched(&sent).await?;
     Ok(expired.len())
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fleet_common::store::Store;
 use fleet_common::task::Envelope;
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::publish::{LivePartitions, Publisher};
 
@@ -75,20 +75,7 @@ pub async fn round(
     let due = store.take_due(BATCH).await?;
     if !due.is_empty() {
         let live = LivePartitions::load(store, live_max_age_ms).await;
-        let results =
-            futures::future::join_all(due.iter().map(|d| publisher.dispatch(d, &live))).await;
-        let mut sent = Vec::with_capacity(due.len());
-        for (dispatch, result) in due.iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    debug!(task_id = %dispatch.id, attempt = dispatch.attempt, "Task dispatched by the relay.");
-                    sent.push((dispatch.id.as_str(), dispatch.attempt));
-                }
-                Err(err) => {
-                    warn!(task_id = %dispatch.id, error = %err, "Relay could not publish; it will retry.")
-                }
-            }
-        }
+        let sent = publisher.dispatch_all(&due, &live, "relay").await;
         store.dispatched(&sent).await?;
     }
 

@@ -165,6 +165,7 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
                 settings.clone(),
                 store.clone(),
                 publisher.clone(),
+                readiness.clone(),
                 token.child_token(),
             ),
         ),

@@ -61,6 +61,64 @@ pub enum Reprioritize {
 const REPRIORITIZE_TRIES: usize = 5;
 
 impl Store {
+    /// Saves consumer group `group`'s offsets (topic, partition, offset) for `ttl_ms`,
+    /// replacing any saved before.
+    pub async fn save_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(String, i32, i64)],
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        let key = self.keys().group_offsets(group);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        if !offsets.is_empty() {
+            let fields: Vec<(String, i64)> = offsets
+                .iter()
+                .map(|(topic, partition, offset)| (format!("{partition}:{topic}"), *offset))
+                .collect();
+            pipe.hset_multiple(&key, &fields).ignore();
+            pipe.pexpire(&key, ttl_ms.max(1) as i64).ignore();
+        }
+        let () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// The offsets [`Store::save_group_offsets`] saved for `group` (none once expired).
+    pub async fn group_offsets(&self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let fields: Vec<(String, i64)> = redis::cmd("HGETALL")
+            .arg(self.keys().group_offsets(group))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(fields
+            .into_iter()
+            .filter_map(|(field, offset)| {
+                let (partition, topic) = field.split_once(':')?;
+                Some((topic.to_string(), partition.parse().ok()?, offset))
+            })
+            .collect())
+    }
+
+    /// Takes the repair of consumer group `group` for `owner` for `ttl_ms`, unless another
+    /// member holds it; whether `owner` may repair. The hold is left to expire, so peers that
+    /// noticed the same stall a moment later leave the repaired group alone meanwhile.
+    pub async fn take_group_repair(
+        &self,
+        group: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.keys().group_repair(group))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Cancels tasks, in one call; see `lua/cancel.lua`.
     pub async fn cancel(&self, ids: &[String]) -> Result<Vec<Cancel>, StoreError> {
         if ids.is_empty() {

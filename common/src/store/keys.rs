@@ -23,6 +23,18 @@ impl Keys {
         }
     }
 
+    /// String held while one member of consumer group `group` repairs it (see
+    /// [`crate::membership`]), so that its stalled peers do not repair it again meanwhile.
+    pub fn group_repair(&self, group: &str) -> String {
+        join(&[&self.root, ":group-repair:", group])
+    }
+
+    /// Hash of consumer group `group`'s committed offsets, saved by a repair before it deletes
+    /// the group (fields `<partition>:<topic>`, values offsets); expires after ten minutes.
+    pub fn group_offsets(&self, group: &str) -> String {
+        join(&[&self.root, ":group-offsets:", group])
+    }
+
     /// Hash recording the key-schema version this fleet's data is written in.
     pub fn schema(&self) -> String {
         format!("{}:schema", self.root)

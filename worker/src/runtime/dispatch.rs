@@ -7,7 +7,7 @@ use std::time::Duration;
 use fleet_common::retry::retry_until;
 use fleet_common::store::{Claim, Store, new_call_id};
 use fleet_common::task::Envelope;
-use fleet_common::{kafka, rejected};
+use fleet_common::{kafka, membership, rejected};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use crate::handler::Registry;
 /// ones, and stores the batch's offsets once the claim has answered.
 pub(super) async fn dispatch_loop(
     shared: Arc<Shared>,
-    consumer: Arc<kafka::MeteredConsumer>,
+    consumer: Arc<membership::GroupConsumer>,
     store: Store,
     registry: Arc<Registry>,
     done: mpsc::UnboundedSender<Finished>,

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::Outcome;
 use fleet_common::store::{self, Store, StoreError};
-use fleet_common::{Priority, Topics, kafka};
+use fleet_common::{Priority, Topics, kafka, membership};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -175,11 +175,25 @@ impl Worker {
         if !settings.worker.group_instance_id.is_empty() {
             config.set("group.instance.id", &settings.worker.group_instance_id);
         }
-        let consumer = kafka::metered_consumer(config)?;
+        let group = &settings.worker.group_id;
+        let consumer = membership::consumer(config, group)?;
         let topic_names = Priority::ALL.map(|p| topics.tasks(p));
         let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
         consumer.subscribe(&subscription)?;
         let consumer = Arc::new(consumer);
+        let readiness = Readiness::default();
+        let watcher = tokio::spawn(membership::watch(
+            consumer.clone(),
+            membership::Watch {
+                kafka: settings.kafka.clone(),
+                group: group.clone(),
+                topics: topic_names.to_vec(),
+                member: worker_id.to_string(),
+                store: store.clone(),
+                readiness: readiness.clone(),
+            },
+            token.child_token(),
+        ));
 
         let concurrency = settings.worker.concurrency;
         let shared = Arc::new(Shared {
@@ -236,7 +250,6 @@ impl Worker {
         ));
 
         // Health, readiness and metrics; the listener stops when the worker is told to stop.
-        let readiness = Readiness::default();
         ops::serve(
             &settings.http.listen,
             ops::router(readiness.clone()),
@@ -258,6 +271,7 @@ impl Worker {
         }
         fetch.cancel();
         readiness.set(false);
+        watcher.abort();
         info!(
             running = shared.running().len(),
             "Draining: no new tasks are started."
@@ -310,7 +324,7 @@ impl Worker {
 /// matters: a draining worker no longer polls its consumer, and under the eager protocol every
 /// member must rejoin a rebalance, so staying in the group would hold up every other worker's
 /// rebalance (the next replica of a rolling deploy, say) until this drain ended.
-async fn leave_group(consumer: Arc<kafka::MeteredConsumer>, shared: &Shared) {
+async fn leave_group(consumer: Arc<membership::GroupConsumer>, shared: &Shared) {
     if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
         // Nothing stored since the last auto-commit, or the group is rebalancing: the next
         // owner re-reads at most the claimed deliveries, which claim as duplicates.

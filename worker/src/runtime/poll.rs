@@ -8,12 +8,12 @@ use futures::StreamExt;
 
 use fleet_common::task::Envelope;
 use fleet_common::trace::TraceParent;
-use fleet_common::{Priority, kafka};
+use fleet_common::{Priority, membership};
 use rdkafka::Message;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{Delivery, Shared};
 
@@ -33,7 +33,7 @@ const POLL_BATCH: usize = 256;
 /// a full priority is paused, and resumed once it drained to half.
 pub(super) async fn poll_loop(
     shared: Arc<Shared>,
-    consumer: Arc<kafka::MeteredConsumer>,
+    consumer: Arc<membership::GroupConsumer>,
     token: CancellationToken,
 ) {
     let high = high_water(&shared);
@@ -115,22 +115,16 @@ pub(super) async fn poll_loop(
     }
 }
 
-/// Notes which partitions of each priority topic this worker owns now.
-fn record_assignment(shared: &Shared, consumer: &kafka::MeteredConsumer) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
+/// Notes which partitions of each priority topic this worker owns now, for its heartbeats (the
+/// consumer's context logs every change).
+fn record_assignment(shared: &Shared, consumer: &membership::GroupConsumer) {
     let mut owned: [Vec<i32>; 4] = Default::default();
-    for element in assignment.elements() {
-        if let Some(i) = shared.topic_names.iter().position(|t| t == element.topic()) {
-            owned[i].push(element.partition());
+    for (topic, partition) in consumer.context().state().partitions() {
+        if let Some(i) = shared.topic_names.iter().position(|t| *t == topic) {
+            owned[i].push(partition);
         }
     }
-    let mut current = shared.assignment();
-    if *current != owned {
-        info!(worker_id = %shared.worker_id, partitions = ?owned, "Assignment changed (critical, high, normal, low).");
-        *current = owned;
-    }
+    *shared.assignment() = owned;
 }
 
 /// Backpressure pauses of each priority topic's partitions.
@@ -154,7 +148,7 @@ impl Backpressure {
 
     /// Pauses the partitions of `topic` (priority `i`) assigned now that are not paused yet.
     /// With none assigned the priority stays unpaused: the next full buffer tries again.
-    fn pause(&mut self, i: usize, consumer: &kafka::MeteredConsumer, topic: &str) {
+    fn pause(&mut self, i: usize, consumer: &membership::GroupConsumer, topic: &str) {
         let fresh = self.to_pause(i, &assigned(consumer, topic));
         if !fresh.is_empty() && apply(consumer, topic, &fresh, true) {
             self.paused[i].extend(fresh);
@@ -163,7 +157,7 @@ impl Backpressure {
 
     /// Resumes every partition of `topic` paused since the last resume, and those assigned now.
     /// On failure it stays paused, so the next tick tries again.
-    fn resume(&mut self, i: usize, consumer: &kafka::MeteredConsumer, topic: &str) {
+    fn resume(&mut self, i: usize, consumer: &membership::GroupConsumer, topic: &str) {
         let all = self.to_resume(i, &assigned(consumer, topic));
         if apply(consumer, topic, &all, false) {
             self.paused[i].clear();
@@ -187,7 +181,7 @@ impl Backpressure {
 }
 
 /// This consumer's partitions of `topic` now (none if the assignment cannot be read).
-fn assigned(consumer: &kafka::MeteredConsumer, topic: &str) -> Vec<i32> {
+fn assigned(consumer: &membership::GroupConsumer, topic: &str) -> Vec<i32> {
     consumer.assignment().map_or_else(
         |_| Vec::new(),
         |list| {
@@ -201,7 +195,12 @@ fn assigned(consumer: &kafka::MeteredConsumer, topic: &str) -> Vec<i32> {
 }
 
 /// Pauses or resumes `partitions` of `topic`; whether librdkafka took it.
-fn apply(consumer: &kafka::MeteredConsumer, topic: &str, partitions: &[i32], pause: bool) -> bool {
+fn apply(
+    consumer: &membership::GroupConsumer,
+    topic: &str,
+    partitions: &[i32],
+    pause: bool,
+) -> bool {
     let mut list = TopicPartitionList::new();
     for &partition in partitions {
         list.add_partition(topic, partition);

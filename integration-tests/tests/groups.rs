@@ -1,0 +1,265 @@
+//! Consumer groups under the operations users run: every worker stopped and started within a
+//! second, both schedulers recreated at once, twenty times each, and the order of leaving that
+//! leaves the local broker's group without a leader. A member without partitions past the
+//! stall bound says so (`/readyz`, metric, log) and the group is repaired; every task runs
+//! once, within the documented bound.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fleet_common::membership::stall_bound;
+use fleet_integration_tests::fleet::{executions, log_events};
+use fleet_integration_tests::http::request;
+use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports};
+
+/// What the README promises after every member of a group restarted at once: the stall bound,
+/// the repair, and a new group's first assignment.
+fn recovery_bound(env: &TestEnv) -> Duration {
+    stall_bound(&env.settings().kafka) + Duration::from_secs(20)
+}
+
+/// Starts worker `name` and returns it.
+fn worker(env: &TestEnv, name: &str, extra: &[(&str, &str)]) -> ManagedProcess {
+    env.spawn("fleet-worker", name, extra)
+}
+
+/// Stops every process at once (SIGTERM to all, then waits for each to exit).
+fn stop_all(processes: &mut [ManagedProcess]) {
+    for p in processes.iter() {
+        p.signal("TERM");
+    }
+    for p in processes.iter_mut() {
+        assert_eq!(
+            p.wait_exit(Duration::from_secs(30)),
+            Some(0),
+            "{} drains",
+            p.name()
+        );
+    }
+}
+
+/// Waits until each named worker heartbeats with at least one partition.
+async fn holding_partitions(env: &TestEnv, names: &[&str], deadline: Duration) {
+    let store = env.store().await;
+    let lease = env.settings().lease.lease_ms;
+    eventually(deadline, "every worker holds partitions", || async {
+        let workers = store.workers(lease).await.unwrap_or_default();
+        names.iter().all(|name| {
+            workers.iter().any(|w| {
+                w.id == *name
+                    && w.info["partitions"].as_object().is_some_and(|p| {
+                        p.values()
+                            .any(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+                    })
+            })
+        })
+    })
+    .await;
+}
+
+/// Submits `ids` as no-op tasks on the submit topic.
+async fn submit(env: &TestEnv, ids: &[String]) {
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| format!(r#"{{"id":"{id}","kind":"noop"}}"#))
+        .collect();
+    env.submit(&bodies).await;
+}
+
+/// Every task succeeded, and (from the workers' own logs) ran exactly once.
+async fn each_ran_once(env: &TestEnv, ids: &[String], workers: &[String]) {
+    let tasks = env.tasks(ids).await;
+    assert_eq!(tasks.len(), ids.len(), "every task is in Redis");
+    for id in ids {
+        assert_eq!(tasks[id]["state"], "succeeded", "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id]["attempt"], "1", "{id}: {:?}", tasks[id]);
+    }
+    let names: Vec<&str> = workers.iter().map(String::as_str).collect();
+    let runs = executions(env, &names);
+    for id in ids {
+        assert_eq!(
+            runs.get(id).map_or(0, Vec::len),
+            1,
+            "{id}: {:?}",
+            runs.get(id)
+        );
+    }
+}
+
+/// The local broker's coordinator keeps a departed leader when the leader leaves while the
+/// group rebalances (its followers left first): new members then never get partitions. The
+/// stalled members say so and one repairs the group; everything submitted meanwhile runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_leader_left_last_is_repaired_and_every_task_runs_once() {
+    let env = TestEnv::start("group-leader-last");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    // The first member to join leads the group.
+    let leader = worker(&env, "leader", &[]);
+    holding_partitions(&env, &["leader"], Duration::from_secs(60)).await;
+    let follower = worker(&env, "follower", &[]);
+    holding_partitions(&env, &["leader", "follower"], Duration::from_secs(60)).await;
+    let before: Vec<String> = (0..20).map(|i| format!("before-{i}")).collect();
+    submit(&env, &before).await;
+    env.wait_terminal(&before, Duration::from_secs(60)).await;
+
+    // The follower leaves first; the leader leaves while the group rebalances, before it has
+    // noticed the follower's departure (its next heartbeat is a second away).
+    follower.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leader.signal("TERM");
+    stop_all(&mut [follower, leader]);
+    let [port] = free_ports::<1>();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listen = addr.to_string();
+    let started = Instant::now();
+    let _new1 = worker(&env, "new1", &[("FLEET__HTTP__LISTEN", &listen)]);
+    let _new2 = worker(&env, "new2", &[]);
+    let after: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
+    submit(&env, &after).await;
+
+    // Stalled past the bound: not ready, with the reason.
+    eventually(
+        recovery_bound(&env),
+        "new1 reports the stall on /readyz",
+        || async {
+            let r = request(addr, "GET", "/readyz", None, None).await;
+            r.status == 503
+                && r.body
+                    .contains("kafka consumer group: no partition assigned")
+        },
+    )
+    .await;
+    env.wait_terminal(&after, recovery_bound(&env)).await;
+    let took = started.elapsed();
+    assert!(took < recovery_bound(&env), "recovered in {took:?}");
+    eventually(Duration::from_secs(30), "new1 is ready again", || async {
+        request(addr, "GET", "/readyz", None, None).await.status == 200
+    })
+    .await;
+    let metrics = request(addr, "GET", "/metrics", None, None).await.body;
+    let stalled: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fleet_consumer_group_stalled{"))
+        .collect();
+    assert!(
+        stalled.len() == 1 && stalled[0].ends_with(" 0"),
+        "{stalled:?}"
+    );
+
+    let events = log_events(&env, &["new1", "new2"]);
+    let said = |message: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .count()
+    };
+    assert!(said("Consumer group stalled") >= 1, "the stall is logged");
+    assert_eq!(
+        said("Repaired the stalled group"),
+        1,
+        "one member repairs it"
+    );
+    let workers: Vec<String> = ["leader", "follower", "new1", "new2"]
+        .map(String::from)
+        .to_vec();
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    each_ran_once(&env, &all, &workers).await;
+}
+
+/// `docker-compose stop worker && docker-compose start worker` on the plain local stack: three
+/// workers stopped at once and three new ones started at once, twenty times; each round's tasks
+/// all run within the bound, and every task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_restarted_at_once_twenty_times_runs_every_task_once() {
+    let env = TestEnv::start("group-workers-restart");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let mut names: Vec<String> = Vec::new();
+    let mut start_round = |round: usize| -> Vec<ManagedProcess> {
+        (0..3)
+            .map(|i| {
+                let name = format!("r{round}-w{i}");
+                names.push(name.clone());
+                worker(&env, &name, &[])
+            })
+            .collect()
+    };
+    let mut workers = start_round(0);
+    let mut ids = Vec::new();
+    let mut slowest = Duration::ZERO;
+    let mut rounds_over_bound = BTreeMap::new();
+    for round in 1..=20 {
+        let batch: Vec<String> = (0..10).map(|i| format!("round{round}-{i}")).collect();
+        submit(&env, &batch).await;
+        env.wait_terminal(&batch, recovery_bound(&env)).await;
+        ids.extend(batch);
+        stop_all(&mut workers);
+        let started = Instant::now();
+        workers = start_round(round);
+        let probe: Vec<String> = (0..5).map(|i| format!("probe{round}-{i}")).collect();
+        submit(&env, &probe).await;
+        env.wait_terminal(&probe, recovery_bound(&env) + Duration::from_secs(10))
+            .await;
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        if took > recovery_bound(&env) {
+            rounds_over_bound.insert(round, took);
+        }
+        ids.extend(probe);
+    }
+    println!("slowest round: {slowest:?}");
+    assert!(
+        rounds_over_bound.is_empty(),
+        "rounds over the bound: {rounds_over_bound:?}"
+    );
+    stop_all(&mut workers);
+    each_ran_once(&env, &ids, &names).await;
+}
+
+/// Both schedulers recreated at once, twenty times: submissions on the submit topic are all
+/// accepted and run within the bound, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_schedulers_recreated_at_once_twenty_times_accept_every_submission() {
+    let env = TestEnv::start("group-schedulers-restart");
+    env.create_topics().await;
+    let w = worker(&env, "w1", &[]);
+    let schedulers = |round: usize| -> Vec<ManagedProcess> {
+        (0..2)
+            .map(|i| env.spawn("fleet-scheduler", &format!("r{round}-s{i}"), &[]))
+            .collect()
+    };
+    let mut running = schedulers(0);
+    let mut ids = Vec::new();
+    let mut rounds_over_bound = BTreeMap::new();
+    for round in 1..=20 {
+        let batch: Vec<String> = (0..10).map(|i| format!("round{round}-{i}")).collect();
+        submit(&env, &batch).await;
+        env.wait_terminal(&batch, recovery_bound(&env)).await;
+        ids.extend(batch);
+        stop_all(&mut running);
+        let started = Instant::now();
+        running = schedulers(round);
+        let probe: Vec<String> = (0..5).map(|i| format!("probe{round}-{i}")).collect();
+        submit(&env, &probe).await;
+        env.wait_terminal(&probe, recovery_bound(&env) + Duration::from_secs(10))
+            .await;
+        let took = started.elapsed();
+        if took > recovery_bound(&env) {
+            rounds_over_bound.insert(round, took);
+        }
+        ids.extend(probe);
+    }
+    assert!(
+        rounds_over_bound.is_empty(),
+        "rounds over the bound: {rounds_over_bound:?}"
+    );
+    stop_all(&mut running);
+    drop(w);
+    each_ran_once(&env, &ids, &["w1".to_string()]).await;
+}
