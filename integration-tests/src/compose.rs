@@ -164,6 +164,37 @@ impl Compose {
         }
     }
 
+    /// Submits `tasks` on the submit topic with `fleetctl submit` inside a worker container
+    /// (the broker is reachable only on the stack's network).
+    pub fn submit_on_topic(&self, tasks: &[serde_json::Value]) {
+        use std::io::Write;
+        let worker = self
+            .containers("worker")
+            .into_iter()
+            .next()
+            .expect("a worker");
+        let mut child = Command::new("docker")
+            .args(["exec", "-i", &worker, "fleetctl", "submit", "--file", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("docker exec runs");
+        let lines: String = tasks.iter().map(|t| format!("{t}\n")).collect();
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(lines.as_bytes())
+            .expect("write the tasks");
+        let out = child.wait_with_output().expect("fleetctl submit output");
+        assert!(
+            out.status.success(),
+            "fleetctl submit in {worker}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Every container's health (`healthy`, `starting`, `unhealthy`, or `none`) and state.
     pub fn health(&self) -> BTreeMap<String, (String, String)> {
         let ids = self.ok(&["ps", "-q"]);

@@ -313,6 +313,67 @@ async fn a_rolling_restart_under_load_loses_nothing_fails_nothing_and_reruns_not
     assert!(drained.contains("rain"), "the worker logged its drain");
 }
 
+/// What the README promises after every replica of a service restarted at once: the stall
+/// bound (twice the test stacks' 3 s session timeout, plus 5 s) and 20 s for the repair and a
+/// new group's first assignment.
+const GROUP_RECOVERY: Duration = Duration::from_secs(2 * 3 + 5 + 20);
+
+/// Waits until every task of `ids` succeeded, at most `deadline`; returns how long it took.
+async fn wait_all_succeeded(store: &Store, ids: &[String], deadline: Duration) -> Duration {
+    let start = Instant::now();
+    eventually(deadline, "the round's tasks succeed", || async {
+        let tasks = compose::tasks(store, ids).await;
+        tasks.len() == ids.len() && tasks.values().all(|t| t["state"] == "succeeded")
+    })
+    .await;
+    start.elapsed()
+}
+
+/// `docker-compose stop worker && docker-compose start worker`, twenty times: every worker
+/// leaves at once and comes back at once. Each round's tasks, submitted while the workers are
+/// down, run within the documented bound, and every task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_stopped_and_started_at_once_twenty_times_runs_every_task_once() {
+    let stack = Compose::up("all-workers", 3, &[]).await;
+    let store = stack.store().await;
+    let mut ids = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for round in 0..20 {
+        stack.ok(&["stop", "worker"]);
+        let (batch, tasks) = sleep_tasks(&format!("round{round}"), 0..10, 10);
+        stack.submit(&tasks).await;
+        stack.ok(&["start", "worker"]);
+        slowest = slowest.max(wait_all_succeeded(&store, &batch, GROUP_RECOVERY).await);
+        ids.extend(batch);
+    }
+    println!("slowest round: {slowest:?}");
+    let tasks = all_succeeded(&store, &ids).await;
+    for id in &ids {
+        assert_eq!(history(&tasks[id]).len(), 1, "{id} ran once");
+    }
+}
+
+/// Both schedulers recreated at once (`up -d --force-recreate scheduler`, as a changed
+/// setting does), twenty times: each round's submissions on the submit topic are accepted and
+/// run within the documented bound, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_schedulers_recreated_at_once_twenty_times_accept_every_submission() {
+    let stack = Compose::up("all-schedulers", 1, &[]).await;
+    let store = stack.store().await;
+    let mut ids = Vec::new();
+    for round in 0..20 {
+        stack.ok(&["up", "-d", "--no-deps", "--force-recreate", "scheduler"]);
+        let (batch, tasks) = sleep_tasks(&format!("round{round}"), 0..10, 10);
+        stack.submit_on_topic(&tasks);
+        wait_all_succeeded(&store, &batch, GROUP_RECOVERY).await;
+        ids.extend(batch);
+    }
+    let tasks = all_succeeded(&store, &ids).await;
+    for id in &ids {
+        assert_eq!(history(&tasks[id]).len(), 1, "{id} ran once");
+    }
+}
+
 /// The compose file refuses to start without an API token, and says which variable to set.
 #[test]
 fn compose_needs_an_api_token_and_says_so() {
