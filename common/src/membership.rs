@@ -125,8 +125,9 @@ impl MemberState {
         self.held().restore = offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
     }
 
-    /// Sets the start offset of each partition of `list` that has one to restore, once;
-    /// returns those partitions with their offsets.
+    /// Sets the start offset of each partition of `list` that has one to restore; returns
+    /// those partitions with their offsets. The snapshot serves only the first assignment after
+    /// it was read (the one that follows the repair): later ones start at committed offsets.
     fn take_restore(&self, list: &mut TopicPartitionList) -> TopicPartitionList {
         let mut restored = TopicPartitionList::new();
         let mut held = self.held();
@@ -134,13 +135,17 @@ impl MemberState {
             return restored;
         }
         for mut e in list.elements() {
-            if let Some(offset) = held.restore.remove(&(e.topic().to_string(), e.partition()))
-                && e.set_offset(Offset::Offset(offset)).is_ok()
+            if let Some(offset) = held.restore.get(&(e.topic().to_string(), e.partition()))
+                && e.set_offset(Offset::Offset(*offset)).is_ok()
             {
-                let _ =
-                    restored.add_partition_offset(e.topic(), e.partition(), Offset::Offset(offset));
+                let _ = restored.add_partition_offset(
+                    e.topic(),
+                    e.partition(),
+                    Offset::Offset(*offset),
+                );
             }
         }
+        held.restore.clear();
         restored
     }
 }
@@ -443,10 +448,15 @@ async fn repair(consumer: &Arc<GroupConsumer>, w: &Watch) -> Result<&'static str
             _ => None,
         })
         .collect();
-    w.store
-        .save_group_offsets(&w.group, &snapshot, SNAPSHOT_TTL.as_millis() as u64)
-        .await?;
+    // Kept for twice the stall bound: the group re-forms within seconds of the repair.
+    let ttl = (2 * stall_bound(&w.kafka)).as_millis() as u64;
+    w.store.save_group_offsets(&w.group, &snapshot, ttl).await?;
     tokio::time::sleep(SNAPSHOT_SPREAD).await;
+    if consumer.context().state().unassigned_for().is_zero() {
+        // The broker re-formed the group meanwhile (tansu sometimes does, after a while).
+        info!(group = %w.group, "The stalled group re-formed by itself; no repair needed.");
+        return Ok("recovered");
+    }
 
     let admin: AdminClient<DefaultClientContext> = kafka::admin_config(&w.kafka).create()?;
     let options = AdminOptions::new().request_timeout(Some(timeout));
@@ -488,9 +498,6 @@ enum RepairError {
     #[error("saving the group's offsets: {0}")]
     Store(#[from] crate::store::StoreError),
 }
-
-/// How long a repair's offset snapshot stays in Redis.
-const SNAPSHOT_TTL: Duration = Duration::from_secs(600);
 
 /// How long a repair waits after saving its snapshot, so that every member holding nothing
 /// (each reads it once a second) has it before the group is deleted.

@@ -62,7 +62,7 @@ const REPRIORITIZE_TRIES: usize = 5;
 
 impl Store {
     /// Saves consumer group `group`'s offsets (topic, partition, offset) for `ttl_ms`,
-    /// replacing any saved before.
+    /// replacing any saved before (none: drops them).
     pub async fn save_group_offsets(
         &self,
         group: &str,

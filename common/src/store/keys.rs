@@ -30,7 +30,8 @@ impl Keys {
     }
 
     /// Hash of consumer group `group`'s committed offsets, saved by a repair before it deletes
-    /// the group (fields `<partition>:<topic>`, values offsets); expires after ten minutes.
+    /// the group (fields `<partition>:<topic>`, values offsets); expires after twice the
+    /// stall bound.
     pub fn group_offsets(&self, group: &str) -> String {
         join(&[&self.root, ":group-offsets:", group])
     }
