@@ -33,6 +33,39 @@ impl TestEnv {
         ManagedProcess::spawn(name, &path, &[], &vars, &log)
     }
 
+    /// Starts a scheduler named `name` with its API on a free loopback port, and waits until
+    /// `/readyz` answers 200; returns it and the API's address.
+    pub async fn spawn_api(
+        &self,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> (ManagedProcess, std::net::SocketAddr) {
+        let [port] = crate::free_ports::<1>();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let listen = addr.to_string();
+        let mut vars: Vec<(&str, &str)> = vec![("FLEET__HTTP__LISTEN", &listen)];
+        vars.extend_from_slice(extra);
+        let process = self.spawn("fleet-scheduler", name, &vars);
+        crate::eventually(
+            Duration::from_secs(60),
+            "the API answers /readyz",
+            || async {
+                tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                .is_ok_and(|c| c.is_ok())
+                    && crate::http::request(addr, "GET", "/readyz", None, None)
+                        .await
+                        .status
+                        == 200
+            },
+        )
+        .await;
+        (process, addr)
+    }
+
     /// Log file of the process started as `name`.
     pub fn log_of(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))

@@ -8,32 +8,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleet_integration_tests::http::{Response, SpanSink, request, send_raw};
-use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports};
+use fleet_integration_tests::{TestEnv, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789";
-
-/// Starts a scheduler with the API on a free port; returns it and its address.
-async fn scheduler(env: &TestEnv, extra: &[(&str, &str)]) -> (ManagedProcess, SocketAddr) {
-    let [port] = free_ports::<1>();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let listen = addr.to_string();
-    let mut vars: Vec<(&str, &str)> = vec![("FLEET__HTTP__LISTEN", &listen)];
-    vars.extend_from_slice(extra);
-    let process = env.spawn("fleet-scheduler", "scheduler", &vars);
-    eventually(WAIT, "the API answers /readyz", || async {
-        tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .is_ok_and(|c| c.is_ok())
-            && request(addr, "GET", "/readyz", None, None).await.status == 200
-    })
-    .await;
-    (process, addr)
-}
 
 async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Response {
     let body = body.map(|b| b.to_string());
@@ -60,14 +39,15 @@ async fn state_of(addr: SocketAddr, id: &str) -> String {
 async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
     let env = TestEnv::start("api");
     env.create_topics().await;
-    let (_scheduler, addr) = scheduler(
-        &env,
-        &[
-            ("FLEET__HTTP__TOKENS", TOKEN),
-            ("FLEET__HTTP__MAX_BODY_BYTES", "65536"),
-        ],
-    )
-    .await;
+    let (_scheduler, addr) = env
+        .spawn_api(
+            "scheduler",
+            &[
+                ("FLEET__HTTP__TOKENS", TOKEN),
+                ("FLEET__HTTP__MAX_BODY_BYTES", "65536"),
+            ],
+        )
+        .await;
     let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
     let _w1 = env.spawn(
         "fleet-worker",
@@ -436,7 +416,7 @@ async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
 async fn the_openapi_document_and_the_routes_stay_in_step() {
     let env = TestEnv::start("openapi");
     env.create_topics().await;
-    let (_scheduler, addr) = scheduler(&env, &[]).await;
+    let (_scheduler, addr) = env.spawn_api("scheduler", &[]).await;
     let served = request(addr, "GET", "/v1/openapi.json", None, None).await;
     assert_eq!(served.status, 200);
     assert_eq!(
@@ -489,7 +469,9 @@ async fn the_openapi_document_and_the_routes_stay_in_step() {
 async fn every_documented_503_is_what_the_api_answers_while_redis_is_down() {
     let mut env = TestEnv::start("api-redis-down");
     env.create_topics().await;
-    let (_scheduler, addr) = scheduler(&env, &[("FLEET__HTTP__TOKENS", TOKEN)]).await;
+    let (_scheduler, addr) = env
+        .spawn_api("scheduler", &[("FLEET__HTTP__TOKENS", TOKEN)])
+        .await;
     let doc: Value = serde_json::from_str(fleet_scheduler::api::OPENAPI).unwrap();
     let mut documented = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -542,14 +524,15 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
     env.create_topics().await;
     let collector = SpanSink::start().await;
     let otlp = format!("http://{}", collector.addr);
-    let (_scheduler, addr) = scheduler(
-        &env,
-        &[
-            ("FLEET__HTTP__INSECURE_NO_AUTH", "true"),
-            ("FLEET__LOG__OTLP_ENDPOINT", &otlp),
-        ],
-    )
-    .await;
+    let (_scheduler, addr) = env
+        .spawn_api(
+            "scheduler",
+            &[
+                ("FLEET__HTTP__INSECURE_NO_AUTH", "true"),
+                ("FLEET__LOG__OTLP_ENDPOINT", &otlp),
+            ],
+        )
+        .await;
     let _w1 = env.spawn(
         "fleet-worker",
         "w1",
@@ -672,7 +655,9 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
 async fn concurrent_submissions_are_grouped_yet_each_request_gets_its_own_answers() {
     let env = TestEnv::start("api-group");
     env.create_topics().await;
-    let (_scheduler, addr) = scheduler(&env, &[("FLEET__HTTP__TOKENS", TOKEN)]).await;
+    let (_scheduler, addr) = env
+        .spawn_api("scheduler", &[("FLEET__HTTP__TOKENS", TOKEN)])
+        .await;
 
     // 240 requests: singles and batches of three, 360 tasks in all, over 200 distinct ids.
     let requests: Vec<Vec<String>> = (0..240)

@@ -1,6 +1,6 @@
-//! The web dashboard end to end in headless Chromium against a running stack: the overview,
-//! the task list and a task page load with live data; clicking Cancel on a running task
-//! cancels it in Redis. Screenshots go to `target/fleet-it/<test>/screenshots/`.
+//! The web dashboard end to end in headless Chromium against a running stack: the overview
+//! with its charts, the task list and a task page load with live data; clicking Cancel on a
+//! running task cancels it in Redis. Screenshots go to `target/fleet-it/<test>/screenshots/`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -151,6 +151,35 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         )
         .await;
     browser.screenshot(&shots.join("task-cancelled.png")).await;
+    // The overview's charts of the last hour, from the series Fleet keeps: waits as soon as
+    // the worker reported its starts, tasks from the first sample, rates from the second; a
+    // queue's series on choosing it; counters as a labelled table.
+    browser.navigate(&base).await;
+    browser
+        .wait_for(
+            "three charts drawn, and the counters table",
+            "Number(document.getElementById('chart-wait')?.dataset.drawn) > 0 && \
+             Number(document.getElementById('chart-tasks')?.dataset.drawn) > 0 && \
+             Number(document.getElementById('chart-throughput')?.dataset.drawn) > 0 && \
+             document.querySelectorAll('#chart-throughput polyline').length > 0 && \
+             document.getElementById('counters')?.textContent.includes('submissions the scheduler refused')",
+        )
+        .await;
+    browser
+        .eval(
+            "{ const s = document.getElementById('series-of'); s.value = 'queue:emails'; \
+             s.dispatchEvent(new Event('change')); }",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the emails queue's charts",
+            "document.getElementById('series-of')?.value === 'queue:emails' && \
+             Number(document.getElementById('chart-wait')?.dataset.drawn) > 0 && \
+             document.getElementById('chart-wait').textContent.includes('p99')",
+        )
+        .await;
+    browser.screenshot(&shots.join("overview-charts.png")).await;
     // A passing Redis outage shows while it lasts, and goes when Redis is back (last: it
     // costs the workers their leases).
     env.redis.signal("STOP");
@@ -165,12 +194,13 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         .wait_for(
             "the outage message goes",
             "document.getElementById('message').textContent === '' && \
-             document.getElementById('task-state')?.textContent === 'cancelled'",
+             document.getElementById('count-succeeded')?.textContent === '12'",
         )
         .await;
     for name in [
         "no-token.png",
         "overview.png",
+        "overview-charts.png",
         "tasks.png",
         "task-running.png",
         "task-cancelled.png",

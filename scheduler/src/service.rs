@@ -97,6 +97,10 @@ impl Role {
 /// How often terminal-state index entries past retention are trimmed.
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 
+/// How often a scheduler or reaper checks whether the current slot of the dashboard's time
+/// series has its sample yet; a tenth of a slot, so a sample lands early in its slot.
+const SERIES_CHECK: Duration = Duration::from_secs(1);
+
 /// Runs a scheduler or reaper process until SIGTERM/SIGINT, then drains.
 pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Outcome> {
     let (store, publisher) = connect(&settings, role.name()).await?;
@@ -156,6 +160,20 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
                     }
                 },
             ),
+        );
+    }
+    {
+        // Every scheduler and reaper offers to sample; the first in each slot does.
+        let store = store.clone();
+        supervisor.spawn(
+            "series",
+            every("series", SERIES_CHECK, token.child_token(), move || {
+                let store = store.clone();
+                async move {
+                    store.sample_series().await?;
+                    Ok(false)
+                }
+            }),
         );
     }
     match role {

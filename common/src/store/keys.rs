@@ -132,6 +132,12 @@ impl Keys {
         format!("{}:totals", self.root)
     }
 
+    /// Hash of one 10-second slot of the dashboard's time series, keyed by the slot's start
+    /// (ms); see [`crate::store::series`].
+    pub fn series(&self, slot_ms: u64) -> String {
+        join(&[&self.root, ":series:", itoa::Buffer::new().format(slot_ms)])
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         join(&[&self.root, ":idem:", key])
@@ -196,6 +202,10 @@ mod tests {
         assert_eq!(keys.retired_running_index(), "{fleet}:state:running");
         assert_eq!(keys.queue_index("emails"), "{fleet}:queue:emails");
         assert_eq!(keys.idempotency("order-9"), "{fleet}:idem:order-9");
+        assert_eq!(
+            keys.series(1_700_000_000_000),
+            "{fleet}:series:1700000000000"
+        );
         assert_eq!(outbox_member("a:b", 7), "a:b#7");
         assert_eq!(outbox_member("x", u32::MAX), "x#4294967295");
         assert_eq!(entry_task_id("a:b#7"), "a:b");

@@ -5,6 +5,7 @@ mod control;
 pub mod keys;
 mod query;
 pub mod scripts;
+pub mod series;
 mod tasks;
 mod trim;
 

@@ -118,6 +118,16 @@ pub struct Stats {
 /// priority, so a huge backlog cannot make a dashboard refresh read all of it.
 pub const STATS_SCAN_LIMIT: usize = 50_000;
 
+/// Tasks of the non-terminal states per queue and per priority, as [`Store::live_counts`]
+/// counts them.
+#[derive(Debug, Default)]
+pub(super) struct Live {
+    pub by_queue: BTreeMap<String, Counts>,
+    pub by_priority: BTreeMap<String, Counts>,
+    /// Some state held more than [`STATS_SCAN_LIMIT`] tasks: the counts cover its newest.
+    pub partial: bool,
+}
+
 /// Fields a list reads per task.
 const SUMMARY_FIELDS: [&str; 10] = [
     "state",
@@ -217,43 +227,11 @@ impl Store {
             .into_iter()
             .map(|(s, n)| (s.as_str().to_string(), n))
             .collect();
-        let mut by_queue: BTreeMap<String, Counts> = BTreeMap::new();
-        let mut by_priority: BTreeMap<String, Counts> = BTreeMap::new();
-        let mut partial = false;
-        for state in [State::Pending, State::Scheduled, State::Running] {
-            let ids: Vec<String> = redis::cmd("ZREVRANGE")
-                .arg(self.keys().state_index(state))
-                .arg(0)
-                .arg(STATS_SCAN_LIMIT - 1)
-                .query_async(&mut self.conn())
-                .await?;
-            partial |= ids.len() == STATS_SCAN_LIMIT;
-            for chunk in ids.chunks(1000) {
-                let mut pipe = redis::pipe();
-                for id in chunk {
-                    pipe.cmd("HMGET")
-                        .arg(self.keys().task(id))
-                        .arg("queue")
-                        .arg("priority");
-                }
-                let rows: Vec<(Option<String>, Option<String>)> =
-                    pipe.query_async(&mut self.conn()).await?;
-                for (queue, priority) in rows {
-                    if let (Some(q), Some(p)) = (queue, priority) {
-                        *by_queue
-                            .entry(q)
-                            .or_default()
-                            .entry(state.as_str().into())
-                            .or_default() += 1;
-                        *by_priority
-                            .entry(p)
-                            .or_default()
-                            .entry(state.as_str().into())
-                            .or_default() += 1;
-                    }
-                }
-            }
-        }
+        let Live {
+            mut by_queue,
+            mut by_priority,
+            partial,
+        } = self.live_counts().await?;
         let totals: HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(self.keys().totals())
             .query_async(&mut self.conn())
@@ -295,6 +273,49 @@ impl Store {
             counters: self.counters().await?.into_iter().collect(),
             partial,
         })
+    }
+
+    /// Waiting and running tasks per queue and per priority, from the newest
+    /// [`STATS_SCAN_LIMIT`] of each non-terminal state.
+    pub(super) async fn live_counts(&self) -> Result<Live, StoreError> {
+        let mut live = Live::default();
+        for state in [State::Pending, State::Scheduled, State::Running] {
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(self.keys().state_index(state))
+                .arg(0)
+                .arg(STATS_SCAN_LIMIT - 1)
+                .query_async(&mut self.conn())
+                .await?;
+            live.partial |= ids.len() == STATS_SCAN_LIMIT;
+            for chunk in ids.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    pipe.cmd("HMGET")
+                        .arg(self.keys().task(id))
+                        .arg("queue")
+                        .arg("priority");
+                }
+                let rows: Vec<(Option<String>, Option<String>)> =
+                    pipe.query_async(&mut self.conn()).await?;
+                for (queue, priority) in rows {
+                    if let (Some(q), Some(p)) = (queue, priority) {
+                        *live
+                            .by_queue
+                            .entry(q)
+                            .or_default()
+                            .entry(state.as_str().into())
+                            .or_default() += 1;
+                        *live
+                            .by_priority
+                            .entry(p)
+                            .or_default()
+                            .entry(state.as_str().into())
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        Ok(live)
     }
 
     /// Workers heard from within `max_age_ms`, with what they report.

@@ -1,11 +1,12 @@
-//! `/v1/stats`, `/v1/workers`, `/v1/pause`, `/v1/resume`: the fleet as a whole.
+//! `/v1/stats`, `/v1/series`, `/v1/workers`, `/v1/pause`, `/v1/resume`: the fleet as a whole.
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
 use fleet_common::Priority;
 use fleet_common::store::Selector;
+use fleet_common::store::series::{KEEP_MS, SeriesOf};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -16,6 +17,38 @@ use super::{ApiError, ApiState};
 pub async fn stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let stats = state.store.stats().await?;
     Ok(Json(serde_json::to_value(stats).unwrap_or_default()))
+}
+
+/// Query of `GET /v1/series`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeriesQuery {
+    of: Option<String>,
+    minutes: Option<u64>,
+}
+
+/// `GET /v1/series?of=&minutes=`: the dashboard's time series of all tasks, a queue or a
+/// priority, one point per 10-second slot over the last `minutes` (default and most: 60).
+pub async fn series(
+    State(state): State<ApiState>,
+    query: Result<Query<SeriesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let most = KEEP_MS / 60_000;
+    let minutes = q.minutes.unwrap_or(most);
+    if !(1..=most).contains(&minutes) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("minutes must be 1 to {most}"),
+        ));
+    }
+    let of: SeriesOf = q.of.as_deref().unwrap_or("all").parse().map_err(
+        |err: fleet_common::store::series::BadSeries| {
+            ApiError::bad_request("bad_series", err.to_string())
+        },
+    )?;
+    let series = state.store.series(&of, minutes).await?;
+    Ok(Json(serde_json::to_value(series).unwrap_or_default()))
 }
 
 /// `GET /v1/workers`: workers heard from within one lease.

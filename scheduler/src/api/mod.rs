@@ -46,6 +46,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::POST, "/v1/resume"),
     (Method::GET, "/v1/stats"),
     (Method::GET, "/v1/workers"),
+    (Method::GET, "/v1/series"),
     (Method::GET, "/v1/openapi.json"),
     (Method::GET, "/healthz"),
     (Method::GET, "/readyz"),
@@ -78,6 +79,7 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
         .route("/v1/resume", post(fleet::resume))
         .route("/v1/stats", get(fleet::stats))
         .route("/v1/workers", get(fleet::workers))
+        .route("/v1/series", get(fleet::series))
         // Before the token layer: layered routes no longer take a fallback.
         .method_not_allowed_fallback(error::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(

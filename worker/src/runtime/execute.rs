@@ -57,10 +57,14 @@ pub(super) fn prepare(
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
+        let wait_ms = (now - published).max(0) as u64;
         shared
             .metrics
             .queue_wait(task.priority)
-            .record((now - published).max(0) as f64 / 1000.0);
+            .record(wait_ms as f64 / 1000.0);
+        shared
+            .waits()
+            .record(now as u64, &task.queue, task.priority, wait_ms);
     }
     let id: Arc<str> = task.id.as_str().into();
     let attempt = envelope.attempt;

@@ -35,6 +35,19 @@ impl LeaseKeeper {
     }
 }
 
+/// Adds the queue waits measured since the last flush to the dashboard's series; on failure
+/// they wait for the next heartbeat.
+async fn flush_waits(shared: &Shared, store: &Store) {
+    let sample = std::mem::take(&mut *shared.waits());
+    if sample.is_empty() {
+        return;
+    }
+    if let Err(err) = store.add_waits(&sample).await {
+        warn!(error = %err, "Cannot record queue waits for the dashboard; retrying at the next heartbeat.");
+        shared.waits().merge(sample);
+    }
+}
+
 /// Starts the lease keeper; it runs until `token` is cancelled.
 pub(super) fn spawn(
     shared: Arc<Shared>,
@@ -113,7 +126,10 @@ async fn keep_leases(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = token.cancelled() => return,
+            () = token.cancelled() => {
+                flush_waits(&shared, &store).await;
+                return;
+            }
             _ = tick.tick() => {}
         }
         // Handlers whose lease was lost at the previous beat and that have not stopped yet.
@@ -167,6 +183,7 @@ async fn keep_leases(
         {
             Ok(beat) => {
                 last_ok = Instant::now();
+                flush_waits(&shared, &store).await;
                 let mut running = shared.running();
                 for position in beat.cancel {
                     let (id, attempt, _) = &snapshot[position];

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::Outcome;
+use fleet_common::store::series::WaitSample;
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Priority, Topics, kafka, membership};
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -114,11 +115,19 @@ struct Shared {
     work_ready: Notify,
     slots: Arc<Semaphore>,
     metrics: task_metrics::MetricsCache,
+    /// Queue waits of the tasks started since the last heartbeat, for the dashboard's series.
+    waits: Mutex<WaitSample>,
 }
 
 impl Shared {
     fn running(&self) -> MutexGuard<'_, HashMap<Arc<str>, Running>> {
         self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn waits(&self) -> MutexGuard<'_, WaitSample> {
+        self.waits
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -210,6 +219,7 @@ impl Worker {
             work_ready: Notify::new(),
             slots: Arc::new(Semaphore::new(concurrency)),
             metrics: task_metrics::MetricsCache::new(),
+            waits: Mutex::default(),
         });
         info!(
             worker_id = %worker_id, group = %settings.worker.group_id, concurrency,
