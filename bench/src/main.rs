@@ -17,8 +17,8 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 use crate::scenarios::Via;
-use crate::stack::{Profile, REDIS_NICENESS, Stack};
-use fleet_integration_tests::tansu_binary;
+use crate::stack::{Profile, REDIS_NICENESS, Stack, set_aof};
+use fleet_integration_tests::{Aof, tansu_binary};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,8 +28,15 @@ use fleet_integration_tests::tansu_binary;
 )]
 struct Args {
     /// No-op tasks for the throughput and drain runs.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 50_000)]
     tasks: usize,
+    /// How Redis persists in every run: AOF with `appendfsync everysec`, as the README
+    /// recommends (`always` and `no`, AOF off, are the comparisons of `--compare-aof`).
+    #[arg(long, value_parser = aof_mode, default_value = "everysec")]
+    aof: Aof,
+    /// Persistence modes (a) and (b) are repeated with, for comparison (none: empty).
+    #[arg(long, value_parser = aof_modes, default_value = "always,no")]
+    compare_aof: AofModes,
     /// Worker replicas.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -39,7 +46,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     concurrency: usize,
     /// Seconds of each fixed-load latency run.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 60)]
     latency_secs: u64,
     /// Offered loads (tasks/s) of the latency runs through the submit topic.
     #[arg(long, default_value = "1000,5000", value_parser = rates)]
@@ -78,6 +85,29 @@ struct Args {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: PathBuf,
+}
+
+fn aof_mode(name: &str) -> Result<Aof, String> {
+    match name.trim() {
+        "everysec" => Ok(Aof::EverySec),
+        "always" => Ok(Aof::Always),
+        "no" => Ok(Aof::Off),
+        other => Err(format!(
+            "{other:?} is not a Redis persistence mode: everysec, always or no"
+        )),
+    }
+}
+
+/// Redis persistence modes, comma-separated; empty for none.
+#[derive(Debug, Clone)]
+struct AofModes(Vec<Aof>);
+
+fn aof_modes(list: &str) -> Result<AofModes, String> {
+    list.split(',')
+        .filter(|m| !m.trim().is_empty())
+        .map(aof_mode)
+        .collect::<Result<_, _>>()
+        .map(AofModes)
 }
 
 /// Offered loads in tasks/s, comma-separated; empty for none.
@@ -119,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         ("FLEET__WORKER__CONCURRENCY", concurrency.as_str()),
         ("RUST_LOG", "info"),
     ];
+    set_aof(args.aof);
     let stack = Stack::start(
         "bench",
         args.workers,
@@ -126,7 +157,11 @@ async fn main() -> anyhow::Result<()> {
         args.throughput_settings,
     )
     .await?;
-    note(&format!("(a) end to end: {} no-op tasks …", args.tasks));
+    note(&format!(
+        "(a) end to end: {} no-op tasks, Redis AOF {} …",
+        args.tasks,
+        args.aof.name()
+    ));
     let throughput = scenarios::throughput(&stack, args.tasks).await?;
     drop(stack);
     note(&format!(
@@ -203,6 +238,31 @@ async fn main() -> anyhow::Result<()> {
         false,
     )
     .await?;
+    // (a) and (b) again with Redis persisting otherwise: what the recommended setting costs.
+    let mut compared = Vec::new();
+    for &mode in &args.compare_aof.0 {
+        note(&format!("(a) and (b) again, Redis AOF {} …", mode.name()));
+        set_aof(mode);
+        let stack = Stack::start(
+            &format!("bench-aof-{}", mode.name()),
+            args.workers,
+            &worker_vars,
+            args.throughput_settings,
+        )
+        .await?;
+        let end_to_end = scenarios::throughput(&stack, args.tasks).await?;
+        drop(stack);
+        let drain = scenarios::drain(
+            args.tasks,
+            args.workers,
+            &worker_vars,
+            args.throughput_settings,
+            false,
+        )
+        .await?;
+        compared.push(json!({ "aof": mode.name(), "end_to_end": end_to_end, "drain": drain }));
+    }
+    set_aof(args.aof);
     // (a) and (b) again with Redis at a higher CPU priority: on two shared cores its single
     // thread is the critical path, and every process waits while it is preempted.
     let mut redis_first = json!(null);
@@ -261,6 +321,8 @@ async fn main() -> anyhow::Result<()> {
         "worker_concurrency": args.concurrency,
         "end_to_end": throughput,
         "drain": drain,
+        "redis_aof": args.aof.name(),
+        "aof_compared": compared,
         "redis_first": redis_first,
         "latency": latency,
         "recovery": recovery,
@@ -303,19 +365,41 @@ fn print_table(r: &Value) {
         f(&memory["end"])
     );
     println!("| measure | result |\n|---|---|");
+    let aof = r["redis_aof"].as_str().unwrap_or("?");
     println!(
-        "| (a) end to end, {} tasks | {:.0} tasks/s ({:.1} s) |",
+        "| (a) end to end, {} tasks, Redis AOF {aof} | {:.0} tasks/s ({:.1} s; Redis {:.0} µs CPU and {:.0} AOF bytes per task; AOF rewrites {}, delayed fsyncs {}) |",
         e["tasks"],
         f(&e["tasks_per_s"]),
-        f(&e["seconds"])
+        f(&e["seconds"]),
+        f(&e["redis_cpu_us_per_task"]),
+        f(&e["aof_bytes_per_task"]),
+        e["aof_rewrites"],
+        e["aof_delayed_fsyncs"]
     );
     let d = &r["drain"];
     println!(
-        "| (b) drain, {} tasks already accepted | {:.0} tasks/s ({:.1} s) |",
+        "| (b) drain, {} tasks already accepted, Redis AOF {aof} | {:.0} tasks/s ({:.1} s; Redis {:.0} µs CPU and {:.0} AOF bytes per task; AOF rewrites {}) |",
         d["tasks"],
         f(&d["tasks_per_s"]),
-        f(&d["seconds"])
+        f(&d["seconds"]),
+        f(&d["redis_cpu_us_per_task"]),
+        f(&d["aof_bytes_per_task"]),
+        d["aof_rewrites"]
     );
+    for c in r["aof_compared"].as_array().into_iter().flatten() {
+        let (e, d) = (&c["end_to_end"], &c["drain"]);
+        println!(
+            "| (a) and (b) with Redis AOF {} | end to end {:.0} tasks/s ({:.1} s; Redis {:.0} µs CPU and {:.0} AOF bytes per task); drain {:.0} tasks/s ({:.1} s; Redis {:.0} µs per task) |",
+            c["aof"].as_str().unwrap_or("?"),
+            f(&e["tasks_per_s"]),
+            f(&e["seconds"]),
+            f(&e["redis_cpu_us_per_task"]),
+            f(&e["aof_bytes_per_task"]),
+            f(&d["tasks_per_s"]),
+            f(&d["seconds"]),
+            f(&d["redis_cpu_us_per_task"])
+        );
+    }
     let rf = &r["redis_first"];
     if let Some(reason) = rf["not_run"].as_str() {
         println!(
@@ -346,6 +430,7 @@ fn print_table(r: &Value) {
                 .collect();
             values.join(", ")
         };
+        let p50s = series("p50_p99_ms_per_5s", |w| w[0].as_f64());
         let p99s = series("p50_p99_ms_per_5s", |w| w[1].as_f64());
         let broker = series("broker_cpu_s_per_5s", Value::as_f64);
         // What one hop through the broker alone costs: the HTTP path has one, the topic two.
@@ -359,7 +444,7 @@ fn print_table(r: &Value) {
             )
         };
         println!(
-            "| (c) submit→start at {}/s for {} s via {}, {} settings{} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s{hop} |",
+            "| (c) submit→start at {}/s for {} s via {}, {} settings{} | p50 {} ms, p99 {} ms, p99.9 {} ms (p50/p99 submit→accept {}/{} ms, accept→start {}/{} ms); p50 per 5 s: {p50s} ms; p99 per 5 s: {p99s} ms; broker CPU per 5 s: {broker} s{hop} |",
             l["offered_per_s"],
             l["seconds"],
             l["via"].as_str().unwrap_or("?"),

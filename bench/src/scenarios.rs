@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use fleet_common::task::State;
+use fleet_integration_tests::redis_persistence;
 use serde_json::{Value, json};
 
 use crate::stack::{
@@ -57,6 +58,7 @@ fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
 pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
     let (ids, bodies) = noop("e", n);
     let (commands_before, cpu_before) = redis_usage(&stack.store).await?;
+    let aof_before = redis_persistence(&stack.store).await?;
     let stats_before = redis_commandstats(&stack.store).await?;
     let split_before = cpu_split(stack);
     let start_ms = now_ms();
@@ -68,6 +70,7 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         .await?;
     // Read before the per-task fields below, which would count as Redis work per task.
     let (commands_after, cpu_after) = redis_usage(&stack.store).await?;
+    let aof_after = redis_persistence(&stack.store).await?;
     let profile = per_task_profile(&stats_before, &redis_commandstats(&stack.store).await?, n);
     let rows = stack
         .fields(&ids, &["finished_ms", "attempt", "record"])
@@ -104,6 +107,11 @@ pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
         "submit_seconds": submitted.as_secs_f64(),
         "redis_commands_per_task": (commands_after - commands_before) as f64 / n as f64,
         "redis_cpu_us_per_task": (cpu_after - cpu_before) * 1e6 / n as f64,
+        "redis_aof": stack.env_aof().name(),
+        "aof_bytes_per_task": aof_after[0].saturating_sub(aof_before[0]) as f64 / n as f64,
+        "aof_rewrites": aof_after[1] - aof_before[1],
+        "aof_delayed_fsyncs": aof_after[2] - aof_before[2],
+        "redis_forks": aof_after[3] - aof_before[3],
         "kafka_records_per_task": kafka_records as f64 / n as f64,
         "kafka_bytes_per_task": kafka_bytes as f64 / n as f64,
         "scheduler_peak_rss_mb": scheduler_peak as f64 / 1e6,
@@ -167,6 +175,7 @@ pub async fn drain(
         .wait_count(State::Pending, n as u64, Duration::from_secs(600))
         .await?;
     let (_, redis_before) = redis_usage(&stack.store).await?;
+    let aof_before = redis_persistence(&stack.store).await?;
     let split_before = cpu_split(&stack);
     for i in 0..workers {
         stack.add_worker(&format!("drain{i}"), worker_vars);
@@ -179,6 +188,7 @@ pub async fn drain(
         )
         .await?;
     let (_, redis_after) = redis_usage(&stack.store).await?;
+    let aof_after = redis_persistence(&stack.store).await?;
     // Workers started after `split_before` count all their CPU, start-up included.
     let cpu = cpu_since(&stack, split_before);
     let rows = stack
@@ -200,6 +210,11 @@ pub async fn drain(
         "seconds": seconds,
         "tasks_per_s": n as f64 / seconds.max(0.001),
         "redis_cpu_us_per_task": (redis_after - redis_before) * 1e6 / n as f64,
+        "redis_aof": stack.env_aof().name(),
+        "aof_bytes_per_task": aof_after[0].saturating_sub(aof_before[0]) as f64 / n as f64,
+        "aof_rewrites": aof_after[1] - aof_before[1],
+        "aof_delayed_fsyncs": aof_after[2] - aof_before[2],
+        "redis_forks": aof_after[3] - aof_before[3],
         "cpu_seconds": cpu,
     }))
 }
@@ -219,6 +234,31 @@ pub async fn latency(
     secs: u64,
     tag: &str,
 ) -> anyhow::Result<Value> {
+    // Warm-up: a second of the load, not measured, so that the load generator's producer
+    // (or HTTP connections), the scheduler's and the workers' clients have their connections
+    // and metadata before the first measured submission.
+    let (_, warm) = noop(&format!("{tag}warm-"), rate as usize);
+    let before = stack.count(State::Succeeded).await?;
+    let mut sends = Vec::with_capacity(warm.len());
+    for chunk in warm.chunks((rate / 100).max(1) as usize) {
+        for body in chunk {
+            sends.push(match via {
+                Via::Kafka => tokio::spawn(stack.submit_one(body.clone())),
+                Via::Http => tokio::spawn(stack.submit_http(body.clone())),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for send in sends {
+        send.await??;
+    }
+    stack
+        .wait_count(
+            State::Succeeded,
+            before + warm.len() as u64,
+            Duration::from_secs(120),
+        )
+        .await?;
     let total = (rate * secs) as usize;
     let (ids, bodies) = noop(tag, total);
     let before = stack.count(State::Succeeded).await?;

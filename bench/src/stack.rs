@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use fleet_common::store::Store;
 use fleet_common::task::State;
 use fleet_common::{Priority, Topics};
-use fleet_integration_tests::{ManagedProcess, TestEnv, free_ports, tansu_binary};
+use fleet_integration_tests::{Aof, ManagedProcess, TestEnv, free_ports, tansu_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
@@ -28,6 +28,8 @@ pub struct Stack {
     config: String,
     /// Kept-alive connections to the API for HTTP submissions.
     http: Pool,
+    /// How this stack's Redis persists.
+    aof: Aof,
 }
 
 /// Kafka client settings of a run.
@@ -57,6 +59,22 @@ impl Profile {
     }
 }
 
+/// How the Redis of every stack started from now on persists (see [`set_aof`]).
+static AOF: std::sync::Mutex<Aof> = std::sync::Mutex::new(Aof::EverySec);
+
+/// Sets how the Redis of the stacks started from now on persists: AOF `everysec`, as the
+/// README recommends, unless a comparison run says otherwise.
+pub fn set_aof(aof: Aof) {
+    *AOF.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = aof;
+}
+
+/// How the Redis of a stack started now persists.
+pub fn aof() -> Aof {
+    *AOF.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Niceness of redis-server in the runs that give it priority (see `prioritize_redis`).
 pub const REDIS_NICENESS: &str = "-10";
 
@@ -68,6 +86,11 @@ pub fn now_ms() -> u64 {
 }
 
 impl Stack {
+    /// How this stack's Redis persists.
+    pub fn env_aof(&self) -> Aof {
+        self.aof
+    }
+
     /// Gives every thread of this stack's redis-server a higher CPU priority (niceness −10)
     /// than the broker, the services and the load generator, as Redis on a core of its own
     /// would have. Needs root or CAP_SYS_NICE.
@@ -111,7 +134,8 @@ impl Stack {
         profile: Profile,
         tansu: &Path,
     ) -> anyhow::Result<Self> {
-        let env = TestEnv::start_with_broker(name, tansu);
+        let persistence = aof();
+        let env = TestEnv::start_with(name, tansu, persistence);
         env.create_topics().await;
         // The profile reaches the services as a settings file (`[kafka.client]`).
         let config = env.dir.join("profile.toml");
@@ -163,6 +187,7 @@ impl Stack {
             workers: Vec::new(),
             config,
             http: Pool::new(api, "/v1/tasks"),
+            aof: persistence,
         };
         for i in 0..workers {
             stack.add_worker(&format!("w{i}"), worker_vars);

@@ -360,3 +360,31 @@ impl TestEnv {
         )
     }
 }
+
+/// The size of Redis's append-only file now (0 with AOF off): its growth over a run is what the
+/// run appended. For the benchmark, which measures with AOF on.
+pub async fn redis_aof_bytes(store: &Store) -> Result<u64, redis::RedisError> {
+    Ok(redis_persistence(store).await?[0])
+}
+
+/// Redis's AOF counters now: `[aof_current_size, aof_rewrites, aof_delayed_fsync,
+/// total_forks]`. A rewrite forks a child that competes for the CPU; a delayed fsync is a
+/// write Redis held back because the disk was still busy with the previous second's fsync.
+pub async fn redis_persistence(store: &Store) -> Result<[u64; 4], redis::RedisError> {
+    let info: String = redis::cmd("INFO")
+        .arg("all")
+        .query_async(&mut store.conn())
+        .await?;
+    let value = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok([
+        value("aof_current_size"),
+        value("aof_rewrites"),
+        value("aof_delayed_fsync"),
+        value("total_forks"),
+    ])
+}

@@ -21,6 +21,7 @@ use std::time::Duration;
 use fleet_common::settings::CommonSettings;
 
 pub use eventually::eventually;
+pub use fleet::{redis_aof_bytes, redis_persistence};
 pub use process::{ManagedProcess, ephemeral_range, free_ports, is_alive};
 
 /// The command that installs everything the tests need; named in every "missing" message.
@@ -69,6 +70,37 @@ pub fn fleet_binary(name: &str) -> PathBuf {
     path
 }
 
+/// How a [`TestEnv`]'s Redis persists: no AOF, or AOF with `appendfsync everysec` (what the
+/// README recommends) or `always`. No RDB snapshots in any case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aof {
+    Off,
+    EverySec,
+    Always,
+}
+
+impl Aof {
+    fn appendonly(self) -> &'static str {
+        if self == Aof::Off { "no" } else { "yes" }
+    }
+
+    fn appendfsync(self) -> &'static str {
+        match self {
+            Aof::Always => "always",
+            Aof::Off | Aof::EverySec => "everysec",
+        }
+    }
+
+    /// The name the benchmark reports: `no`, `everysec`, `always`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Aof::Off => "no",
+            Aof::EverySec => "everysec",
+            Aof::Always => "always",
+        }
+    }
+}
+
 /// A broker and a Redis of the test's own, and prefixes no other test uses.
 #[derive(Debug)]
 pub struct TestEnv {
@@ -91,6 +123,12 @@ impl TestEnv {
 
     /// [`TestEnv::start`] with another tansu binary: the benchmark compares broker builds.
     pub fn start_with_broker(name: &str, tansu: &Path) -> Self {
+        Self::start_with(name, tansu, Aof::Off)
+    }
+
+    /// [`TestEnv::start_with_broker`] with Redis persisting as `aof` says: tests check
+    /// behaviour and run without; the benchmark measures the README's recommended deployment.
+    pub fn start_with(name: &str, tansu: &Path, aof: Aof) -> Self {
         process::sweep_stale();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
@@ -130,7 +168,9 @@ impl TestEnv {
                     "--save",
                     "",
                     "--appendonly",
-                    "no",
+                    aof.appendonly(),
+                    "--appendfsync",
+                    aof.appendfsync(),
                     "--maxmemory-policy",
                     "noeviction",
                     "--hash-max-listpack-value",

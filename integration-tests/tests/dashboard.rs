@@ -179,6 +179,19 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
              document.getElementById('chart-wait').textContent.includes('p99')",
         )
         .await;
+    browser
+        .eval(
+            "{ const s = document.getElementById('series-minutes'); s.value = '15'; \
+             s.dispatchEvent(new Event('change')); }",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the last 15 minutes, one point per 10 s",
+            "series.points.length === 90 && series.of === 'queue:emails' && \
+             Number(document.getElementById('chart-wait')?.dataset.drawn) > 0",
+        )
+        .await;
     browser.screenshot(&shots.join("overview-charts.png")).await;
     // A passing Redis outage shows while it lasts, and goes when Redis is back (last: it
     // costs the workers their leases).

@@ -138,17 +138,33 @@ async fn the_series_counts_every_start_once_and_follows_the_work() {
         },
     )
     .await;
-    // The successes the rates add up to cannot exceed the tasks that succeeded.
-    let all = points(addr, "all").await;
-    let counted: f64 = all
-        .iter()
-        .filter_map(|p| p["succeeded_per_s"].as_f64())
-        .map(|rate| rate * SLOT_MS as f64 / 1000.0)
-        .sum();
-    assert!(
-        counted <= 150.0 * 1.25,
-        "{counted} successes from the rates"
-    );
+    // The rates, each times the time since the sample before, add up to exactly the tasks that
+    // succeeded and failed (the first sample came before any task).
+    eventually(
+        WAIT,
+        "rates that add up to 150 successes and 3 failures",
+        || async {
+            let mut previous: Option<u64> = None;
+            let (mut succeeded, mut failed) = (0.0, 0.0);
+            for point in points(addr, "all").await {
+                let Some(at) = point["sampled_ms"].as_u64() else {
+                    continue;
+                };
+                if let Some(before) = previous {
+                    let seconds = (at - before) as f64 / 1000.0;
+                    succeeded += point["succeeded_per_s"].as_f64().unwrap() * seconds;
+                    failed += point["failed_per_s"].as_f64().unwrap() * seconds;
+                }
+                previous = Some(at);
+            }
+            assert!(
+                succeeded < 150.01 && failed < 3.01,
+                "{succeeded} and {failed}: too many"
+            );
+            (succeeded - 150.0).abs() < 0.01 && (failed - 3.0).abs() < 0.01
+        },
+    )
+    .await;
     let body = get(addr, "/v1/series").await.json();
     let available: Vec<&str> = body["available"]
         .as_array()

@@ -38,9 +38,13 @@ struct Args {
     /// Functions listed per transition, by their own instructions.
     #[arg(long, default_value_t = 8)]
     top: usize,
-    /// Where callgrind writes its counter dumps.
+    /// Where callgrind writes its counter dumps (and Redis its append-only file).
     #[arg(long, default_value = "target/bench/callgrind")]
     dir: PathBuf,
+    /// Redis's `appendfsync`, AOF on, as the README recommends (`everysec`), or `always`; `no`
+    /// turns AOF off. What feeding the AOF costs Redis is counted with the rest.
+    #[arg(long, default_value = "everysec", value_parser = ["everysec", "always", "no"])]
+    aof: String,
 }
 
 /// The phases, in the order they run; each ends with a counter dump named after it.
@@ -62,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut redis = RedisUnderCallgrind::start(&redis_server, port, &args.dir)?;
+    let mut redis = RedisUnderCallgrind::start(&redis_server, port, &args.dir, &args.aof)?;
     let settings = RedisSettings {
         url: Secret::new(format!("redis://127.0.0.1:{port}")),
         ..Default::default()
@@ -86,16 +90,19 @@ async fn main() -> anyhow::Result<()> {
     };
     let ok = Outcome::Ok("null".into());
     redis.dump("start")?;
+    let mut aof_bytes = vec![fleet_integration_tests::redis_aof_bytes(&store).await?];
     for batch in &batches {
         store.accept(batch).await?;
     }
     redis.dump(PHASES[0])?;
+    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
     for batch in &batches {
         let sent = firsts(batch);
         let sent: Vec<_> = sent.iter().map(|(id, a)| (id.as_str(), *a)).collect();
         store.dispatched(&sent).await?;
     }
     redis.dump(PHASES[1])?;
+    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
     for batch in &batches {
         let sent = firsts(batch);
         let sent: Vec<_> = sent.iter().map(|(id, a)| (id.as_str(), *a)).collect();
@@ -106,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     redis.dump(PHASES[2])?;
+    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
     for batch in &batches {
         let sent = firsts(batch);
         let outcomes: Vec<_> = sent
@@ -119,28 +127,33 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     redis.dump(PHASES[3])?;
+    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
     redis.stop(store.conn()).await?;
 
     println!(
-        "Redis instructions per task ({} tasks, {} per call; {}):",
+        "Redis instructions per task ({} tasks, {} per call; {}; appendfsync {}), and the bytes \
+         each step appends to the AOF per task:",
         args.tasks,
         args.batch,
-        redis_server.display()
+        redis_server.display(),
+        args.aof
     );
     let mut total = 0;
-    for phase in PHASES {
+    for (i, phase) in PHASES.into_iter().enumerate() {
         let text = std::fs::read_to_string(redis.dump_file(phase)?)?;
         let profile = Profile::parse(&text);
         let per_task = profile.total / u64::from(args.tasks);
         total += per_task;
-        println!("\n{phase:<11} {per_task:>9}");
+        let appended = aof_bytes[i + 1].saturating_sub(aof_bytes[i]) / u64::from(args.tasks);
+        println!("\n{phase:<11} {per_task:>9}   AOF {appended} bytes");
         for (function, cost) in profile.top(args.top) {
             let share = cost as f64 * 100.0 / profile.total.max(1) as f64;
             let per = cost / u64::from(args.tasks);
             println!("  {share:5.1} %  {per:>7}  {function}");
         }
     }
-    println!("\nall four   {total:>9}");
+    let appended = (aof_bytes[4].saturating_sub(aof_bytes[0])) / u64::from(args.tasks);
+    println!("\nall four   {total:>9}   AOF {appended} bytes");
     Ok(())
 }
 
@@ -191,7 +204,15 @@ struct RedisUnderCallgrind {
 }
 
 impl RedisUnderCallgrind {
-    fn start(redis_server: &Path, port: u16, dir: &Path) -> anyhow::Result<Self> {
+    fn start(redis_server: &Path, port: u16, dir: &Path, aof: &str) -> anyhow::Result<Self> {
+        let (appendonly, fsync) = match aof {
+            "no" => ("no", "everysec"),
+            fsync => ("yes", fsync),
+        };
+        let data = dir.join("redis-data");
+        // A fresh AOF: an earlier run's would be loaded, and its size counted.
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let out = dir.join(format!("{DUMP_PREFIX}%p"));
         let child = Command::new("valgrind")
             .args([
@@ -203,7 +224,16 @@ impl RedisUnderCallgrind {
             .arg(redis_server)
             // The settings of Fleet's own Redis (README → Redis key schema).
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                appendonly,
+                "--appendfsync",
+                fsync,
+            ])
+            .arg("--dir")
+            .arg(&data)
             .args(["--hash-max-listpack-value", "8192"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

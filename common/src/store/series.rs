@@ -3,7 +3,7 @@
 //!
 //! Two writers fill a slot, each with what it knows exactly:
 //! - a scheduler or reaper samples the fleet once per slot ([`Store::sample_series`]; the
-//!   first to set `sampled_ms` samples, the others skip): the terminal totals so far (rates are
+//!   first to set `sampler_ms` samples, the others skip): the terminal totals so far (rates are
 //!   their differences between samples) and the tasks waiting and running now;
 //! - every worker adds how long the tasks it started in that slot waited, from their dispatch's
 //!   publication to their start, as counts per latency bucket ([`WaitSample`]), with each
@@ -14,7 +14,8 @@
 //! - `t:<state>:<dim>:<name>`: tasks ended in `<state>` (succeeded, failed, cancelled) so far;
 //! - `g:<state>:<dim>:<name>`: tasks `pending`, `scheduled` or `running` at the sample;
 //! - `w:<bucket>:<dim>:<name>`: starts whose wait fell in bucket `<bucket>` of [`WAIT_BOUNDS_MS`];
-//! - `sampled_ms` (Redis time of the sample) and `partial` (a state held more tasks than the
+//! - `sampler_ms` (when a process took the slot's sample on), `sampled_ms` (Redis time of the
+//!   sample, written with its values) and `partial` (a state held more tasks than the
 //!   sample reads: the newest 50,000, as for `GET /v1/stats`).
 //!
 //! A slot's key expires [`KEEP_MS`] plus two slots after the slot starts: at most 362 keys,
@@ -191,6 +192,9 @@ impl SeriesOf {
 pub struct Point {
     /// Start of the slot (ms since the epoch).
     pub t: u64,
+    /// When the slot's sample was taken (Redis time); rates are per second since the previous
+    /// sample.
+    pub sampled_ms: Option<u64>,
     pub succeeded_per_s: Option<f64>,
     pub failed_per_s: Option<f64>,
     pub cancelled_per_s: Option<f64>,
@@ -302,6 +306,7 @@ fn points(slots: &[(u64, Slot)]) -> Vec<Point> {
             wait_p99_ms: quantile(&slot.waits, 0.99),
             ..Point::default()
         };
+        point.sampled_ms = slot.sampled_ms;
         if let Some(at) = slot.sampled_ms {
             [point.pending, point.scheduled, point.running] = slot.live.map(Some);
             if let Some(before) = previous
@@ -348,9 +353,11 @@ impl Store {
         let now = redis_now_ms(&mut conn).await?;
         let slot = slot_of(now);
         let key = self.keys().series(slot);
+        // The claim is its own field: `sampled_ms` comes with the sample's values, so a reader
+        // never takes a slot being sampled for one whose tasks were all zero.
         let first: bool = redis::cmd("HSETNX")
             .arg(&key)
-            .arg("sampled_ms")
+            .arg("sampler_ms")
             .arg(now)
             .query_async(&mut conn)
             .await?;
@@ -379,6 +386,7 @@ impl Store {
             }
         }
         fields.push(("partial".to_owned(), u64::from(partial)));
+        fields.push(("sampled_ms".to_owned(), now));
         let mut pipe = redis::pipe();
         pipe.cmd("HSET").arg(&key).arg(&fields).ignore();
         pipe.cmd("PEXPIREAT")
