@@ -1,6 +1,7 @@
 # Redis for Fleet's compose stack, without a registry: this machine's redis-server and
 # redis-cli with their shared libraries (deploy/images/build.sh), run as a non-root user.
-# AOF and the data directory are set by the command (see deploy/docker-compose.yml).
+# Its settings (deploy/redis/fleet.conf) and data directory come from the command in
+# deploy/docker-compose.yml.
 FROM scratch
 COPY rootfs/ /
 COPY --chown=999:999 data/ /data/

@@ -16,10 +16,8 @@ start_redis() {
   port_open "$FLEET_REDIS_PORT" && die "port $FLEET_REDIS_PORT is taken by another process; set FLEET_REDIS_PORT"
   mkdir -p "$FLEET_HOME/redis-data"
   say "starting redis-server on 127.0.0.1:$FLEET_REDIS_PORT (AOF on, noeviction)"
-  redis-server --port "$FLEET_REDIS_PORT" --bind 127.0.0.1 --dir "$FLEET_HOME/redis-data" \
-    --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save "" \
-    --hash-max-listpack-value 8192 \
-    >"$FLEET_HOME/redis.log" 2>&1 &
+  redis-server "$FLEET_REPO/deploy/redis/fleet.conf" --port "$FLEET_REDIS_PORT" --bind 127.0.0.1 \
+    --dir "$FLEET_HOME/redis-data" >"$FLEET_HOME/redis.log" 2>&1 &
   echo $! >"$redis_pid"
   wait_port "$FLEET_REDIS_PORT" redis-server "$FLEET_HOME/redis.log"
 }

@@ -35,6 +35,12 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The Redis settings Fleet expects, `deploy/redis/fleet.conf`: every Redis the tests and the
+/// benchmark start reads it first.
+pub fn redis_conf() -> PathBuf {
+    workspace_root().join("deploy/redis/fleet.conf")
+}
+
 /// Where tests keep logs and pid files: `target/fleet-it/`.
 pub fn state_dir() -> PathBuf {
     let dir = workspace_root().join("target").join("fleet-it");
@@ -151,6 +157,7 @@ impl TestEnv {
             tansu.display()
         );
 
+        let conf = redis_conf();
         // A port can be taken between choosing it and binding it (other tests start servers
         // too): a process that exits instead of listening is started again on new ports.
         let mut attempt = 0;
@@ -161,20 +168,18 @@ impl TestEnv {
                 "redis",
                 &redis_bin,
                 &[
+                    // Fleet's settings (AOF everysec, no snapshots, noeviction, listpack
+                    // hashes), then what this environment changes: its port, its directory,
+                    // and how it persists.
+                    conf.to_str().expect("utf-8 path"),
                     "--port",
                     &redis_port.to_string(),
                     "--bind",
                     "127.0.0.1",
-                    "--save",
-                    "",
                     "--appendonly",
                     aof.appendonly(),
                     "--appendfsync",
                     aof.appendfsync(),
-                    "--maxmemory-policy",
-                    "noeviction",
-                    "--hash-max-listpack-value",
-                    "8192",
                     "--dir",
                     dir.to_str().expect("utf-8 path"),
                 ],

@@ -147,3 +147,57 @@ async fn an_environment_runs_the_broker_binary_it_is_given() {
     // And it is a working broker: the test topics can be created on it.
     env.create_topics().await;
 }
+
+/// The settings of `deploy/redis/fleet.conf` as a Redis reports them.
+async fn redis_config(env: &TestEnv) -> std::collections::HashMap<String, String> {
+    let store = env.store().await;
+    let mut found = std::collections::HashMap::new();
+    for name in [
+        "appendonly",
+        "appendfsync",
+        "save",
+        "maxmemory-policy",
+        "hash-max-listpack-value",
+    ] {
+        let pair: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut store.conn())
+            .await
+            .unwrap();
+        found.insert(name.to_string(), pair.get(1).cloned().unwrap_or_default());
+    }
+    found
+}
+
+#[tokio::test]
+async fn every_redis_runs_with_fleets_settings_and_the_benchmark_persists_as_recommended() {
+    use fleet_integration_tests::Aof;
+    let tansu = fleet_integration_tests::tansu_binary();
+    for (aof, appendonly, fsync) in [
+        (Aof::EverySec, "yes", "everysec"),
+        (Aof::Always, "yes", "always"),
+        (Aof::Off, "no", "everysec"),
+    ] {
+        let env = TestEnv::start_with("harness_redis_settings", &tansu, aof);
+        let config = redis_config(&env).await;
+        assert_eq!(config["appendonly"], appendonly, "{aof:?}");
+        assert_eq!(config["appendfsync"], fsync, "{aof:?}");
+        // From deploy/redis/fleet.conf, whatever the persistence.
+        assert_eq!(config["save"], "", "{aof:?}: no RDB snapshots");
+        assert_eq!(config["maxmemory-policy"], "noeviction");
+        assert_eq!(config["hash-max-listpack-value"], "8192");
+    }
+    // The local stack and compose read the same file.
+    let root = fleet_integration_tests::workspace_root();
+    for (file, needle) in [
+        ("deploy/local/stack.sh", "deploy/redis/fleet.conf"),
+        (
+            "deploy/docker-compose.yml",
+            "./redis/fleet.conf:/etc/fleet/redis.conf",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(text.contains(needle), "{file} does not use {needle}");
+    }
+}
