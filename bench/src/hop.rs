@@ -15,21 +15,26 @@ use serde_json::{Value, json};
 
 use crate::stack::{Profile, percentile};
 
-/// The probe's topic: one partition, apart from Fleet's topics.
-const TOPIC: &str = "fleet-bench-hop";
+/// Records per batch of a prefill: what a client's 5 ms linger gathers at 1,000 tasks/s.
+const PREFILL_BATCH: usize = 5;
 
 /// Sends `rate` records/s for `secs` s through `env`'s broker and reports produce→receive
-/// latency in milliseconds (p50, p99, p99.9), with the profile's linger and fetch wait.
+/// latency in milliseconds (p50, p99, p99.9), with the profile's linger and fetch wait, on
+/// one partition of a topic of its own (`topic`, created here). With `prefill` batches
+/// written to that partition first, it shows what a partition's grown log costs each fetch:
+/// the local broker's memory storage reads more per fetch as a partition's log grows.
 pub async fn broker_hop(
     env: &TestEnv,
     profile: Profile,
     rate: u64,
     secs: u64,
+    topic: &str,
+    prefill: usize,
 ) -> anyhow::Result<Value> {
     let settings = env.settings();
     kafka::ensure_topics(
         &settings.kafka,
-        &[TOPIC.to_string()],
+        &[topic.to_string()],
         1,
         1,
         1 << 20,
@@ -48,32 +53,61 @@ pub async fn broker_hop(
     }
     let producer: FutureProducer = producer.create()?;
     let consumer: StreamConsumer = consumer.create()?;
+    // The prefill: batches of a few one-byte records, each batch sent on its own (its
+    // deliveries awaited), so the partition holds as many batches as a run leaves.
+    for _ in 0..prefill {
+        let sends: Vec<_> = (0..PREFILL_BATCH)
+            .map(|_| {
+                producer
+                    .send_result(
+                        FutureRecord::<(), _>::to(topic)
+                            .partition(0)
+                            .payload(&[0u8][..]),
+                    )
+                    .map_err(|(err, _)| err)
+            })
+            .collect::<Result<_, _>>()?;
+        for delivery in sends {
+            delivery
+                .await
+                .context("delivery cancelled")?
+                .map_err(|(err, _)| err)?;
+        }
+    }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(TOPIC, 0, Offset::Beginning)?;
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&tpl)?;
 
     let base = Instant::now();
     let micros = move || base.elapsed().as_micros() as u64;
     let total = (rate * secs) as usize;
-    // A first record, waited for, so that the consumer has found its offset before timing.
+    // A first record, waited for, so that the consumer has read past the prefill and found
+    // its offset before timing.
+    let (caught_up, first_seen) = tokio::sync::oneshot::channel::<()>();
     let receiver = tokio::spawn(async move {
         let mut stream = consumer.stream();
         let mut latencies = Vec::with_capacity(total);
+        let mut caught_up = Some(caught_up);
         while latencies.len() < total + 1 {
             let message = stream.next().await.context("the consumer stream ended")??;
             let at = micros();
-            let sent = message
+            let Some(sent) = message
                 .payload()
                 .and_then(|p| <[u8; 8]>::try_from(p).ok())
                 .map(u64::from_le_bytes)
-                .context("a probe record without its send time")?;
+            else {
+                continue; // the prefill
+            };
+            if let Some(signal) = caught_up.take() {
+                let _ = signal.send(());
+            }
             latencies.push(at.saturating_sub(sent));
         }
         anyhow::Ok(latencies)
     });
     let send = |producer: &FutureProducer| {
         let payload = micros().to_le_bytes();
-        let record = FutureRecord::<(), _>::to(TOPIC)
+        let record = FutureRecord::<(), _>::to(topic)
             .partition(0)
             .payload(&payload);
         let delivery = producer.send_result(record).map_err(|(err, _)| err);
@@ -86,7 +120,10 @@ pub async fn broker_hop(
         }
     };
     send(&producer).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(60), first_seen)
+        .await
+        .context("the probe's consumer did not read past the prefill within 60 s")?
+        .context("the probe's consumer stopped")?;
     let per_tick = (rate / 100).max(1) as usize;
     let mut interval = tokio::time::interval(Duration::from_millis(10));
     let mut deliveries = Vec::with_capacity(total);
@@ -107,6 +144,7 @@ pub async fn broker_hop(
     latencies.sort_unstable();
     let ms = |p: f64| (percentile(&latencies, p) as f64 / 100.0).round() / 10.0;
     Ok(json!({
+        "prefill_batches": prefill,
         "records": latencies.len(),
         "p50_ms": ms(50.0),
         "p99_ms": ms(99.0),
@@ -122,8 +160,19 @@ mod tests {
     #[tokio::test]
     async fn the_broker_hop_times_every_record() {
         let env = TestEnv::start("hop-probe");
-        let hop = broker_hop(&env, Profile::LowLatency, 300, 1).await.unwrap();
+        let hop = broker_hop(&env, Profile::LowLatency, 300, 1, "hop-a", 0)
+            .await
+            .unwrap();
         assert_eq!(hop["records"], 300, "{hop}");
+        // After a prefill, only the probe's own records are timed.
+        let full = broker_hop(&env, Profile::LowLatency, 300, 1, "hop-b", 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            (full["records"].as_u64(), full["prefill_batches"].as_u64()),
+            (Some(300), Some(20)),
+            "{full}"
+        );
         let ms = |key: &str| hop[key].as_f64().unwrap();
         let (p50, p99, p99_9) = (ms("p50_ms"), ms("p99_ms"), ms("p999_ms"));
         assert!(

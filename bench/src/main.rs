@@ -67,6 +67,11 @@ struct Args {
     /// low-latency run on each broker (none: 0).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=60))]
     hop_secs: u64,
+    /// Batches written to a partition before the probe runs again on it: about what a 60 s
+    /// run at 1,000 tasks/s leaves on each partition of the submit topic (5 tasks a batch,
+    /// 4 partitions). Shows what a grown log costs the local broker's fetches (none: 0).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    hop_prefill_batches: u64,
     /// Also run (a) and (b) with redis-server at a higher CPU priority than the other
     /// processes (needs root or CAP_SYS_NICE; `--redis-first false` skips them).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -204,8 +209,19 @@ async fn main() -> anyhow::Result<()> {
             (Profile::LowLatency, secs) if secs > 0 => {
                 let key = (tansu.to_path_buf(), rate);
                 if !hops.contains_key(&key) {
-                    let hop = hop::broker_hop(&stack.env, profile, rate, secs).await?;
+                    let mut hop =
+                        hop::broker_hop(&stack.env, profile, rate, secs, "hop-empty", 0).await?;
                     note(&format!("the broker's own hop at {rate}/s: {hop}"));
+                    let prefill = args.hop_prefill_batches as usize;
+                    if prefill > 0 {
+                        let grown =
+                            hop::broker_hop(&stack.env, profile, rate, secs, "hop-grown", prefill)
+                                .await?;
+                        note(&format!(
+                            "the same on a partition holding {prefill} batches: {grown}"
+                        ));
+                        hop["after_prefill"] = grown;
+                    }
                     hops.insert(key.clone(), hop);
                 }
                 hops[&key].clone()
@@ -438,8 +454,17 @@ fn print_table(r: &Value) {
         let hop = if hop.is_null() {
             String::new()
         } else {
+            let grown = &hop["after_prefill"];
+            let grown = if grown.is_null() {
+                String::new()
+            } else {
+                format!(
+                    ", on a partition holding {} batches p50 {} ms, p99 {} ms",
+                    grown["prefill_batches"], grown["p50_ms"], grown["p99_ms"]
+                )
+            };
             format!(
-                "; the broker's own hop p50 {} ms, p99 {} ms, p99.9 {} ms",
+                "; the broker's own hop p50 {} ms, p99 {} ms, p99.9 {} ms{grown}",
                 hop["p50_ms"], hop["p99_ms"], hop["p999_ms"]
             )
         };

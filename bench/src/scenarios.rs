@@ -191,12 +191,11 @@ pub async fn drain(
     let aof_after = redis_persistence(&stack.store).await?;
     // Workers started after `split_before` count all their CPU, start-up included.
     let cpu = cpu_since(&stack, split_before);
-    let rows = stack
-        .fields(&ids, &["first_started_ms", "finished_ms"])
-        .await?;
+    let rows = stack.fields(&ids, &["started_ms", "finished_ms"]).await?;
+    // Each no-op task starts once: its `started_ms` is its first start.
     let first = rows
         .iter()
-        .filter_map(|r| r.get("first_started_ms")?.parse::<u64>().ok())
+        .filter_map(|r| r.get("started_ms")?.parse::<u64>().ok())
         .min()
         .unwrap_or(0);
     let last = rows
@@ -302,19 +301,17 @@ pub async fn latency(
         )
         .await?;
     let cpu = cpu_since(stack, split_before);
-    let rows = stack
-        .fields(&ids, &["created_ms", "first_started_ms"])
-        .await?;
+    let rows = stack.fields(&ids, &["created_ms", "started_ms"]).await?;
     let field = |r: &std::collections::HashMap<String, String>, name: &str| {
         r.get(name).and_then(|v| v.parse::<u64>().ok())
     };
     // The whole path, and its two hops: submit topic → accepted by the scheduler (created_ms),
-    // then task topic → claimed by a worker (first_started_ms).
+    // then task topic → claimed by a worker (started_ms: each no-op task starts once).
     let mut latencies = Vec::with_capacity(total);
     let mut to_accept = Vec::with_capacity(total);
     let mut to_start = Vec::with_capacity(total);
     for (r, at) in rows.iter().zip(&submitted_at) {
-        let (Some(created), Some(started)) = (field(r, "created_ms"), field(r, "first_started_ms"))
+        let (Some(created), Some(started)) = (field(r, "created_ms"), field(r, "started_ms"))
         else {
             continue;
         };

@@ -115,8 +115,8 @@ impl Stack {
     }
 
     /// Starts the stack with `workers` workers (each with `worker_vars`) and waits until every
-    /// worker owns partitions. Fleet's services run with the client settings of `profile`, and
-    /// the load generator with its producer linger.
+    /// worker owns partitions. Fleet's services run with the client settings of `profile`; the
+    /// load generator always with a client's defaults (linger 5 ms).
     pub async fn start(
         name: &str,
         workers: usize,
@@ -167,17 +167,13 @@ impl Stack {
             producer: {
                 let mut config =
                     fleet_common::kafka::producer_config(&env.settings().kafka, "fleet-bench");
-                // A submitter as users run one: the client's default sticky partitioning (a
-                // partition per linger window), not Fleet's per-record one.
+                // A submitter as users run one, whatever Fleet's services are set to: the
+                // client's default linger and sticky partitioning (a partition per linger
+                // window), not Fleet's per-record one.
                 config
                     .set("linger.ms", "5")
                     .set("sticky.partitioning.linger.ms", "10")
                     .set("batch.num.messages", "10000");
-                for (key, value) in profile.client() {
-                    if *key == "linger.ms" {
-                        config.set(*key, *value);
-                    }
-                }
                 config.create()?
             },
             submit_topic: Topics::from_settings(&env.settings().topics).submit(),

@@ -56,19 +56,24 @@ for i = 0, n - 1 do
     -- '0' (no timeout) is the usual value: tonumber costs a strtod.
     local timeout, expires = 0, now + lease
     if f[3] ~= '0' then timeout = tonumber(f[3]) or 0 end
+    -- Neither `updated_ms` nor, on a first start, `first_started_ms` is written: both would
+    -- repeat `started_ms` (Store::task fills them in), and every field a claim writes is
+    -- bytes in the AOF and a listpack insert.
     local set = { 'state', 'running', 'attempt', ARGV[a + 1], 'worker', worker,
-                  'started_ms', now_text, 'updated_ms', now_text, 'claim_call', call }
-    local k = 12
-    -- A task never claimed before (attempt 0, the usual case) has neither a first start nor a
-    -- leftover deadline: reading those absent fields would scan the whole hash for nothing.
-    local first_start, old_deadline = current == 0, false
-    if not first_start then
-      local g = redis.call('HMGET', key, 'first_started_ms', 'deadline_ms')
-      first_start, old_deadline = not g[1], g[2] ~= false
+                  'started_ms', now_text, 'claim_call', call }
+    local k = 10
+    -- A task never claimed before (attempt 0, the usual case) has no leftover deadline:
+    -- reading that absent field would scan the whole hash for nothing.
+    local old_deadline = false
+    if current > 0 then
+      -- A later start: the first start is the `started_ms` this one overwrites, unless an
+      -- earlier later start recorded it already (or no attempt ever started: now).
+      local g = redis.call('HMGET', key, 'first_started_ms', 'deadline_ms', 'started_ms')
+      old_deadline = g[2] ~= false
+      if not g[1] then set[11] = 'first_started_ms'; set[12] = g[3] or now_text; k = 12 end
       -- A new attempt starts with no progress: an earlier attempt's would show on it.
       redis.call('HDEL', key, 'progress', 'progress_message', 'progress_ms')
     end
-    if first_start then set[13] = 'first_started_ms'; set[14] = now_text; k = 14 end
     if timeout > 0 then
       local deadline = now + timeout + grace
       set[k + 1] = 'deadline_ms'; set[k + 2] = text(deadline)

@@ -165,10 +165,10 @@ local function finish(key, id, from, to, now, retention, queue, priority, has_de
   incr_later(TOTALS, total_field('queue', to, queue or '?'))
   incr_later(TOTALS, total_field('priority', to, priority or '?'))
   set = set or {}
+  -- No `updated_ms`: it would repeat `finished_ms` (Store::task fills it in).
   local n, at = #set, text(now)
   set[n + 1] = 'state'; set[n + 2] = to
   set[n + 3] = 'finished_ms'; set[n + 4] = at
-  set[n + 5] = 'updated_ms'; set[n + 6] = at
   redis.call('HSET', key, unpack(set))
   if has_deadline then redis.call('HDEL', key, 'deadline_ms') end
   move(id, from, to, now)

@@ -146,8 +146,15 @@ pub async fn run(
     summary(store, &submissions, submitted_ms, wall).await
 }
 
-/// `(state, first_started_ms, finished_ms, attempt)` of one task.
-type TaskTimes = (Option<String>, Option<u64>, Option<u64>, Option<u32>);
+/// `(state, first_started_ms, finished_ms, attempt, started_ms)` of one task; a task started
+/// once has no `first_started_ms` of its own (its `started_ms` is its first start).
+type TaskTimes = (
+    Option<String>,
+    Option<u64>,
+    Option<u64>,
+    Option<u32>,
+    Option<u64>,
+);
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -176,10 +183,12 @@ async fn summary(
                 "first_started_ms",
                 "finished_ms",
                 "attempt",
+                "started_ms",
             ]);
         }
         let rows: Vec<TaskTimes> = pipe.query_async(&mut conn).await?;
-        for (state, started, finished, attempt) in rows {
+        for (state, first_started, finished, attempt, last_started) in rows {
+            let started = first_started.or(last_started);
             *by_state
                 .entry(state.unwrap_or_else(|| "missing".into()))
                 .or_default() += 1;

@@ -126,7 +126,11 @@ async fn scaling_from_one_worker_to_four_mid_run_spreads_the_work_and_runs_each_
     let stack = Compose::up("scale", 1, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
     let store = stack.store().await;
     // Compose's Redis runs with deploy/redis/fleet.conf: AOF every second, no snapshots.
-    for (name, want) in [("appendonly", "yes"), ("appendfsync", "everysec"), ("save", "")] {
+    for (name, want) in [
+        ("appendonly", "yes"),
+        ("appendfsync", "everysec"),
+        ("save", ""),
+    ] {
         let pair: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")
             .arg(name)

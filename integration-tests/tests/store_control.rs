@@ -361,6 +361,14 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
     );
     let fields = store.task("t").await.unwrap().unwrap();
     assert!(!fields.contains_key("deadline_ms"), "{fields:?}");
+    // A later start keeps the first; the last change is the ending, in the task and the list.
+    let ms = |name: &str| fields[name].parse::<u64>().unwrap();
+    assert_eq!(fields["first_started_ms"], first_started, "{fields:?}");
+    assert!(ms("started_ms") >= ms("first_started_ms"), "{fields:?}");
+    assert_eq!(fields["updated_ms"], fields["finished_ms"], "{fields:?}");
+    let page = store.list(&Default::default(), None, 10).await.unwrap();
+    let listed = page.tasks.iter().find(|t| t.id == "t").unwrap();
+    assert_eq!(listed.updated_ms.to_string(), fields["finished_ms"]);
     let h = history(&fields["history"]);
     let ends: Vec<_> = h
         .iter()

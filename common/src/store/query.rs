@@ -129,7 +129,7 @@ pub(super) struct Live {
 }
 
 /// Fields a list reads per task.
-const SUMMARY_FIELDS: [&str; 10] = [
+const SUMMARY_FIELDS: [&str; 12] = [
     "state",
     "kind",
     "queue",
@@ -140,6 +140,8 @@ const SUMMARY_FIELDS: [&str; 10] = [
     "updated_ms",
     "last_error",
     "progress",
+    "started_ms",
+    "finished_ms",
 ];
 
 /// Most index entries one list call reads while filtering, so a rare filter cannot make a
@@ -357,9 +359,19 @@ fn summary(id: &str, row: Vec<Option<String>>) -> Option<TaskSummary> {
     let attempt = text().parse().unwrap_or(0);
     let worker = text();
     let created_ms = text().parse().unwrap_or(0);
-    let updated_ms = text().parse().unwrap_or(0);
+    let updated = text();
     let last_error = text();
     let progress = text().parse().ok();
+    let (started, finished) = (text(), text());
+    let updated_ms = super::tasks::last_update(|name| {
+        match name {
+            "updated_ms" => &updated,
+            "started_ms" => &started,
+            _ => &finished,
+        }
+        .parse()
+        .ok()
+    });
     Some(TaskSummary {
         id: id.to_string(),
         state,

@@ -649,6 +649,14 @@ impl Store {
         if let Some(created) = fields.get("created_ms").cloned() {
             fields.entry("run_at_ms".into()).or_insert(created);
         }
+        // Not written by claims and endings (claim.lua, `finish` in prelude.lua): a first start is
+        // the only start until a second one records it, and the last change is the latest of
+        // the times the hash has.
+        if let Some(started) = fields.get("started_ms").cloned() {
+            fields.entry("first_started_ms".into()).or_insert(started);
+        }
+        let updated = last_update(|name| fields.get(name).and_then(|v| v.parse().ok()));
+        fields.insert("updated_ms".into(), updated.to_string());
         Ok(Some(fields))
     }
 
@@ -726,4 +734,14 @@ fn implied_history(fields: &HashMap<String, String>) -> Option<String> {
 /// attempts it claims.
 pub fn new_call_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// When a task last changed: the latest of its `updated_ms` (written by the transitions other
+/// than a start and an ending), `started_ms` and `finished_ms`; `field` reads a number.
+pub(super) fn last_update(field: impl Fn(&str) -> Option<u64>) -> u64 {
+    ["updated_ms", "started_ms", "finished_ms"]
+        .into_iter()
+        .filter_map(field)
+        .max()
+        .unwrap_or(0)
 }
