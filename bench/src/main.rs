@@ -672,6 +672,21 @@ mod tests {
     }
 
     #[test]
+    fn redis_persists_as_recommended_unless_told_otherwise() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.aof, Aof::EverySec);
+        assert_eq!(args.compare_aof.0, [Aof::Always, Aof::Off]);
+        assert_eq!(args.tasks, 50_000);
+        assert_eq!(args.latency_secs, 60);
+        assert_eq!(args.hop_prefill_batches, 3000);
+        let args = parse(&["--aof", "always", "--compare-aof", ""]).unwrap();
+        assert_eq!((args.aof, args.compare_aof.0.len()), (Aof::Always, 0));
+        refused("--aof", &["", "off", "yes", "everysec,no", &"x".repeat(10_000)]);
+        refused("--compare-aof", &["sometimes", "no,,x", &"y".repeat(10_000)]);
+        refused("--hop-prefill-batches", &["-1", "100001", "many", ""]);
+    }
+
+    #[test]
     fn the_hop_probe_takes_0_to_60_seconds() {
         assert_eq!(parse(&[]).unwrap().hop_secs, 3);
         assert_eq!(
