@@ -681,8 +681,14 @@ mod tests {
         assert_eq!(args.hop_prefill_batches, 3000);
         let args = parse(&["--aof", "always", "--compare-aof", ""]).unwrap();
         assert_eq!((args.aof, args.compare_aof.0.len()), (Aof::Always, 0));
-        refused("--aof", &["", "off", "yes", "everysec,no", &"x".repeat(10_000)]);
-        refused("--compare-aof", &["sometimes", "no,,x", &"y".repeat(10_000)]);
+        refused(
+            "--aof",
+            &["", "off", "yes", "everysec,no", &"x".repeat(10_000)],
+        );
+        refused(
+            "--compare-aof",
+            &["sometimes", "no,,x", &"y".repeat(10_000)],
+        );
         refused("--hop-prefill-batches", &["-1", "100001", "many", ""]);
     }
 
