@@ -115,6 +115,31 @@ fn aof_modes(list: &str) -> Result<AofModes, String> {
         .map(AofModes)
 }
 
+/// A stack for (a): the run's workers, their settings and the current Redis persistence.
+async fn throughput_stack(
+    name: &str,
+    args: &Args,
+    worker_vars: &[(&str, &str)],
+) -> anyhow::Result<Stack> {
+    Stack::start(name, args.workers, worker_vars, args.throughput_settings).await
+}
+
+/// (b) on a stack of its own, with Redis at a higher CPU priority when `redis_first`.
+async fn drain_run(
+    args: &Args,
+    worker_vars: &[(&str, &str)],
+    redis_first: bool,
+) -> anyhow::Result<Value> {
+    scenarios::drain(
+        args.tasks,
+        args.workers,
+        worker_vars,
+        args.throughput_settings,
+        redis_first,
+    )
+    .await
+}
+
 /// Offered loads in tasks/s, comma-separated; empty for none.
 #[derive(Debug, Clone)]
 struct Rates(Vec<u64>);
@@ -155,13 +180,7 @@ async fn main() -> anyhow::Result<()> {
         ("RUST_LOG", "info"),
     ];
     set_aof(args.aof);
-    let stack = Stack::start(
-        "bench",
-        args.workers,
-        &worker_vars,
-        args.throughput_settings,
-    )
-    .await?;
+    let stack = throughput_stack("bench", &args, &worker_vars).await?;
     note(&format!(
         "(a) end to end: {} no-op tasks, Redis AOF {} …",
         args.tasks,
@@ -246,36 +265,17 @@ async fn main() -> anyhow::Result<()> {
         latency.push(run);
     }
     note(&format!("(b) drain of {} accepted tasks …", args.tasks));
-    let drain = scenarios::drain(
-        args.tasks,
-        args.workers,
-        &worker_vars,
-        args.throughput_settings,
-        false,
-    )
-    .await?;
+    let drain = drain_run(&args, &worker_vars, false).await?;
     // (a) and (b) again with Redis persisting otherwise: what the recommended setting costs.
     let mut compared = Vec::new();
     for &mode in &args.compare_aof.0 {
         note(&format!("(a) and (b) again, Redis AOF {} …", mode.name()));
         set_aof(mode);
-        let stack = Stack::start(
-            &format!("bench-aof-{}", mode.name()),
-            args.workers,
-            &worker_vars,
-            args.throughput_settings,
-        )
-        .await?;
+        let stack =
+            throughput_stack(&format!("bench-aof-{}", mode.name()), &args, &worker_vars).await?;
         let end_to_end = scenarios::throughput(&stack, args.tasks).await?;
         drop(stack);
-        let drain = scenarios::drain(
-            args.tasks,
-            args.workers,
-            &worker_vars,
-            args.throughput_settings,
-            false,
-        )
-        .await?;
+        let drain = drain_run(&args, &worker_vars, false).await?;
         compared.push(json!({ "aof": mode.name(), "end_to_end": end_to_end, "drain": drain }));
     }
     set_aof(args.aof);
@@ -286,13 +286,7 @@ async fn main() -> anyhow::Result<()> {
         note(&format!(
             "(a) and (b) again, redis-server at niceness {REDIS_NICENESS} …"
         ));
-        let stack = Stack::start(
-            "bench-rf",
-            args.workers,
-            &worker_vars,
-            args.throughput_settings,
-        )
-        .await?;
+        let stack = throughput_stack("bench-rf", &args, &worker_vars).await?;
         // Without the privilege to renice, the pair is reported as not run, with the reason.
         redis_first = match stack.prioritize_redis() {
             Err(err) => {
@@ -302,14 +296,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(()) => {
                 let end_to_end = scenarios::throughput(&stack, args.tasks).await?;
                 drop(stack);
-                let drain = scenarios::drain(
-                    args.tasks,
-                    args.workers,
-                    &worker_vars,
-                    args.throughput_settings,
-                    true,
-                )
-                .await?;
+                let drain = drain_run(&args, &worker_vars, true).await?;
                 json!({ "niceness": REDIS_NICENESS, "end_to_end": end_to_end, "drain": drain })
             }
         };

@@ -388,3 +388,18 @@ pub async fn redis_persistence(store: &Store) -> Result<[u64; 4], redis::RedisEr
         value("total_forks"),
     ])
 }
+
+/// The value of each of Redis's `names` settings (`CONFIG GET`), by name.
+pub async fn redis_config(store: &Store, names: &[&str]) -> HashMap<String, String> {
+    let mut found = HashMap::new();
+    for name in names {
+        let pair: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(*name)
+            .query_async(&mut store.conn())
+            .await
+            .expect("CONFIG GET");
+        found.insert(name.to_string(), pair.get(1).cloned().unwrap_or_default());
+    }
+    found
+}

@@ -21,7 +21,7 @@ use std::time::Duration;
 use fleet_common::settings::CommonSettings;
 
 pub use eventually::eventually;
-pub use fleet::{redis_aof_bytes, redis_persistence};
+pub use fleet::{redis_aof_bytes, redis_config, redis_persistence};
 pub use process::{ManagedProcess, ephemeral_range, free_ports, is_alive};
 
 /// The command that installs everything the tests need; named in every "missing" message.

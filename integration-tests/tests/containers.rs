@@ -126,19 +126,16 @@ async fn scaling_from_one_worker_to_four_mid_run_spreads_the_work_and_runs_each_
     let stack = Compose::up("scale", 1, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
     let store = stack.store().await;
     // Compose's Redis runs with deploy/redis/fleet.conf: AOF every second, no snapshots.
-    for (name, want) in [
-        ("appendonly", "yes"),
-        ("appendfsync", "everysec"),
-        ("save", ""),
-    ] {
-        let pair: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
-            .query_async(&mut store.conn())
-            .await
-            .unwrap();
-        assert_eq!(pair.get(1).map(String::as_str), Some(want), "{name}");
-    }
+    let config =
+        fleet_integration_tests::redis_config(&store, &["appendonly", "appendfsync", "save"]).await;
+    assert_eq!(
+        (
+            &*config["appendonly"],
+            &*config["appendfsync"],
+            &*config["save"]
+        ),
+        ("yes", "everysec", "")
+    );
     let (first, tasks) = sleep_tasks("scale", 0..1000, 50);
     stack.submit(&tasks).await;
     wait_succeeded(&store, 100).await;

@@ -148,28 +148,6 @@ async fn an_environment_runs_the_broker_binary_it_is_given() {
     env.create_topics().await;
 }
 
-/// The settings of `deploy/redis/fleet.conf` as a Redis reports them.
-async fn redis_config(env: &TestEnv) -> std::collections::HashMap<String, String> {
-    let store = env.store().await;
-    let mut found = std::collections::HashMap::new();
-    for name in [
-        "appendonly",
-        "appendfsync",
-        "save",
-        "maxmemory-policy",
-        "hash-max-listpack-value",
-    ] {
-        let pair: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
-            .query_async(&mut store.conn())
-            .await
-            .unwrap();
-        found.insert(name.to_string(), pair.get(1).cloned().unwrap_or_default());
-    }
-    found
-}
-
 #[tokio::test]
 async fn every_redis_runs_with_fleets_settings_and_the_benchmark_persists_as_recommended() {
     use fleet_integration_tests::Aof;
@@ -180,7 +158,17 @@ async fn every_redis_runs_with_fleets_settings_and_the_benchmark_persists_as_rec
         (Aof::Off, "no", "everysec"),
     ] {
         let env = TestEnv::start_with("harness_redis_settings", &tansu, aof);
-        let config = redis_config(&env).await;
+        let config = fleet_integration_tests::redis_config(
+            &env.store().await,
+            &[
+                "appendonly",
+                "appendfsync",
+                "save",
+                "maxmemory-policy",
+                "hash-max-listpack-value",
+            ],
+        )
+        .await;
         assert_eq!(config["appendonly"], appendonly, "{aof:?}");
         assert_eq!(config["appendfsync"], fsync, "{aof:?}");
         // From deploy/redis/fleet.conf, whatever the persistence.
