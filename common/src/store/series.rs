@@ -87,6 +87,16 @@ impl WaitSample {
         self.by_queue.is_empty()
     }
 
+    /// Drops the counts of slots that started before `ms`: past the series' hour, nothing
+    /// reads them, so a sample kept through a long Redis outage stays bounded.
+    pub fn forget_before(&mut self, ms: u64) {
+        let oldest = slot_of(ms);
+        self.by_queue.retain(|_, slots| {
+            slots.retain(|(slot, _), _| *slot >= oldest);
+            !slots.is_empty()
+        });
+    }
+
     /// Adds `other`'s counts (a sample that could not be written) to this one.
     pub fn merge(&mut self, other: Self) {
         for (queue, slots) in other.by_queue {
@@ -500,6 +510,21 @@ mod tests {
         assert_eq!(increments[&10_000][&format!("w:{b}:priority:high")], 2);
         assert_eq!(increments[&20_000][&format!("w:{b}:priority:low")], 2);
         assert_eq!(increments[&20_000][&format!("w:{b}:queue:a:b")], 1);
+    }
+
+    #[test]
+    fn a_kept_sample_forgets_what_the_series_no_longer_shows() {
+        let mut sample = WaitSample::default();
+        sample.record(5_000, "old", Priority::Low, 4);
+        sample.record(KEEP_MS + 15_000, "emails", Priority::High, 4);
+        sample.forget_before(15_000);
+        let increments = sample.increments();
+        assert_eq!(
+            increments.keys().copied().collect::<Vec<_>>(),
+            [KEEP_MS + 10_000]
+        );
+        sample.forget_before(KEEP_MS + 20_000);
+        assert!(sample.is_empty());
     }
 
     #[test]

@@ -44,7 +44,12 @@ async fn flush_waits(shared: &Shared, store: &Store) {
     }
     if let Err(err) = store.add_waits(&sample).await {
         warn!(error = %err, "Cannot record queue waits for the dashboard; retrying at the next heartbeat.");
-        shared.waits().merge(sample);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut kept = shared.waits();
+        kept.merge(sample);
+        kept.forget_before(now_ms.saturating_sub(store::series::KEEP_MS));
     }
 }
 
