@@ -381,10 +381,11 @@ fn print_table(r: &Value) {
     );
     let d = &r["drain"];
     println!(
-        "| (b) drain, {} tasks already accepted, Redis AOF {aof} | {:.0} tasks/s ({:.1} s; Redis {:.0} µs CPU and {:.0} AOF bytes per task; AOF rewrites {}) |",
+        "| (b) drain, {} tasks already accepted, Redis AOF {aof} | {:.0} tasks/s ({:.1} s; last worker's first start {} ms after the first's; Redis {:.0} µs CPU and {:.0} AOF bytes per task; AOF rewrites {}) |",
         d["tasks"],
         f(&d["tasks_per_s"]),
         f(&d["seconds"]),
+        d["start_lag_ms"],
         f(&d["redis_cpu_us_per_task"]),
         f(&d["aof_bytes_per_task"]),
         d["aof_rewrites"]
@@ -392,7 +393,7 @@ fn print_table(r: &Value) {
     for c in r["aof_compared"].as_array().into_iter().flatten() {
         let (e, d) = (&c["end_to_end"], &c["drain"]);
         println!(
-            "| (a) and (b) with Redis AOF {} | end to end {:.0} tasks/s ({:.1} s; Redis {:.0} µs CPU and {:.0} AOF bytes per task); drain {:.0} tasks/s ({:.1} s; Redis {:.0} µs per task) |",
+            "| (a) and (b) with Redis AOF {} | end to end {:.0} tasks/s ({:.1} s; Redis {:.0} µs CPU and {:.0} AOF bytes per task); drain {:.0} tasks/s ({:.1} s; start lag {} ms; Redis {:.0} µs per task) |",
             c["aof"].as_str().unwrap_or("?"),
             f(&e["tasks_per_s"]),
             f(&e["seconds"]),
@@ -400,6 +401,7 @@ fn print_table(r: &Value) {
             f(&e["aof_bytes_per_task"]),
             f(&d["tasks_per_s"]),
             f(&d["seconds"]),
+            d["start_lag_ms"],
             f(&d["redis_cpu_us_per_task"])
         );
     }
@@ -412,13 +414,14 @@ fn print_table(r: &Value) {
     } else if !rf.is_null() {
         let (e, d) = (&rf["end_to_end"], &rf["drain"]);
         println!(
-            "| (a) and (b) with redis-server at niceness {} | end to end {:.0} tasks/s ({:.1} s; Redis {:.0} µs per task); drain {:.0} tasks/s ({:.1} s) |",
+            "| (a) and (b) with redis-server at niceness {} | end to end {:.0} tasks/s ({:.1} s; Redis {:.0} µs per task); drain {:.0} tasks/s ({:.1} s; start lag {} ms) |",
             rf["niceness"].as_str().unwrap_or("?"),
             f(&e["tasks_per_s"]),
             f(&e["seconds"]),
             f(&e["redis_cpu_us_per_task"]),
             f(&d["tasks_per_s"]),
-            f(&d["seconds"])
+            f(&d["seconds"]),
+            d["start_lag_ms"]
         );
     }
     for l in r["latency"].as_array().into_iter().flatten() {

@@ -191,8 +191,29 @@ pub async fn drain(
     let aof_after = redis_persistence(&stack.store).await?;
     // Workers started after `split_before` count all their CPU, start-up included.
     let cpu = cpu_since(&stack, split_before);
-    let rows = stack.fields(&ids, &["started_ms", "finished_ms"]).await?;
+    let rows = stack
+        .fields(&ids, &["started_ms", "finished_ms", "worker"])
+        .await?;
     // Each no-op task starts once: its `started_ms` is its first start.
+    let mut first_by_worker: BTreeMap<&str, u64> = BTreeMap::new();
+    for row in &rows {
+        if let (Some(worker), Some(started)) = (
+            row.get("worker"),
+            row.get("started_ms").and_then(|v| v.parse::<u64>().ok()),
+        ) {
+            let first = first_by_worker.entry(worker).or_insert(started);
+            *first = (*first).min(started);
+        }
+    }
+    // How long after the first worker's first start the last worker started its first task:
+    // the time the group took to give every worker its partitions, which the drain includes.
+    let start_lag_ms = match (
+        first_by_worker.values().min(),
+        first_by_worker.values().max(),
+    ) {
+        (Some(min), Some(max)) => max - min,
+        _ => 0,
+    };
     let first = rows
         .iter()
         .filter_map(|r| r.get("started_ms")?.parse::<u64>().ok())
@@ -208,6 +229,8 @@ pub async fn drain(
         "tasks": n,
         "seconds": seconds,
         "tasks_per_s": n as f64 / seconds.max(0.001),
+        "workers_started": first_by_worker.len(),
+        "start_lag_ms": start_lag_ms,
         "redis_cpu_us_per_task": (redis_after - redis_before) * 1e6 / n as f64,
         "redis_aof": stack.env_aof().name(),
         "aof_bytes_per_task": aof_after[0].saturating_sub(aof_before[0]) as f64 / n as f64,

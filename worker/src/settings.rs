@@ -32,6 +32,13 @@ pub struct WorkerSection {
     /// stable name per replica (a StatefulSet pod's name) lets a restarted worker take its
     /// partitions back without a group rebalance. Never give two workers the same one.
     pub group_instance_id: String,
+    /// A worker waits a random 0 to this many milliseconds before it joins the group, so that
+    /// replicas started together do not join within the same few milliseconds. On the local
+    /// broker (tansu) a member whose group sync arrives before the leader's waits for the
+    /// broker's next one-second poll of the group, so one of two workers started at once got
+    /// its partitions a second after the other in half the starts. A Kafka broker answers
+    /// such a sync as soon as the leader's arrives; there this only delays the start a little.
+    pub join_jitter_ms: u64,
 }
 
 impl Default for WorkerSection {
@@ -46,6 +53,7 @@ impl Default for WorkerSection {
             strict_priority: false,
             claim_batch: 256,
             group_instance_id: String::new(),
+            join_jitter_ms: 150,
         }
     }
 }
@@ -53,6 +61,11 @@ impl Default for WorkerSection {
 impl WorkerSection {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// A random wait of 0 to `join_jitter_ms` before joining the group.
+    pub fn join_jitter(&self) -> Duration {
+        Duration::from_millis(rand::random_range(0..=self.join_jitter_ms))
     }
 
     pub fn cancel_grace(&self) -> Duration {
@@ -123,6 +136,12 @@ impl Validate for WorkerSection {
                 "at most one hour",
             ));
         }
+        if self.join_jitter_ms > 60_000 {
+            return Err(SettingsError::invalid(
+                "worker.join_jitter_ms",
+                "at most 60000 (a minute)",
+            ));
+        }
         if !(1..=10_000).contains(&self.claim_batch) {
             return Err(SettingsError::invalid(
                 "worker.claim_batch",
@@ -148,4 +167,30 @@ impl Validate for WorkerSection {
 service_settings! {
     /// Everything `fleet-worker` reads.
     WorkerSettings { worker: WorkerSection }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_jitter_stays_within_its_setting() {
+        let mut section = WorkerSection::default();
+        assert!(section.validate().is_ok());
+        for _ in 0..200 {
+            assert!(section.join_jitter() <= Duration::from_millis(section.join_jitter_ms));
+        }
+        section.join_jitter_ms = 0;
+        assert_eq!(section.join_jitter(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_join_jitter_over_a_minute_is_refused_by_name() {
+        let section = WorkerSection {
+            join_jitter_ms: 60_001,
+            ..WorkerSection::default()
+        };
+        let error = section.validate().unwrap_err().to_string();
+        assert!(error.contains("worker.join_jitter_ms"), "{error}");
+    }
 }

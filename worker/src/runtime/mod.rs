@@ -188,6 +188,15 @@ impl Worker {
         let consumer = membership::consumer(config, group)?;
         let topic_names = Priority::ALL.map(|p| topics.tasks(p));
         let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+        let jitter = settings.worker.join_jitter();
+        tracing::debug!(
+            jitter_ms = jitter.as_millis() as u64,
+            "waiting before joining the group"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(jitter) => {}
+            () = token.cancelled() => {}
+        }
         consumer.subscribe(&subscription)?;
         let consumer = Arc::new(consumer);
         let readiness = Readiness::default();
