@@ -16,7 +16,6 @@
 pub mod cli;
 pub mod kafka;
 pub mod membership;
-pub mod message_size;
 pub mod ops;
 pub mod otlp;
 pub mod priority;

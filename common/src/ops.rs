@@ -14,82 +14,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-
-use crate::settings::{Secret, SettingsError, Validate};
-
-/// `[http]`: the service's HTTP listener and, for the scheduler's API, who may call it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpSettings {
-    /// `host:port` to listen on; port 0 picks a free one (logged); empty: no listener.
-    pub listen: String,
-    /// Bearer tokens accepted by the API.
-    pub tokens: Vec<Secret>,
-    /// Files holding more tokens, one per line (e.g. Kubernetes Secret mounts).
-    pub token_files: Vec<String>,
-    /// Serve the API without authentication. For local development only.
-    pub insecure_no_auth: bool,
-    /// Largest request body accepted by the API.
-    pub max_body_bytes: usize,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:8080".into(),
-            tokens: Vec::new(),
-            token_files: Vec::new(),
-            insecure_no_auth: false,
-            max_body_bytes: 16 << 20,
-        }
-    }
-}
-
-impl Validate for HttpSettings {
-    fn validate(&self) -> Result<(), SettingsError> {
-        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
-            return Err(SettingsError::invalid(
-                "http.listen",
-                "expected host:port with an IP address, e.g. 0.0.0.0:8080, or empty for none",
-            ));
-        }
-        if self.tokens.iter().any(|t| t.expose().trim().len() < 16) {
-            return Err(SettingsError::invalid(
-                "http.tokens",
-                "tokens must be at least 16 characters",
-            ));
-        }
-        if !(1024..=256 << 20).contains(&self.max_body_bytes) {
-            return Err(SettingsError::invalid(
-                "http.max_body_bytes",
-                "expected 1024 to 268435456",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl HttpSettings {
-    /// Every accepted token: the configured ones and those in `token_files`.
-    pub fn load_tokens(&self) -> Result<Vec<Secret>, SettingsError> {
-        let mut tokens: Vec<Secret> = self.tokens.clone();
-        for path in &self.token_files {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                SettingsError::invalid("http.token_files", format!("cannot read {path}: {err}"))
-            })?;
-            tokens.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(Secret::new),
-            );
-        }
-        Ok(tokens)
-    }
-}
 
 /// Histogram buckets (seconds) for handler durations and queue waits: 1 ms to 5 min.
 const BUCKETS: [f64; 16] = [

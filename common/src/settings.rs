@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -283,6 +284,18 @@ pub fn is_sensitive(property: &str) -> bool {
 }
 
 impl KafkaSettings {
+    /// The producer's `message.max.bytes` from `kafka.client` when it is set below `needed`
+    /// (a value that does not parse counts as 0); `None` when it fits or is not set.
+    pub fn producer_limit_below(&self, needed: usize) -> Option<usize> {
+        let configured = self
+            .client
+            .get("message.max.bytes")?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (configured < needed).then_some(configured)
+    }
+
     fn validate(&self) -> Result<(), SettingsError> {
         if self.brokers.trim().is_empty() {
             return Err(SettingsError::invalid(
@@ -700,9 +713,89 @@ pub fn validate_common(
     tasks.validate()?;
     // The largest accepted task must fit through the producer (checked here so that
     // `--check-config` catches it; topics are checked against the broker at start).
-    let needed = crate::message_size::record_limit(tasks.max_task_bytes);
-    crate::message_size::fit_producer(&mut rdkafka::ClientConfig::new(), kafka, needed)
-        .map_err(|err| SettingsError::invalid("kafka.client.message.max.bytes", err.to_string()))
+    let needed = crate::task::record_limit(tasks.max_task_bytes);
+    match kafka.producer_limit_below(needed) {
+        Some(configured) => Err(SettingsError::invalid(
+            "kafka.client.message.max.bytes",
+            format!(
+                "{configured} is smaller than the largest Fleet record ({needed} bytes: \
+                 tasks.max_task_bytes + {}); raise it or lower tasks.max_task_bytes",
+                crate::task::RECORD_ROOM
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `[http]`: the service's HTTP listener and, for the scheduler's API, who may call it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `host:port` to listen on; port 0 picks a free one (logged); empty: no listener.
+    pub listen: String,
+    /// Bearer tokens accepted by the API.
+    pub tokens: Vec<Secret>,
+    /// Files holding more tokens, one per line (e.g. Kubernetes Secret mounts).
+    pub token_files: Vec<String>,
+    /// Serve the API without authentication. For local development only.
+    pub insecure_no_auth: bool,
+    /// Largest request body accepted by the API.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            tokens: Vec::new(),
+            token_files: Vec::new(),
+            insecure_no_auth: false,
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+impl Validate for HttpSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return Err(SettingsError::invalid(
+                "http.listen",
+                "expected host:port with an IP address, e.g. 0.0.0.0:8080, or empty for none",
+            ));
+        }
+        if self.tokens.iter().any(|t| t.expose().trim().len() < 16) {
+            return Err(SettingsError::invalid(
+                "http.tokens",
+                "tokens must be at least 16 characters",
+            ));
+        }
+        if !(1024..=256 << 20).contains(&self.max_body_bytes) {
+            return Err(SettingsError::invalid(
+                "http.max_body_bytes",
+                "expected 1024 to 268435456",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HttpSettings {
+    /// Every accepted token: the configured ones and those in `token_files`.
+    pub fn load_tokens(&self) -> Result<Vec<Secret>, SettingsError> {
+        let mut tokens: Vec<Secret> = self.tokens.clone();
+        for path in &self.token_files {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                SettingsError::invalid("http.token_files", format!("cannot read {path}: {err}"))
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(Secret::new),
+            );
+        }
+        Ok(tokens)
+    }
 }
 
 /// Declares a service's settings struct: the shared sections (`kafka`, `redis`, `topics`,
@@ -721,7 +814,7 @@ macro_rules! service_settings {
             pub lease: $crate::settings::LeaseSettings,
             pub tasks: $crate::settings::TaskSettings,
             pub log: $crate::settings::LogSettings,
-            pub http: $crate::ops::HttpSettings,
+            pub http: $crate::settings::HttpSettings,
             $(pub $section: $ty,)*
         }
 

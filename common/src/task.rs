@@ -13,6 +13,17 @@ use serde_json::value::RawValue;
 
 use crate::priority::Priority;
 
+/// Bytes a record may take beyond `tasks.max_task_bytes`: the envelope and filled-in record
+/// fields, headers, and a dead letter's error and attempt history (see `lua/prelude.lua`).
+pub const RECORD_ROOM: usize = 256 * 1024;
+
+/// The largest record Fleet may produce for tasks of at most `max_task_bytes`: every link on
+/// a task's way (the producers' `message.max.bytes`, each topic's `max.message.bytes`) must
+/// carry one, or a task Redis accepted could sit in the outbox forever.
+pub fn record_limit(max_task_bytes: usize) -> usize {
+    max_task_bytes + RECORD_ROOM
+}
+
 /// Version of the [`Envelope`] format on the task topics.
 pub const ENVELOPE_VERSION: u32 = 1;
 /// Longest `id`, `kind`, `queue`, `key` or `idempotency_key`.

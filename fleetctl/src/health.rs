@@ -16,7 +16,7 @@ pub async fn create_topics(settings: &CommonSettings, partitions: i32) -> anyhow
         &names,
         partitions,
         settings.topics.replication_factor,
-        fleet_common::message_size::record_limit(settings.tasks.max_task_bytes),
+        fleet_common::task::record_limit(settings.tasks.max_task_bytes),
         Duration::from_secs(15),
     )
     .await

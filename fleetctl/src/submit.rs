@@ -31,10 +31,10 @@ pub async fn publish(
     submissions: &[(String, String)],
 ) -> anyhow::Result<()> {
     let mut config = kafka::producer_config(&settings.kafka, "fleetctl");
-    fleet_common::message_size::fit_producer(
+    fleet_common::kafka::fit_producer(
         &mut config,
         &settings.kafka,
-        fleet_common::message_size::record_limit(settings.tasks.max_task_bytes),
+        fleet_common::task::record_limit(settings.tasks.max_task_bytes),
     )?;
     let producer: FutureProducer = config.create().context("creating the producer")?;
     let topic = Topics::from_settings(&settings.topics).submit();

@@ -108,7 +108,7 @@ impl TestEnv {
             &Topics::from_settings(&s.topics).all(),
             s.topics.partitions,
             1,
-            fleet_common::message_size::record_limit(s.tasks.max_task_bytes),
+            fleet_common::task::record_limit(s.tasks.max_task_bytes),
             Duration::from_secs(10),
         )
         .await

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fleet_common::task::Envelope;
-use fleet_common::{Priority, Topics, kafka, message_size};
+use fleet_common::{Priority, Topics, kafka, task};
 use fleet_integration_tests::fleet::{executions, log_events, task_json};
 use fleet_integration_tests::{TestEnv, eventually};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -195,12 +195,7 @@ async fn a_task_at_the_size_limit_runs_and_topics_too_small_for_it_refuse_the_st
     let body = format!("{head}{}\"}}", "x".repeat(limit - head.len() - 2));
     assert_eq!(body.len(), limit);
     let mut config = kafka::producer_config(&settings.kafka, "it-big");
-    message_size::fit_producer(
-        &mut config,
-        &settings.kafka,
-        message_size::record_limit(limit),
-    )
-    .unwrap();
+    kafka::fit_producer(&mut config, &settings.kafka, task::record_limit(limit)).unwrap();
     let producer: FutureProducer = config.create().unwrap();
     let submit = Topics::from_settings(&settings.topics).submit();
     producer

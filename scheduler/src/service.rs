@@ -9,7 +9,7 @@ use anyhow::Context;
 use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::{self, Outcome, Supervisor, TaskResult};
 use fleet_common::store::{self, Store, StoreError};
-use fleet_common::{Priority, Topics, kafka, message_size};
+use fleet_common::{Priority, Topics, kafka, task};
 use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -34,10 +34,10 @@ pub async fn connect(
     let store = Store::new(conn, keys, &settings.tasks);
 
     let topics = Topics::from_settings(&settings.topics);
-    let record_limit = message_size::record_limit(settings.tasks.max_task_bytes);
+    let record_limit = task::record_limit(settings.tasks.max_task_bytes);
     let client_id = format!("{service}-{}", std::process::id());
     let mut config = kafka::producer_config(&settings.kafka, &client_id);
-    message_size::fit_producer(&mut config, &settings.kafka, record_limit)?;
+    kafka::fit_producer(&mut config, &settings.kafka, record_limit)?;
     let statuses = kafka::ensure_topics(
         &settings.kafka,
         &topics.all(),
@@ -48,7 +48,7 @@ pub async fn connect(
     )
     .await
     .context("creating topics")?;
-    message_size::check_topics(
+    kafka::check_topics(
         &settings.kafka,
         &topics.all(),
         record_limit,
