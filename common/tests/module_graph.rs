@@ -80,10 +80,10 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
         }
         path.push(node.to_string());
         for next in graph.get(node).into_iter().flatten() {
-            if graph.contains_key(next) {
-                if let Some(cycle) = visit(next, graph, path, done) {
-                    return Some(cycle);
-                }
+            if graph.contains_key(next)
+                && let Some(cycle) = visit(next, graph, path, done)
+            {
+                return Some(cycle);
             }
         }
         path.pop();
