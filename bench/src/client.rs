@@ -22,7 +22,7 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Posts JSON bodies to one path. A request takes an idle connection, or opens one more when
 /// none is idle, so requests never queue in the client behind slow answers.
 #[derive(Clone)]
-pub struct Pool {
+pub(crate) struct Pool {
     addr: SocketAddr,
     head: Arc<str>,
     jobs: mpsc::UnboundedSender<Job>,
@@ -31,7 +31,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, path: &str) -> Self {
+    pub(crate) fn new(addr: SocketAddr, path: &str) -> Self {
         let (jobs, queue) = mpsc::unbounded_channel::<Job>();
         let head =
             format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n");
@@ -45,7 +45,7 @@ impl Pool {
     }
 
     /// Sends one request; returns the status and body.
-    pub async fn post(&self, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
+    pub(crate) async fn post(&self, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
         // Claim an idle connection, or open another.
         let claimed = self
             .idle

@@ -12,7 +12,7 @@ use std::time::Instant;
 const KEYS: u64 = 200_000;
 
 /// Milliseconds the workload took, best of three (the least disturbed of the runs).
-pub fn cpu_check_ms() -> f64 {
+pub(crate) fn cpu_check_ms() -> f64 {
     (0..3)
         .map(|_| {
             let began = Instant::now();
@@ -25,7 +25,7 @@ pub fn cpu_check_ms() -> f64 {
 /// Milliseconds the same workload took with one copy on every core at once (the slowest
 /// copy), best of three. The services run concurrently, and this machine has had spells in
 /// which they all ran at half speed while the single-thread check did not move.
-pub fn all_cores_ms() -> f64 {
+pub(crate) fn all_cores_ms() -> f64 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0..3)
         .map(|_| {
@@ -52,7 +52,7 @@ const CHASE_STEPS: usize = 2_000_000;
 /// made every service use 1.5–2 times its CPU per task, with no hypervisor steal and the
 /// compute checks above nearly unmoved; contention for the host's caches and memory would do
 /// that, and this check is where it would show.
-pub fn memory_ns() -> f64 {
+pub(crate) fn memory_ns() -> f64 {
     let cycle = random_cycle(CHASE_BYTES / std::mem::size_of::<u32>());
     (0..3)
         .map(|_| {

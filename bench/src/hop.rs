@@ -23,7 +23,7 @@ const PREFILL_BATCH: usize = 5;
 /// one partition of a topic of its own (`topic`, created here). With `prefill` batches
 /// written to that partition first, it shows what a partition's grown log costs each fetch:
 /// the local broker's memory storage reads more per fetch as a partition's log grows.
-pub async fn broker_hop(
+pub(crate) async fn broker_hop(
     env: &TestEnv,
     profile: Profile,
     rate: u64,

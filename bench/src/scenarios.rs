@@ -55,7 +55,7 @@ fn noop(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
 
 /// (a) end to end, (e) cost per task and (f) peak memory: `n` no-op tasks submitted as fast
 /// as the producer takes them, timed from the first submit to the last `succeeded` in Redis.
-pub async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
+pub(crate) async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value> {
     let (ids, bodies) = noop("e", n);
     let (commands_before, cpu_before) = redis_usage(&stack.store).await?;
     let aof_before = redis_persistence(&stack.store).await?;
@@ -152,7 +152,7 @@ fn per_task_profile(
 /// (b) drain: `n` tasks accepted on a fresh stack while no worker runs, then drained by
 /// `workers` workers; timed from the first start to the last finish, by Redis's clock.
 /// With `redis_first`, redis-server runs at a higher CPU priority than everything else.
-pub async fn drain(
+pub(crate) async fn drain(
     n: usize,
     workers: usize,
     worker_vars: &[(&str, &str)],
@@ -243,13 +243,13 @@ pub async fn drain(
 
 /// How the latency run submits: to the submit topic, or through the HTTP API.
 #[derive(Debug, Clone, Copy)]
-pub enum Via {
+pub(crate) enum Via {
     Kafka,
     Http,
 }
 
 /// (c) submit→start latency at a fixed offered load for `secs` seconds.
-pub async fn latency(
+pub(crate) async fn latency(
     stack: &Stack,
     via: Via,
     rate: u64,
@@ -378,7 +378,7 @@ pub async fn latency(
 /// of its own whose two workers have slots for everything (`3 × orphans` each), so every
 /// orphan can start again at once elsewhere. Measures when each orphan started again (its
 /// `started_ms`, Redis time) after the kill: first, median and last.
-pub async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result<Value> {
+pub(crate) async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result<Value> {
     let concurrency = (3 * orphans).to_string();
     let mut stack = Stack::start(
         "bench-recovery",
@@ -476,7 +476,7 @@ pub async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result<Value>
 /// topic every 50 ms; the time from the kill until the first submission sent after it is
 /// accepted. With one scheduler it is started again at once (as a supervisor would); with two,
 /// the other takes over the killed one's partitions.
-pub async fn failover(schedulers: usize, profile: Profile) -> anyhow::Result<Value> {
+pub(crate) async fn failover(schedulers: usize, profile: Profile) -> anyhow::Result<Value> {
     let mut stack = Stack::start(
         &format!("bench-failover-{schedulers}"),
         1,
@@ -546,7 +546,7 @@ pub async fn failover(schedulers: usize, profile: Profile) -> anyhow::Result<Val
 }
 
 /// (f) worker memory holding `n` concurrent sleeping tasks.
-pub async fn memory(n: usize) -> anyhow::Result<Value> {
+pub(crate) async fn memory(n: usize) -> anyhow::Result<Value> {
     let concurrency = n.to_string();
     let stack = Stack::start(
         "bench-memory",

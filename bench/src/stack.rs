@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::client::Pool;
 
 /// One broker, one Redis, a scheduler, a reaper and workers.
-pub struct Stack {
+pub(crate) struct Stack {
     pub env: TestEnv,
     pub store: Store,
     pub scheduler: ManagedProcess,
@@ -34,7 +34,7 @@ pub struct Stack {
 
 /// Kafka client settings of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Profile {
+pub(crate) enum Profile {
     /// Fleet's defaults: producer linger 5 ms, fetch wait 10 ms.
     Default,
     /// The low-latency settings of the README's Performance section: linger 1 ms, fetch wait
@@ -44,14 +44,14 @@ pub enum Profile {
 
 impl Profile {
     /// `kafka.client` entries of the profile.
-    pub fn client(self) -> &'static [(&'static str, &'static str)] {
+    pub(crate) fn client(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Profile::Default => &[],
             Profile::LowLatency => &[("linger.ms", "1"), ("fetch.wait.max.ms", "2")],
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Profile::Default => "default",
             Profile::LowLatency => "low-latency",
@@ -64,22 +64,22 @@ static AOF: std::sync::Mutex<Aof> = std::sync::Mutex::new(Aof::EverySec);
 
 /// Sets how the Redis of the stacks started from now on persists: AOF `everysec`, as the
 /// README recommends, unless a comparison run says otherwise.
-pub fn set_aof(aof: Aof) {
+pub(crate) fn set_aof(aof: Aof) {
     *AOF.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = aof;
 }
 
 /// How the Redis of a stack started now persists.
-pub fn aof() -> Aof {
+pub(crate) fn aof() -> Aof {
     *AOF.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Niceness of redis-server in the runs that give it priority (see `prioritize_redis`).
-pub const REDIS_NICENESS: &str = "-10";
+pub(crate) const REDIS_NICENESS: &str = "-10";
 
 /// Wall-clock milliseconds (the same clock Redis `TIME` reads on this machine).
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -87,14 +87,14 @@ pub fn now_ms() -> u64 {
 
 impl Stack {
     /// How this stack's Redis persists.
-    pub fn env_aof(&self) -> Aof {
+    pub(crate) fn env_aof(&self) -> Aof {
         self.aof
     }
 
     /// Gives every thread of this stack's redis-server a higher CPU priority (niceness −10)
     /// than the broker, the services and the load generator, as Redis on a core of its own
     /// would have. Needs root or CAP_SYS_NICE.
-    pub fn prioritize_redis(&self) -> anyhow::Result<()> {
+    pub(crate) fn prioritize_redis(&self) -> anyhow::Result<()> {
         let pid = self.env.redis.pid();
         let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
             .with_context(|| format!("listing the threads of redis-server ({pid})"))?
@@ -117,7 +117,7 @@ impl Stack {
     /// Starts the stack with `workers` workers (each with `worker_vars`) and waits until every
     /// worker owns partitions. Fleet's services run with the client settings of `profile`; the
     /// load generator always with a client's defaults (linger 5 ms).
-    pub async fn start(
+    pub(crate) async fn start(
         name: &str,
         workers: usize,
         worker_vars: &[(&str, &str)],
@@ -127,7 +127,7 @@ impl Stack {
     }
 
     /// [`Stack::start`] with the broker binary `tansu`.
-    pub async fn start_on(
+    pub(crate) async fn start_on(
         name: &str,
         workers: usize,
         worker_vars: &[(&str, &str)],
@@ -193,7 +193,7 @@ impl Stack {
     }
 
     /// Starts another scheduler (no HTTP listener) and returns it.
-    pub fn add_scheduler(&self, name: &str) -> ManagedProcess {
+    pub(crate) fn add_scheduler(&self, name: &str) -> ManagedProcess {
         self.env.spawn(
             "fleet-scheduler",
             name,
@@ -202,11 +202,11 @@ impl Stack {
     }
 
     /// Starts the stack's scheduler again (after it was killed), without its HTTP API.
-    pub fn restart_scheduler(&mut self) {
+    pub(crate) fn restart_scheduler(&mut self) {
         self.scheduler = self.add_scheduler("scheduler-restarted");
     }
 
-    pub fn add_worker(&mut self, name: &str, vars: &[(&str, &str)]) {
+    pub(crate) fn add_worker(&mut self, name: &str, vars: &[(&str, &str)]) {
         let mut vars = vars.to_vec();
         vars.push(("FLEET_CONFIG", &self.config));
         self.workers
@@ -215,7 +215,7 @@ impl Stack {
 
     /// Waits until `n` workers heartbeat and between them own every partition of every
     /// priority topic exactly once: the group's rebalance is over.
-    pub async fn wait_workers(&self, n: usize) -> anyhow::Result<()> {
+    pub(crate) async fn wait_workers(&self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let partitions = self.env.settings().topics.partitions;
         loop {
@@ -243,7 +243,7 @@ impl Stack {
     }
 
     /// Publishes submissions as fast as the producer takes them; returns the bytes sent.
-    pub async fn submit(&self, bodies: &[String]) -> anyhow::Result<u64> {
+    pub(crate) async fn submit(&self, bodies: &[String]) -> anyhow::Result<u64> {
         let mut bytes = 0;
         for chunk in bodies.chunks(20_000) {
             let sends = chunk.iter().map(|body| {
@@ -261,7 +261,10 @@ impl Stack {
     }
 
     /// Publishes one submission (a future to spawn, so the caller need not wait for it).
-    pub fn submit_one(&self, body: String) -> impl Future<Output = anyhow::Result<()>> + use<> {
+    pub(crate) fn submit_one(
+        &self,
+        body: String,
+    ) -> impl Future<Output = anyhow::Result<()>> + use<> {
         let producer = self.producer.clone();
         let topic = self.submit_topic.clone();
         async move {
@@ -279,7 +282,10 @@ impl Stack {
 
     /// Submits one task through the scheduler's HTTP API, which accepts it in Redis and
     /// publishes it at once (no submit-topic hop).
-    pub fn submit_http(&self, body: String) -> impl Future<Output = anyhow::Result<()>> + use<> {
+    pub(crate) fn submit_http(
+        &self,
+        body: String,
+    ) -> impl Future<Output = anyhow::Result<()>> + use<> {
         let http = self.http.clone();
         async move {
             match http.post(body.into_bytes()).await.context("HTTP submit")? {
@@ -291,7 +297,7 @@ impl Stack {
 
     /// Fails, with the log's tail, if the broker, Redis, the scheduler or the reaper has
     /// exited: the run could only wait out its deadline.
-    pub fn check_services(&self) -> anyhow::Result<()> {
+    pub(crate) fn check_services(&self) -> anyhow::Result<()> {
         let services = [
             &self.env.broker,
             &self.env.redis,
@@ -312,7 +318,7 @@ impl Stack {
     }
 
     /// How many tasks are in `state` now.
-    pub async fn count(&self, state: State) -> anyhow::Result<u64> {
+    pub(crate) async fn count(&self, state: State) -> anyhow::Result<u64> {
         let counts = self.store.counts().await?;
         Ok(counts
             .into_iter()
@@ -321,7 +327,12 @@ impl Stack {
     }
 
     /// Waits until at least `n` tasks are in `state`.
-    pub async fn wait_count(&self, state: State, n: u64, limit: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_count(
+        &self,
+        state: State,
+        n: u64,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             let have = self.count(state).await?;
@@ -337,7 +348,7 @@ impl Stack {
     }
 
     /// Chosen fields of many tasks, read in pipelines.
-    pub async fn fields(
+    pub(crate) async fn fields(
         &self,
         ids: &[String],
         names: &[&str],
@@ -364,7 +375,7 @@ impl Stack {
 }
 
 /// Resident memory of a process: (current, peak) in bytes, from /proc.
-pub fn rss(pid: u32) -> (u64, u64) {
+pub(crate) fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -377,7 +388,7 @@ pub fn rss(pid: u32) -> (u64, u64) {
 }
 
 /// CPU seconds (user + system) a process has used so far, from /proc (0 if it is gone).
-pub fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat
@@ -422,7 +433,7 @@ fn assignment_settled(infos: &[&str], n: usize, partitions: i32) -> bool {
 
 /// Core-seconds the hypervisor took from this machine's CPUs so far (`steal` in
 /// `/proc/stat`): time the processes wanted to run and a neighbour ran instead.
-pub fn steal_seconds() -> f64 {
+pub(crate) fn steal_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     steal_of(&stat)
 }
@@ -437,7 +448,7 @@ fn steal_of(stat: &str) -> f64 {
 }
 
 /// Redis's total commands processed and CPU seconds used so far.
-pub async fn redis_usage(store: &Store) -> anyhow::Result<(u64, f64)> {
+pub(crate) async fn redis_usage(store: &Store) -> anyhow::Result<(u64, f64)> {
     let info: String = redis::cmd("INFO")
         .arg("all")
         .query_async(&mut store.conn())
@@ -457,7 +468,7 @@ pub async fn redis_usage(store: &Store) -> anyhow::Result<(u64, f64)> {
 
 /// Redis's `INFO commandstats`: calls and CPU microseconds per command so far. Commands that
 /// scripts call are counted under their own names as well as inside `evalsha`.
-pub async fn redis_commandstats(
+pub(crate) async fn redis_commandstats(
     store: &Store,
 ) -> anyhow::Result<std::collections::BTreeMap<String, (u64, u64)>> {
     let info: String = redis::cmd("INFO")
@@ -484,7 +495,7 @@ pub async fn redis_commandstats(
 }
 
 /// `p` (0–100) percentile of sorted values.
-pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

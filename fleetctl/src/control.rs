@@ -8,7 +8,7 @@ use fleet_common::store::{Cancel, Reprioritize, Selector, Store};
 use crate::{EXIT_BAD_INPUT, EXIT_ENDED, EXIT_NOT_FOUND};
 
 /// Cancels each task and prints what happened to it.
-pub async fn cancel(store: &Store, ids: &[String]) -> anyhow::Result<ExitCode> {
+pub(crate) async fn cancel(store: &Store, ids: &[String]) -> anyhow::Result<ExitCode> {
     let mut code = ExitCode::SUCCESS;
     for (id, answer) in ids.iter().zip(store.cancel(ids).await?) {
         match answer {
@@ -28,7 +28,7 @@ pub async fn cancel(store: &Store, ids: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 /// Redrives failed tasks: the ids given, or every failed one of a kind and/or queue.
-pub async fn redrive(
+pub(crate) async fn redrive(
     store: &Store,
     ids: &[String],
     kind: Option<String>,
@@ -71,14 +71,14 @@ pub async fn redrive(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn pause(store: &Store, selector: Selector) -> anyhow::Result<()> {
+pub(crate) async fn pause(store: &Store, selector: Selector) -> anyhow::Result<()> {
     let newly = store.pause(&selector).await?;
     let note = if newly { "" } else { " (already paused)" };
     println!("paused {}{note}", selector.member());
     Ok(())
 }
 
-pub async fn resume(store: &Store, selector: Selector) -> anyhow::Result<()> {
+pub(crate) async fn resume(store: &Store, selector: Selector) -> anyhow::Result<()> {
     let released = store.resume(&selector).await?;
     println!(
         "resumed {}; {released} held tasks published again",
@@ -87,7 +87,11 @@ pub async fn resume(store: &Store, selector: Selector) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn set_priority(store: &Store, id: &str, priority: Priority) -> anyhow::Result<ExitCode> {
+pub(crate) async fn set_priority(
+    store: &Store,
+    id: &str,
+    priority: Priority,
+) -> anyhow::Result<ExitCode> {
     Ok(match store.set_priority(id, priority).await? {
         Reprioritize::Moved => {
             println!("{id}\tmoved to {priority}");

@@ -65,7 +65,7 @@ async fn counts(store: &Store) -> anyhow::Result<HashMap<State, u64>> {
     Ok(store.counts().await?.into_iter().collect())
 }
 
-pub async fn run(
+pub(crate) async fn run(
     settings: &CommonSettings,
     store: &Store,
     n: usize,

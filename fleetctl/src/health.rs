@@ -9,7 +9,10 @@ use fleet_common::{Topics, kafka};
 
 use crate::connect;
 
-pub async fn create_topics(settings: &CommonSettings, partitions: i32) -> anyhow::Result<()> {
+pub(crate) async fn create_topics(
+    settings: &CommonSettings,
+    partitions: i32,
+) -> anyhow::Result<()> {
     let names = Topics::from_settings(&settings.topics).all();
     let statuses = kafka::ensure_topics(
         &settings.kafka,
@@ -36,7 +39,7 @@ pub async fn create_topics(settings: &CommonSettings, partitions: i32) -> anyhow
     Ok(())
 }
 
-pub async fn ping(settings: &CommonSettings, wait: Duration) -> anyhow::Result<()> {
+pub(crate) async fn ping(settings: &CommonSettings, wait: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         match ping_once(settings).await {
@@ -111,7 +114,7 @@ async fn ping_once(settings: &CommonSettings) -> anyhow::Result<String> {
 
 /// The URL of `path` on a service listening on `listen`: loopback for a wildcard address
 /// (`0.0.0.0:8080`, `[::]:8080`), else that address itself.
-pub fn local_url(listen: &str, path: &str) -> anyhow::Result<String> {
+pub(crate) fn local_url(listen: &str, path: &str) -> anyhow::Result<String> {
     let mut addr: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("http.listen `{listen}` is not an address"))?;
@@ -126,7 +129,7 @@ pub fn local_url(listen: &str, path: &str) -> anyhow::Result<String> {
 
 /// Splits a plain `http://host:port/path` URL into its authority and path; anything else is
 /// refused with the reason.
-pub fn probe_target(url: &str) -> Result<(&str, &str), String> {
+pub(crate) fn probe_target(url: &str) -> Result<(&str, &str), String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("`{url}`: only plain http:// URLs can be probed"))?;
@@ -146,7 +149,7 @@ pub fn probe_target(url: &str) -> Result<(&str, &str), String> {
 /// GETs `url` (plain `http://host:port/path`) and exits 0 on 200, else 1 with the reason
 /// (2 for a URL it cannot probe). Hand-written so that the image needs no curl and the probe
 /// no TLS or proxy logic.
-pub async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process::ExitCode> {
+pub(crate) async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process::ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (authority, path) = match probe_target(url) {
         Ok(target) => target,

@@ -13,7 +13,7 @@ use fleet_common::{Priority, Topics, kafka};
 use crate::{EXIT_ENDED, EXIT_NOT_FOUND};
 
 /// Prints one task, human-readable or as JSON. Returns false if there is no such task.
-pub async fn status(store: &Store, id: &str, json: bool) -> anyhow::Result<bool> {
+pub(crate) async fn status(store: &Store, id: &str, json: bool) -> anyhow::Result<bool> {
     let Some(fields) = store.task(id).await? else {
         return Ok(false);
     };
@@ -62,7 +62,7 @@ fn shorten(value: &str, max: usize) -> String {
 const APPEAR_WITHIN: Duration = Duration::from_secs(10);
 
 /// Prints a task's state and progress as they change until it ends.
-pub async fn watch(store: &Store, id: &str, every: Duration) -> anyhow::Result<ExitCode> {
+pub(crate) async fn watch(store: &Store, id: &str, every: Duration) -> anyhow::Result<ExitCode> {
     let mut last = String::new();
     let started = std::time::Instant::now();
     loop {
@@ -104,7 +104,7 @@ pub async fn watch(store: &Store, id: &str, every: Duration) -> anyhow::Result<E
 }
 
 /// Prints a page of tasks and the cursor of the next one.
-pub async fn list(
+pub(crate) async fn list(
     store: &Store,
     filter: &TaskFilter,
     cursor: Option<Cursor>,
@@ -141,7 +141,7 @@ pub async fn list(
 }
 
 /// Prints fleet statistics and the consumer lag of `group` on the task topics.
-pub async fn stats(
+pub(crate) async fn stats(
     settings: &CommonSettings,
     store: &Store,
     group: &str,
@@ -252,7 +252,7 @@ async fn consumer_lag(
 }
 
 /// Prints the workers heard from within `max_age_ms`.
-pub async fn workers(store: &Store, max_age_ms: u64, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn workers(store: &Store, max_age_ms: u64, json: bool) -> anyhow::Result<()> {
     let workers = store.workers(max_age_ms).await?;
     if json {
         println!("{}", serde_json::to_string(&workers)?);

@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 
 /// Gives a submission an id when it has none, so the caller can follow it, after checking it
 /// the same way the scheduler will. Returns (id, JSON text).
-pub fn prepare(line: &str, max_bytes: usize) -> anyhow::Result<(String, String)> {
+pub(crate) fn prepare(line: &str, max_bytes: usize) -> anyhow::Result<(String, String)> {
     let spec = TaskSpec::parse(line.as_bytes(), max_bytes)?;
     if let Some(id) = spec.id {
         return Ok((id, line.to_string()));
@@ -26,7 +26,7 @@ pub fn prepare(line: &str, max_bytes: usize) -> anyhow::Result<(String, String)>
 }
 
 /// Publishes prepared submissions and waits until the broker has them all.
-pub async fn publish(
+pub(crate) async fn publish(
     settings: &CommonSettings,
     submissions: &[(String, String)],
 ) -> anyhow::Result<()> {
@@ -74,7 +74,7 @@ pub async fn publish(
 /// Reads tasks from a file or `-` (stdin): one JSON object (any layout), a JSON array of them,
 /// or JSON lines (blank lines skipped). Every task is checked before anything is sent, and the
 /// first bad one is reported by its line number or array index.
-pub fn read_lines(path: &str, max_bytes: usize) -> anyhow::Result<Vec<(String, String)>> {
+pub(crate) fn read_lines(path: &str, max_bytes: usize) -> anyhow::Result<Vec<(String, String)>> {
     let mut reader: Box<dyn BufRead> = if path == "-" {
         Box::new(std::io::stdin().lock())
     } else {

@@ -95,7 +95,7 @@ pub struct WorkerView {
 
 /// Task counts for one queue or priority: by state (terminal states are totals since the
 /// fleet's data was created; the others are current).
-pub type Counts = BTreeMap<String, u64>;
+pub(super) type Counts = BTreeMap<String, u64>;
 
 /// Fleet statistics.
 #[derive(Debug, Clone, Serialize)]
@@ -116,7 +116,7 @@ pub struct Stats {
 
 /// Most tasks per non-terminal state that [`Store::stats`] reads to split counts by queue and
 /// priority, so a huge backlog cannot make a dashboard refresh read all of it.
-pub const STATS_SCAN_LIMIT: usize = 50_000;
+pub(super) const STATS_SCAN_LIMIT: usize = 50_000;
 
 /// Tasks of the non-terminal states per queue and per priority, as [`Store::live_counts`]
 /// counts them.

@@ -9,7 +9,7 @@ use super::{ApiError, ApiState};
 
 /// Lets a request through only with a configured bearer token (or when authentication is
 /// explicitly off for local development).
-pub async fn require_token(
+pub(super) async fn require_token(
     State(state): State<ApiState>,
     request: Request,
     next: Next,

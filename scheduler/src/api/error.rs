@@ -69,12 +69,12 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 }
 
 /// Unknown paths.
-pub async fn not_found() -> ApiError {
+pub(super) async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /v1/openapi.json")
 }
 
 /// A known path asked with a method it does not take (axum adds the `Allow` header).
-pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+pub(super) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

@@ -14,7 +14,7 @@ use super::tasks::parse_body;
 use super::{ApiError, ApiState};
 
 /// `GET /v1/stats`: tasks per state, per queue and per priority, throughput, pauses, counters.
-pub async fn stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let stats = state.store.stats().await?;
     Ok(Json(serde_json::to_value(stats).unwrap_or_default()))
 }
@@ -22,14 +22,14 @@ pub async fn stats(State(state): State<ApiState>) -> Result<Json<Value>, ApiErro
 /// Query of `GET /v1/series`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SeriesQuery {
+pub(super) struct SeriesQuery {
     of: Option<String>,
     minutes: Option<u64>,
 }
 
 /// `GET /v1/series?of=&minutes=`: the dashboard's time series of all tasks, a queue or a
 /// priority, one point per 10-second slot over the last `minutes` (default and most: 60).
-pub async fn series(
+pub(super) async fn series(
     State(state): State<ApiState>,
     query: Result<Query<SeriesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -52,7 +52,7 @@ pub async fn series(
 }
 
 /// `GET /v1/workers`: workers heard from within one lease.
-pub async fn workers(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn workers(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let workers = state.store.workers(state.settings.lease.lease_ms).await?;
     Ok(Json(json!({ "workers": workers })))
 }
@@ -60,7 +60,7 @@ pub async fn workers(State(state): State<ApiState>) -> Result<Json<Value>, ApiEr
 /// Body of pause and resume: exactly one of `queue` and `priority`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SelectorBody {
+pub(super) struct SelectorBody {
     queue: Option<String>,
     priority: Option<Priority>,
 }
@@ -81,7 +81,7 @@ fn selector(body: &[u8]) -> Result<Selector, ApiError> {
 }
 
 /// `POST /v1/pause`: workers stop starting the tasks of a queue or priority.
-pub async fn pause(
+pub(super) async fn pause(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -93,7 +93,7 @@ pub async fn pause(
 }
 
 /// `POST /v1/resume`: undoes a pause and publishes the tasks held meanwhile.
-pub async fn resume(
+pub(super) async fn resume(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {

@@ -22,7 +22,7 @@ const MAX_BATCH: usize = 1000;
 
 /// `POST /v1/tasks`: one task object, or an array of up to 1000. Every task is validated
 /// first; if any is invalid nothing is accepted and the answer names it by index.
-pub async fn submit(
+pub(super) async fn submit(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -88,7 +88,7 @@ pub async fn submit(
 
 /// `GET /v1/tasks/{id}`: every field of the task; JSON fields (`record`, `result`, `history`)
 /// as JSON.
-pub async fn get(
+pub(super) async fn get(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -101,7 +101,7 @@ pub async fn get(
 }
 
 /// A task hash as JSON: numbers as numbers, embedded JSON parsed.
-pub fn task_json(fields: HashMap<String, String>) -> Value {
+pub(super) fn task_json(fields: HashMap<String, String>) -> Value {
     let mut out = serde_json::Map::new();
     for (name, value) in fields {
         let parsed = match name.as_str() {
@@ -133,7 +133,7 @@ pub fn task_json(fields: HashMap<String, String>) -> Value {
 /// Query of `GET /v1/tasks`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(super) struct ListQuery {
     state: Option<TaskState>,
     queue: Option<String>,
     kind: Option<String>,
@@ -148,7 +148,7 @@ fn default_limit() -> usize {
 }
 
 /// `GET /v1/tasks?state=&queue=&kind=&priority=&limit=&cursor=`: newest first, paged.
-pub async fn list(
+pub(super) async fn list(
     State(state): State<ApiState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -176,7 +176,7 @@ pub async fn list(
 }
 
 /// `POST /v1/tasks/{id}/cancel`.
-pub async fn cancel(
+pub(super) async fn cancel(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -197,7 +197,7 @@ pub async fn cancel(
 }
 
 /// `POST /v1/tasks/{id}/redrive`: a failed task runs again with a fresh attempt budget.
-pub async fn redrive(
+pub(super) async fn redrive(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -220,13 +220,13 @@ pub async fn redrive(
 /// Body of `POST /v1/redrive`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedriveBody {
+pub(super) struct RedriveBody {
     kind: Option<String>,
     queue: Option<String>,
 }
 
 /// `POST /v1/redrive` `{"kind"?, "queue"?}`: every failed task of a kind and/or queue.
-pub async fn redrive_failed(
+pub(super) async fn redrive_failed(
     State(state): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -241,12 +241,12 @@ pub async fn redrive_failed(
 /// Body of `POST /v1/tasks/{id}/priority`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PriorityBody {
+pub(super) struct PriorityBody {
     priority: Priority,
 }
 
 /// `POST /v1/tasks/{id}/priority` `{"priority": "high"}`: only before the task started.
-pub async fn priority(
+pub(super) async fn priority(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
@@ -265,7 +265,7 @@ pub async fn priority(
 }
 
 /// A small JSON body, with errors that name what was wrong.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|err| ApiError::bad_request("invalid_json", format!("body: {err}")))
 }
