@@ -6,6 +6,7 @@
 //! - [`priority`]: the four priority levels.
 //! - [`task`]: the submission format, the stored record, the envelope, the states.
 //! - [`topics`]: every Kafka topic name.
+//! - [`wire`]: every Kafka record Fleet writes (envelope, rejected, dead letter) and its headers.
 //! - [`kafka`]: producer/consumer/admin configuration and topic creation.
 //! - [`membership`]: group consumers whose assignment is logged, measured and watched.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
@@ -19,7 +20,6 @@ pub mod membership;
 pub mod ops;
 pub mod otlp;
 pub mod priority;
-pub mod rejected;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;
@@ -28,6 +28,7 @@ pub mod task;
 pub mod telemetry;
 pub mod topics;
 pub mod trace;
+pub mod wire;
 
 pub use priority::Priority;
 pub use topics::Topics;

@@ -1,5 +1,6 @@
 //! The task model: what producers submit ([`TaskSpec`]), what Redis stores and the task topics
-//! carry ([`TaskRecord`] inside a versioned [`Envelope`]), and the lifecycle [`State`]s.
+//! carry ([`TaskRecord`], inside the versioned [`crate::wire::Envelope`]), and the lifecycle
+//! [`State`]s.
 //!
 //! A submission is parsed once, into typed structs that reject unknown fields. The payload is
 //! kept as raw JSON text from then on: the scheduler never re-parses it, and a worker parses it
@@ -24,8 +25,6 @@ pub fn record_limit(max_task_bytes: usize) -> usize {
     max_task_bytes + RECORD_ROOM
 }
 
-/// Version of the [`Envelope`] format on the task topics.
-pub const ENVELOPE_VERSION: u32 = 1;
 /// Longest `id`, `kind`, `queue`, `key` or `idempotency_key`.
 pub const MAX_NAME_LEN: usize = 128;
 /// Upper bound of `max_attempts`.
@@ -341,70 +340,6 @@ pub fn new_task_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// One delivery of a task on a task topic: `{"v":1,"attempt":N,"task":{…}}`. The attempt is
-/// the fencing token the claim will take.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Envelope {
-    pub v: u32,
-    pub attempt: u32,
-    pub task: TaskRecord,
-}
-
-/// Why a record on a task topic is not a usable envelope.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum InvalidEnvelope {
-    #[error("record has no value")]
-    Empty,
-    #[error("record is not a task envelope: {0}")]
-    Malformed(String),
-    #[error("envelope version {0} is not supported (this build reads {ENVELOPE_VERSION})")]
-    Version(u32),
-    #[error("envelope attempt must be at least 1")]
-    ZeroAttempt,
-}
-
-impl Envelope {
-    /// Builds the envelope text around a stored record without re-serializing it.
-    pub fn encode(record_json: &str, attempt: u32) -> String {
-        use std::fmt::Write;
-        // Sized up front: `format!` grew the string while copying the record into it.
-        let mut out = String::with_capacity(record_json.len() + 40);
-        let _ = write!(
-            out,
-            "{{\"v\":{ENVELOPE_VERSION},\"attempt\":{attempt},\"task\":"
-        );
-        out.push_str(record_json);
-        out.push('}');
-        out
-    }
-
-    /// This envelope as JSON (the record is serialized again).
-    pub fn to_json(&self) -> String {
-        Self::encode(&self.task.to_json(), self.attempt)
-    }
-
-    /// Parses and checks a record from a task topic.
-    pub fn decode(bytes: Option<&[u8]>) -> Result<Self, InvalidEnvelope> {
-        let bytes = bytes
-            .filter(|b| !b.is_empty())
-            .ok_or(InvalidEnvelope::Empty)?;
-        let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| {
-            let mut message = e.to_string();
-            message.truncate(200);
-            InvalidEnvelope::Malformed(message)
-        })?;
-        if envelope.v != ENVELOPE_VERSION {
-            return Err(InvalidEnvelope::Version(envelope.v));
-        }
-        if envelope.attempt == 0 {
-            return Err(InvalidEnvelope::ZeroAttempt);
-        }
-        Ok(envelope)
-    }
-}
-
 /// Where a task is in its life. Redis holds the current one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -482,21 +417,6 @@ mod tests {
         assert_eq!(record.queue, "default");
         assert_eq!(record.max_attempts, 5);
         assert_eq!(record.payload.get(), "null");
-    }
-
-    #[test]
-    fn full_submission_round_trips_through_an_envelope() {
-        let text = br#"{"id":"a-1","kind":"echo","payload":{"x":[1,2,{"y":"z"}]},"priority":"critical",
-            "queue":"emails","key":"user:7","max_attempts":3,"timeout_ms":5000,"idempotency_key":"k"}"#;
-        let spec = TaskSpec::parse(text, LIMIT).unwrap();
-        let record = TaskRecord::from_spec(spec, DEFAULTS, || unreachable!());
-        let wire = Envelope::encode(&record.to_json(), 4);
-        let envelope = Envelope::decode(Some(wire.as_bytes())).unwrap();
-        assert_eq!(envelope.attempt, 4);
-        assert_eq!(envelope.task.id, "a-1");
-        assert_eq!(envelope.task.payload.get(), r#"{"x":[1,2,{"y":"z"}]}"#);
-        assert_eq!(envelope.task.priority, Priority::Critical);
-        assert_eq!(envelope.task.key.as_deref(), Some("user:7"));
     }
 
     #[test]
@@ -649,27 +569,5 @@ mod tests {
                 .code(),
             "invalid_json"
         );
-    }
-
-    #[test]
-    fn envelopes_are_checked() {
-        assert_eq!(Envelope::decode(None).unwrap_err(), InvalidEnvelope::Empty);
-        assert!(matches!(
-            Envelope::decode(Some(b"{}")),
-            Err(InvalidEnvelope::Malformed(_))
-        ));
-        let record = r#"{"id":"a","kind":"noop","payload":null,"priority":"low","queue":"q","max_attempts":1,"timeout_ms":0}"#;
-        let v2 = format!(r#"{{"v":2,"attempt":1,"task":{record}}}"#);
-        assert_eq!(
-            Envelope::decode(Some(v2.as_bytes())).unwrap_err(),
-            InvalidEnvelope::Version(2)
-        );
-        let zero = Envelope::encode(record, 0);
-        assert_eq!(
-            Envelope::decode(Some(zero.as_bytes())).unwrap_err(),
-            InvalidEnvelope::ZeroAttempt
-        );
-        let negative = format!(r#"{{"v":1,"attempt":-1,"task":{record}}}"#);
-        assert!(Envelope::decode(Some(negative.as_bytes())).is_err());
     }
 }

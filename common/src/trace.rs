@@ -66,7 +66,7 @@ impl TraceParent {
         message
             .headers()?
             .iter()
-            .find(|h| h.key == "traceparent")
+            .find(|h| h.key == crate::wire::header::TRACEPARENT)
             .and_then(|h| std::str::from_utf8(h.value?).ok())
             .and_then(Self::parse)
     }

@@ -290,7 +290,7 @@ impl TestEnv {
     pub async fn publish_attempt(&self, task: &fleet_common::store::NewTask, attempt: u32) {
         let topic =
             Topics::from_settings(&self.settings().topics).tasks(fleet_common::Priority::Normal);
-        let body = fleet_common::task::Envelope::encode(&task.record_json, attempt);
+        let body = fleet_common::wire::Envelope::encode(&task.record_json, attempt);
         self.producer()
             .send(
                 FutureRecord::<(), _>::to(&topic)

@@ -720,7 +720,7 @@ async fn concurrent_submissions_are_grouped_yet_each_request_gets_its_own_answer
     let published: BTreeSet<String> = records
         .iter()
         .map(|r| {
-            fleet_common::task::Envelope::decode(Some(&r.payload))
+            fleet_common::wire::Envelope::decode(Some(&r.payload))
                 .expect("an envelope")
                 .task
                 .id

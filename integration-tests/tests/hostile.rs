@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fleet_common::task::Envelope;
+use fleet_common::wire::Envelope;
 use fleet_common::{Priority, Topics, kafka, task};
 use fleet_integration_tests::fleet::{executions, log_events, task_json};
 use fleet_integration_tests::{TestEnv, eventually};

@@ -223,7 +223,7 @@ async fn handle_batch(
             code = err.code(), reason = %err, partition = message.partition(), offset = message.offset(),
             "Submission rejected."
         );
-        let source = fleet_common::rejected::Source {
+        let source = fleet_common::wire::RejectedSource {
             topic: message.topic(),
             partition: message.partition(),
             offset: message.offset(),

@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use fleet_common::otlp;
 use fleet_common::store::{Accepted, Dispatch, NewTask, Store};
-use fleet_common::task::Envelope;
 use fleet_common::topics::Topics;
 use fleet_common::trace::TraceParent;
-use fleet_common::{Priority, rejected};
+use fleet_common::wire::Envelope;
+use fleet_common::{Priority, wire};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
@@ -182,21 +181,7 @@ impl Publisher {
         let traceparent = span.as_ref().map(TraceParent::as_str);
         // The span is exported, and so timed, only when OTLP export is on.
         let start_ns = otlp::enabled().then(otlp::now_ns);
-        let mut headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header {
-                key: "fleet-task-id",
-                value: Some(id),
-            })
-            .insert(Header {
-                key: "fleet-attempt",
-                value: Some(&attempt_text),
-            });
-        if let Some(traceparent) = traceparent {
-            headers = headers.insert(Header {
-                key: "traceparent",
-                value: Some(traceparent),
-            });
-        }
+        let headers = wire::task_headers(id, &attempt_text, traceparent);
         let mut record = FutureRecord::to(&topic).payload(&envelope).headers(headers);
         if let Some(key) = key {
             record = record.key(key);
@@ -287,10 +272,10 @@ impl Publisher {
         payload: Option<&[u8]>,
         code: &str,
         reason: &str,
-        source: rejected::Source<'_>,
+        source: wire::RejectedSource<'_>,
     ) -> Result<(), KafkaError> {
         let topic = self.topics.rejected();
-        rejected::send(
+        wire::send_rejected(
             &self.producer,
             &topic,
             payload,
@@ -302,22 +287,10 @@ impl Publisher {
         .await
     }
 
-    /// Sends a dead-letter record (JSON) for a failed task.
+    /// Sends the dead-letter record of a failed task (built by [`wire::dead_letter`]).
     pub async fn dead(&self, id: &str, body: &str) -> Result<(), KafkaError> {
         let topic = self.topics.dead();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: "fleet-task-id",
-            value: Some(id),
-        });
-        let record = FutureRecord::to(&topic)
-            .key(id)
-            .payload(body)
-            .headers(headers);
-        self.producer
-            .send(record, SEND_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|(err, _)| err)
+        wire::send_dead_letter(&self.producer, &topic, id, body, SEND_TIMEOUT).await
     }
 }
 

@@ -4,14 +4,12 @@
 //! nothing pauses any more. Safe with any number of replicas: entries are taken atomically, and
 //! a duplicate message is absorbed at claim.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fleet_common::store::Store;
-use fleet_common::task::Envelope;
-use serde_json::json;
+use fleet_common::wire;
 use tracing::{info, warn};
 
 use crate::publish::{LivePartitions, Publisher};
@@ -93,7 +91,7 @@ pub async fn round(
             written.push(id);
             continue;
         }
-        match publisher.dead(&id, &dead_letter(&task)).await {
+        match publisher.dead(&id, &wire::dead_letter(&task)).await {
             Ok(()) => {
                 info!(task_id = %id, "Dead-letter record written.");
                 written.push(id);
@@ -120,39 +118,4 @@ async fn record_gauges(store: &Store) -> Result<(), fleet_common::store::StoreEr
     metrics::gauge!("fleet_outbox_size", "outbox" => "dispatch").set(backlog.outbox as f64);
     metrics::gauge!("fleet_outbox_size", "outbox" => "dead").set(backlog.dead as f64);
     Ok(())
-}
-
-/// The dead-letter record: the envelope of the last attempt (the task as stored, payload byte
-/// for byte), how many attempts it had, every attempt's end (`history`), and why it failed.
-fn dead_letter(task: &HashMap<String, String>) -> String {
-    let field = |name: &str| task.get(name).map(String::as_str).unwrap_or_default();
-    let number = |name: &str| field(name).parse::<u64>().unwrap_or(0);
-    let json = |name: &str| -> serde_json::Value {
-        serde_json::from_str(field(name)).unwrap_or(serde_json::Value::Null)
-    };
-    let attempt = number("attempt");
-    let envelope: serde_json::Value =
-        serde_json::from_str(&Envelope::encode(field("record"), attempt as u32))
-            .unwrap_or(serde_json::Value::Null);
-    let history = match json("history") {
-        serde_json::Value::Null => json!([]),
-        list => list,
-    };
-    json!({
-        "v": 1,
-        "id": field("id"),
-        "envelope": envelope,
-        "attempts": attempt,
-        "released": number("released"),
-        "error": field("error"),
-        "history": history,
-        "worker": history
-            .as_array()
-            .and_then(|h| h.last())
-            .and_then(|last| last["worker"].as_str())
-            .unwrap_or(field("worker")),
-        "created_ms": number("created_ms"),
-        "finished_ms": number("finished_ms"),
-    })
-    .to_string()
 }

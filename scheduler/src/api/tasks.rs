@@ -28,7 +28,7 @@ pub(super) async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let parent = headers
-        .get("traceparent")
+        .get(fleet_common::wire::header::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
     let body = body?;

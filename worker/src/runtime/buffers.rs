@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 
 use fleet_common::Priority;
-use fleet_common::task::{Envelope, InvalidEnvelope};
 use fleet_common::trace::TraceParent;
+use fleet_common::wire::{Envelope, InvalidEnvelope};
 
 /// One record from a task topic.
 #[derive(Debug)]

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fleet_common::retry::retry_until;
 use fleet_common::store::{Claim, Store, new_call_id};
-use fleet_common::task::Envelope;
-use fleet_common::{kafka, membership, rejected};
+use fleet_common::wire::Envelope;
+use fleet_common::{kafka, membership, wire};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -224,13 +224,13 @@ async fn refuse(
             topic = %topic, partition = delivery.partition, offset = delivery.offset, code,
             reason = %reason, "Record on a task topic refused; sent to the rejected topic."
         );
-        let source = rejected::Source {
+        let source = wire::RejectedSource {
             topic,
             partition: delivery.partition,
             offset: delivery.offset,
         };
         let sent = retry_until(token, "publishing a refused record", || async {
-            rejected::send(
+            wire::send_rejected(
                 &refuser.producer,
                 &refuser.topic,
                 payload.as_deref(),

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use fleet_common::task::Envelope;
 use fleet_common::trace::TraceParent;
+use fleet_common::wire::Envelope;
 use fleet_common::{Priority, membership};
 use rdkafka::Message;
 use rdkafka::TopicPartitionList;
