@@ -32,7 +32,9 @@ pub enum TopicError {
 }
 
 /// Settings common to every client: where the brokers are and how to authenticate. Properties
-/// from `kafka.client` are applied last, so they override Fleet's defaults.
+/// from `kafka.client` are applied last, so they override Fleet's defaults. The one place a
+/// client configuration is made (`clippy.toml` forbids it elsewhere).
+#[allow(clippy::disallowed_methods)]
 fn client_config(settings: &KafkaSettings, defaults: &[(&str, String)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
@@ -349,6 +351,7 @@ fn check_limit(topic: &str, limit: usize, needed: usize) -> Result<(), SizeError
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod size_tests {
     use super::*;
     use crate::task::record_limit;

@@ -71,8 +71,8 @@ pub fn consumer(mut config: ClientConfig, group: &str) -> Result<GroupConsumer, 
     });
     // The recorder must exist before the first gauge, which comes before the HTTP listener.
     crate::ops::metrics();
-    metrics::gauge!("fleet_consumer_assigned_partitions", "group" => group.to_string()).set(0.0);
-    metrics::gauge!("fleet_consumer_group_stalled", "group" => group.to_string()).set(0.0);
+    crate::telemetry::metrics::consumer_assigned_partitions(group.to_string()).set(0.0);
+    crate::telemetry::metrics::consumer_group_stalled(group.to_string()).set(0.0);
     config.create_with_context(MemberContext { state })
 }
 
@@ -168,7 +168,7 @@ impl rdkafka::ClientContext for MemberContext {
             for (partition, p) in &stats.partitions {
                 // -1: unknown (not assigned, or no committed offset yet).
                 if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!("fleet_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+                    crate::telemetry::metrics::consumer_lag(topic.clone(), *partition)
                         .set(p.consumer_lag as f64);
                 }
             }
@@ -252,8 +252,7 @@ impl MemberContext {
             held.empty_since = Instant::now();
         }
         let holding = held.partitions.len();
-        metrics::gauge!("fleet_consumer_assigned_partitions", "group" => group.clone())
-            .set(holding as f64);
+        crate::telemetry::metrics::consumer_assigned_partitions(group.clone()).set(holding as f64);
         info!(
             group,
             partitions = %describe(&changed),
@@ -303,7 +302,7 @@ pub struct Watch {
 pub async fn watch(consumer: Arc<GroupConsumer>, w: Watch, token: CancellationToken) {
     let bound = stall_bound(&w.kafka);
     let state = consumer.context().state().clone();
-    let stalled_gauge = metrics::gauge!("fleet_consumer_group_stalled", "group" => w.group.clone());
+    let stalled_gauge = crate::telemetry::metrics::consumer_group_stalled(w.group.clone());
     let (mut stalled, mut idle_noted) = (false, false);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -369,7 +368,7 @@ pub async fn watch(consumer: Arc<GroupConsumer>, w: Watch, token: CancellationTo
                         "error"
                     }
                 };
-                metrics::counter!("fleet_consumer_group_repairs_total", "group" => w.group.clone(), "outcome" => outcome)
+                crate::telemetry::metrics::consumer_group_repairs(w.group.clone(), outcome)
                     .increment(1);
                 state.restart_clock();
             }

@@ -31,6 +31,7 @@ pub fn metrics() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
                 .expect("valid buckets")
                 .install_recorder()
+                .inspect(|_| crate::telemetry::metrics::describe_all())
                 .expect("one metrics recorder per process")
         })
         .clone()

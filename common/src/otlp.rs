@@ -106,7 +106,7 @@ pub fn record(span: Span) {
     if let Some(tx) = EXPORTER.get()
         && tx.try_send(Message::Span(Box::new(span))).is_err()
     {
-        metrics::counter!("fleet_otlp_spans_dropped_total").increment(1);
+        crate::telemetry::metrics::otlp_spans_dropped().increment(1);
     }
 }
 
@@ -138,7 +138,7 @@ async fn export_loop(target: Target, service: String, mut rx: mpsc::Receiver<Mes
         while !spans.is_empty() {
             let batch: Vec<Span> = spans.drain(..spans.len().min(BATCH)).collect();
             if let Err(err) = target.post(&body(&service, &batch)).await {
-                metrics::counter!("fleet_otlp_spans_dropped_total").increment(batch.len() as u64);
+                crate::telemetry::metrics::otlp_spans_dropped().increment(batch.len() as u64);
                 debug!(error = %err, spans = batch.len(), "OTLP export failed; spans dropped.");
             }
         }

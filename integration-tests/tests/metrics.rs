@@ -125,6 +125,24 @@ async fn every_service_exports_the_metrics_the_grafana_dashboard_uses() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // Every metric a service exports says what it counts (`# HELP`, from the one catalogue).
+    for addr in &addrs {
+        let page = request(*addr, "GET", "/metrics", None, None).await.body;
+        let typed: Vec<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .filter(|name| name.starts_with("fleet_"))
+            .collect();
+        assert!(!typed.is_empty(), "{addr}: no fleet_ metric typed");
+        for name in typed {
+            assert!(
+                page.lines()
+                    .any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 12),
+                "{addr}: {name} has no help text"
+            );
+        }
+    }
+
     // The worker's per-task series carry the task's kind and priority, one count per attempt
     // (counted just after the outcome is in Redis, so they may trail it briefly).
     let expected = [

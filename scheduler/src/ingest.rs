@@ -239,7 +239,7 @@ async fn handle_batch(
     }
 
     for (_, err) in &rejected {
-        metrics::counter!("fleet_tasks_rejected_total", "reason" => err.code()).increment(1);
+        fleet_common::telemetry::metrics::tasks_rejected(err.code()).increment(1);
     }
     if !rejected.is_empty()
         && let Err(err) = store.count("rejected", rejected.len() as u64).await

@@ -379,14 +379,17 @@ pub async fn publish_accepted(
                 debug!(task_id = %existing, "Duplicate submission; existing task kept.");
             }
             _ => {
-                metrics::counter!("fleet_tasks_accepted_total", "kind" => r.kind.clone(), "priority" => r.priority.as_str())
-                    .increment(1);
+                fleet_common::telemetry::metrics::tasks_accepted(
+                    r.kind.clone(),
+                    r.priority.as_str(),
+                )
+                .increment(1);
                 debug!(task_id = %r.id, kind = %r.kind, priority = %r.priority, "Task accepted.");
             }
         }
     }
     if duplicates > 0 {
-        metrics::counter!("fleet_tasks_duplicate_total").increment(duplicates);
+        fleet_common::telemetry::metrics::tasks_duplicate().increment(duplicates);
         if let Err(err) = store.count("duplicate", duplicates).await {
             warn!(error = %err, "Could not count duplicate submissions.");
         }

@@ -33,16 +33,15 @@ pub async fn scan(
             Requeue::Requeued(dispatch) => {
                 info!(task_id = %dispatch.id, attempt = dispatch.attempt, "Lease expired; task requeued.");
                 let (kind, priority) = labels(&dispatch.record_json);
-                metrics::counter!("fleet_tasks_requeued_total", "kind" => kind, "priority" => priority)
-                    .increment(1);
+                fleet_common::telemetry::metrics::tasks_requeued_of(kind, priority).increment(1);
                 requeued.push(dispatch);
             }
             Requeue::Failed(id) => {
-                metrics::counter!("fleet_tasks_failed_total", "by" => "reaper").increment(1);
+                fleet_common::telemetry::metrics::tasks_failed_by_reaper().increment(1);
                 warn!(task_id = %id, "Lease expired with no attempts left; task failed.")
             }
             Requeue::Cancelled(id) => {
-                metrics::counter!("fleet_tasks_cancelled_total", "by" => "reaper").increment(1);
+                fleet_common::telemetry::metrics::tasks_cancelled_by_reaper().increment(1);
                 info!(task_id = %id, "Lease expired after a cancel request; task cancelled.")
             }
             Requeue::Skipped(_) => {}

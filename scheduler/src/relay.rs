@@ -111,11 +111,11 @@ pub async fn round(
 /// (`outbox`) and unwritten dead letters (`dead`).
 async fn record_gauges(store: &Store) -> Result<(), fleet_common::store::StoreError> {
     for (state, n) in store.counts().await? {
-        metrics::gauge!("fleet_tasks", "state" => state.as_str()).set(n as f64);
+        fleet_common::telemetry::metrics::tasks_in_state(state.as_str()).set(n as f64);
     }
     let backlog = store.backlog().await?;
-    metrics::gauge!("fleet_outbox_size", "outbox" => "due").set(backlog.timers as f64);
-    metrics::gauge!("fleet_outbox_size", "outbox" => "dispatch").set(backlog.outbox as f64);
-    metrics::gauge!("fleet_outbox_size", "outbox" => "dead").set(backlog.dead as f64);
+    fleet_common::telemetry::metrics::outbox_size("due").set(backlog.timers as f64);
+    fleet_common::telemetry::metrics::outbox_size("dispatch").set(backlog.outbox as f64);
+    fleet_common::telemetry::metrics::outbox_size("dead").set(backlog.dead as f64);
     Ok(())
 }

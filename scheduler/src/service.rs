@@ -221,8 +221,8 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
     }
     readiness.set(true);
     // Counters that may stay at zero for long still show up, so dashboards see them.
-    metrics::counter!("fleet_tasks_requeued_total").absolute(0);
-    metrics::counter!("fleet_tasks_duplicate_total").absolute(0);
+    fleet_common::telemetry::metrics::tasks_requeued().absolute(0);
+    fleet_common::telemetry::metrics::tasks_duplicate().absolute(0);
     info!(role = role.name(), brokers = %settings.kafka.brokers, "Started.");
     let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
     let _ = publisher.producer().flush(Duration::from_secs(5));

@@ -8,6 +8,7 @@ use tracing_subscriber::fmt::format::FmtSpan;
 
 use crate::settings::{LogFormat, LogSettings};
 
+pub mod metrics;
 mod span_fields;
 pub use span_fields::JsonSpanFields;
 

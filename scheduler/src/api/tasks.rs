@@ -51,7 +51,7 @@ pub(super) async fn submit(
     let mut tasks = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
         let spec = TaskSpec::parse(item, max).map_err(|err| {
-            metrics::counter!("fleet_tasks_rejected_total", "reason" => err.code()).increment(1);
+            fleet_common::telemetry::metrics::tasks_rejected(err.code()).increment(1);
             let at = if items.len() > 1 {
                 format!("task {index}: ")
             } else {
@@ -183,7 +183,7 @@ pub(super) async fn cancel(
     let answer = state.store.cancel(std::slice::from_ref(&id)).await?;
     match answer.first().copied().unwrap_or(Cancel::Unknown) {
         Cancel::Cancelled => {
-            metrics::counter!("fleet_tasks_cancelled_total", "where" => "waiting").increment(1);
+            fleet_common::telemetry::metrics::tasks_cancelled_waiting().increment(1);
             Ok(Json(json!({"id": id, "result": "cancelled"})))
         }
         Cancel::Cancelling => Ok(Json(json!({"id": id, "result": "cancelling"}))),

@@ -127,7 +127,7 @@ pub(super) fn prepare(
             worker_id = &*shared.worker_id,
             "A newer attempt was claimed; stopping this one's handler."
         );
-        metrics::counter!("fleet_leases_lost_total").increment(1);
+        fleet_common::telemetry::metrics::leases_lost().increment(1);
         older.cancel.cancel();
         if let Some(handler) = &older.handler {
             handler.abort();

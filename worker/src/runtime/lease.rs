@@ -207,7 +207,7 @@ async fn keep_leases(
                         && entry.attempt == *attempt
                     {
                         warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Lease lost; stopping the handler.");
-                        metrics::counter!("fleet_leases_lost_total").increment(1);
+                        fleet_common::telemetry::metrics::leases_lost().increment(1);
                         entry.cancel.cancel();
                         entry.lost = true;
                     }

@@ -277,8 +277,8 @@ impl Worker {
         .await?;
         readiness.set(true);
         // Counters that may stay at zero for long still show up, so dashboards see them.
-        metrics::counter!("fleet_leases_lost_total").absolute(0);
-        metrics::counter!("fleet_completions_fenced_total").absolute(0);
+        fleet_common::telemetry::metrics::leases_lost().absolute(0);
+        fleet_common::telemetry::metrics::completions_fenced().absolute(0);
 
         let mut outcome = Outcome::Clean;
         tokio::select! {

@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use ::metrics::{Counter, Histogram};
 use fleet_common::Priority;
 use fleet_common::ops;
 use fleet_common::store::Completion;
-use metrics::{Counter, Histogram};
+use fleet_common::telemetry::metrics::{self, AttemptEnd};
 
 /// The metric handles of one task kind and priority. Series other than `started` are
 /// registered when first used, so that none is exported before it has counted something.
@@ -35,13 +36,13 @@ impl std::fmt::Debug for TaskMetrics {
 }
 
 /// The counter an attempt's recorded end goes to, and its place in `TaskMetrics::outcomes`.
-fn outcome(answer: Completion) -> (usize, &'static str) {
+fn outcome(answer: Completion) -> (usize, AttemptEnd) {
     match answer {
-        Completion::Succeeded => (0, "fleet_tasks_succeeded_total"),
-        Completion::Scheduled => (1, "fleet_tasks_retried_total"),
-        Completion::Failed => (2, "fleet_tasks_failed_total"),
-        Completion::Cancelled => (3, "fleet_tasks_cancelled_total"),
-        Completion::Already | Completion::Fenced => (4, "fleet_completions_fenced_total"),
+        Completion::Succeeded => (0, AttemptEnd::Succeeded),
+        Completion::Scheduled => (1, AttemptEnd::Retried),
+        Completion::Failed => (2, AttemptEnd::Failed),
+        Completion::Cancelled => (3, AttemptEnd::Cancelled),
+        Completion::Already | Completion::Fenced => (4, AttemptEnd::Fenced),
     }
 }
 
@@ -52,15 +53,13 @@ impl TaskMetrics {
 
     /// Counts an attempt's end, as Redis recorded it, and its handler's duration.
     pub(super) fn ended(&self, answer: Completion, handler: Duration) {
-        let (i, name) = outcome(answer);
+        let (i, end) = outcome(answer);
         let (kind, priority) = (&self.kind, self.priority);
         self.outcomes[i]
-            .get_or_init(
-                || metrics::counter!(name, "kind" => Arc::clone(kind), "priority" => priority),
-            )
+            .get_or_init(|| metrics::attempts_ended(end, Arc::clone(kind), priority))
             .increment(1);
         self.duration
-            .get_or_init(|| metrics::histogram!("fleet_handler_duration_seconds", "kind" => Arc::clone(kind)))
+            .get_or_init(|| metrics::handler_duration(Arc::clone(kind)))
             .record(handler.as_secs_f64());
     }
 }
@@ -96,7 +95,7 @@ impl MetricsCache {
         let kind: Arc<str> = kind.into();
         let priority_name = priority.as_str();
         let made = Arc::new(TaskMetrics {
-            started: metrics::counter!("fleet_tasks_started_total", "kind" => Arc::clone(&kind), "priority" => priority_name),
+            started: metrics::tasks_started(Arc::clone(&kind), priority_name),
             kind: Arc::clone(&kind),
             priority: priority_name,
             outcomes: Default::default(),
@@ -108,9 +107,7 @@ impl MetricsCache {
 
     /// How long tasks of `priority` waited from their publication to their start.
     pub(super) fn queue_wait(&self, priority: Priority) -> &Histogram {
-        self.queue_wait[priority.index()].get_or_init(
-            || metrics::histogram!("fleet_queue_wait_seconds", "priority" => priority.as_str()),
-        )
+        self.queue_wait[priority.index()].get_or_init(|| metrics::queue_wait(priority.as_str()))
     }
 }
 
@@ -141,8 +138,8 @@ mod tests {
         ]
         .map(outcome)
         .to_vec();
-        for (i, name) in &names {
-            assert!(*i < 5 && name.starts_with("fleet_"), "{name}");
+        for (i, _) in &names {
+            assert!(*i < 5);
         }
         assert_eq!(names[4], names[5], "a repeated report counts as fenced");
     }
