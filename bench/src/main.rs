@@ -30,7 +30,7 @@ struct Args {
     /// No-op tasks for the throughput and drain runs.
     #[arg(long, default_value_t = 50_000)]
     tasks: usize,
-    /// How Redis persists in every run: AOF with `appendfsync everysec`, as the README
+    /// How Redis persists in every run: AOF with `appendfsync everysec`, as docs/redis-schema.md
     /// recommends (`always` and `no`, AOF off, are the comparisons of `--compare-aof`).
     #[arg(long, value_parser = aof_mode, default_value = "everysec")]
     aof: Aof,

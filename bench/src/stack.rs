@@ -37,7 +37,7 @@ pub(crate) struct Stack {
 pub(crate) enum Profile {
     /// Fleet's defaults: producer linger 5 ms, fetch wait 10 ms.
     Default,
-    /// The low-latency settings of the README's Performance section: linger 1 ms, fetch wait
+    /// The low-latency settings of docs/performance.md: linger 1 ms, fetch wait
     /// 2 ms.
     LowLatency,
 }
@@ -63,7 +63,7 @@ impl Profile {
 static AOF: std::sync::Mutex<Aof> = std::sync::Mutex::new(Aof::EverySec);
 
 /// Sets how the Redis of the stacks started from now on persists: AOF `everysec`, as the
-/// README recommends, unless a comparison run says otherwise.
+/// docs/redis-schema.md recommends, unless a comparison run says otherwise.
 pub(crate) fn set_aof(aof: Aof) {
     *AOF.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = aof;

@@ -285,8 +285,9 @@ impl TaskSpec {
     }
 }
 
-/// A task as stored in Redis (`spec` field) and carried in every [`Envelope`]: the validated
-/// submission with its defaults filled in. The attempt lives outside it, in the envelope.
+/// A task as stored in Redis (`spec` field) and carried in every [`crate::wire::Envelope`]:
+/// the validated submission with its defaults filled in. The attempt lives outside it, in the
+/// envelope.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRecord {

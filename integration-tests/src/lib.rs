@@ -77,7 +77,7 @@ pub fn fleet_binary(name: &str) -> PathBuf {
 }
 
 /// How a [`TestEnv`]'s Redis persists: no AOF, or AOF with `appendfsync everysec` (what the
-/// README recommends) or `always`. No RDB snapshots in any case.
+/// docs/redis-schema.md recommends) or `always`. No RDB snapshots in any case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aof {
     Off,
@@ -133,7 +133,7 @@ impl TestEnv {
     }
 
     /// [`TestEnv::start_with_broker`] with Redis persisting as `aof` says: tests check
-    /// behaviour and run without; the benchmark measures the README's recommended deployment.
+    /// behaviour and run without; the benchmark measures the recommended deployment (docs/redis-schema.md).
     pub fn start_with(name: &str, tansu: &Path, aof: Aof) -> Self {
         process::sweep_stale();
         static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -227,7 +227,7 @@ impl TestEnv {
         }
     }
 
-    /// Settings pointing at this environment, with the test timings of shared/DESIGN.md:
+    /// Settings pointing at this environment, with the tests' timings:
     /// lease 3 s, heartbeat 1 s, reaper 0.5 s, group session 6 s; timeout grace 1 s.
     pub fn settings(&self) -> CommonSettings {
         let mut s = CommonSettings::default();

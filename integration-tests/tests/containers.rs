@@ -324,7 +324,7 @@ async fn a_rolling_restart_under_load_loses_nothing_fails_nothing_and_reruns_not
     assert!(drained.contains("rain"), "the worker logged its drain");
 }
 
-/// What the README promises after every replica of a service restarted at once: the stall
+/// What docs/operations.md promises after every replica of a service restarted at once: the stall
 /// bound (twice the test stacks' 3 s session timeout, plus 5 s) and 20 s for the repair and a
 /// new group's first assignment.
 const GROUP_RECOVERY: Duration = Duration::from_secs(2 * 3 + 5 + 20);

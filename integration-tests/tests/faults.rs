@@ -1,5 +1,5 @@
 //! Fault tests on the real stack. Each records every task it submits and, at the end, checks
-//! the invariants of shared/DESIGN.md by counting: every task reaches exactly one terminal
+//! the invariants of docs/architecture.md (Guarantees) by counting: every task reaches exactly one terminal
 //! state, executions never exceed attempts, stale attempts are fenced.
 
 use std::collections::{BTreeMap, HashMap};
@@ -640,8 +640,8 @@ async fn a_worker_joining_while_another_drains_gets_partitions_at_once() {
 
     a.signal("TERM");
     // b starts once a is out of the group: the local broker (tansu 0.6) loses track of a
-    // group whose member leaves while another's join is under way (README: notes on the
-    // local broker).
+    // group whose member leaves while another's join is under way (docs/operations.md: notes
+    // on the local broker).
     eventually(
         Duration::from_secs(10),
         "a left the consumer group",

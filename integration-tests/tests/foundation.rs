@@ -145,7 +145,7 @@ async fn consumer_group_of_two_shares_partitions_and_committed_offsets_survive_r
     );
     // Close the members one at a time, letting the group settle in between, as a rolling
     // restart does. (tansu can keep a departed leader when both leave in the same instant;
-    // see the README's notes on the local broker.)
+    // see the notes on the local broker in docs/operations.md.)
     // The remaining member keeps polling so that it can take part in the rebalance.
     let [loop_a, loop_b] = loops;
     loop_a.abort();

@@ -13,7 +13,7 @@ use fleet_integration_tests::fleet::{executions, log_events};
 use fleet_integration_tests::http::request;
 use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports};
 
-/// What the README promises after every member of a group restarted at once: the stall bound,
+/// What docs/operations.md promises after every member of a group restarted at once: the stall bound,
 /// the repair, and a new group's first assignment.
 fn recovery_bound(env: &TestEnv) -> Duration {
     stall_bound(&env.settings().kafka) + Duration::from_secs(20)

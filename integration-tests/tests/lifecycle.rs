@@ -1,6 +1,6 @@
 //! The task lifecycle end to end on the real stack: scheduler, reaper and workers as processes,
 //! tansu and redis-server underneath. Every test records every task and checks the invariants
-//! of shared/DESIGN.md by counting.
+//! of docs/architecture.md (Guarantees) by counting.
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! `fleet-redis-cost`: how many CPU instructions Redis spends per task in each hot transition
 //! (accept, dispatch acknowledgement, claim, completion), counted by valgrind's callgrind.
 //!
-//! Why: on a shared 2-core machine, timings of the same run differ by half (see README →
-//! Performance), so a change to a Lua script worth 5 % cannot be seen in `fleet-bench`.
+//! Why: on a shared 2-core machine, timings of the same run differ by half (see
+//! docs/performance.md), so a change to a Lua script worth 5 % cannot be seen in `fleet-bench`.
 //! Instruction counts are the same from run to run whatever else the machine does, so they
 //! tell whether a script change made Redis's work smaller, and which functions it spends on.
 //! It starts its own redis-server under callgrind on a free loopback port (no broker), drives
@@ -41,7 +41,7 @@ struct Args {
     /// Where callgrind writes its counter dumps (and Redis its append-only file).
     #[arg(long, default_value = "target/bench/callgrind")]
     dir: PathBuf,
-    /// Redis's `appendfsync`, AOF on, as the README recommends (`everysec`), or `always`; `no`
+    /// Redis's `appendfsync`, AOF on, as docs/redis-schema.md recommends (`everysec`), or `always`; `no`
     /// turns AOF off. What feeding the AOF costs Redis is counted with the rest.
     #[arg(long, default_value = "everysec", value_parser = ["everysec", "always", "no"])]
     aof: String,
@@ -222,7 +222,7 @@ impl RedisUnderCallgrind {
                 &format!("--callgrind-out-file={}", out.display()),
             ])
             .arg(redis_server)
-            // The settings of Fleet's own Redis (README → Redis key schema).
+            // The settings of Fleet's own Redis (docs/redis-schema.md).
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args([
                 "--save",

@@ -19,8 +19,7 @@ use super::{Delivery, Shared};
 
 /// Buffered deliveries per priority above which that priority's partitions are paused.
 /// Generous on purpose: pausing purges librdkafka's prefetched records and resuming waits for a
-/// new fetch, so a small buffer turns every pause into a stall (measured: 255 tasks/s with 64,
-/// see the README's Performance section).
+/// new fetch, so a small buffer turns every pause into a stall.
 fn high_water(shared: &Shared) -> usize {
     (shared.settings.worker.concurrency * 16).max(2048)
 }
