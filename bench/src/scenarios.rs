@@ -72,24 +72,16 @@ pub(crate) async fn throughput(stack: &Stack, n: usize) -> anyhow::Result<Value>
     let (commands_after, cpu_after) = redis_usage(&stack.store).await?;
     let aof_after = redis_persistence(&stack.store).await?;
     let profile = per_task_profile(&stats_before, &redis_commandstats(&stack.store).await?, n);
-    let rows = stack
-        .fields(&ids, &["finished_ms", "attempt", "record"])
-        .await?;
+    let rows = stack.times(&ids).await?;
     let last = rows
         .iter()
-        .filter_map(|r| r.get("finished_ms")?.parse::<u64>().ok())
+        .filter_map(|r| r.finished_ms)
         .max()
         .unwrap_or(start_ms);
     let seconds = (last.saturating_sub(start_ms)) as f64 / 1000.0;
     let cpu = cpu_since(stack, split_before);
-    let attempts: u64 = rows
-        .iter()
-        .filter_map(|r| r.get("attempt")?.parse::<u64>().ok())
-        .sum();
-    let record = rows
-        .first()
-        .and_then(|r| r.get("record"))
-        .map_or(0, String::len) as u64;
+    let attempts: u64 = rows.iter().map(|r| u64::from(r.attempt)).sum();
+    let record = rows.first().map_or(0, |r| r.record_bytes) as u64;
     // Kafka records per task: the submission and one envelope per dispatched attempt.
     let kafka_records = n as u64 + attempts;
     let kafka_bytes = bytes + attempts * (record + 32);
@@ -191,16 +183,11 @@ pub(crate) async fn drain(
     let aof_after = redis_persistence(&stack.store).await?;
     // Workers started after `split_before` count all their CPU, start-up included.
     let cpu = cpu_since(&stack, split_before);
-    let rows = stack
-        .fields(&ids, &["started_ms", "finished_ms", "worker"])
-        .await?;
+    let rows = stack.times(&ids).await?;
     // Each no-op task starts once: its `started_ms` is its first start.
     let mut first_by_worker: BTreeMap<&str, u64> = BTreeMap::new();
     for row in &rows {
-        if let (Some(worker), Some(started)) = (
-            row.get("worker"),
-            row.get("started_ms").and_then(|v| v.parse::<u64>().ok()),
-        ) {
+        if let (Some(worker), Some(started)) = (row.worker.as_deref(), row.started_ms) {
             let first = first_by_worker.entry(worker).or_insert(started);
             *first = (*first).min(started);
         }
@@ -214,16 +201,8 @@ pub(crate) async fn drain(
         (Some(min), Some(max)) => max - min,
         _ => 0,
     };
-    let first = rows
-        .iter()
-        .filter_map(|r| r.get("started_ms")?.parse::<u64>().ok())
-        .min()
-        .unwrap_or(0);
-    let last = rows
-        .iter()
-        .filter_map(|r| r.get("finished_ms")?.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
+    let first = rows.iter().filter_map(|r| r.started_ms).min().unwrap_or(0);
+    let last = rows.iter().filter_map(|r| r.finished_ms).max().unwrap_or(0);
     let seconds = last.saturating_sub(first) as f64 / 1000.0;
     Ok(json!({
         "tasks": n,
@@ -324,18 +303,14 @@ pub(crate) async fn latency(
         )
         .await?;
     let cpu = cpu_since(stack, split_before);
-    let rows = stack.fields(&ids, &["created_ms", "started_ms"]).await?;
-    let field = |r: &std::collections::HashMap<String, String>, name: &str| {
-        r.get(name).and_then(|v| v.parse::<u64>().ok())
-    };
+    let rows = stack.times(&ids).await?;
     // The whole path, and its two hops: submit topic → accepted by the scheduler (created_ms),
     // then task topic → claimed by a worker (started_ms: each no-op task starts once).
     let mut latencies = Vec::with_capacity(total);
     let mut to_accept = Vec::with_capacity(total);
     let mut to_start = Vec::with_capacity(total);
     for (r, at) in rows.iter().zip(&submitted_at) {
-        let (Some(created), Some(started)) = (field(r, "created_ms"), field(r, "started_ms"))
-        else {
+        let (Some(created), Some(started)) = (r.created_ms, r.started_ms) else {
             continue;
         };
         latencies.push(started.saturating_sub(*at));
@@ -402,10 +377,10 @@ pub(crate) async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result
     stack
         .wait_count(State::Running, n as u64, Duration::from_secs(120))
         .await?;
-    let rows = stack.fields(&ids, &["worker"]).await?;
+    let rows = stack.times(&ids).await?;
     let mut per_worker: BTreeMap<&str, usize> = Default::default();
-    for worker in rows.iter().filter_map(|r| r.get("worker")) {
-        *per_worker.entry(worker.as_str()).or_default() += 1;
+    for worker in rows.iter().filter_map(|r| r.worker.as_deref()) {
+        *per_worker.entry(worker).or_default() += 1;
     }
     let (victim_name, held) = per_worker
         .iter()
@@ -418,7 +393,7 @@ pub(crate) async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result
     let victims: Vec<String> = ids
         .iter()
         .zip(&rows)
-        .filter(|(_, r)| r.get("worker") == Some(&victim_name))
+        .filter(|(_, r)| r.worker.as_ref() == Some(&victim_name))
         .map(|(id, _)| id.clone())
         .collect();
     let victim = stack
@@ -433,13 +408,10 @@ pub(crate) async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result
         .as_millis() as i64;
     let deadline = killed + Duration::from_secs(120);
     let rows = loop {
-        let rows = stack
-            .fields(&victims, &["state", "worker", "started_ms"])
-            .await?;
-        let moved = rows.iter().all(|r| {
-            r.get("state").map(String::as_str) == Some("running")
-                && r.get("worker") != Some(&victim_name)
-        });
+        let rows = stack.times(&victims).await?;
+        let moved = rows
+            .iter()
+            .all(|r| r.state == Some(State::Running) && r.worker.as_ref() != Some(&victim_name));
         if moved {
             break rows;
         }
@@ -452,8 +424,8 @@ pub(crate) async fn recovery(orphans: usize, profile: Profile) -> anyhow::Result
     let all_moved_s = killed.elapsed().as_secs_f64();
     let mut restarted: Vec<u64> = rows
         .iter()
-        .filter_map(|r| r.get("started_ms")?.parse::<i64>().ok())
-        .map(|ms| (ms - killed_ms).max(0) as u64)
+        .filter_map(|r| r.started_ms)
+        .map(|ms| (ms as i64 - killed_ms).max(0) as u64)
         .collect();
     restarted.sort_unstable();
     let at = |q: f64| {
@@ -513,8 +485,8 @@ pub(crate) async fn failover(schedulers: usize, profile: Profile) -> anyhow::Res
     let ids: Vec<String> = (0..i).map(|n| format!("f{n}")).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let rows = loop {
-        let rows = stack.fields(&ids, &["created_ms"]).await?;
-        if rows.iter().all(|r| r.contains_key("created_ms")) {
+        let rows = stack.times(&ids).await?;
+        if rows.iter().all(|r| r.created_ms.is_some()) {
             break rows;
         }
         if Instant::now() > deadline {
@@ -522,10 +494,7 @@ pub(crate) async fn failover(schedulers: usize, profile: Profile) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let accepted: Vec<u64> = rows
-        .iter()
-        .map(|r| r["created_ms"].parse().unwrap_or(0))
-        .collect();
+    let accepted: Vec<u64> = rows.iter().map(|r| r.created_ms.unwrap_or(0)).collect();
     // The first submission sent at or after the kill, and the longest any waited.
     let takeover_ms = accepted[first_after].saturating_sub(killed_ms);
     let longest_wait_ms = accepted

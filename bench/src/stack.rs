@@ -1,12 +1,12 @@
 //! The benchmarked stack: the integration harness's broker and Redis on free loopback ports,
 //! with Fleet's release binaries, and the helpers every scenario needs.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use fleet_common::store::Store;
+use fleet_common::store::TaskTimes;
 use fleet_common::task::State;
 use fleet_common::{Priority, Topics};
 use fleet_integration_tests::{Aof, ManagedProcess, TestEnv, free_ports, tansu_binary};
@@ -347,30 +347,15 @@ impl Stack {
         }
     }
 
-    /// Chosen fields of many tasks, read in pipelines.
-    pub(crate) async fn fields(
-        &self,
-        ids: &[String],
-        names: &[&str],
-    ) -> anyhow::Result<Vec<HashMap<String, String>>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(5_000) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.cmd("HMGET").arg(self.store.keys().task(id)).arg(names);
-            }
-            let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.store.conn()).await?;
-            for row in rows {
-                out.push(
-                    names
-                        .iter()
-                        .zip(row)
-                        .filter_map(|(n, v)| Some((n.to_string(), v?)))
-                        .collect(),
-                );
-            }
-        }
-        Ok(out)
+    /// The journey times of each of `ids`, in order; a task not in Redis reads as empty.
+    pub(crate) async fn times(&self, ids: &[String]) -> anyhow::Result<Vec<TaskTimes>> {
+        Ok(self
+            .store
+            .task_times(ids)
+            .await?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect())
     }
 }
 

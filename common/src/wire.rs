@@ -3,7 +3,6 @@
 //! so nothing refused disappears silently and no partition is blocked by it) and the
 //! dead-letter record. Each has one builder here and one way to be sent.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
@@ -12,6 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::store::StoredTask;
 use crate::task::TaskRecord;
 
 /// The names of the headers on Fleet's records.
@@ -174,38 +174,31 @@ pub async fn send_rejected(
         .map_err(|(err, _)| err)
 }
 
-/// The dead-letter record of a failed task, from its stored fields: the envelope of the last
-/// attempt (the task as stored, payload byte for byte), how many attempts it had, every
-/// attempt's end (`history`), and why it failed.
-pub fn dead_letter(task: &HashMap<String, String>) -> String {
-    let field = |name: &str| task.get(name).map(String::as_str).unwrap_or_default();
-    let number = |name: &str| field(name).parse::<u64>().unwrap_or(0);
-    let json = |name: &str| -> serde_json::Value {
-        serde_json::from_str(field(name)).unwrap_or(serde_json::Value::Null)
-    };
-    let attempt = number("attempt");
-    let envelope: serde_json::Value =
-        serde_json::from_str(&Envelope::encode(field("record"), attempt as u32))
-            .unwrap_or(serde_json::Value::Null);
-    let history = match json("history") {
-        serde_json::Value::Null => json!([]),
-        list => list,
-    };
+/// The dead-letter record of a failed task: the envelope of the last attempt (the task as
+/// stored, payload byte for byte), how many attempts it had, every attempt's end (`history`),
+/// and why it failed.
+pub fn dead_letter(task: &StoredTask) -> String {
+    let envelope: serde_json::Value = serde_json::from_str(&Envelope::encode(
+        task.record.as_deref().unwrap_or_default(),
+        task.attempt,
+    ))
+    .unwrap_or(serde_json::Value::Null);
     json!({
         "v": 1,
-        "id": field("id"),
+        "id": task.id,
         "envelope": envelope,
-        "attempts": attempt,
-        "released": number("released"),
-        "error": field("error"),
-        "history": history,
-        "worker": history
-            .as_array()
-            .and_then(|h| h.last())
-            .and_then(|last| last["worker"].as_str())
-            .unwrap_or(field("worker")),
-        "created_ms": number("created_ms"),
-        "finished_ms": number("finished_ms"),
+        "attempts": task.attempt,
+        "released": task.released.unwrap_or(0),
+        "error": task.error.as_deref().unwrap_or_default(),
+        "history": task.history,
+        "worker": task
+            .history
+            .last()
+            .map(|last| last.worker.as_str())
+            .or(task.worker.as_deref())
+            .unwrap_or_default(),
+        "created_ms": task.created_ms,
+        "finished_ms": task.finished_ms.unwrap_or(0),
     })
     .to_string()
 }

@@ -44,7 +44,7 @@ pub(crate) async fn redrive(
                 n += 1;
                 continue;
             }
-            match store.task(id).await?.and_then(|t| t.get("state").cloned()) {
+            match store.task(id).await?.map(|t| t.state) {
                 None => {
                     eprintln!("fleetctl: no task `{id}`");
                     code = ExitCode::from(EXIT_NOT_FOUND);

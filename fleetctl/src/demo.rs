@@ -146,16 +146,6 @@ pub(crate) async fn run(
     summary(store, &submissions, submitted_ms, wall).await
 }
 
-/// `(state, first_started_ms, finished_ms, attempt, started_ms)` of one task; a task started
-/// once has no `first_started_ms` of its own (its `started_ms` is its first start).
-type TaskTimes = (
-    Option<String>,
-    Option<u64>,
-    Option<u64>,
-    Option<u32>,
-    Option<u64>,
-);
-
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -170,37 +160,25 @@ async fn summary(
     submitted_ms: u64,
     wall: Duration,
 ) -> anyhow::Result<()> {
-    let mut conn = store.conn();
     let mut by_state: HashMap<String, u64> = HashMap::new();
     let mut to_start = Vec::with_capacity(submissions.len());
     let mut to_finish = Vec::with_capacity(submissions.len());
     let mut retried = 0u64;
-    for chunk in submissions.chunks(1_000) {
-        let mut pipe = redis::pipe();
-        for (id, _) in chunk {
-            pipe.cmd("HMGET").arg(store.keys().task(id)).arg(&[
-                "state",
-                "first_started_ms",
-                "finished_ms",
-                "attempt",
-                "started_ms",
-            ]);
+    let ids: Vec<String> = submissions.iter().map(|(id, _)| id.clone()).collect();
+    for times in store.task_times(&ids).await? {
+        let state = times.as_ref().and_then(|t| t.state);
+        *by_state
+            .entry(state.map_or("missing", State::as_str).to_string())
+            .or_default() += 1;
+        let Some(times) = times else { continue };
+        if let Some(s) = times.first_started_ms {
+            to_start.push(s.saturating_sub(submitted_ms));
         }
-        let rows: Vec<TaskTimes> = pipe.query_async(&mut conn).await?;
-        for (state, first_started, finished, attempt, last_started) in rows {
-            let started = first_started.or(last_started);
-            *by_state
-                .entry(state.unwrap_or_else(|| "missing".into()))
-                .or_default() += 1;
-            if let Some(s) = started {
-                to_start.push(s.saturating_sub(submitted_ms));
-            }
-            if let Some(f) = finished {
-                to_finish.push(f.saturating_sub(submitted_ms));
-            }
-            if attempt.unwrap_or(0) > 1 {
-                retried += 1;
-            }
+        if let Some(f) = times.finished_ms {
+            to_finish.push(f.saturating_sub(submitted_ms));
+        }
+        if times.attempt > 1 {
+            retried += 1;
         }
     }
     to_start.sort_unstable();

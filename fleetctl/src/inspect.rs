@@ -14,31 +14,27 @@ use crate::{EXIT_ENDED, EXIT_NOT_FOUND};
 
 /// Prints one task, human-readable or as JSON. Returns false if there is no such task.
 pub(crate) async fn status(store: &Store, id: &str, json: bool) -> anyhow::Result<bool> {
-    let Some(fields) = store.task(id).await? else {
+    let Some(task) = store.task(id).await? else {
         return Ok(false);
     };
-    let fields: BTreeMap<String, String> = fields.into_iter().collect();
+    let fields = task.fields();
     if json {
         println!("{}", serde_json::to_string_pretty(&fields)?);
         return Ok(true);
     }
-    for (name, value) in &fields {
-        if name == "history" {
-            continue;
-        }
+    for (name, value) in fields.iter().filter(|(name, _)| *name != "history") {
         println!("{name:<18} {}", shorten(value, 200));
     }
-    if let Some(history) = fields.get("history")
-        && let Ok(serde_json::Value::Array(entries)) = serde_json::from_str(history)
-    {
+    if !task.history.is_empty() {
         println!("attempts:");
-        for h in entries {
+        for h in &task.history {
+            let outcome = serde_json::to_value(&h.outcome).unwrap_or_default();
             println!(
                 "  #{:<3} {:<14} {:<20} {}",
-                h["attempt"],
-                h["outcome"].as_str().unwrap_or(""),
-                h["worker"].as_str().unwrap_or(""),
-                shorten(h["error"].as_str().unwrap_or(""), 120)
+                h.attempt,
+                outcome.as_str().unwrap_or(""),
+                h.worker,
+                shorten(&h.error, 120)
             );
         }
     }
@@ -74,25 +70,24 @@ pub(crate) async fn watch(store: &Store, id: &str, every: Duration) -> anyhow::R
             eprintln!("fleetctl: no task `{id}`");
             return Ok(ExitCode::from(EXIT_NOT_FOUND));
         };
-        let field = |name: &str| task.get(name).map(String::as_str).unwrap_or("");
         let line = format!(
             "{} attempt {} {}{}",
-            field("state"),
-            field("attempt"),
-            field("worker"),
-            match field("progress") {
-                "" => String::new(),
-                p => format!(" {p}% {}", field("progress_message")),
+            task.state,
+            task.attempt,
+            task.worker.as_deref().unwrap_or(""),
+            match task.progress {
+                None => String::new(),
+                Some(p) => format!(" {p}% {}", task.progress_message.as_deref().unwrap_or("")),
             }
         );
         if line != last {
             println!("{line}");
             last = line;
         }
-        match field("state").parse::<State>() {
-            Ok(State::Succeeded) => return Ok(ExitCode::SUCCESS),
-            Ok(s) if s.is_terminal() => {
-                let error = field("error");
+        match task.state {
+            State::Succeeded => return Ok(ExitCode::SUCCESS),
+            s if s.is_terminal() => {
+                let error = task.error.as_deref().unwrap_or("");
                 if !error.is_empty() {
                     println!("error: {error}");
                 }

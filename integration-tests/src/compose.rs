@@ -273,12 +273,12 @@ pub fn container_logs(container: &str) -> String {
     )
 }
 
-/// Each task's fields, read from Redis.
-pub async fn tasks(store: &Store, ids: &[String]) -> HashMap<String, HashMap<String, String>> {
+/// Each task's fields as text by name, read from Redis.
+pub async fn tasks(store: &Store, ids: &[String]) -> HashMap<String, BTreeMap<String, String>> {
     let mut out = HashMap::new();
     for id in ids {
         if let Some(fields) = store.task(id).await.expect("read a task") {
-            out.insert(id.clone(), fields);
+            out.insert(id.clone(), fields.fields());
         }
     }
     out

@@ -128,13 +128,13 @@ impl TestEnv {
         counts.iter().map(|(_, n)| n).sum()
     }
 
-    /// The fields of every listed task (missing tasks are absent from the map).
-    pub async fn tasks(&self, ids: &[String]) -> HashMap<String, HashMap<String, String>> {
+    /// The fields of every listed task, as text by name ([`StoredTask::fields`](fleet_common::store::StoredTask::fields)) (missing tasks are absent from the map).
+    pub async fn tasks(&self, ids: &[String]) -> HashMap<String, BTreeMap<String, String>> {
         let store = self.store().await;
         let mut out = HashMap::new();
         for id in ids {
             if let Some(fields) = store.task(id).await.expect("read task") {
-                out.insert(id.clone(), fields);
+                out.insert(id.clone(), fields.fields());
             }
         }
         out
@@ -146,7 +146,7 @@ impl TestEnv {
         &self,
         ids: &[String],
         deadline: Duration,
-    ) -> HashMap<String, HashMap<String, String>> {
+    ) -> HashMap<String, BTreeMap<String, String>> {
         crate::eventually(deadline, "every task reaches a terminal state", || async {
             let tasks = self.tasks(ids).await;
             tasks.len() == ids.len()

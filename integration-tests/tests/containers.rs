@@ -3,7 +3,7 @@
 //! in Redis at the end, that none was lost, each ended once, and executions stayed bounded.
 //! The test command runs these only where a Docker engine answers and says so otherwise.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use fleet_common::store::Store;
@@ -34,7 +34,7 @@ async fn count(store: &Store, state: State) -> u64 {
 }
 
 /// One entry per ended attempt: (attempt, worker id, outcome).
-fn history(task: &HashMap<String, String>) -> Vec<(u64, String, String)> {
+fn history(task: &BTreeMap<String, String>) -> Vec<(u64, String, String)> {
     let raw = task.get("history").map_or("[]", String::as_str);
     let list: Vec<Value> = serde_json::from_str(raw).expect("history is JSON");
     list.iter()
@@ -49,7 +49,7 @@ fn history(task: &HashMap<String, String>) -> Vec<(u64, String, String)> {
 }
 
 /// Every task succeeded; returns the tasks read.
-async fn all_succeeded(store: &Store, ids: &[String]) -> HashMap<String, HashMap<String, String>> {
+async fn all_succeeded(store: &Store, ids: &[String]) -> HashMap<String, BTreeMap<String, String>> {
     let tasks = compose::tasks(store, ids).await;
     assert_eq!(tasks.len(), ids.len(), "every task is in Redis");
     for id in ids {

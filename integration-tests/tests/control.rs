@@ -14,7 +14,7 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-type Tasks = HashMap<String, HashMap<String, String>>;
+type Tasks = HashMap<String, BTreeMap<String, String>>;
 
 /// Each task is in exactly one state index, and it is the state its hash holds.
 async fn assert_one_state_each(env: &TestEnv, tasks: &Tasks) {

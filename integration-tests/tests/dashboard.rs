@@ -140,7 +140,7 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
             .task("long-report")
             .await
             .unwrap()
-            .is_some_and(|t| t["state"] == "cancelled")
+            .is_some_and(|t| t.state.as_str() == "cancelled")
     })
     .await;
     browser

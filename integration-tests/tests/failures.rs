@@ -2,7 +2,7 @@
 //! retries running out, panics, and the worker's own timeout. Each failed task ends `failed`
 //! once with a dead letter carrying its attempt history.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use fleet_common::Topics;
@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn history(task: &HashMap<String, String>) -> Vec<Value> {
+fn history(task: &BTreeMap<String, String>) -> Vec<Value> {
     serde_json::from_str(&task["history"]).expect("attempt history")
 }
 
-fn outcomes(task: &HashMap<String, String>) -> Vec<String> {
+fn outcomes(task: &BTreeMap<String, String>) -> Vec<String> {
     history(task)
         .iter()
         .map(|h| h["outcome"].as_str().unwrap().to_string())

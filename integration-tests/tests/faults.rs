@@ -11,7 +11,7 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-type Tasks = HashMap<String, HashMap<String, String>>;
+type Tasks = HashMap<String, BTreeMap<String, String>>;
 
 fn field<'a>(tasks: &'a Tasks, id: &str, name: &str) -> &'a str {
     tasks

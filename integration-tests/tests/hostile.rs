@@ -38,7 +38,13 @@ async fn records_on_task_topics_fleet_did_not_publish_are_refused_and_the_rest_r
         store.task("target").await.unwrap().is_some()
     })
     .await;
-    let target_record = store.task("target").await.unwrap().unwrap()["record"].clone();
+    let target_record = store
+        .task("target")
+        .await
+        .unwrap()
+        .unwrap()
+        .record
+        .expect("a record");
     let ghost = r#"{"id":"ghost","kind":"noop","payload":null,"priority":"normal","queue":"default","max_attempts":5,"timeout_ms":0}"#;
     let poison: Vec<(Vec<u8>, &str)> = vec![
         (b"\xff\xfe not an envelope".to_vec(), "invalid_envelope"),
@@ -132,8 +138,8 @@ async fn records_on_task_topics_fleet_did_not_publish_are_refused_and_the_rest_r
     );
     let target = store.task("target").await.unwrap().unwrap();
     assert_eq!(
-        (target["state"].as_str(), target["attempt"].as_str()),
-        ("scheduled", "0"),
+        (target.state.as_str(), target.attempt),
+        ("scheduled", 0),
         "the forged attempt changed nothing"
     );
     assert!(worker.is_running(), "the worker survived every record");

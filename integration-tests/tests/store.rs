@@ -8,7 +8,49 @@ use fleet_common::task::State;
 use fleet_integration_tests::TestEnv;
 
 async fn state(store: &Store, id: &str) -> String {
-    store.task(id).await.unwrap().unwrap()["state"].clone()
+    store.task(id).await.unwrap().unwrap().state.to_string()
+}
+
+#[tokio::test]
+async fn task_times_read_each_tasks_journey_in_order() {
+    let env = TestEnv::start("times");
+    let store = env.store().await;
+    let done = env.new_task(r#"{"id":"done","kind":"noop"}"#);
+    let waiting = env.new_task(r#"{"id":"waiting","kind":"noop"}"#);
+    store.accept(&[done.clone(), waiting]).await.unwrap();
+    assert_eq!(
+        store.claim("w1", 30_000, &[("done", 1)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    let ok = Outcome::Ok("null".into());
+    assert_eq!(
+        store.complete("w1", &[(("done", 1), &ok)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    let ids = ["done", "missing", "waiting"].map(String::from);
+    let times = store.task_times(&ids).await.unwrap();
+    assert_eq!(times.len(), 3);
+    let finished = times[0].as_ref().expect("done is there");
+    assert_eq!(finished.state, Some(State::Succeeded));
+    assert_eq!(finished.attempt, 1);
+    assert_eq!(finished.worker.as_deref(), Some("w1"));
+    let started = finished.started_ms.expect("a start");
+    assert_eq!(finished.first_started_ms, Some(started), "the only start");
+    assert!(finished.finished_ms.expect("an end") >= started);
+    assert!(finished.created_ms.expect("created") <= started);
+    assert_eq!(finished.record_bytes, done.record_json.len());
+    assert_eq!(times[1], None, "not in Redis");
+    let pending = times[2].as_ref().expect("waiting is there");
+    assert_eq!(pending.state, Some(State::Pending));
+    assert_eq!((pending.attempt, pending.started_ms), (0, None));
+
+    // The whole hash, typed: the same journey, and its one implied history entry.
+    let task = store.task("done").await.unwrap().unwrap();
+    assert_eq!(task.state, State::Succeeded);
+    assert_eq!(task.started_ms, Some(started));
+    assert_eq!(task.history.len(), 1);
+    assert_eq!(task.history[0].worker, "w1");
+    assert_eq!(task.updated_ms, task.finished_ms.unwrap());
 }
 
 #[tokio::test]
@@ -111,7 +153,7 @@ async fn a_task_hash_leaves_out_what_it_repeats_and_reads_whole() {
         !now.contains_key("id") && !now.contains_key("run_at_ms"),
         "{now:?}"
     );
-    let read = store.task("now").await.unwrap().unwrap();
+    let read = store.task("now").await.unwrap().unwrap().fields();
     assert_eq!(read["id"], "now");
     assert_eq!(read["run_at_ms"], now["created_ms"]);
 
@@ -120,7 +162,7 @@ async fn a_task_hash_leaves_out_what_it_repeats_and_reads_whole() {
     let created: u64 = later["created_ms"].parse().unwrap();
     let run_at: u64 = later["run_at_ms"].parse().unwrap();
     assert!(run_at.abs_diff(created + 60_000) < 1_000, "{later:?}");
-    let read = store.task("later").await.unwrap().unwrap();
+    let read = store.task("later").await.unwrap().unwrap().fields();
     assert_eq!(
         (read["id"].as_str(), &read["run_at_ms"]),
         ("later", &later["run_at_ms"])
@@ -169,7 +211,7 @@ async fn claims_answer_for_every_kind_of_delivery() {
         store.claim("w1", lease, &[("t", 1)]).await.unwrap(),
         [Claim::Busy]
     );
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert_eq!(
         (
             fields["state"].as_str(),
@@ -286,7 +328,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
             .unwrap(),
         [Completion::Already]
     );
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert_eq!(
         (fields["state"].as_str(), fields["result"].as_str()),
         ("succeeded", "\"real\""),
@@ -327,7 +369,7 @@ async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a
         store.complete("w", &[(("t", 2), &retry)]).await.unwrap(),
         [Completion::Failed]
     );
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert_eq!(
         (fields["state"].as_str(), fields["error"].as_str()),
         ("failed", "boom")
@@ -357,7 +399,7 @@ async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_on
         delay_ms,
     };
     let (in_a_minute, at_once) = (retry(60_000), retry(0));
-    let history_len = |fields: std::collections::HashMap<String, String>| {
+    let history_len = |fields: std::collections::BTreeMap<String, String>| {
         serde_json::from_str::<Vec<serde_json::Value>>(&fields["history"])
             .unwrap()
             .len()
@@ -383,7 +425,7 @@ async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_on
         [Completion::Fenced],
         "another worker's report"
     );
-    let fields = store.task("later").await.unwrap().unwrap();
+    let fields = store.task("later").await.unwrap().unwrap().fields();
     assert_eq!(fields["state"], "scheduled");
     assert_eq!(history_len(fields), 1, "recorded once");
 
@@ -423,7 +465,7 @@ async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_on
             .unwrap(),
         [Completion::Fenced]
     );
-    let fields = store.task("lost").await.unwrap().unwrap();
+    let fields = store.task("lost").await.unwrap().unwrap().fields();
     assert_eq!(fields["state"], "pending");
     assert_eq!(history_len(fields), 1, "only the expired lease");
 }
@@ -468,7 +510,7 @@ async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
     );
     assert_eq!(unique.len(), 200);
     for (id, _) in &claims {
-        let fields = store.task(id).await.unwrap().unwrap();
+        let fields = store.task(id).await.unwrap().unwrap().fields();
         assert_eq!(
             (fields["state"].as_str(), fields["attempt"].as_str()),
             ("pending", "1")
@@ -489,7 +531,7 @@ async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
         0,
         "only a running attempt is released"
     );
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert_eq!(
         (fields["state"].as_str(), fields["released"].as_str()),
         ("pending", "1")
@@ -576,7 +618,7 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
         store.complete("w", &[(("mail1", 2), &ok)]).await.unwrap(),
         [Completion::Succeeded]
     );
-    let fields = store.task("mail1").await.unwrap().unwrap();
+    let fields = store.task("mail1").await.unwrap().unwrap().fields();
     assert_eq!(
         (fields["redriven"].as_str(), fields["released"].as_str()),
         ("1", "1")
@@ -614,6 +656,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
             .await
             .unwrap()
             .unwrap()
+            .fields()
             .contains_key("progress"),
         "a stranger's progress is ignored"
     );
@@ -625,7 +668,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         .extend("w1", 3_000, "{}", &[("t", 1, None)])
         .await
         .unwrap();
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert_eq!(
         (
             fields["progress"].as_str(),
@@ -639,7 +682,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         store.claim("w1", 3_000, &[("t", 2)]).await.unwrap(),
         [Claim::Claimed]
     );
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     for field in ["progress", "progress_message", "progress_ms"] {
         assert!(
             !fields.contains_key(field),
@@ -650,7 +693,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         .complete("w1", &[(("t", 2), &Outcome::Ok("{}".into()))])
         .await
         .unwrap();
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert_eq!(fields["state"], "succeeded");
     assert!(!fields.contains_key("progress"), "{fields:?}");
 }
@@ -677,7 +720,7 @@ async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
         .unwrap();
     assert_eq!(done, [Completion::Succeeded]);
 
-    let fields = store.task("h").await.unwrap().unwrap();
+    let fields = store.task("h").await.unwrap().unwrap().fields();
     let history: Vec<serde_json::Value> = serde_json::from_str(&fields["history"]).unwrap();
     assert_eq!(history.len(), 100, "the oldest entries are dropped");
     let attempts: Vec<u64> = history
@@ -730,7 +773,7 @@ async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
         .unwrap();
     assert!(!stored, "no history is written for a first-attempt success");
 
-    let once = store.task("once").await.unwrap().unwrap();
+    let once = store.task("once").await.unwrap().unwrap().fields();
     let history: Vec<serde_json::Value> = serde_json::from_str(&once["history"]).unwrap();
     assert_eq!(history.len(), 1);
     let entry = &history[0];
@@ -741,7 +784,7 @@ async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
     assert_eq!(entry["started_ms"].to_string(), once["started_ms"]);
     assert_eq!(entry["ended_ms"].to_string(), once["finished_ms"]);
 
-    let twice = store.task("twice").await.unwrap().unwrap();
+    let twice = store.task("twice").await.unwrap().unwrap().fields();
     let history: Vec<serde_json::Value> = serde_json::from_str(&twice["history"]).unwrap();
     let outcomes: Vec<&str> = history
         .iter()

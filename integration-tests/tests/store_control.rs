@@ -10,7 +10,7 @@ use fleet_common::task::State;
 use fleet_integration_tests::TestEnv;
 
 async fn field(store: &Store, id: &str, name: &str) -> String {
-    store.task(id).await.unwrap().unwrap()[name].clone()
+    store.task(id).await.unwrap().unwrap().fields()[name].clone()
 }
 
 fn ids(names: &[&str]) -> Vec<String> {
@@ -359,7 +359,7 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
         store.complete("w2", &[(("t", 2), &ok)]).await.unwrap(),
         [Completion::Succeeded]
     );
-    let fields = store.task("t").await.unwrap().unwrap();
+    let fields = store.task("t").await.unwrap().unwrap().fields();
     assert!(!fields.contains_key("deadline_ms"), "{fields:?}");
     // A later start keeps the first; the last change is the ending, in the task and the list.
     let ms = |name: &str| fields[name].parse::<u64>().unwrap();

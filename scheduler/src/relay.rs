@@ -9,6 +9,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fleet_common::store::Store;
+use fleet_common::task::State;
 use fleet_common::wire;
 use tracing::{info, warn};
 
@@ -84,7 +85,7 @@ pub async fn round(
             written.push(id); // expired meanwhile: nothing left to write
             continue;
         };
-        if task.get("state").map(String::as_str) != Some("failed") {
+        if task.state != State::Failed {
             // Redriven before its record was written: no longer dead, and the stored task
             // now describes its next round, not the failure.
             info!(task_id = %id, "Dead-letter record skipped: the task was redriven.");

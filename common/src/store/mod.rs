@@ -3,6 +3,7 @@
 
 mod control;
 pub mod keys;
+pub mod model;
 mod query;
 pub mod scripts;
 pub mod series;
@@ -15,6 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use control::{Cancel, Reprioritize, Selector};
 pub use keys::Keys;
+pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use tasks::{
     Accepted, Attempt, Backlog, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome,
@@ -60,6 +62,8 @@ pub enum StoreError {
     SchemaNotUpgraded { found: u32, expected: u32 },
     #[error("unexpected reply from a Fleet script: {0}")]
     Protocol(&'static str),
+    #[error(transparent)]
+    NotATask(#[from] NotATask),
 }
 
 /// Opens a reconnecting connection to Redis and checks that it answers.

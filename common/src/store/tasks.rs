@@ -7,6 +7,7 @@ use redis::aio::ConnectionManager;
 
 use super::StoreError;
 use super::keys::{self, Keys};
+use super::model::StoredTask;
 use super::scripts;
 use crate::settings::TaskSettings;
 use crate::task::{State, TaskRecord, TaskSpec, parse_run_at};
@@ -629,35 +630,16 @@ impl Store {
             .await?)
     }
 
-    /// Every field of one task's hash; `None` if there is no such task. What the hash leaves
-    /// out because it repeats other fields is filled in, so readers always see it: the
-    /// `history` of a task whose only attempt succeeded (the one entry that attempt implies,
-    /// see `complete.lua`), its `id`, and the `run_at_ms` of a task due when created.
-    pub async fn task(&self, id: &str) -> Result<Option<HashMap<String, String>>, StoreError> {
-        let mut fields: HashMap<String, String> = redis::cmd("HGETALL")
+    /// One task as Redis holds it ([`StoredTask`]); `None` if there is no such task.
+    pub async fn task(&self, id: &str) -> Result<Option<StoredTask>, StoreError> {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.keys.task(id))
             .query_async(&mut self.conn.clone())
             .await?;
         if fields.is_empty() {
             return Ok(None);
         }
-        if let Some(history) = implied_history(&fields) {
-            fields.insert("history".into(), history);
-        }
-        // Not stored since schema 4, as they repeat what the hash has: see accept.lua.
-        fields.entry("id".into()).or_insert_with(|| id.to_string());
-        if let Some(created) = fields.get("created_ms").cloned() {
-            fields.entry("run_at_ms".into()).or_insert(created);
-        }
-        // Not written by claims and endings (claim.lua, `finish` in prelude.lua): a first start is
-        // the only start until a second one records it, and the last change is the latest of
-        // the times the hash has.
-        if let Some(started) = fields.get("started_ms").cloned() {
-            fields.entry("first_started_ms".into()).or_insert(started);
-        }
-        let updated = last_update(|name| fields.get(name).and_then(|v| v.parse().ok()));
-        fields.insert("updated_ms".into(), updated.to_string());
-        Ok(Some(fields))
+        Ok(Some(StoredTask::from_hash(id, fields)?))
     }
 
     /// The relay's backlog: timers, unacknowledged dispatches and unwritten dead letters.
@@ -705,43 +687,8 @@ pub(super) fn number(value: Option<&Value>) -> Result<i64, StoreError> {
     }
 }
 
-/// The history of a task that succeeded on its only attempt, which is not stored: one entry
-/// built from the attempt's own fields. `None` when a history is stored or does not apply.
-fn implied_history(fields: &HashMap<String, String>) -> Option<String> {
-    if fields.contains_key("history")
-        || fields.get("state").map(String::as_str) != Some("succeeded")
-    {
-        return None;
-    }
-    let number = |name: &str| {
-        fields
-            .get(name)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let entry = serde_json::json!({
-        "attempt": number("attempt"),
-        "worker": fields.get("worker").map_or("", String::as_str),
-        "started_ms": number("started_ms"),
-        "ended_ms": number("finished_ms"),
-        "outcome": "succeeded",
-        "error": "",
-    });
-    Some(serde_json::Value::Array(vec![entry]).to_string())
-}
-
 /// A fresh id for a claim call ([`Store::claim_call`]): 64 random bits in hex, stored with the
 /// attempts it claims.
 pub fn new_call_id() -> String {
     format!("{:016x}", rand::random::<u64>())
-}
-
-/// When a task last changed: the latest of its `updated_ms` (written by the transitions other
-/// than a start and an ending), `started_ms` and `finished_ms`; `field` reads a number.
-pub(super) fn last_update(field: impl Fn(&str) -> Option<u64>) -> u64 {
-    ["updated_ms", "started_ms", "finished_ms"]
-        .into_iter()
-        .filter_map(field)
-        .max()
-        .unwrap_or(0)
 }

@@ -1,7 +1,5 @@
 //! `/v1/tasks…`: submit, read, list, cancel, redrive and reprioritize tasks.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -92,42 +90,12 @@ pub(super) async fn get(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = state
+    let task = state
         .store
         .task(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no task `{id}`")))?;
-    Ok(Json(task_json(fields)))
-}
-
-/// A task hash as JSON: numbers as numbers, embedded JSON parsed.
-pub(super) fn task_json(fields: HashMap<String, String>) -> Value {
-    let mut out = serde_json::Map::new();
-    for (name, value) in fields {
-        let parsed = match name.as_str() {
-            "record" | "result" | "history" => {
-                serde_json::from_str(&value).unwrap_or(Value::String(value))
-            }
-            n if n.ends_with("_ms")
-                || [
-                    "attempt",
-                    "released",
-                    "max_attempts",
-                    "progress",
-                    "redriven",
-                ]
-                .contains(&n) =>
-            {
-                value
-                    .parse::<u64>()
-                    .map(Value::from)
-                    .unwrap_or(Value::String(value))
-            }
-            _ => Value::String(value),
-        };
-        out.insert(name, parsed);
-    }
-    Value::Object(out)
+    Ok(Json(serde_json::to_value(task).unwrap_or_default()))
 }
 
 /// Query of `GET /v1/tasks`.
@@ -211,7 +179,7 @@ pub(super) async fn redrive(
             "not_failed",
             format!(
                 "task `{id}` is {}, only failed tasks are redriven",
-                task.get("state").map_or("?", String::as_str)
+                task.state.as_str()
             ),
         )),
     }
