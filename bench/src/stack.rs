@@ -6,12 +6,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use fleet_common::store::Store;
-use fleet_common::store::TaskTimes;
+use fleet_common::store::{TaskTimes, WorkerInfo};
 use fleet_common::task::State;
 use fleet_common::{Priority, Topics};
 use fleet_integration_tests::{Aof, ManagedProcess, TestEnv, free_ports, tansu_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::Value;
 
 use crate::client::Pool;
 
@@ -220,7 +219,7 @@ impl Stack {
         let partitions = self.env.settings().topics.partitions;
         loop {
             let live = self.store.live_workers(2_000).await?;
-            let infos: Vec<&str> = live.iter().map(|(_, info)| info.as_str()).collect();
+            let infos: Vec<WorkerInfo> = live.into_iter().map(|(_, info)| info).collect();
             if n == 0 || assignment_settled(&infos, n, partitions) {
                 // Heartbeats report assignments up to a beat late: a short margin.
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -392,27 +391,23 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
 /// Whether `n` workers' heartbeat infos each show partitions of every priority topic and
 /// together own each of its `partitions` partitions exactly once. A worker still holding what
 /// a rebalance moves away, or one not yet given its share, fails the check.
-fn assignment_settled(infos: &[&str], n: usize, partitions: i32) -> bool {
-    let parsed: Vec<Value> = infos
-        .iter()
-        .filter_map(|info| serde_json::from_str(info).ok())
-        .collect();
-    if parsed.len() != n {
+fn assignment_settled(infos: &[WorkerInfo], n: usize, partitions: i32) -> bool {
+    if infos.len() != n {
         return false;
     }
     Priority::ALL.iter().all(|priority| {
-        let mut owned: Vec<i64> = Vec::new();
-        for info in &parsed {
-            let Some(list) = info["partitions"][priority.as_str()].as_array() else {
+        let mut owned: Vec<i32> = Vec::new();
+        for info in infos {
+            let Some(list) = info.partitions_of(*priority) else {
                 return false;
             };
             if list.is_empty() && n as i64 <= i64::from(partitions) {
                 return false;
             }
-            owned.extend(list.iter().filter_map(Value::as_i64));
+            owned.extend_from_slice(list);
         }
         owned.sort_unstable();
-        owned == (0..i64::from(partitions)).collect::<Vec<_>>()
+        owned == (0..partitions).collect::<Vec<_>>()
     })
 }
 
@@ -494,6 +489,10 @@ mod tests {
 
     #[test]
     fn the_assignment_is_settled_when_every_partition_has_one_owner() {
+        let settled = |infos: &[&str], n, partitions| {
+            let parsed: Vec<WorkerInfo> = infos.iter().map(|i| WorkerInfo::parse(i)).collect();
+            assignment_settled(&parsed, n, partitions)
+        };
         let info = |parts: [&str; 4]| {
             format!(
                 r#"{{"host":"h","partitions":{{"critical":[{}],"high":[{}],"normal":[{}],"low":[{}]}}}}"#,
@@ -504,26 +503,22 @@ mod tests {
         let other = info(["1,3", "1,3", "1,3", "1,3"]);
         let all = info(["0,1,2,3"; 4]);
         let none = info([""; 4]);
-        assert!(assignment_settled(&[&half, &other], 2, 4));
-        assert!(assignment_settled(&[&all], 1, 4));
+        assert!(settled(&[&half, &other], 2, 4));
+        assert!(settled(&[&all], 1, 4));
         // Mid-rebalance: one still holds everything, the other its new share or nothing.
-        assert!(!assignment_settled(&[&all, &other], 2, 4));
-        assert!(!assignment_settled(&[&all, &none], 2, 4));
+        assert!(!settled(&[&all, &other], 2, 4));
+        assert!(!settled(&[&all, &none], 2, 4));
         // Too few workers reporting, a partition nobody owns, or one reported twice.
-        assert!(!assignment_settled(&[&half], 2, 4));
-        assert!(!assignment_settled(
-            &[&half, &info(["1,3", "1,3", "1", "1,3"])],
-            2,
-            4
-        ));
-        assert!(!assignment_settled(
+        assert!(!settled(&[&half], 2, 4));
+        assert!(!settled(&[&half, &info(["1,3", "1,3", "1", "1,3"])], 2, 4));
+        assert!(!settled(
             &[&half, &info(["1,3", "1,3", "1,2,3", "1,3"])],
             2,
             4
         ));
         // Unreadable or incomplete infos never count.
-        assert!(!assignment_settled(&["not json", &other], 2, 4));
-        assert!(!assignment_settled(
+        assert!(!settled(&["not json", &other], 2, 4));
+        assert!(!settled(
             &[&half, r#"{"partitions":{"normal":[1,3]}}"#],
             2,
             4
@@ -531,7 +526,7 @@ mod tests {
         // More workers than partitions: some own none, which is settled too.
         let one = |p: &str| info([p; 4]);
         let (w0, w1, w2) = (one("0"), one("1"), one(""));
-        assert!(assignment_settled(&[&w0, &w1, &w2], 3, 2));
+        assert!(settled(&[&w0, &w1, &w2], 3, 2));
     }
 
     #[test]

@@ -264,19 +264,12 @@ pub(crate) async fn workers(store: &Store, max_age_ms: u64, json: bool) -> anyho
         println!(
             "{:<28} {:<20} {:<8} {:<6} {:>5} {:>7} {:<24} {}",
             w.id,
-            w.info["host"].as_str().unwrap_or(""),
-            w.info["version"].as_str().unwrap_or(""),
-            w.info["queues"]
-                .as_array()
-                .map(|q| q
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","))
-                .unwrap_or_default(),
-            w.info["concurrency"],
+            w.info.host,
+            w.info.version,
+            w.info.queues.join(","),
+            w.info.concurrency,
             w.running,
-            w.info["partitions"].to_string(),
+            serde_json::to_string(&w.info.partitions).unwrap_or_default(),
             now.saturating_sub(w.last_seen_ms)
         );
     }

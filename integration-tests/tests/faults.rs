@@ -44,8 +44,12 @@ async fn wait_all_running_on(env: &TestEnv, ids: &[String], worker: &str) {
 async fn wait_owns_partitions(store: &fleet_common::store::Store, worker: &str) {
     eventually(WAIT, &format!("{worker} owns partitions"), || async {
         let live = store.live_workers(2_000).await.unwrap();
-        live.iter()
-            .any(|(id, info)| id == worker && !info.contains("\"normal\":[]"))
+        live.iter().any(|(id, info)| {
+            id == worker
+                && info
+                    .partitions_of(fleet_common::Priority::Normal)
+                    .is_some_and(|p| !p.is_empty())
+        })
     })
     .await;
 }
@@ -97,7 +101,10 @@ async fn killed_worker_tasks_run_again_elsewhere_within_lease_plus_reaper_period
             .await
             .unwrap()
             .iter()
-            .filter(|(_, i)| !i.contains("\"normal\":[]"))
+            .filter(|(_, i)| {
+                i.partitions_of(fleet_common::Priority::Normal)
+                    .is_some_and(|p| !p.is_empty())
+            })
             .count()
             == 2
     })

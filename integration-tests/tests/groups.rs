@@ -46,13 +46,9 @@ async fn holding_partitions(env: &TestEnv, names: &[&str], deadline: Duration) {
     eventually(deadline, "every worker holds partitions", || async {
         let workers = store.workers(lease).await.unwrap_or_default();
         names.iter().all(|name| {
-            workers.iter().any(|w| {
-                w.id == *name
-                    && w.info["partitions"].as_object().is_some_and(|p| {
-                        p.values()
-                            .any(|v| v.as_array().is_some_and(|a| !a.is_empty()))
-                    })
-            })
+            workers
+                .iter()
+                .any(|w| w.id == *name && w.info.partitions.values().any(|owned| !owned.is_empty()))
         })
     })
     .await;

@@ -42,13 +42,9 @@ impl LivePartitions {
         };
         let mut live: [Vec<i32>; 4] = Default::default();
         for (_, info) in workers {
-            let Ok(info) = serde_json::from_str::<serde_json::Value>(&info) else {
-                continue;
-            };
             for priority in Priority::ALL {
-                if let Some(owned) = info["partitions"][priority.as_str()].as_array() {
-                    live[priority.index()]
-                        .extend(owned.iter().filter_map(|p| p.as_i64()).map(|p| p as i32));
+                if let Some(owned) = info.partitions_of(priority) {
+                    live[priority.index()].extend_from_slice(owned);
                 }
             }
         }

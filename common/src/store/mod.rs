@@ -16,7 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use control::{Cancel, Reprioritize, Selector};
 pub use keys::Keys;
-pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes};
+pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, WorkerInfo};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use tasks::{
     Accepted, Attempt, Backlog, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome,

@@ -329,6 +329,40 @@ impl TaskTimes {
     }
 }
 
+/// What a worker reports with each heartbeat (`{fleet}:worker:<id>` field `info`): written by
+/// the worker's lease keeper, read by the relay (which partitions are live), `fleetctl
+/// workers`, the API and the dashboard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerInfo {
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    /// Tasks it runs at once (`worker.concurrency`).
+    pub concurrency: usize,
+    /// Its consumer group.
+    pub group: String,
+    /// The task kinds it has handlers for, comma-separated.
+    pub kinds: String,
+    /// The queues it serves: `*`, since queues share the priority topics.
+    pub queues: Vec<String>,
+    pub started_ms: u64,
+    /// The partitions it consumes, by priority name.
+    pub partitions: BTreeMap<String, Vec<i32>>,
+}
+
+impl WorkerInfo {
+    /// The partitions of `priority`'s topic it consumes; `None` if it reported none for it.
+    pub fn partitions_of(&self, priority: Priority) -> Option<&[i32]> {
+        self.partitions.get(priority.as_str()).map(Vec::as_slice)
+    }
+
+    /// Reads a heartbeat's info; what does not parse reads as empty (no partitions).
+    pub fn parse(text: &str) -> Self {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+}
+
 /// The time of a task's last change: the latest of `updated_ms` (written by the transitions
 /// other than a start and an ending), `started_ms` and `finished_ms`.
 pub(super) fn last_update(
@@ -438,6 +472,25 @@ mod tests {
         assert_eq!(json["upgraded_ms"], 9);
         assert_eq!(json["note"], "kept");
         assert_eq!(json["history"][1]["outcome"], "from_the_future");
+    }
+
+    #[test]
+    fn a_worker_info_round_trips_and_a_bad_one_owns_nothing() {
+        let info = WorkerInfo {
+            host: "h".into(),
+            concurrency: 8,
+            partitions: [("normal".to_string(), vec![0, 2])].into(),
+            ..WorkerInfo::default()
+        };
+        let text = serde_json::to_string(&info).unwrap();
+        let read = WorkerInfo::parse(&text);
+        assert_eq!(read, info);
+        assert_eq!(read.partitions_of(Priority::Normal), Some(&[0, 2][..]));
+        assert_eq!(read.partitions_of(Priority::High), None);
+        assert_eq!(WorkerInfo::parse("not json"), WorkerInfo::default());
+        // A partial info (an older worker's) reads with defaults for the rest.
+        let partial = WorkerInfo::parse(r#"{"partitions":{"low":[1]},"extra":true}"#);
+        assert_eq!(partial.partitions_of(Priority::Low), Some(&[1][..]));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::StoreError;
 use super::control::Selector;
-use super::model::TaskTimes;
+use super::model::{TaskTimes, WorkerInfo};
 use super::tasks::Store;
 use crate::priority::Priority;
 use crate::task::State;
@@ -89,7 +89,7 @@ impl std::fmt::Display for Cursor {
 pub struct WorkerView {
     pub id: String,
     /// What the worker reports: host, pid, version, concurrency, kinds, partitions…
-    pub info: serde_json::Value,
+    pub info: WorkerInfo,
     pub running: u64,
     pub last_seen_ms: u64,
 }
@@ -365,7 +365,7 @@ impl Store {
             .zip(rows)
             .map(|((id, info), (running, seen))| WorkerView {
                 id,
-                info: serde_json::from_str(&info).unwrap_or(serde_json::Value::Null),
+                info,
                 running: running.unwrap_or(0),
                 last_seen_ms: seen.unwrap_or(0),
             })

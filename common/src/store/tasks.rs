@@ -7,7 +7,7 @@ use redis::aio::ConnectionManager;
 
 use super::StoreError;
 use super::keys::{self, Keys};
-use super::model::StoredTask;
+use super::model::{StoredTask, WorkerInfo};
 use super::scripts;
 use crate::settings::TaskSettings;
 use crate::task::{State, TaskRecord, TaskSpec, parse_run_at};
@@ -584,9 +584,12 @@ impl Store {
         Ok(())
     }
 
-    /// `(worker id, info json)` of every worker that sent a heartbeat within `max_age_ms`
-    /// (by Redis time).
-    pub async fn live_workers(&self, max_age_ms: u64) -> Result<Vec<(String, String)>, StoreError> {
+    /// `(worker id, info)` of every worker that sent a heartbeat within `max_age_ms` (by Redis
+    /// time).
+    pub async fn live_workers(
+        &self,
+        max_age_ms: u64,
+    ) -> Result<Vec<(String, WorkerInfo)>, StoreError> {
         let mut conn = self.conn.clone();
         let time: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let since = (time.0 * 1000 + time.1 / 1000).saturating_sub(max_age_ms);
@@ -607,7 +610,7 @@ impl Store {
         Ok(ids
             .into_iter()
             .zip(infos)
-            .filter_map(|(id, info)| info.map(|i| (id, i)))
+            .filter_map(|(id, info)| info.map(|i| (id, WorkerInfo::parse(&i))))
             .collect())
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fleet_common::Priority;
-use fleet_common::store::{self, Outcome, Store};
+use fleet_common::store::{self, Outcome, Store, WorkerInfo};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -113,18 +113,18 @@ async fn keep_leases(
     let started_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut info = serde_json::json!({
-        "host": crate::settings::host_name().unwrap_or_default(),
-        "pid": std::process::id(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "concurrency": settings.worker.concurrency,
-        "group": settings.worker.group_id,
-        "kinds": kinds,
+    let mut info = WorkerInfo {
+        host: crate::settings::host_name().unwrap_or_default(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        concurrency: settings.worker.concurrency,
+        group: settings.worker.group_id.clone(),
+        kinds,
         // Queues share the priority topics, so every worker serves every queue.
-        "queues": ["*"],
-        "started_ms": started_ms,
-        "partitions": {},
-    });
+        queues: vec!["*".to_string()],
+        started_ms,
+        partitions: Default::default(),
+    };
     let lease = settings.lease.lease();
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(settings.lease.heartbeat());
@@ -170,13 +170,12 @@ async fn keep_leases(
                 )
             })
             .collect();
-        let partitions: serde_json::Map<String, serde_json::Value> = Priority::ALL
+        info.partitions = Priority::ALL
             .into_iter()
             .zip(shared.assignment().iter())
-            .map(|(p, owned)| (p.as_str().to_string(), serde_json::json!(owned)))
+            .map(|(p, owned)| (p.as_str().to_string(), owned.clone()))
             .collect();
-        info["partitions"] = serde_json::Value::Object(partitions);
-        let info_text = info.to_string();
+        let info_text = serde_json::to_string(&info).unwrap_or_default();
         match store
             .extend(
                 &shared.worker_id,
