@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
+use crate::settings::OtlpEndpoint;
 use crate::trace::TraceParent;
 
 /// OTLP span kinds used here.
@@ -91,7 +92,7 @@ pub fn init(endpoint: &str, service: &str) {
     if endpoint.is_empty() {
         return;
     }
-    let Some(target) = Target::parse(endpoint) else {
+    let Some(target) = OtlpEndpoint::parse(endpoint) else {
         return; // refused by settings validation already
     };
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -119,7 +120,7 @@ pub async fn flush() {
     }
 }
 
-async fn export_loop(target: Target, service: String, mut rx: mpsc::Receiver<Message>) {
+async fn export_loop(target: OtlpEndpoint, service: String, mut rx: mpsc::Receiver<Message>) {
     let mut spans: Vec<Span> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -137,7 +138,7 @@ async fn export_loop(target: Target, service: String, mut rx: mpsc::Receiver<Mes
         };
         while !spans.is_empty() {
             let batch: Vec<Span> = spans.drain(..spans.len().min(BATCH)).collect();
-            if let Err(err) = target.post(&body(&service, &batch)).await {
+            if let Err(err) = post(&target, &body(&service, &batch)).await {
                 crate::telemetry::metrics::otlp_spans_dropped().increment(batch.len() as u64);
                 debug!(error = %err, spans = batch.len(), "OTLP export failed; spans dropped.");
             }
@@ -187,63 +188,31 @@ fn body(service: &str, spans: &[Span]) -> String {
     .to_string()
 }
 
-/// Where spans are posted: plain HTTP (put a collector or sidecar next to the service).
-#[derive(Debug, Clone)]
-struct Target {
-    authority: String,
-    path: String,
-}
-
-impl Target {
-    /// `http://host:port[/base]` → posts go to `/base/v1/traces`.
-    fn parse(endpoint: &str) -> Option<Self> {
-        let rest = endpoint.strip_prefix("http://")?;
-        let (authority, base) = rest.split_once('/').unwrap_or((rest, ""));
-        if authority.is_empty() || !authority.contains(':') {
-            return None;
-        }
-        let base = base.trim_end_matches('/');
-        let path = if base.is_empty() {
-            "/v1/traces".to_string()
+/// Posts one export request to `target`.
+async fn post(target: &OtlpEndpoint, body: &str) -> std::io::Result<()> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(&target.authority).await?;
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            target.path,
+            target.authority,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        let mut status = [0u8; 12];
+        stream.read_exact(&mut status).await?;
+        let code = std::str::from_utf8(&status[9..12]).unwrap_or("");
+        if code.starts_with('2') {
+            Ok(())
         } else {
-            format!("/{base}/v1/traces")
-        };
-        Some(Self {
-            authority: authority.to_string(),
-            path,
-        })
-    }
-
-    async fn post(&self, body: &str) -> std::io::Result<()> {
-        let exchange = async {
-            let mut stream = tokio::net::TcpStream::connect(&self.authority).await?;
-            let head = format!(
-                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n",
-                self.path,
-                self.authority,
-                body.len()
-            );
-            stream.write_all(head.as_bytes()).await?;
-            stream.write_all(body.as_bytes()).await?;
-            let mut status = [0u8; 12];
-            stream.read_exact(&mut status).await?;
-            let code = std::str::from_utf8(&status[9..12]).unwrap_or("");
-            if code.starts_with('2') {
-                Ok(())
-            } else {
-                Err(std::io::Error::other(format!("collector answered {code}")))
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), exchange)
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("collector timed out")))
-    }
-}
-
-/// Whether `endpoint` is usable: empty (off) or `http://host:port[/base]`.
-pub fn valid_endpoint(endpoint: &str) -> bool {
-    endpoint.is_empty() || Target::parse(endpoint).is_some()
+            Err(std::io::Error::other(format!("collector answered {code}")))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("collector timed out")))
 }
 
 #[cfg(test)]
@@ -252,19 +221,18 @@ mod tests {
 
     #[test]
     fn endpoints_map_to_the_traces_path() {
-        let t = Target::parse("http://collector:4318").unwrap();
+        let t = OtlpEndpoint::parse("http://collector:4318").unwrap();
         assert_eq!(
             (t.authority.as_str(), t.path.as_str()),
             ("collector:4318", "/v1/traces")
         );
-        let t = Target::parse("http://c:4318/otlp/").unwrap();
+        let t = OtlpEndpoint::parse("http://c:4318/otlp/").unwrap();
         assert_eq!(t.path, "/otlp/v1/traces");
         assert!(
-            Target::parse("https://c:4318").is_none(),
+            OtlpEndpoint::parse("https://c:4318").is_none(),
             "TLS is not supported"
         );
-        assert!(Target::parse("http://nohostport").is_none());
-        assert!(valid_endpoint(""));
+        assert!(OtlpEndpoint::parse("http://nohostport").is_none());
     }
 
     #[test]

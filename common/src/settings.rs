@@ -195,9 +195,40 @@ pub struct LogSettings {
     pub otlp_endpoint: String,
 }
 
+/// An OTLP/HTTP collector: `http://host:port[/base]`, whose spans go to `/base/v1/traces`.
+/// Plain HTTP only: put a collector or sidecar next to the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpEndpoint {
+    /// `host:port`.
+    pub authority: String,
+    /// The request path: `/v1/traces` under the base.
+    pub path: String,
+}
+
+impl OtlpEndpoint {
+    /// `None` unless `endpoint` is `http://host:port[/base]`.
+    pub fn parse(endpoint: &str) -> Option<Self> {
+        let rest = endpoint.strip_prefix("http://")?;
+        let (authority, base) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.is_empty() || !authority.contains(':') {
+            return None;
+        }
+        let base = base.trim_end_matches('/');
+        let path = if base.is_empty() {
+            "/v1/traces".to_string()
+        } else {
+            format!("/{base}/v1/traces")
+        };
+        Some(Self {
+            authority: authority.to_string(),
+            path,
+        })
+    }
+}
+
 impl Validate for LogSettings {
     fn validate(&self) -> Result<(), SettingsError> {
-        if !crate::otlp::valid_endpoint(&self.otlp_endpoint) {
+        if !self.otlp_endpoint.is_empty() && OtlpEndpoint::parse(&self.otlp_endpoint).is_none() {
             return Err(SettingsError::invalid(
                 "log.otlp_endpoint",
                 "expected http://host:port or http://host:port/base (plain HTTP), or empty",

@@ -60,17 +60,6 @@ impl TraceParent {
         })
     }
 
-    /// The `traceparent` header of a Kafka record, if present and valid.
-    pub fn from_kafka(message: &impl rdkafka::Message) -> Option<Self> {
-        use rdkafka::message::Headers;
-        message
-            .headers()?
-            .iter()
-            .find(|h| h.key == crate::wire::header::TRACEPARENT)
-            .and_then(|h| std::str::from_utf8(h.value?).ok())
-            .and_then(Self::parse)
-    }
-
     /// A new span of `parent`'s trace, or a new trace when there is no parent.
     pub fn continue_or_start(parent: Option<&Self>) -> Self {
         parent.map_or_else(Self::new_root, Self::child)

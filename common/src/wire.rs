@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::store::StoredTask;
 use crate::task::TaskRecord;
+use crate::trace::TraceParent;
 
 /// The names of the headers on Fleet's records.
 pub mod header {
@@ -99,6 +100,17 @@ impl Envelope {
         }
         Ok(envelope)
     }
+}
+
+/// The trace context a Kafka record carries in its `traceparent` header, if present and valid.
+pub fn trace_of(message: &impl rdkafka::Message) -> Option<TraceParent> {
+    use rdkafka::message::Headers;
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == header::TRACEPARENT)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+        .and_then(TraceParent::parse)
 }
 
 /// The headers of one attempt's record on a task topic.

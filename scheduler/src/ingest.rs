@@ -202,7 +202,7 @@ async fn handle_batch(
             Ok(spec) => {
                 let mut task = NewTask::from_spec(spec, &settings.tasks, || derived_id(message));
                 task.trace =
-                    TraceParent::continue_or_start(TraceParent::from_kafka(message).as_ref());
+                    TraceParent::continue_or_start(fleet_common::wire::trace_of(message).as_ref());
                 tasks.push(task);
             }
             Err(err) => rejected.push((message, err)),

@@ -1,9 +1,9 @@
 //! Task control: cancel, pause and resume a queue or priority, and move a task that has not
 //! started to another priority. Each decision is one Lua script, like every other transition.
 
+use super::Store;
 use super::StoreError;
 use super::scripts;
-use super::tasks::Store;
 use crate::priority::Priority;
 use crate::task::{State, TaskRecord};
 
@@ -288,5 +288,61 @@ impl Store {
         Err(StoreError::Protocol(
             "task record kept changing while its priority was being changed",
         ))
+    }
+}
+
+impl Store {
+    /// Sends failed tasks back with a fresh budget of attempts; returns how many were failed
+    /// and are now pending again (the relay publishes them at once).
+    pub async fn redrive(&self, ids: &[String]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.invocation(&scripts::REDRIVE);
+        inv.arg(ids.len());
+        for id in ids {
+            inv.key(self.keys.task(id)).arg(id);
+        }
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+    }
+
+    /// Redrives every failed task of `kind` and/or `queue` (all failed tasks when both are
+    /// `None`); returns how many were redriven.
+    pub async fn redrive_failed(
+        &self,
+        kind: Option<&str>,
+        queue: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Route {
+            kind: String,
+            queue: String,
+        }
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.state_index(State::Failed))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut total = 0;
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.hget(self.keys.task(id), "record");
+            }
+            let records: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+            let selected: Vec<String> = chunk
+                .iter()
+                .zip(records)
+                .filter_map(|(id, record)| {
+                    let route: Route = serde_json::from_str(&record?).ok()?;
+                    let wanted = kind.is_none_or(|k| k == route.kind)
+                        && queue.is_none_or(|q| q == route.queue);
+                    wanted.then(|| id.clone())
+                })
+                .collect();
+            total += self.redrive(&selected).await?;
+        }
+        Ok(total)
     }
 }

@@ -1,27 +1,29 @@
 //! The Redis state store: connection, key schema ([`keys`]) and transition scripts
 //! ([`scripts`]). Redis is the source of truth for task state; Kafka only carries messages.
 
+mod attempts;
 mod control;
+mod intake;
 pub mod keys;
 pub mod model;
 mod query;
+mod relay;
 pub mod scripts;
 pub mod series;
-mod tasks;
 mod trim;
 
 use std::time::Duration;
 
+use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+pub use attempts::{Attempt, Beat, Claim, Completion, Heartbeat, Outcome, new_call_id};
 pub use control::{Cancel, Reprioritize, Selector};
+pub use intake::{Accepted, NewTask};
 pub use keys::Keys;
 pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, WorkerInfo};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
-pub use tasks::{
-    Accepted, Attempt, Backlog, Beat, Claim, Completion, Dispatch, Heartbeat, NewTask, Outcome,
-    Requeue, Store, new_call_id,
-};
+pub use relay::{Backlog, Dispatch, Requeue};
 
 use crate::settings::RedisSettings;
 
@@ -146,5 +148,78 @@ async fn schema_script(
             found,
             expected: SCHEMA_VERSION,
         }),
+    }
+}
+
+/// The Redis state store of one fleet. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    retention_ms: u64,
+    redeliver_ms: u64,
+    idempotency_window_ms: u64,
+    timeout_grace_ms: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    pub fn new(conn: ConnectionManager, keys: Keys, tasks: &crate::settings::TaskSettings) -> Self {
+        Self {
+            conn,
+            keys,
+            retention_ms: tasks.retention_ms,
+            redeliver_ms: tasks.redeliver_ms,
+            idempotency_window_ms: tasks.idempotency_window_ms,
+            timeout_grace_ms: tasks.timeout_grace_ms,
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A connection for plain commands (reads, pipelines).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn retention_ms(&self) -> u64 {
+        self.retention_ms
+    }
+
+    fn invocation<'a>(&self, script: &'a redis::Script) -> scripts::ScriptCall<'a> {
+        let mut inv = scripts::ScriptCall::new(script);
+        for key in self.keys.globals() {
+            inv.key(key);
+        }
+        inv
+    }
+}
+
+fn text(value: Option<&Value>) -> Result<String, StoreError> {
+    match value {
+        Some(v) => redis::from_redis_value_ref(v)
+            .map_err(|_| StoreError::Protocol("expected text in script reply")),
+        None => Err(StoreError::Protocol(
+            "script reply is shorter than expected",
+        )),
+    }
+}
+
+fn number(value: Option<&Value>) -> Result<i64, StoreError> {
+    match value {
+        Some(v) => redis::from_redis_value_ref(v)
+            .map_err(|_| StoreError::Protocol("expected a number in script reply")),
+        None => Err(StoreError::Protocol(
+            "script reply is shorter than expected",
+        )),
     }
 }

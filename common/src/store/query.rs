@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
+use super::Store;
 use super::StoreError;
 use super::control::Selector;
-use super::model::{TaskTimes, WorkerInfo};
-use super::tasks::Store;
+use super::model::{StoredTask, TaskTimes, WorkerInfo};
 use crate::priority::Priority;
 use crate::task::State;
 
@@ -413,6 +413,68 @@ fn matches(task: &TaskSummary, filter: &TaskFilter) -> bool {
         && filter.queue.as_deref().is_none_or(|q| q == task.queue)
         && filter.kind.as_deref().is_none_or(|k| k == task.kind)
         && filter.priority.is_none_or(|p| p.as_str() == task.priority)
+}
+
+impl Store {
+    /// `(worker id, info)` of every worker that sent a heartbeat within `max_age_ms` (by Redis
+    /// time).
+    pub async fn live_workers(
+        &self,
+        max_age_ms: u64,
+    ) -> Result<Vec<(String, WorkerInfo)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let time: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let since = (time.0 * 1000 + time.1 / 1000).saturating_sub(max_age_ms);
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.workers())
+            .arg(since)
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(self.keys.worker(id), "info");
+        }
+        let infos: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        Ok(ids
+            .into_iter()
+            .zip(infos)
+            .filter_map(|(id, info)| info.map(|i| (id, WorkerInfo::parse(&i))))
+            .collect())
+    }
+
+    /// Every fleet-wide counter.
+    pub async fn counters(&self) -> Result<HashMap<String, u64>, StoreError> {
+        Ok(redis::cmd("HGETALL")
+            .arg(self.keys.counters())
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// One task as Redis holds it ([`StoredTask`]); `None` if there is no such task.
+    pub async fn task(&self, id: &str) -> Result<Option<StoredTask>, StoreError> {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.task(id))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(StoredTask::from_hash(id, fields)?))
+    }
+
+    /// How many tasks are in each state.
+    pub async fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
+        let mut pipe = redis::pipe();
+        for state in State::ALL {
+            pipe.zcard(self.keys.state_index(state));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(State::ALL.into_iter().zip(counts).collect())
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use fleet_common::trace::TraceParent;
 use fleet_common::wire::Envelope;
 use fleet_common::{Priority, membership};
 use rdkafka::Message;
@@ -89,7 +88,7 @@ pub(super) async fn poll_loop(
                         envelope,
                         raw,
                         published_ms: message.timestamp().to_millis(),
-                        trace: TraceParent::from_kafka(&message),
+                        trace: fleet_common::wire::trace_of(&message),
                     });
                 }
                 if deliveries.is_empty() {

@@ -1,0 +1,145 @@
+//! A task's way in: recording submissions as `pending` (idempotent by id and key), confirming
+//! that their first dispatch reached Kafka, and counting what was refused or repeated.
+
+use super::attempts::Attempt;
+use super::keys::{self};
+use super::{Store, StoreError, scripts};
+use crate::settings::TaskSettings;
+use crate::task::{TaskRecord, TaskSpec, parse_run_at};
+use crate::trace::TraceParent;
+
+/// A validated task ready to be recorded.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub record: TaskRecord,
+    /// `record` serialized once, stored in Redis and embedded in every envelope.
+    pub record_json: String,
+    pub idempotency_key: Option<String>,
+    /// Unix ms before which the task must not run; 0 for now.
+    pub run_at_ms: u64,
+    /// Or: ms after acceptance (by Redis time) before it may run; 0 for none.
+    pub delay_ms: u64,
+    /// The task's trace context, sent with every dispatch.
+    pub trace: TraceParent,
+}
+
+impl NewTask {
+    /// A validated submission with its defaults (global or of its kind) filled in; `new_id`
+    /// names it if it has no id.
+    pub fn from_spec(
+        spec: TaskSpec,
+        settings: &TaskSettings,
+        new_id: impl FnOnce() -> String,
+    ) -> Self {
+        let defaults = settings.defaults_for(&spec.kind);
+        let idempotency_key = spec.idempotency_key.clone();
+        // `run_at` was checked by `TaskSpec::validate`.
+        let run_at_ms = spec
+            .run_at
+            .as_deref()
+            .and_then(|t| parse_run_at(t).ok())
+            .unwrap_or(0);
+        let delay_ms = spec.delay_ms.unwrap_or(0);
+        let record = TaskRecord::from_spec(spec, defaults, new_id);
+        Self {
+            record_json: record.to_json(),
+            record,
+            idempotency_key,
+            run_at_ms,
+            delay_ms,
+            trace: TraceParent::new_root(),
+        }
+    }
+}
+
+/// What [`Store::accept`] did with one submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// New and pending: publish it now.
+    Pending(String),
+    /// New and waiting for its run time: the relay publishes it then.
+    Scheduled(String),
+    /// Already known (same id or idempotency key): the existing task's id.
+    Duplicate(String),
+}
+
+impl Store {
+    /// Records new submissions, in one call.
+    pub async fn accept(&self, tasks: &[NewTask]) -> Result<Vec<Accepted>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.invocation(&scripts::ACCEPT);
+        inv.arg(tasks.len())
+            .arg(self.redeliver_ms)
+            .arg(self.idempotency_window_ms);
+        for task in tasks {
+            let key = self.keys.task(&task.record.id);
+            let idem = task
+                .idempotency_key
+                .as_deref()
+                .map_or_else(|| key.clone(), |k| self.keys.idempotency(k));
+            inv.key(key)
+                .key(idem)
+                .key(self.keys.queue_index(&task.record.queue));
+            inv.arg(&task.record.id)
+                .arg(&task.record.queue)
+                .arg(task.record.priority.as_str())
+                .arg(task.record.max_attempts)
+                .arg(&task.record_json)
+                .arg(u8::from(task.idempotency_key.is_some()))
+                .arg(task.run_at_ms)
+                .arg(task.delay_ms)
+                .arg(task.record.timeout_ms)
+                .arg(&task.record.kind)
+                .arg(task.trace.as_str());
+        }
+        let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        if rows.len() != tasks.len() {
+            return Err(StoreError::Protocol(
+                "accept answered for a different number of tasks",
+            ));
+        }
+        rows.into_iter()
+            .zip(tasks)
+            .map(|(row, task)| match row.split_at_checked(1) {
+                Some(("p", "")) => Ok(Accepted::Pending(task.record.id.clone())),
+                Some(("s", "")) => Ok(Accepted::Scheduled(task.record.id.clone())),
+                Some(("d", existing)) if !existing.is_empty() => {
+                    Ok(Accepted::Duplicate(existing.to_string()))
+                }
+                _ => Err(StoreError::Protocol("accept answered an unknown state")),
+            })
+            .collect()
+    }
+
+    /// Confirms that Kafka acknowledged these `(id, published attempt)` messages: their outbox
+    /// entries go, in one `ZREM`. An entry is keyed by attempt, so a later attempt's entry (a
+    /// retry, a requeue) is never removed by an earlier attempt's late acknowledgement.
+    pub async fn dispatched(&self, sent: &[Attempt<'_>]) -> Result<(), StoreError> {
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let members: Vec<String> = sent
+            .iter()
+            .map(|(id, attempt)| keys::outbox_member(id, *attempt))
+            .collect();
+        let _: i64 = redis::cmd("ZREM")
+            .arg(self.keys.outbox())
+            .arg(members)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Adds `n` to the fleet-wide counter `name`.
+    pub async fn count(&self, name: &str, n: u64) -> Result<(), StoreError> {
+        let () = redis::cmd("HINCRBY")
+            .arg(self.keys.counters())
+            .arg(name)
+            .arg(n)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
