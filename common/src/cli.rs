@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use crate::settings::{self, ServiceSettings, SettingsError};
 use crate::shutdown::Outcome;
 use crate::telemetry;
+use tokio_util::sync::CancellationToken;
 
 /// `--config PATH` and `--check-config`, shared by the services' command lines.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,12 +31,14 @@ impl ServiceArgs {
 pub const EXIT_BAD_CONFIG: u8 = 2;
 
 /// Runs a service: loads settings (exit 2 with a message naming the key if they are bad),
-/// honours `--check-config`, sets up logging, then runs `service` on a multi-threaded runtime.
+/// honours `--check-config`, sets up logging, then runs `service` on a multi-threaded runtime
+/// with a token that the first SIGINT or SIGTERM cancels. This is the one place signals are
+/// handled: a service is `run(settings, token)`, so a test stops it by cancelling the token.
 /// Exit 0 after a clean drain, 1 if the service failed or had to be aborted.
 pub fn run_service<T, F, Fut, E>(name: &str, args: &ServiceArgs, service: F) -> ExitCode
 where
     T: ServiceSettings,
-    F: FnOnce(T) -> Fut,
+    F: FnOnce(T, CancellationToken) -> Fut,
     Fut: Future<Output = Result<Outcome, E>>,
     E: std::fmt::Debug,
 {
@@ -66,15 +69,21 @@ where
     };
     let endpoint = settings.log().otlp_endpoint.clone();
     let result = runtime.block_on(async {
+        let token = CancellationToken::new();
+        if let Err(err) = crate::shutdown::cancel_on_signal(token.clone()) {
+            eprintln!("{name}: cannot install signal handlers: {err}");
+            return None;
+        }
         crate::otlp::init(&endpoint, name);
-        let result = service(settings).await;
+        let result = service(settings, token).await;
         crate::otlp::flush().await;
-        result
+        Some(result)
     });
     match result {
-        Ok(Outcome::Clean) => ExitCode::SUCCESS,
-        Ok(Outcome::Unclean) => ExitCode::FAILURE,
-        Err(err) => {
+        None => ExitCode::FAILURE,
+        Some(Ok(Outcome::Clean)) => ExitCode::SUCCESS,
+        Some(Ok(Outcome::Unclean)) => ExitCode::FAILURE,
+        Some(Err(err)) => {
             tracing::error!(error = ?err, "{name} failed.");
             ExitCode::FAILURE
         }

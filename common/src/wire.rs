@@ -17,7 +17,7 @@ use crate::trace::TraceParent;
 
 /// The names of the headers on Fleet's records.
 pub mod header {
-    /// The task's id, on task, dead-letter and (for refused deliveries) rejected records.
+    /// The task's id, on task and dead-letter records.
     pub const TASK_ID: &str = "fleet-task-id";
     /// The attempt a task record carries (also inside its envelope).
     pub const ATTEMPT: &str = "fleet-attempt";

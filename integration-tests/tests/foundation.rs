@@ -539,3 +539,64 @@ async fn fleetctl_refuses_bad_input_with_clear_errors_and_exit_codes() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"pending\":0"), "{out}");
 }
+
+/// Every service is `run(settings, token)` and only `run_service` handles signals, so a
+/// scheduler runs in-process here and stops when its token is cancelled: its drain joins the
+/// HTTP server and the API's group commit with the publication it started: the task accepted
+/// over HTTP is in Redis, and Kafka's acknowledgement of it was recorded (its outbox entry is
+/// gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_in_process_drains_when_its_token_is_cancelled() {
+    use fleet_common::shutdown::Outcome;
+    use fleet_integration_tests::free_ports;
+    use fleet_integration_tests::http::request;
+    use fleet_scheduler::service::{Role, serve};
+    use fleet_scheduler::settings::SchedulerSettings;
+
+    let env = TestEnv::start("in-process");
+    env.create_topics().await;
+    let common = env.settings();
+    let [port] = free_ports::<1>();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut settings = SchedulerSettings {
+        kafka: common.kafka,
+        redis: common.redis,
+        topics: common.topics,
+        lease: common.lease,
+        tasks: common.tasks,
+        log: common.log,
+        http: common.http,
+        ..SchedulerSettings::default()
+    };
+    settings.http.listen = addr.to_string();
+    settings.http.insecure_no_auth = true;
+    let token = tokio_util::sync::CancellationToken::new();
+    let service = tokio::spawn(serve(settings, Role::Scheduler, token.clone()));
+    eventually(WAIT, "the API is ready", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+            && request(addr, "GET", "/readyz", None, None).await.status == 200
+    })
+    .await;
+    let body = br#"{"id":"in-process","kind":"noop"}"#;
+    let answer = request(addr, "POST", "/v1/tasks", None, Some(body)).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+
+    token.cancel();
+    let outcome = tokio::time::timeout(WAIT, service)
+        .await
+        .expect("the scheduler drains within a minute")
+        .expect("the service task")
+        .expect("the service");
+    assert_eq!(outcome, Outcome::Clean);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+    let task = env.store().await.task("in-process").await.unwrap();
+    assert_eq!(task.map(|t| t.state.as_str()), Some("pending"));
+    let backlog = env.store().await.backlog().await.unwrap();
+    assert_eq!(
+        backlog.outbox, 0,
+        "the publication was confirmed before the drain ended"
+    );
+}

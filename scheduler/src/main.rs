@@ -16,7 +16,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    run_service(Role::Scheduler.name(), &cli.service, |settings| {
-        serve(settings, Role::Scheduler)
+    run_service(Role::Scheduler.name(), &cli.service, |settings, token| {
+        serve(settings, Role::Scheduler, token)
     })
 }

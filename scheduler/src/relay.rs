@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use fleet_common::store::Store;
+use fleet_common::store::{Store, StoreError};
 use fleet_common::task::State;
 use fleet_common::wire;
 use tracing::{info, warn};
@@ -81,9 +81,18 @@ pub async fn round(
     let dead = store.take_dead_letters(100).await?;
     let mut written = Vec::with_capacity(dead.len());
     for id in dead {
-        let Some(task) = store.task(&id).await? else {
-            written.push(id); // expired meanwhile: nothing left to write
-            continue;
+        let task = match store.task(&id).await {
+            Ok(Some(task)) => task,
+            Ok(None) => {
+                written.push(id); // expired meanwhile: nothing left to write
+                continue;
+            }
+            Err(StoreError::NotATask(err)) => {
+                warn!(task_id = %id, error = %err, "Dead-letter record skipped: no task to write.");
+                written.push(id);
+                continue;
+            }
+            Err(err) => return Err(err),
         };
         if task.state != State::Failed {
             // Redriven before its record was written: no longer dead, and the stored task

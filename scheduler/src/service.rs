@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fleet_common::ops::{self, Readiness};
-use fleet_common::shutdown::{self, Outcome, Supervisor, TaskResult};
+use fleet_common::shutdown::{Outcome, Supervisor, TaskResult};
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Priority, Topics, kafka, task};
 use rdkafka::producer::Producer;
@@ -101,11 +101,15 @@ const TRIM_EVERY: Duration = Duration::from_secs(60);
 /// series has its sample yet; a tenth of a slot, so a sample lands early in its slot.
 const SERIES_CHECK: Duration = Duration::from_secs(1);
 
-/// Runs a scheduler or reaper process until SIGTERM/SIGINT, then drains.
-pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Outcome> {
+/// Runs a scheduler or reaper until `token` is cancelled, then drains within
+/// `scheduler.shutdown_grace_ms`: every loop, the HTTP server and the API's group commit
+/// (with the publications it started) are joined.
+pub async fn serve(
+    settings: SchedulerSettings,
+    role: Role,
+    token: CancellationToken,
+) -> anyhow::Result<Outcome> {
     let (store, publisher) = connect(&settings, role.name()).await?;
-    let token = CancellationToken::new();
-    shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
     let settings = Arc::new(settings);
     let live_age = settings.lease.lease_ms;
     let mut supervisor = Supervisor::new(token.clone());
@@ -118,13 +122,21 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
                     "No API token is configured (http.tokens, http.token_files): the API refuses every request."
                 );
             }
+            let (submissions, group_commit) =
+                api::group::SubmitGroup::new(store.clone(), publisher.clone());
+            // Ends once the HTTP server has drained (it holds the last handles), after the
+            // publications of the groups it accepted.
+            supervisor.spawn("http group commit", async move {
+                group_commit.await;
+                Ok(())
+            });
             api::router(
                 api::ApiState {
                     settings: settings.clone(),
                     store: store.clone(),
                     publisher: publisher.clone(),
                     tokens: Arc::new(tokens),
-                    submissions: api::group::SubmitGroup::start(store.clone(), publisher.clone()),
+                    submissions,
                 },
                 readiness.clone(),
             )
@@ -225,7 +237,9 @@ pub async fn serve(settings: SchedulerSettings, role: Role) -> anyhow::Result<Ou
     fleet_common::telemetry::metrics::tasks_duplicate().absolute(0);
     info!(role = role.name(), brokers = %settings.kafka.brokers, "Started.");
     let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
-    let _ = publisher.producer().flush(Duration::from_secs(5));
+    let _ = publisher
+        .producer()
+        .flush(settings.scheduler.shutdown_grace());
     info!(?outcome, "Stopped.");
     Ok(outcome)
 }

@@ -3,10 +3,9 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use fleet_common::cli::{ServiceArgs, run_service};
-use fleet_common::shutdown::{self, Outcome};
+use fleet_common::shutdown::Outcome;
 use fleet_worker::settings::WorkerSettings;
 use fleet_worker::{Worker, builtin};
 use tokio_util::sync::CancellationToken;
@@ -23,9 +22,7 @@ fn main() -> ExitCode {
     run_service("fleet-worker", &cli.service, run)
 }
 
-async fn run(settings: WorkerSettings) -> anyhow::Result<Outcome> {
-    let token = CancellationToken::new();
-    shutdown::cancel_on_signal(token.clone()).context("installing signal handlers")?;
+async fn run(settings: WorkerSettings, token: CancellationToken) -> anyhow::Result<Outcome> {
     Ok(Worker::new(settings, builtin::registry())
         .run(token)
         .await?)

@@ -236,12 +236,10 @@ impl StoredTask {
             deadline_ms,
             cancel_requested_ms,
             trace,
-            history: history
-                .and_then(|h| serde_json::from_str(&h).ok())
-                .unwrap_or_default(),
+            history: history.as_deref().map(parse_history).unwrap_or_default(),
             other: fields.into_iter().collect(),
         };
-        if task.history.is_empty() && task.state == State::Succeeded {
+        if history.is_none() && task.state == State::Succeeded {
             task.history = vec![task.implied_ending()];
         }
         Ok(task)
@@ -361,6 +359,16 @@ impl WorkerInfo {
     pub fn parse(text: &str) -> Self {
         serde_json::from_str(text).unwrap_or_default()
     }
+}
+
+/// A stored history, entry by entry: an entry this build cannot read (a newer one's, or a
+/// damaged one) is left out and the others are kept.
+fn parse_history(text: &str) -> Vec<AttemptEnding> {
+    serde_json::from_str::<Vec<Value>>(text)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| serde_json::from_value(entry).ok())
+        .collect()
 }
 
 /// The time of a task's last change: the latest of `updated_ms` (written by the transitions
@@ -491,6 +499,29 @@ mod tests {
         // A partial info (an older worker's) reads with defaults for the rest.
         let partial = WorkerInfo::parse(r#"{"partitions":{"low":[1]},"extra":true}"#);
         assert_eq!(partial.partitions_of(Priority::Low), Some(&[1][..]));
+    }
+
+    #[test]
+    fn an_unreadable_history_entry_is_left_out_and_nothing_is_made_up() {
+        let history = r#"[{"attempt":"one"},{"attempt":2,"worker":"w","started_ms":3,"ended_ms":4,"outcome":"succeeded","error":""}]"#;
+        let task = StoredTask::from_hash(
+            "t3",
+            hash(&[
+                ("state", "succeeded"),
+                ("attempt", "2"),
+                ("history", history),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(task.history.len(), 1);
+        assert_eq!(task.history[0].attempt, 2);
+        let garbled =
+            StoredTask::from_hash("t4", hash(&[("state", "succeeded"), ("history", "[{")]))
+                .unwrap();
+        assert!(
+            garbled.history.is_empty(),
+            "a stored history is not implied"
+        );
     }
 
     #[test]

@@ -41,6 +41,15 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        if let StoreError::NotATask(err) = &err {
+            // Not Redis being away: a hash under a task's key that is not a task.
+            tracing::error!(error = %err, "API request found a malformed task hash.");
+            return Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "malformed_task",
+                err.to_string(),
+            );
+        }
         tracing::warn!(error = %err, "API request failed on Redis.");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

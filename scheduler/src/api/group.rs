@@ -6,6 +6,7 @@
 
 use fleet_common::store::{Accepted, NewTask, Store};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use crate::publish::Publisher;
 
@@ -29,10 +30,11 @@ pub struct SubmitGroup {
 }
 
 impl SubmitGroup {
-    pub fn start(store: Store, publisher: Publisher) -> Self {
+    /// A handle, and the grouping loop for the caller to run (and join at shutdown): it ends
+    /// once every handle is dropped and the publications it started have finished.
+    pub fn new(store: Store, publisher: Publisher) -> (Self, impl Future<Output = ()> + Send) {
         let (jobs, rx) = mpsc::channel(4_096);
-        tokio::spawn(run(store, publisher, rx));
-        Self { jobs }
+        (Self { jobs }, run(store, publisher, rx))
     }
 
     /// Accepts `tasks` in Redis (with whatever else is waiting) and answers once their
@@ -57,7 +59,10 @@ fn bytes_of(job: &Job) -> usize {
 async fn run(store: Store, publisher: Publisher, mut rx: mpsc::Receiver<Job>) {
     // A request that did not fit the previous group starts the next one.
     let mut next: Option<Job> = None;
+    // The publications of accepted groups, awaited off the loop and joined before it ends.
+    let mut publishing = JoinSet::new();
     loop {
+        while publishing.try_join_next().is_some() {}
         let first = match next.take() {
             Some(job) => job,
             None => match rx.recv().await {
@@ -97,7 +102,7 @@ async fn run(store: Store, publisher: Publisher, mut rx: mpsc::Receiver<Job>) {
         // Kafka's acknowledgements are awaited off this loop, so the next group is accepted
         // meanwhile; the tasks are safe in Redis already (the outbox covers a lost publish).
         let (store, publisher) = (store.clone(), publisher.clone());
-        tokio::spawn(async move {
+        publishing.spawn(async move {
             crate::publish::publish_accepted(&store, &publisher, &tasks, &accepted).await;
             let mut rest = accepted.into_iter();
             for (n, reply) in replies {
@@ -105,4 +110,5 @@ async fn run(store: Store, publisher: Publisher, mut rx: mpsc::Receiver<Job>) {
             }
         });
     }
+    while publishing.join_next().await.is_some() {}
 }

@@ -16,7 +16,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    run_service(Role::Reaper.name(), &cli.service, |settings| {
-        serve(settings, Role::Reaper)
+    run_service(Role::Reaper.name(), &cli.service, |settings, token| {
+        serve(settings, Role::Reaper, token)
     })
 }

@@ -268,8 +268,9 @@ impl Worker {
             fetch.clone(),
         ));
 
-        // Health, readiness and metrics; the listener stops when the worker is told to stop.
-        ops::serve(
+        // Health, readiness and metrics; the listener stops when the worker is told to stop,
+        // and is joined at the end of the drain.
+        let http = ops::serve(
             &settings.http.listen,
             ops::router(readiness.clone()),
             token.child_token(),
@@ -323,12 +324,23 @@ impl Worker {
             outcome = Outcome::Unclean;
         }
 
-        // Every outcome is recorded before offsets are committed and the group is left.
-        match tokio::time::timeout(Duration::from_secs(10), completer).await {
+        // Every outcome is recorded before the worker exits. Past one lease it no longer
+        // matters: the reaper requeues what was not recorded by then.
+        let lease = settings.lease.lease();
+        match tokio::time::timeout(lease, completer).await {
             Ok(Ok(())) => {}
             _ => {
                 warn!("Some completions could not be recorded before exit.");
                 outcome = Outcome::Unclean;
+            }
+        }
+        if let Some((_, server)) = http {
+            match tokio::time::timeout(lease, server).await {
+                Ok(Ok(Ok(()))) => {}
+                _ => {
+                    warn!("The HTTP listener did not stop cleanly.");
+                    outcome = Outcome::Unclean;
+                }
             }
         }
         info!(?outcome, "Worker stopped.");
