@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::settings::{self, ServiceSettings, SettingsError};
-use crate::shutdown::Outcome;
+use crate::shutdown::Drain;
 use crate::telemetry;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +39,7 @@ pub fn run_service<T, F, Fut, E>(name: &str, args: &ServiceArgs, service: F) -> 
 where
     T: ServiceSettings,
     F: FnOnce(T, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<Outcome, E>>,
+    Fut: Future<Output = Result<Drain, E>>,
     E: std::fmt::Debug,
 {
     let settings: T = match args.load() {
@@ -81,8 +81,8 @@ where
     });
     match result {
         None => ExitCode::FAILURE,
-        Some(Ok(Outcome::Clean)) => ExitCode::SUCCESS,
-        Some(Ok(Outcome::Unclean)) => ExitCode::FAILURE,
+        Some(Ok(Drain::Clean)) => ExitCode::SUCCESS,
+        Some(Ok(Drain::Unclean)) => ExitCode::FAILURE,
         Some(Err(err)) => {
             tracing::error!(error = ?err, "{name} failed.");
             ExitCode::FAILURE

@@ -10,17 +10,17 @@
 //! - [`kafka`]: producer/consumer/admin configuration and topic creation.
 //! - [`membership`]: group consumers whose assignment is logged, measured and watched.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
-//! - [`retry`]: retrying a call on a dependency that is briefly away.
+//! - [`dependency`]: calling a dependency that is briefly away until it answers.
 //! - [`telemetry`]: `tracing` set-up.
 //! - [`shutdown`]: signal handling and the drain-with-deadline supervisor.
 
 pub mod cli;
+pub mod dependency;
 pub mod kafka;
 pub mod membership;
 pub mod ops;
 pub mod otlp;
 pub mod priority;
-pub mod retry;
 pub mod settings;
 pub mod shutdown;
 pub mod store;

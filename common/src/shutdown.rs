@@ -27,9 +27,9 @@ pub fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// How a supervised run ended.
+/// How a drain ended: what a service returns, and `run_service` turns into its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Drain {
     /// Every task finished within the grace period and none failed.
     Clean,
     /// A task failed, exited early, or had to be aborted at the deadline.
@@ -72,15 +72,15 @@ impl Supervisor {
 
     /// Waits for cancellation (or for any task to end), then gives the tasks `grace` to finish
     /// and aborts what is left.
-    pub async fn run(mut self, grace: Duration) -> Outcome {
-        let mut outcome = Outcome::Clean;
+    pub async fn run(mut self, grace: Duration) -> Drain {
+        let mut outcome = Drain::Clean;
         tokio::select! {
             () = self.token.cancelled() => {}
             Some(joined) = self.tasks.join_next() => {
                 // A task that stopped because shutdown began (the token and its exit can
                 // become ready together) is a clean stop, not an early exit.
                 if !report(joined, self.token.is_cancelled()) {
-                    outcome = Outcome::Unclean;
+                    outcome = Drain::Unclean;
                 }
                 self.token.cancel();
             }
@@ -95,14 +95,14 @@ impl Supervisor {
         .await;
         match drained {
             Ok(true) => {}
-            Ok(false) => outcome = Outcome::Unclean,
+            Ok(false) => outcome = Drain::Unclean,
             Err(_) => {
                 warn!(
                     grace_ms = grace.as_millis() as u64,
                     "Grace period elapsed; aborting remaining tasks."
                 );
                 self.tasks.shutdown().await;
-                outcome = Outcome::Unclean;
+                outcome = Drain::Unclean;
             }
         }
         outcome
@@ -150,7 +150,7 @@ mod tests {
             });
         }
         token.cancel();
-        assert_eq!(supervisor.run(Duration::from_secs(1)).await, Outcome::Clean);
+        assert_eq!(supervisor.run(Duration::from_secs(1)).await, Drain::Clean);
     }
 
     #[tokio::test]
@@ -163,10 +163,7 @@ mod tests {
             Ok(())
         });
         supervisor.spawn("fails", async { Err("boom".into()) });
-        assert_eq!(
-            supervisor.run(Duration::from_secs(1)).await,
-            Outcome::Unclean
-        );
+        assert_eq!(supervisor.run(Duration::from_secs(1)).await, Drain::Unclean);
         assert!(token.is_cancelled(), "the other task was told to stop");
     }
 
@@ -182,7 +179,7 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(
             supervisor.run(Duration::from_millis(100)).await,
-            Outcome::Unclean
+            Drain::Unclean
         );
         assert!(started.elapsed() < Duration::from_secs(5));
     }

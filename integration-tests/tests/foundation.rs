@@ -547,7 +547,7 @@ async fn fleetctl_refuses_bad_input_with_clear_errors_and_exit_codes() {
 /// gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_in_process_drains_when_its_token_is_cancelled() {
-    use fleet_common::shutdown::Outcome;
+    use fleet_common::shutdown::Drain;
     use fleet_integration_tests::free_ports;
     use fleet_integration_tests::http::request;
     use fleet_scheduler::service::{Role, serve};
@@ -587,7 +587,7 @@ async fn a_scheduler_in_process_drains_when_its_token_is_cancelled() {
         .expect("the scheduler drains within a minute")
         .expect("the service task")
         .expect("the service");
-    assert_eq!(outcome, Outcome::Clean);
+    assert_eq!(outcome, Drain::Clean);
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "the listener is closed"

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::publish::Publisher;
 use crate::settings::SchedulerSettings;
-use fleet_common::retry::retry_until;
+use fleet_common::dependency::keep_trying;
 
 /// Runs ingest until `token` is cancelled. A stall of the submit consumer's group is reported
 /// on `readiness` and repaired (see [`membership`]).
@@ -209,7 +209,7 @@ async fn handle_batch(
         }
     }
 
-    let Some(accepted) = retry_until(token, "recording submissions in Redis", || {
+    let Some(accepted) = keep_trying(token, "recording submissions in Redis", || {
         store.accept(&tasks)
     })
     .await
@@ -229,7 +229,7 @@ async fn handle_batch(
             offset: message.offset(),
         };
         let reason = err.to_string();
-        let sent = retry_until(token, "publishing a rejected submission", || {
+        let sent = keep_trying(token, "publishing a rejected submission", || {
             publisher.rejected(message.payload(), err.code(), &reason, source)
         })
         .await;

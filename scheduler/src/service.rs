@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fleet_common::ops::{self, Readiness};
-use fleet_common::shutdown::{Outcome, Supervisor, TaskResult};
+use fleet_common::shutdown::{Drain, Supervisor, TaskResult};
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Priority, Topics, kafka, task};
 use rdkafka::producer::Producer;
@@ -108,7 +108,7 @@ pub async fn serve(
     settings: SchedulerSettings,
     role: Role,
     token: CancellationToken,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<Drain> {
     let (store, publisher) = connect(&settings, role.name()).await?;
     let settings = Arc::new(settings);
     let live_age = settings.lease.lease_ms;

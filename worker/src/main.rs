@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fleet_common::cli::{ServiceArgs, run_service};
-use fleet_common::shutdown::Outcome;
+use fleet_common::shutdown::Drain;
 use fleet_worker::settings::WorkerSettings;
 use fleet_worker::{Worker, builtin};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     run_service("fleet-worker", &cli.service, run)
 }
 
-async fn run(settings: WorkerSettings, token: CancellationToken) -> anyhow::Result<Outcome> {
+async fn run(settings: WorkerSettings, token: CancellationToken) -> anyhow::Result<Drain> {
     Ok(Worker::new(settings, builtin::registry())
         .run(token)
         .await?)

@@ -5,8 +5,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_common::dependency::keep_trying;
 use fleet_common::otlp;
-use fleet_common::retry::retry_until;
 use fleet_common::store::{Completion, Outcome, Store};
 use fleet_common::trace::TraceParent;
 use fleet_common::wire::Envelope;
@@ -40,7 +40,7 @@ impl<F: Future<Output = ()> + Send + 'static> Launch<F> {
 }
 
 /// Logs the start of a claimed attempt, records it as running, and returns its handler ready
-/// to spawn. The caller spawns it only once the log line is out (see `dispatch_loop`).
+/// to spawn. The caller spawns it only once the log line is out (see `claim_loop`).
 pub(super) fn prepare(
     shared: &Arc<Shared>,
     registry: &Registry,
@@ -238,7 +238,7 @@ pub(super) async fn complete_loop(
             .map(|f| ((&*f.id, f.attempt), &f.outcome))
             .collect();
         let never = CancellationToken::new();
-        let answers = retry_until(&never, "recording task outcomes", || {
+        let answers = keep_trying(&never, "recording task outcomes", || {
             store.complete(&shared.worker_id, &outcomes)
         })
         .await

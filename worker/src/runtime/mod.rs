@@ -1,7 +1,7 @@
 //! The worker runtime.
 //!
 //! ```text
-//!  Kafka ──poll──► buffers (FIFO per priority) ──dispatch──► claim (one Redis call per batch)
+//!  Kafka ──poll──► buffers (FIFO per priority) ──pick──► claim (one Redis call per batch)
 //!   ▲  pause/resume        weighted pick          │  store offsets of the batch, in order
 //!   │                                             ▼
 //!   └──────── offsets ◄──────────────── handlers (bounded by `concurrency`)
@@ -19,7 +19,7 @@
 //!   period, hand the rest back at once (not a failure), commit offsets, leave the group.
 
 mod buffers;
-mod dispatch;
+mod claim;
 mod execute;
 mod lease;
 mod poll;
@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fleet_common::ops::{self, Readiness};
-use fleet_common::shutdown::Outcome;
+use fleet_common::shutdown::Drain;
 use fleet_common::store::series::WaitSample;
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Priority, Topics, kafka, membership};
@@ -167,7 +167,7 @@ impl Worker {
     }
 
     /// Runs until `token` is cancelled, then drains. Returns how the drain went.
-    pub async fn run(self, token: CancellationToken) -> Result<Outcome, WorkerError> {
+    pub async fn run(self, token: CancellationToken) -> Result<Drain, WorkerError> {
         let settings = self.settings;
         let worker_id: Arc<str> = settings.worker.worker_id().into();
         let mut conn = store::connect(&settings.redis).await?;
@@ -254,11 +254,11 @@ impl Worker {
             consumer.clone(),
             fetch.clone(),
         ));
-        let refuser = dispatch::Refuser {
+        let refuser = claim::Refuser {
             producer: kafka::producer_config(&settings.kafka, &worker_id).create()?,
             topic: topics.rejected(),
         };
-        let dispatcher = tokio::spawn(dispatch::dispatch_loop(
+        let claimer = tokio::spawn(claim::claim_loop(
             shared.clone(),
             consumer.clone(),
             store.clone(),
@@ -281,12 +281,12 @@ impl Worker {
         fleet_common::telemetry::metrics::leases_lost().absolute(0);
         fleet_common::telemetry::metrics::completions_fenced().absolute(0);
 
-        let mut outcome = Outcome::Clean;
+        let mut outcome = Drain::Clean;
         tokio::select! {
             () = token.cancelled() => {}
             _ = lease_keeper.finished() => {
                 warn!("The lease keeper stopped; shutting the worker down.");
-                outcome = Outcome::Unclean;
+                outcome = Drain::Unclean;
             }
         }
         fetch.cancel();
@@ -296,10 +296,10 @@ impl Worker {
             running = shared.running().len(),
             "Draining: no new tasks are started."
         );
-        for task in [poller, dispatcher] {
+        for task in [poller, claimer] {
             if let Err(err) = task.await {
                 warn!(error = %err, "A worker loop ended abnormally.");
-                outcome = Outcome::Unclean;
+                outcome = Drain::Unclean;
             }
         }
         let dropped = shared.buffers().clear();
@@ -321,7 +321,7 @@ impl Worker {
         lease_token.cancel();
         lease_keeper.join().await;
         if !hand_back(&shared, &store).await {
-            outcome = Outcome::Unclean;
+            outcome = Drain::Unclean;
         }
 
         // Every outcome is recorded before the worker exits. Past one lease it no longer
@@ -331,7 +331,7 @@ impl Worker {
             Ok(Ok(())) => {}
             _ => {
                 warn!("Some completions could not be recorded before exit.");
-                outcome = Outcome::Unclean;
+                outcome = Drain::Unclean;
             }
         }
         if let Some((_, server)) = http {
@@ -339,7 +339,7 @@ impl Worker {
                 Ok(Ok(Ok(()))) => {}
                 _ => {
                     warn!("The HTTP listener did not stop cleanly.");
-                    outcome = Outcome::Unclean;
+                    outcome = Drain::Unclean;
                 }
             }
         }

@@ -40,7 +40,7 @@ pub(super) async fn poll_loop(
     let mut ticks = 0u32;
     // One message stream for the whole loop: `recv()` per record registered and dropped a
     // waker each time, and buffering record by record took the buffers' lock and woke the
-    // dispatcher once per record.
+    // claim loop once per record.
     let mut records = consumer.stream().ready_chunks(POLL_BATCH);
     loop {
         tokio::select! {

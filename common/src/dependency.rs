@@ -1,5 +1,6 @@
-//! Retrying an operation on a dependency that is briefly away (Redis restarting, a broker
-//! failing over) without ever skipping the work.
+//! Calling a dependency that is briefly away (Redis restarting, a broker
+//! failing over) until it answers, without ever skipping the work. ("Retry" in Fleet means a
+//! task's next attempt; this is not that.)
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tracing::warn;
 
 /// Runs `op` until it succeeds, backing off from 100 ms to 5 s between tries. Returns `None`
 /// if `token` is cancelled first.
-pub async fn retry_until<T, E, F, Fut>(
+pub async fn keep_trying<T, E, F, Fut>(
     token: &CancellationToken,
     what: &str,
     mut op: F,

@@ -1,10 +1,10 @@
-//! The dispatch loop: claims buffered deliveries in one Redis call per batch, starts the
+//! The claim loop: claims buffered deliveries in one Redis call per batch, starts the
 //! claimed ones, refuses records that cannot run, and stores the batch's offsets.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_common::retry::retry_until;
+use fleet_common::dependency::keep_trying;
 use fleet_common::store::{Claim, Store, new_call_id};
 use fleet_common::wire::Envelope;
 use fleet_common::{kafka, membership, wire};
@@ -18,7 +18,7 @@ use crate::handler::Registry;
 
 /// Takes deliveries as slots free up, claims them in one call per batch, starts the claimed
 /// ones, and stores the batch's offsets once the claim has answered.
-pub(super) async fn dispatch_loop(
+pub(super) async fn claim_loop(
     shared: Arc<Shared>,
     consumer: Arc<membership::GroupConsumer>,
     store: Store,
@@ -70,7 +70,7 @@ pub(super) async fn dispatch_loop(
         // One id for the call and its retries: a retry answers `Owned` for what a try whose
         // reply was lost had claimed.
         let call = new_call_id();
-        let Some(claims) = retry_until(&token, "claiming tasks", || {
+        let Some(claims) = keep_trying(&token, "claiming tasks", || {
             store.claim_call(&shared.worker_id, lease_ms, &call, &attempts)
         })
         .await
@@ -229,7 +229,7 @@ async fn refuse(
             partition: delivery.partition,
             offset: delivery.offset,
         };
-        let sent = retry_until(token, "publishing a refused record", || async {
+        let sent = keep_trying(token, "publishing a refused record", || async {
             wire::send_rejected(
                 &refuser.producer,
                 &refuser.topic,
