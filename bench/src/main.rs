@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::scenarios::Via;
 use crate::stack::{Profile, REDIS_NICENESS, Stack, set_aof};
-use fleet_integration_tests::{Aof, tansu_binary};
+use fleet_testkit::{Aof, tansu_binary};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use fleet_common::task::State;
-use fleet_integration_tests::redis_persistence;
+use fleet_testkit::redis_persistence;
 use serde_json::{Value, json};
 
 use crate::stack::{
@@ -18,7 +18,7 @@ use crate::stack::{
 fn cpu_split(stack: &Stack) -> Vec<(&'static str, f64)> {
     let workers: f64 = stack.workers.iter().map(|w| cpu_seconds(w.pid())).sum();
     vec![
-        ("broker", cpu_seconds(stack.env.broker.pid())),
+        ("broker", cpu_seconds(stack.env.broker().pid())),
         ("redis", cpu_seconds(stack.env.redis.pid())),
         ("scheduler", cpu_seconds(stack.scheduler.pid())),
         ("reaper", cpu_seconds(stack.reaper.pid())),
@@ -272,11 +272,11 @@ pub(crate) async fn latency(
     let split_before = cpu_split(stack);
     // The broker's CPU seconds per 5 s of the run: its fetch handling is what loads it.
     let mut broker_cpu = Vec::new();
-    let mut broker_mark = cpu_seconds(stack.env.broker.pid());
+    let mut broker_mark = cpu_seconds(stack.env.broker().pid());
     for (i, chunk) in bodies.chunks(per_tick).enumerate() {
         if i > 0 && i % 500 == 0 {
             stack.check_services()?;
-            let now = cpu_seconds(stack.env.broker.pid());
+            let now = cpu_seconds(stack.env.broker().pid());
             broker_cpu.push(((now - broker_mark) * 100.0).round() / 100.0);
             broker_mark = now;
         }

@@ -9,7 +9,7 @@ use fleet_common::store::Store;
 use fleet_common::store::{TaskTimes, WorkerInfo};
 use fleet_common::task::State;
 use fleet_common::{Priority, Topics};
-use fleet_integration_tests::{Aof, ManagedProcess, TestEnv, free_ports, tansu_binary};
+use fleet_testkit::{Aof, ManagedProcess, TestEnv, free_ports, tansu_binary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::client::Pool;
@@ -298,7 +298,7 @@ impl Stack {
     /// exited: the run could only wait out its deadline.
     pub(crate) fn check_services(&self) -> anyhow::Result<()> {
         let services = [
-            &self.env.broker,
+            self.env.broker(),
             &self.env.redis,
             &self.scheduler,
             &self.reaper,

@@ -22,8 +22,8 @@ if docker_answers; then
   filter=()
 else
   say "NO Docker engine answers (docker info failed): the container tests" \
-    "(integration-tests/tests/containers.rs) are NOT run"
-  filter=(-E 'not binary(containers)')
+    "(integration-tests/tests/it/containers.rs) are NOT run"
+  filter=(-E 'not test(/^containers::/)')
 fi
 say "running the tests (unit + integration: real tansu and redis-server; containers)"
 cargo nextest run --workspace --locked --no-fail-fast "${filter[@]}"

@@ -90,19 +90,19 @@ async fn main() -> anyhow::Result<()> {
     };
     let ok = Outcome::Ok("null".into());
     redis.dump("start")?;
-    let mut aof_bytes = vec![fleet_integration_tests::redis_aof_bytes(&store).await?];
+    let mut aof_bytes = vec![fleet_testkit::redis_aof_bytes(&store).await?];
     for batch in &batches {
         store.accept(batch).await?;
     }
     redis.dump(PHASES[0])?;
-    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
+    aof_bytes.push(fleet_testkit::redis_aof_bytes(&store).await?);
     for batch in &batches {
         let sent = firsts(batch);
         let sent: Vec<_> = sent.iter().map(|(id, a)| (id.as_str(), *a)).collect();
         store.dispatched(&sent).await?;
     }
     redis.dump(PHASES[1])?;
-    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
+    aof_bytes.push(fleet_testkit::redis_aof_bytes(&store).await?);
     for batch in &batches {
         let sent = firsts(batch);
         let sent: Vec<_> = sent.iter().map(|(id, a)| (id.as_str(), *a)).collect();
@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     redis.dump(PHASES[2])?;
-    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
+    aof_bytes.push(fleet_testkit::redis_aof_bytes(&store).await?);
     for batch in &batches {
         let sent = firsts(batch);
         let outcomes: Vec<_> = sent
@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     redis.dump(PHASES[3])?;
-    aof_bytes.push(fleet_integration_tests::redis_aof_bytes(&store).await?);
+    aof_bytes.push(fleet_testkit::redis_aof_bytes(&store).await?);
     redis.stop(store.conn()).await?;
 
     println!(
@@ -184,7 +184,7 @@ fn resolve(redis_server: &Path) -> anyhow::Result<PathBuf> {
     let found = if redis_server.components().count() > 1 {
         Some(redis_server.to_path_buf()).filter(|path| path.is_file())
     } else {
-        fleet_integration_tests::which(&redis_server.to_string_lossy())
+        fleet_testkit::which(&redis_server.to_string_lossy())
     };
     found.with_context(|| {
         format!(

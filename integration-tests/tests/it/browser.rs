@@ -10,14 +10,14 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{ManagedProcess, TestEnv, free_ports, which};
+use fleet_testkit::{ManagedProcess, TestEnv, free_ports, which};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One headless Chromium with one page.
 #[derive(Debug)]
-pub struct Browser {
+pub(crate) struct Browser {
     _process: ManagedProcess,
     socket: Socket,
     next_id: u64,
@@ -25,7 +25,7 @@ pub struct Browser {
 
 impl Browser {
     /// Starts Chromium (installed by `deploy/local/setup.sh`) and attaches to its first page.
-    pub async fn launch(env: &TestEnv) -> Self {
+    pub(crate) async fn launch(env: &TestEnv) -> Self {
         let chromium = which("chromium")
             .expect("chromium is not installed: run `bash deploy/local/setup.sh` (make test does)");
         let [port] = free_ports::<1>();
@@ -64,7 +64,7 @@ impl Browser {
     }
 
     /// Sends one DevTools command and returns its result (events in between are skipped).
-    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+    pub(crate) async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
         let command = json!({ "id": id, "method": method, "params": params }).to_string();
@@ -89,12 +89,12 @@ impl Browser {
         }
     }
 
-    pub async fn navigate(&mut self, url: &str) {
+    pub(crate) async fn navigate(&mut self, url: &str) {
         self.call("Page.navigate", json!({ "url": url })).await;
     }
 
     /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
-    pub async fn eval(&mut self, expression: &str) -> Value {
+    pub(crate) async fn eval(&mut self, expression: &str) -> Value {
         self.try_eval(expression)
             .await
             .unwrap_or_else(|err| panic!("{expression}: {err}"))
@@ -102,7 +102,7 @@ impl Browser {
 
     /// Like [`Browser::eval`], but a JavaScript exception is an `Err` (e.g. while the page is
     /// still loading).
-    pub async fn try_eval(&mut self, expression: &str) -> Result<Value, Value> {
+    pub(crate) async fn try_eval(&mut self, expression: &str) -> Result<Value, Value> {
         let result = self
             .call(
                 "Runtime.evaluate",
@@ -116,7 +116,7 @@ impl Browser {
     }
 
     /// Waits until `expression` is true in the page.
-    pub async fn wait_for(&mut self, what: &str, expression: &str) {
+    pub(crate) async fn wait_for(&mut self, what: &str, expression: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if self.try_eval(expression).await == Ok(Value::Bool(true)) {
@@ -131,7 +131,7 @@ impl Browser {
     }
 
     /// Saves a PNG of the page.
-    pub async fn screenshot(&mut self, path: &Path) {
+    pub(crate) async fn screenshot(&mut self, path: &Path) {
         let shot = self
             .call("Page.captureScreenshot", json!({ "format": "png" }))
             .await;
@@ -150,7 +150,8 @@ async fn page_socket_url(devtools: SocketAddr) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if tokio::net::TcpStream::connect(devtools).await.is_ok() {
-            let list = crate::http::request(devtools, "GET", "/json/list", None, None).await;
+            let list =
+                fleet_testkit::http::request(devtools, "GET", "/json/list", None, None).await;
             if let Ok(Value::Array(targets)) = serde_json::from_str::<Value>(&list.body)
                 && let Some(url) = targets
                     .iter()

@@ -2,10 +2,11 @@
 //! tansu and redis-server underneath. Every test records every task and checks the invariants
 //! of docs/architecture.md (Guarantees) by counting.
 
+use fleet_common::task::State;
 use std::time::Duration;
 
-use fleet_integration_tests::TestEnv;
-use fleet_integration_tests::fleet::{executions, task_json};
+use fleet_testkit::TestEnv;
+use fleet_testkit::fleet::{executions, task_json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -41,8 +42,8 @@ async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once()
     let runs = executions(&env, &names);
     for id in &ids {
         let t = &tasks[id];
-        assert_eq!(t["state"], "succeeded", "{id}: {t:?}");
-        assert_eq!(t["attempt"], "1", "{id} claimed once: {t:?}");
+        assert_eq!(t.state, State::Succeeded, "{id}: {t:?}");
+        assert_eq!(t.attempt, 1, "{id} claimed once: {t:?}");
         assert_eq!(
             runs.get(id).map(Vec::len),
             Some(1),
@@ -51,7 +52,11 @@ async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once()
         );
     }
     let echo = &tasks["t3"];
-    assert_eq!(echo["result"], r#"{"n":3}"#, "echo returns its payload");
+    assert_eq!(
+        echo.result.as_deref(),
+        Some(r#"{"n":3}"#),
+        "echo returns its payload"
+    );
     let used: std::collections::BTreeSet<&str> =
         runs.values().flatten().map(|(_, w)| w.as_str()).collect();
     assert!(
@@ -124,7 +129,7 @@ async fn invalid_submissions_go_to_the_rejected_topic_and_the_line_keeps_moving(
     }
     let tasks = env.wait_terminal(&ids, WAIT).await;
     assert!(
-        ids.iter().all(|id| tasks[id]["state"] == "succeeded"),
+        ids.iter().all(|id| tasks[id].state == State::Succeeded),
         "valid tasks around bad ones all run"
     );
 
@@ -205,30 +210,30 @@ async fn delayed_tasks_run_on_time_once_across_a_scheduler_crash() {
     ];
     env.submit(&bodies).await;
     let ids: Vec<String> = ["now", "delay", "at"].map(String::from).to_vec();
-    fleet_integration_tests::eventually(WAIT, "all three accepted", || async {
+    fleet_testkit::eventually(WAIT, "all three accepted", || async {
         env.task_total().await == 3
     })
     .await;
     s1.signal("KILL"); // the timer lives in Redis: the other scheduler and the reaper relay it
 
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    let ms = |id: &str, f: &str| tasks[id][f].parse::<u64>().unwrap();
     for id in &ids {
-        assert_eq!(tasks[id]["state"], "succeeded", "{id}");
-        assert_eq!(tasks[id]["attempt"], "1", "{id} dispatched and run once");
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}");
+        assert_eq!(tasks[id].attempt, 1, "{id} dispatched and run once");
     }
-    let delay_start = ms("delay", "first_started_ms") - ms("delay", "created_ms");
+    let started = |id: &str| tasks[id].first_started_ms.unwrap();
+    let delay_start = started("delay") - tasks["delay"].created_ms;
     assert!(
         (2_000..3_000).contains(&delay_start),
         "delay_ms 2000 started after {delay_start} ms"
     );
-    let at_start = ms("at", "first_started_ms") as i64 - ms("at", "run_at_ms") as i64;
+    let at_start = started("at") as i64 - tasks["at"].run_at_ms as i64;
     assert!(
         (0..1_000).contains(&at_start),
         "run_at started {at_start} ms after its time"
     );
-    assert!(ms("now", "first_started_ms") < ms("delay", "first_started_ms"));
-    let runs = fleet_integration_tests::fleet::executions(&env, &["w"]);
+    assert!(started("now") < started("delay"));
+    let runs = fleet_testkit::fleet::executions(&env, &["w"]);
     assert!(
         ids.iter().all(|id| runs[id].len() == 1),
         "one execution each: {runs:?}"
@@ -249,18 +254,18 @@ async fn progress_reported_by_a_handler_is_stored_with_the_task() {
     )])
     .await;
     let ids = vec!["p".to_string()];
-    fleet_integration_tests::eventually(WAIT, "progress shows while the task runs", || async {
+    fleet_testkit::eventually(WAIT, "progress shows while the task runs", || async {
         let tasks = env.tasks(&ids).await;
         let Some(t) = tasks.get("p") else {
             return false;
         };
-        let percent: u8 = t.get("progress").and_then(|p| p.parse().ok()).unwrap_or(0);
-        let message = t.get("progress_message").map_or("", String::as_str);
-        t["state"] == "running" && (10..100).contains(&percent) && message.contains("slept")
+        let percent: u8 = t.progress.unwrap_or(0) as u8;
+        let message = t.progress_message.as_deref().unwrap_or_default();
+        t.state == State::Running && (10..100).contains(&percent) && message.contains("slept")
     })
     .await;
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    assert_eq!(tasks["p"]["state"], "succeeded");
+    assert_eq!(tasks["p"].state, State::Succeeded);
 }
 
 /// Static membership (`worker.group_instance_id`, as the Kubernetes StatefulSet sets it from the
@@ -303,8 +308,8 @@ async fn a_static_member_restarted_under_its_instance_id_runs_what_came_meanwhil
         );
     }
     for id in &second {
-        assert_eq!(tasks[id]["state"], "succeeded", "{id}: {:?}", tasks[id]);
-        assert_eq!(tasks[id]["attempt"], "1", "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id].attempt, 1, "{id}: {:?}", tasks[id]);
     }
 }
 
@@ -312,7 +317,7 @@ async fn a_static_member_restarted_under_its_instance_id_runs_what_came_meanwhil
 async fn ingest_publishes_what_it_accepted_itself_and_in_the_order_accepted() {
     use fleet_common::task::State;
     use fleet_common::{Priority, Topics};
-    use fleet_integration_tests::eventually;
+    use fleet_testkit::eventually;
 
     let env = TestEnv::start("ingest-order");
     env.create_topics().await;

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use fleet_common::store::{Accepted, Claim, Completion, NewTask, Outcome, Requeue, Store};
+use fleet_common::store::{
+    Accepted, AttemptEnding, AttemptOutcome, Claim, Completion, NewTask, Outcome, Requeue, Store,
+};
 use fleet_common::task::State;
-use fleet_integration_tests::TestEnv;
+use fleet_testkit::TestEnv;
 
 async fn state(store: &Store, id: &str) -> String {
     store.task(id).await.unwrap().unwrap().state.to_string()
@@ -13,7 +15,7 @@ async fn state(store: &Store, id: &str) -> String {
 
 #[tokio::test]
 async fn task_times_read_each_tasks_journey_in_order() {
-    let env = TestEnv::start("times");
+    let env = TestEnv::redis_only("times");
     let store = env.store().await;
     let done = env.new_task(r#"{"id":"done","kind":"noop"}"#);
     let waiting = env.new_task(r#"{"id":"waiting","kind":"noop"}"#);
@@ -55,7 +57,7 @@ async fn task_times_read_each_tasks_journey_in_order() {
 
 #[tokio::test]
 async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
-    let env = TestEnv::start("accept");
+    let env = TestEnv::redis_only("accept");
     let store = env.store().await;
     let a = env.new_task(r#"{"id":"a","kind":"noop"}"#);
     let k1 = env.new_task(r#"{"kind":"noop","idempotency_key":"order-7"}"#);
@@ -138,7 +140,7 @@ async fn a_task_hash_leaves_out_what_it_repeats_and_reads_whole() {
     // Every stored field costs a scan of the hash in each later write, so the id (the key's)
     // and the run-at time of a task due now (its creation time) are not stored, yet a read
     // shows them. A delayed task stores its run-at time.
-    let env = TestEnv::start("lean-hash");
+    let env = TestEnv::redis_only("lean-hash");
     let store = env
         .store_with(&[
             r#"{"id":"now","kind":"noop"}"#,
@@ -153,26 +155,23 @@ async fn a_task_hash_leaves_out_what_it_repeats_and_reads_whole() {
         !now.contains_key("id") && !now.contains_key("run_at_ms"),
         "{now:?}"
     );
-    let read = store.task("now").await.unwrap().unwrap().fields();
-    assert_eq!(read["id"], "now");
-    assert_eq!(read["run_at_ms"], now["created_ms"]);
+    let read = store.task("now").await.unwrap().unwrap();
+    assert_eq!(read.id, "now");
+    assert_eq!(read.run_at_ms.to_string(), now["created_ms"]);
 
     let later: std::collections::HashMap<String, String> =
         stored("later").query_async(&mut conn).await.unwrap();
     let created: u64 = later["created_ms"].parse().unwrap();
     let run_at: u64 = later["run_at_ms"].parse().unwrap();
     assert!(run_at.abs_diff(created + 60_000) < 1_000, "{later:?}");
-    let read = store.task("later").await.unwrap().unwrap().fields();
-    assert_eq!(
-        (read["id"].as_str(), &read["run_at_ms"]),
-        ("later", &later["run_at_ms"])
-    );
+    let read = store.task("later").await.unwrap().unwrap();
+    assert_eq!((read.id.as_str(), read.run_at_ms), ("later", run_at));
     assert_eq!(store.task("missing").await.unwrap(), None);
 }
 
 #[tokio::test]
 async fn claims_answer_for_every_kind_of_delivery() {
-    let env = TestEnv::start("claim");
+    let env = TestEnv::redis_only("claim");
     let store = env.store().await;
     let t = env.new_task(r#"{"id":"t","kind":"noop"}"#);
     store.accept(&[t]).await.unwrap();
@@ -211,14 +210,10 @@ async fn claims_answer_for_every_kind_of_delivery() {
         store.claim("w1", lease, &[("t", 1)]).await.unwrap(),
         [Claim::Busy]
     );
-    let fields = store.task("t").await.unwrap().unwrap().fields();
+    let t = store.task("t").await.unwrap().unwrap();
     assert_eq!(
-        (
-            fields["state"].as_str(),
-            fields["attempt"].as_str(),
-            fields["worker"].as_str()
-        ),
-        ("running", "1", "w1")
+        (t.state, t.attempt, t.worker.as_deref()),
+        (State::Running, 1, Some("w1"))
     );
 
     // The lease deadline is Redis time + lease.
@@ -249,7 +244,7 @@ async fn claims_answer_for_every_kind_of_delivery() {
 
 #[tokio::test]
 async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
-    let env = TestEnv::start("fence");
+    let env = TestEnv::redis_only("fence");
     let store = env
         .store_with(&[r#"{"id":"t","kind":"noop","max_attempts":3}"#])
         .await;
@@ -328,10 +323,10 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
             .unwrap(),
         [Completion::Already]
     );
-    let fields = store.task("t").await.unwrap().unwrap().fields();
+    let t = store.task("t").await.unwrap().unwrap();
     assert_eq!(
-        (fields["state"].as_str(), fields["result"].as_str()),
-        ("succeeded", "\"real\""),
+        (t.state, t.result.as_deref()),
+        (State::Succeeded, Some("\"real\"")),
         "terminal is final"
     );
     assert!(
@@ -342,7 +337,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
 
 #[tokio::test]
 async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a_dead_letter() {
-    let env = TestEnv::start("retry");
+    let env = TestEnv::redis_only("retry");
     let store = env
         .store_with(&[r#"{"id":"t","kind":"fail","max_attempts":2}"#])
         .await;
@@ -369,11 +364,8 @@ async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a
         store.complete("w", &[(("t", 2), &retry)]).await.unwrap(),
         [Completion::Failed]
     );
-    let fields = store.task("t").await.unwrap().unwrap().fields();
-    assert_eq!(
-        (fields["state"].as_str(), fields["error"].as_str()),
-        ("failed", "boom")
-    );
+    let t = store.task("t").await.unwrap().unwrap();
+    assert_eq!((t.state, t.error.as_deref()), (State::Failed, Some("boom")));
     assert_eq!(store.take_dead_letters(10).await.unwrap(), ["t"]);
     let mut conn = env.redis_conn().await;
     let ttl: i64 = redis::cmd("PTTL")
@@ -386,7 +378,7 @@ async fn retries_are_scheduled_until_attempts_run_out_then_the_task_fails_with_a
 
 #[tokio::test]
 async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_one_is_fenced() {
-    let env = TestEnv::start("retry-again");
+    let env = TestEnv::redis_only("retry-again");
     let store = env
         .store_with(&[
             r#"{"id":"later","kind":"fail","max_attempts":3}"#,
@@ -399,11 +391,6 @@ async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_on
         delay_ms,
     };
     let (in_a_minute, at_once) = (retry(60_000), retry(0));
-    let history_len = |fields: std::collections::BTreeMap<String, String>| {
-        serde_json::from_str::<Vec<serde_json::Value>>(&fields["history"])
-            .unwrap()
-            .len()
-    };
 
     // Its retry scheduled, the same report again (a call retried after its reply was lost).
     store.claim("w", 3_000, &[("later", 1)]).await.unwrap();
@@ -425,9 +412,9 @@ async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_on
         [Completion::Fenced],
         "another worker's report"
     );
-    let fields = store.task("later").await.unwrap().unwrap().fields();
-    assert_eq!(fields["state"], "scheduled");
-    assert_eq!(history_len(fields), 1, "recorded once");
+    let t = store.task("later").await.unwrap().unwrap();
+    assert_eq!(t.state, State::Scheduled);
+    assert_eq!(t.history.len(), 1, "recorded once");
 
     // The same once its retry is due (pending, attempt 2 published), and fenced once attempt 2
     // is claimed.
@@ -465,14 +452,14 @@ async fn a_repeated_retry_report_is_already_recorded_and_a_lost_attempts_late_on
             .unwrap(),
         [Completion::Fenced]
     );
-    let fields = store.task("lost").await.unwrap().unwrap().fields();
-    assert_eq!(fields["state"], "pending");
-    assert_eq!(history_len(fields), 1, "only the expired lease");
+    let t = store.task("lost").await.unwrap().unwrap();
+    assert_eq!(t.state, State::Pending);
+    assert_eq!(t.history.len(), 1, "only the expired lease");
 }
 
 #[tokio::test]
 async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
-    let env = TestEnv::start("reap");
+    let env = TestEnv::redis_only("reap");
     let store = env.store().await;
     let tasks: Vec<NewTask> = (0..200)
         .map(|i| env.new_task(&format!(r#"{{"id":"t{i}","kind":"noop"}}"#)))
@@ -510,17 +497,14 @@ async fn concurrent_reapers_requeue_each_expired_lease_exactly_once() {
     );
     assert_eq!(unique.len(), 200);
     for (id, _) in &claims {
-        let fields = store.task(id).await.unwrap().unwrap().fields();
-        assert_eq!(
-            (fields["state"].as_str(), fields["attempt"].as_str()),
-            ("pending", "1")
-        );
+        let t = store.task(id).await.unwrap().unwrap();
+        assert_eq!((t.state, t.attempt), (State::Pending, 1));
     }
 }
 
 #[tokio::test]
 async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
-    let env = TestEnv::start("release");
+    let env = TestEnv::redis_only("release");
     let store = env
         .store_with(&[r#"{"id":"t","kind":"noop","max_attempts":1}"#])
         .await;
@@ -531,11 +515,8 @@ async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
         0,
         "only a running attempt is released"
     );
-    let fields = store.task("t").await.unwrap().unwrap().fields();
-    assert_eq!(
-        (fields["state"].as_str(), fields["released"].as_str()),
-        ("pending", "1")
-    );
+    let t = store.task("t").await.unwrap().unwrap();
+    assert_eq!((t.state, t.released), (State::Pending, Some(1)));
     assert_eq!(
         store.take_due(10).await.unwrap()[0].attempt,
         2,
@@ -554,7 +535,7 @@ async fn released_tasks_do_not_use_up_attempts_and_expired_ones_do() {
 
 #[tokio::test]
 async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
-    let env = TestEnv::start("redrive");
+    let env = TestEnv::redis_only("redrive");
     let store = env.store().await;
     let tasks = [
         env.new_task(r#"{"id":"mail1","kind":"mail","max_attempts":1}"#),
@@ -618,11 +599,8 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
         store.complete("w", &[(("mail1", 2), &ok)]).await.unwrap(),
         [Completion::Succeeded]
     );
-    let fields = store.task("mail1").await.unwrap().unwrap().fields();
-    assert_eq!(
-        (fields["redriven"].as_str(), fields["released"].as_str()),
-        ("1", "1")
-    );
+    let t = store.task("mail1").await.unwrap().unwrap();
+    assert_eq!((t.redriven, t.released), (Some(1), Some(1)));
     // The totals count tasks, not endings: mail1 failed, was redriven and succeeded, so it is
     // one success and no failure; sms is the one failure; mail2 is waiting again.
     let stats = store.stats().await.unwrap();
@@ -643,7 +621,7 @@ async fn redrive_gives_failed_tasks_a_fresh_budget_and_leaves_others_alone() {
 
 #[tokio::test]
 async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
-    let env = TestEnv::start("progress-store");
+    let env = TestEnv::redis_only("progress-store");
     let store = env.store_with(&[r#"{"id":"t","kind":"noop"}"#]).await;
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
     store
@@ -651,13 +629,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         .await
         .unwrap();
     assert!(
-        !store
-            .task("t")
-            .await
-            .unwrap()
-            .unwrap()
-            .fields()
-            .contains_key("progress"),
+        store.task("t").await.unwrap().unwrap().progress.is_none(),
         "a stranger's progress is ignored"
     );
     store
@@ -668,13 +640,10 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         .extend("w1", 3_000, "{}", &[("t", 1, None)])
         .await
         .unwrap();
-    let fields = store.task("t").await.unwrap().unwrap().fields();
+    let t = store.task("t").await.unwrap().unwrap();
     assert_eq!(
-        (
-            fields["progress"].as_str(),
-            fields["progress_message"].as_str()
-        ),
-        ("40", "halfway-ish")
+        (t.progress, t.progress_message.as_deref()),
+        (Some(40), Some("halfway-ish"))
     );
     // The next attempt starts without the last one's progress, and ends without it.
     assert_eq!(store.release("w1", &[("t", 1)]).await.unwrap(), 1);
@@ -682,25 +651,24 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         store.claim("w1", 3_000, &[("t", 2)]).await.unwrap(),
         [Claim::Claimed]
     );
-    let fields = store.task("t").await.unwrap().unwrap().fields();
-    for field in ["progress", "progress_message", "progress_ms"] {
-        assert!(
-            !fields.contains_key(field),
-            "{field} of attempt 1 left: {fields:?}"
-        );
-    }
+    let t = store.task("t").await.unwrap().unwrap();
+    assert_eq!(
+        (t.progress, &t.progress_message, t.progress_ms),
+        (None, &None, None),
+        "attempt 1's progress left: {t:?}"
+    );
     store
         .complete("w1", &[(("t", 2), &Outcome::Ok("{}".into()))])
         .await
         .unwrap();
-    let fields = store.task("t").await.unwrap().unwrap().fields();
-    assert_eq!(fields["state"], "succeeded");
-    assert!(!fields.contains_key("progress"), "{fields:?}");
+    let t = store.task("t").await.unwrap().unwrap();
+    assert_eq!(t.state, State::Succeeded);
+    assert_eq!(t.progress, None, "{t:?}");
 }
 
 #[tokio::test]
 async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
-    let env = TestEnv::start("history");
+    let env = TestEnv::redis_only("history");
     let store = env
         .store_with(&[r#"{"id":"h","kind":"noop","max_attempts":1}"#])
         .await;
@@ -720,33 +688,26 @@ async fn attempt_history_is_valid_json_capped_at_the_newest_hundred_entries() {
         .unwrap();
     assert_eq!(done, [Completion::Succeeded]);
 
-    let fields = store.task("h").await.unwrap().unwrap().fields();
-    let history: Vec<serde_json::Value> = serde_json::from_str(&fields["history"]).unwrap();
+    let history = store.task("h").await.unwrap().unwrap().history;
     assert_eq!(history.len(), 100, "the oldest entries are dropped");
-    let attempts: Vec<u64> = history
-        .iter()
-        .map(|e| e["attempt"].as_u64().unwrap())
-        .collect();
-    assert_eq!(attempts, (7..=106).collect::<Vec<u64>>());
+    let attempts: Vec<u32> = history.iter().map(|e| e.attempt).collect();
+    assert_eq!(attempts, (7..=106).collect::<Vec<u32>>());
     for entry in &history {
-        assert_eq!(entry["worker"], worker);
-        assert!(entry["started_ms"].as_u64().unwrap() > 0, "{entry}");
-        assert!(
-            entry["ended_ms"].as_u64() >= entry["started_ms"].as_u64(),
-            "{entry}"
-        );
+        assert_eq!(entry.worker, worker);
+        assert!(entry.started_ms > 0, "{entry:?}");
+        assert!(entry.ended_ms >= entry.started_ms, "{entry:?}");
     }
     let last = history.last().unwrap();
     assert_eq!(
-        (last["outcome"].as_str(), last["error"].as_str()),
-        (Some("succeeded"), Some(""))
+        (&last.outcome, last.error.as_str()),
+        (&AttemptOutcome::Succeeded, "")
     );
-    assert_eq!(history[0]["outcome"], "released");
+    assert_eq!(history[0].outcome, AttemptOutcome::Released);
 }
 
 #[tokio::test]
 async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
-    let env = TestEnv::start("implied-history");
+    let env = TestEnv::redis_only("implied-history");
     let store = env
         .store_with(&[
             r#"{"id":"once","kind":"noop"}"#,
@@ -773,26 +734,24 @@ async fn a_first_attempt_success_stores_no_history_yet_reads_as_one_entry() {
         .unwrap();
     assert!(!stored, "no history is written for a first-attempt success");
 
-    let once = store.task("once").await.unwrap().unwrap().fields();
-    let history: Vec<serde_json::Value> = serde_json::from_str(&once["history"]).unwrap();
-    assert_eq!(history.len(), 1);
-    let entry = &history[0];
-    assert_eq!(entry["attempt"], 1);
-    assert_eq!(entry["worker"], "w1");
-    assert_eq!(entry["outcome"], "succeeded");
-    assert_eq!(entry["error"], "");
-    assert_eq!(entry["started_ms"].to_string(), once["started_ms"]);
-    assert_eq!(entry["ended_ms"].to_string(), once["finished_ms"]);
+    let once = store.task("once").await.unwrap().unwrap();
+    assert_eq!(
+        once.history,
+        [AttemptEnding {
+            attempt: 1,
+            worker: "w1".into(),
+            started_ms: once.started_ms.unwrap(),
+            ended_ms: once.finished_ms.unwrap(),
+            outcome: AttemptOutcome::Succeeded,
+            error: String::new(),
+        }]
+    );
 
-    let twice = store.task("twice").await.unwrap().unwrap().fields();
-    let history: Vec<serde_json::Value> = serde_json::from_str(&twice["history"]).unwrap();
-    let outcomes: Vec<&str> = history
-        .iter()
-        .map(|e| e["outcome"].as_str().unwrap())
-        .collect();
+    let twice = store.task("twice").await.unwrap().unwrap();
+    let outcomes: Vec<&AttemptOutcome> = twice.history.iter().map(|e| &e.outcome).collect();
     assert_eq!(
         outcomes,
-        ["released", "succeeded"],
+        [&AttemptOutcome::Released, &AttemptOutcome::Succeeded],
         "a stored history is kept and appended to"
     );
 }
@@ -825,7 +784,7 @@ fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
 
 #[tokio::test]
 async fn an_acknowledgement_removes_only_its_own_attempts_outbox_entry() {
-    let env = TestEnv::start("outbox");
+    let env = TestEnv::redis_only("outbox");
     let store = eager_store(&env).await;
     store
         .accept(&[
@@ -886,7 +845,7 @@ async fn an_acknowledgement_removes_only_its_own_attempts_outbox_entry() {
 async fn a_pending_tasks_timer_from_an_older_fleet_is_published_and_acknowledged() {
     // Before the outbox was keyed by attempt, an unacknowledged dispatch was the bare id in
     // `due`. Such an entry is published as the task's next attempt and then kept in the outbox.
-    let env = TestEnv::start("legacy-due");
+    let env = TestEnv::redis_only("legacy-due");
     let store = env.store_with(&[r#"{"id":"old","kind":"noop"}"#]).await;
     let mut conn = env.redis_conn().await;
     let () = redis::pipe()
@@ -920,7 +879,7 @@ async fn running_tasks_are_indexed_by_their_leases_and_the_old_running_index_is_
     // Schema 4: the lease set is the `running` index. A claim and a completion write no other,
     // and what version-3 services leave in the retired `{fleet}:state:running` is pruned by the
     // index trim once its tasks no longer run.
-    let env = TestEnv::start("running-index");
+    let env = TestEnv::redis_only("running-index");
     let store = env.store().await;
     let tasks: Vec<NewTask> = ["a", "b", "c"]
         .iter()
@@ -997,7 +956,7 @@ async fn running_tasks_are_indexed_by_their_leases_and_the_old_running_index_is_
 
 #[tokio::test]
 async fn a_backlog_of_timers_does_not_starve_the_outbox() {
-    let env = TestEnv::start("due-fair");
+    let env = TestEnv::redis_only("due-fair");
     let store = eager_store(&env).await;
     let mut conn = env.redis_conn().await;
     for i in 0..3 {
@@ -1033,7 +992,7 @@ async fn a_backlog_of_timers_does_not_starve_the_outbox() {
 /// same completion once memory is back counts once.
 #[tokio::test]
 async fn a_completion_refused_for_memory_changes_nothing_and_counts_once_later() {
-    let env = TestEnv::start("oom");
+    let env = TestEnv::redis_only("oom");
     let store = env.store_with(&[r#"{"id":"t","kind":"noop"}"#]).await;
     assert_eq!(
         store.claim("w1", 60_000, &[("t", 1)]).await.unwrap(),

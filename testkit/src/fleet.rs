@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleet_common::store::{Keys, Selector, Store};
+use fleet_common::store::{Keys, Selector, Store, StoredTask};
 use fleet_common::{Topics, kafka};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -128,33 +128,28 @@ impl TestEnv {
         counts.iter().map(|(_, n)| n).sum()
     }
 
-    /// The fields of every listed task, as text by name ([`StoredTask::fields`](fleet_common::store::StoredTask::fields)) (missing tasks are absent from the map).
-    pub async fn tasks(&self, ids: &[String]) -> HashMap<String, BTreeMap<String, String>> {
+    /// Every listed task as Redis holds it (missing tasks are absent from the map).
+    pub async fn tasks(&self, ids: &[String]) -> HashMap<String, StoredTask> {
         let store = self.store().await;
         let mut out = HashMap::new();
         for id in ids {
-            if let Some(fields) = store.task(id).await.expect("read task") {
-                out.insert(id.clone(), fields.fields());
+            if let Some(task) = store.task(id).await.expect("read task") {
+                out.insert(id.clone(), task);
             }
         }
         out
     }
 
     /// Waits (up to `deadline`) until every listed task is in a terminal state, and returns
-    /// their fields.
+    /// them.
     pub async fn wait_terminal(
         &self,
         ids: &[String],
         deadline: Duration,
-    ) -> HashMap<String, BTreeMap<String, String>> {
+    ) -> HashMap<String, StoredTask> {
         crate::eventually(deadline, "every task reaches a terminal state", || async {
             let tasks = self.tasks(ids).await;
-            tasks.len() == ids.len()
-                && tasks.values().all(|t| {
-                    t.get("state")
-                        .and_then(|s| s.parse::<fleet_common::task::State>().ok())
-                        .is_some_and(|s| s.is_terminal())
-                })
+            tasks.len() == ids.len() && tasks.values().all(|t| t.state.is_terminal())
         })
         .await;
         self.tasks(ids).await

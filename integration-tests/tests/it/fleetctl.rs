@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_common::task::State;
+use fleet_testkit::{TestEnv, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -20,12 +21,8 @@ fn json_of(env: &TestEnv, args: &[&str]) -> Value {
     serde_json::from_str(&ok(env, args)).unwrap_or_else(|e| panic!("fleetctl {args:?}: {e}"))
 }
 
-async fn state(env: &TestEnv, id: &str) -> String {
-    env.tasks(&[id.to_string()])
-        .await
-        .get(id)
-        .map(|t| t["state"].clone())
-        .unwrap_or_default()
+async fn state(env: &TestEnv, id: &str) -> Option<State> {
+    env.tasks(&[id.to_string()]).await.get(id).map(|t| t.state)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +134,7 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
 
     // cancel: running → cancelling; again → 4; unknown → 1.
     eventually(WAIT, "nap runs", || async {
-        state(&env, "nap").await == "running"
+        state(&env, "nap").await == Some(State::Running)
     })
     .await;
     assert!(ok(&env, &["cancel", "nap"]).contains("cancelling"));
@@ -213,7 +210,7 @@ async fn fleetctl_submits_follows_lists_and_steers_tasks() {
 async fn fleetctl_probe_reports_a_services_health_by_exit_code() {
     let env = TestEnv::start("fleetctl-probe");
     env.create_topics().await;
-    let [port, closed] = fleet_integration_tests::free_ports::<2>();
+    let [port, closed] = fleet_testkit::free_ports::<2>();
     let listen = format!("127.0.0.1:{port}");
     let _reaper = env.spawn(
         "fleet-reaper",
@@ -254,7 +251,7 @@ async fn fleetctl_probe_reports_a_services_health_by_exit_code() {
 }
 
 fn run_probe(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut command = std::process::Command::new(fleet_integration_tests::fleet_binary("fleetctl"));
+    let mut command = std::process::Command::new(fleet_testkit::fleet_binary("fleetctl"));
     command.arg("probe").args(args);
     for (k, v) in env.env_vars() {
         command.env(k, v);

@@ -2,30 +2,25 @@
 //! the invariants of docs/architecture.md (Guarantees) by counting: every task reaches exactly one terminal
 //! state, executions never exceed attempts, stale attempts are fenced.
 
+use fleet_common::store::{AttemptOutcome, StoredTask};
+use fleet_common::task::State;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use fleet_integration_tests::fleet::{executions, log_events, task_json};
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_testkit::fleet::{executions, log_events, task_json};
+use fleet_testkit::{TestEnv, eventually};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-type Tasks = HashMap<String, BTreeMap<String, String>>;
-
-fn field<'a>(tasks: &'a Tasks, id: &str, name: &str) -> &'a str {
-    tasks
-        .get(id)
-        .and_then(|t| t.get(name))
-        .map_or("", String::as_str)
-}
+type Tasks = HashMap<String, StoredTask>;
 
 /// Ids of tasks in `state` whose owner is `worker`.
-async fn owned_by(env: &TestEnv, ids: &[String], worker: &str, state: &str) -> Vec<String> {
+async fn owned_by(env: &TestEnv, ids: &[String], worker: &str, state: State) -> Vec<String> {
     env.tasks(ids)
         .await
         .into_iter()
-        .filter(|(_, t)| t.get("worker").map(String::as_str) == Some(worker) && t["state"] == state)
+        .filter(|(_, t)| t.worker.as_deref() == Some(worker) && t.state == state)
         .map(|(id, _)| id)
         .collect()
 }
@@ -35,7 +30,7 @@ async fn wait_all_running_on(env: &TestEnv, ids: &[String], worker: &str) {
     eventually(
         WAIT,
         &format!("{} tasks running on {worker}", ids.len()),
-        || async { owned_by(env, ids, worker, "running").await.len() == ids.len() },
+        || async { owned_by(env, ids, worker, State::Running).await.len() == ids.len() },
     )
     .await;
 }
@@ -57,7 +52,7 @@ async fn wait_owns_partitions(store: &fleet_common::store::Store, worker: &str) 
 /// Every execution is of a claimed attempt: executions ≤ attempts, attempts contiguous.
 fn assert_executions_bounded(tasks: &Tasks, runs: &BTreeMap<String, Vec<(u64, String)>>) {
     for (id, task) in tasks {
-        let attempts: u64 = task["attempt"].parse().unwrap();
+        let attempts = u64::from(task.attempt);
         let ran = runs.get(id).cloned().unwrap_or_default();
         assert!(
             ran.len() as u64 <= attempts,
@@ -113,10 +108,10 @@ async fn killed_worker_tasks_run_again_elsewhere_within_lease_plus_reaper_period
     let (ids, bodies) = sleep_tasks("k", 24, 2_000, "normal");
     env.submit(&bodies).await;
     eventually(WAIT, "w0 runs some tasks", || async {
-        !owned_by(&env, &ids, "w0", "running").await.is_empty()
+        !owned_by(&env, &ids, "w0", State::Running).await.is_empty()
     })
     .await;
-    let victims = owned_by(&env, &ids, "w0", "running").await;
+    let victims = owned_by(&env, &ids, "w0", State::Running).await;
     w0.signal("KILL");
     let killed_at = Instant::now();
 
@@ -127,9 +122,9 @@ async fn killed_worker_tasks_run_again_elsewhere_within_lease_plus_reaper_period
         "the killed worker's tasks run again on w1",
         || async {
             let tasks = env.tasks(&victims).await;
-            tasks.values().all(|t| {
-                t.get("worker").map(String::as_str) == Some("w1") || t["state"] == "succeeded"
-            })
+            tasks
+                .values()
+                .all(|t| t.worker.as_deref() == Some("w1") || t.state == State::Succeeded)
         },
     )
     .await;
@@ -142,19 +137,10 @@ async fn killed_worker_tasks_run_again_elsewhere_within_lease_plus_reaper_period
     let tasks = env.wait_terminal(&ids, WAIT).await;
     let runs = executions(&env, &["w0", "w1"]);
     for id in &ids {
-        assert_eq!(
-            field(&tasks, id, "state"),
-            "succeeded",
-            "{id}: {:?}",
-            tasks[id]
-        );
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}: {:?}", tasks[id]);
     }
     for id in &victims {
-        assert_eq!(
-            field(&tasks, id, "attempt"),
-            "2",
-            "{id} was requeued exactly once"
-        );
+        assert_eq!(tasks[id].attempt, 2, "{id} was requeued exactly once");
     }
     assert_executions_bounded(&tasks, &runs);
 }
@@ -181,18 +167,18 @@ async fn a_zombie_worker_is_fenced_and_its_task_ends_once() {
         "the task is requeued and runs on w1 as attempt 2",
         || async {
             let t = env.tasks(&ids).await;
-            field(&t, "z0", "worker") == "w1" && field(&t, "z0", "attempt") == "2"
+            t["z0"].worker.as_deref() == Some("w1") && t["z0"].attempt == 2
         },
     )
     .await;
     w0.signal("CONT");
 
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    assert_eq!(field(&tasks, "z0", "state"), "succeeded");
-    assert_eq!(field(&tasks, "z0", "attempt"), "2");
+    assert_eq!(tasks["z0"].state, State::Succeeded);
+    assert_eq!(tasks["z0"].attempt, 2);
     assert_eq!(
-        field(&tasks, "z0", "worker"),
-        "w1",
+        tasks["z0"].worker.as_deref(),
+        Some("w1"),
         "the result is attempt 2's"
     );
     let runs = executions(&env, &["w0", "w1"]);
@@ -224,7 +210,7 @@ async fn a_zombie_worker_is_fenced_and_its_task_ends_once() {
     assert!(!zombie_success, "the zombie's completion must not count");
     let after = env.tasks(&ids).await;
     assert_eq!(
-        after["z0"]["finished_ms"], tasks["z0"]["finished_ms"],
+        after["z0"].finished_ms, tasks["z0"].finished_ms,
         "terminal state never changes"
     );
 }
@@ -298,7 +284,8 @@ async fn killed_and_restarted_schedulers_lose_no_submission_and_create_none_twic
     let tasks = env.tasks(&ids).await;
     let mut seen = vec![0u32; total];
     for task in tasks.values() {
-        let n = serde_json::from_str::<serde_json::Value>(&task["result"]).unwrap()["n"]
+        let n = serde_json::from_str::<serde_json::Value>(task.result.as_deref().unwrap()).unwrap()
+            ["n"]
             .as_u64()
             .unwrap();
         seen[n as usize] += 1;
@@ -345,8 +332,7 @@ async fn two_reapers_and_a_killed_one_requeue_each_expired_lease_once() {
     let tasks = env.tasks(&ids).await;
     for id in &ids {
         assert_eq!(
-            field(&tasks, id, "attempt"),
-            "2",
+            tasks[id].attempt, 2,
             "{id} requeued exactly once: {:?}",
             tasks[id]
         );
@@ -410,9 +396,9 @@ async fn duplicate_and_stale_deliveries_execute_once() {
     }
     let ids = vec!["b".to_string(), "c".to_string()];
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    assert_eq!(field(&tasks, "b", "state"), "succeeded");
-    assert_eq!(field(&tasks, "c", "state"), "succeeded");
-    assert_eq!(field(&tasks, "c", "attempt"), "2");
+    assert_eq!(tasks["b"].state, State::Succeeded);
+    assert_eq!(tasks["c"].state, State::Succeeded);
+    assert_eq!(tasks["c"].attempt, 2);
     // Let every delivery be consumed, then count executions.
     tokio::time::sleep(Duration::from_millis(500)).await;
     eventually(WAIT, "all deliveries consumed", || async {
@@ -450,7 +436,7 @@ async fn lost_reply_stack(
     TestEnv,
     fleet_common::store::Store,
     fleet_common::store::NewTask,
-    fleet_integration_tests::reply_cut::ReplyCut,
+    fleet_testkit::reply_cut::ReplyCut,
 ) {
     let env = TestEnv::start(name);
     env.create_topics().await;
@@ -469,7 +455,7 @@ async fn lost_reply_stack(
         .trim_start_matches("redis://")
         .parse()
         .expect("the test Redis's address");
-    let proxy = fleet_integration_tests::reply_cut::ReplyCut::start(redis_addr).await;
+    let proxy = fleet_testkit::reply_cut::ReplyCut::start(redis_addr).await;
     (env, store, task, proxy)
 }
 
@@ -492,9 +478,9 @@ async fn an_attempt_claimed_by_a_call_whose_reply_was_lost_runs_on_its_worker() 
     let ids = vec!["l".to_string()];
     let tasks = env.wait_terminal(&ids, Duration::from_secs(30)).await;
     assert!(proxy.has_cut(), "the claim's reply was lost");
-    assert_eq!(field(&tasks, "l", "state"), "succeeded");
-    assert_eq!(field(&tasks, "l", "attempt"), "1");
-    assert_eq!(field(&tasks, "l", "worker"), "w");
+    assert_eq!(tasks["l"].state, State::Succeeded);
+    assert_eq!(tasks["l"].attempt, 1);
+    assert_eq!(tasks["l"].worker.as_deref(), Some("w"));
     let runs = executions(&env, &["w"]);
     assert_eq!(runs["l"], [(1, "w".to_string())], "ran once, on w");
     assert!(
@@ -530,17 +516,20 @@ async fn a_worker_stopped_while_its_claims_replies_are_lost_hands_the_claimed_ta
     env.publish_attempt(&task, 1).await;
     let ids = vec!["l".to_string()];
     eventually(WAIT, "l claimed in Redis while w retries", || async {
-        proxy.cuts() >= 2 && env.tasks(&ids).await["l"]["state"] == "running"
+        proxy.cuts() >= 2 && env.tasks(&ids).await["l"].state == State::Running
     })
     .await;
 
     w.signal("TERM");
     assert_eq!(w.wait_exit(WAIT), Some(0), "w drained");
     let tasks = env.tasks(&ids).await;
-    assert_eq!(field(&tasks, "l", "state"), "pending", "handed back");
-    assert_eq!(field(&tasks, "l", "released"), "1", "not charged");
+    assert_eq!(tasks["l"].state, State::Pending, "handed back");
+    assert_eq!(tasks["l"].released, Some(1), "not charged");
     assert!(
-        field(&tasks, "l", "history").contains(r#""outcome":"released""#),
+        tasks["l"]
+            .history
+            .iter()
+            .any(|e| e.outcome == AttemptOutcome::Released),
         "{tasks:?}"
     );
 
@@ -548,8 +537,8 @@ async fn a_worker_stopped_while_its_claims_replies_are_lost_hands_the_claimed_ta
     let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
     let _w2 = env.spawn("fleet-worker", "w2", &[]);
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    assert_eq!(field(&tasks, "l", "state"), "succeeded");
-    assert_eq!(field(&tasks, "l", "attempt"), "2");
+    assert_eq!(tasks["l"].state, State::Succeeded);
+    assert_eq!(tasks["l"].attempt, 2);
     let runs = executions(&env, &["w", "w2"]);
     assert_eq!(runs["l"], [(2, "w2".to_string())], "ran once, on w2");
 }
@@ -582,7 +571,7 @@ async fn a_newer_attempt_claimed_on_the_same_worker_stops_the_older_one() {
     env.publish_attempt(&task, 1).await;
     eventually(WAIT, "attempt 1 running on w", || async {
         let t = env.tasks(&["n".to_string()]).await;
-        t["n"].get("state").map(String::as_str) == Some("running")
+        t["n"].state == State::Running
     })
     .await;
     // Its lease lapses; a reaper requeues it, and attempt 2 goes to the same worker.
@@ -596,8 +585,8 @@ async fn a_newer_attempt_claimed_on_the_same_worker_stops_the_older_one() {
 
     let ids = vec!["n".to_string()];
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    assert_eq!(field(&tasks, "n", "state"), "succeeded");
-    assert_eq!(field(&tasks, "n", "attempt"), "2");
+    assert_eq!(tasks["n"].state, State::Succeeded);
+    assert_eq!(tasks["n"].attempt, 2);
     assert_eq!(
         store.claim("w", 1_000, &[("n", 2)]).await.unwrap(),
         [Claim::Done]
@@ -670,16 +659,16 @@ async fn a_worker_joining_while_another_drains_gets_partitions_at_once() {
         "b took partitions and ran new tasks while a still drained"
     );
     for id in &short {
-        assert_eq!(field(&tasks, id, "state"), "succeeded");
-        assert_eq!(field(&tasks, id, "worker"), "b");
+        assert_eq!(tasks[id].state, State::Succeeded);
+        assert_eq!(tasks[id].worker.as_deref(), Some("b"));
     }
 
     assert_eq!(a.wait_exit(Duration::from_secs(40)), Some(0), "a drained");
     let tasks = env.wait_terminal(&long, WAIT).await;
     for id in &long {
-        assert_eq!(field(&tasks, id, "state"), "succeeded");
-        assert_eq!(field(&tasks, id, "attempt"), "1", "{id} finished on a");
-        assert_eq!(field(&tasks, id, "worker"), "a");
+        assert_eq!(tasks[id].state, State::Succeeded);
+        assert_eq!(tasks[id].attempt, 1, "{id} finished on a");
+        assert_eq!(tasks[id].worker.as_deref(), Some("a"));
     }
     let runs = executions(&env, &["a", "b"]);
     for id in long.iter().chain(&short) {
@@ -699,7 +688,7 @@ async fn critical_tasks_overtake_a_low_backlog_which_still_finishes() {
     eventually(
         WAIT,
         "the worker is saturated by the low backlog",
-        || async { owned_by(&env, &low, "w", "running").await.len() == 2 },
+        || async { owned_by(&env, &low, "w", State::Running).await.len() == 2 },
     )
     .await;
     let (critical, critical_bodies) = sleep_tasks("crit", 10, 150, "critical");
@@ -708,11 +697,7 @@ async fn critical_tasks_overtake_a_low_backlog_which_still_finishes() {
     let mut all = low.clone();
     all.extend(critical.iter().cloned());
     let tasks = env.wait_terminal(&all, WAIT).await;
-    let start = |id: &String| {
-        field(&tasks, id, "first_started_ms")
-            .parse::<u64>()
-            .unwrap()
-    };
+    let start = |id: &String| tasks[id].first_started_ms.unwrap();
     let last_critical = critical.iter().map(start).max().unwrap();
     let mut low_starts: Vec<u64> = low.iter().map(start).collect();
     low_starts.sort_unstable();
@@ -723,8 +708,8 @@ async fn critical_tasks_overtake_a_low_backlog_which_still_finishes() {
     );
     for id in &all {
         assert_eq!(
-            field(&tasks, id, "state"),
-            "succeeded",
+            tasks[id].state,
+            State::Succeeded,
             "{id} finished (no starvation)"
         );
     }
@@ -762,29 +747,23 @@ async fn sigterm_finishes_short_tasks_and_hands_long_ones_back_at_once() {
 
     let tasks = env.wait_terminal(&all, WAIT).await;
     for id in &short {
-        assert_eq!(field(&tasks, id, "state"), "succeeded");
+        assert_eq!(tasks[id].state, State::Succeeded);
         assert_eq!(
-            field(&tasks, id, "attempt"),
-            "1",
+            tasks[id].attempt, 1,
             "{id} finished within the grace period"
         );
-        assert_eq!(field(&tasks, id, "worker"), "w0");
+        assert_eq!(tasks[id].worker.as_deref(), Some("w0"));
     }
     for id in &long {
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}: {:?}", tasks[id]);
         assert_eq!(
-            field(&tasks, id, "state"),
-            "succeeded",
-            "{id}: {:?}",
-            tasks[id]
-        );
-        assert_eq!(
-            field(&tasks, id, "released"),
-            "1",
+            tasks[id].released,
+            Some(1),
             "{id} was handed back, not failed"
         );
-        assert_eq!(field(&tasks, id, "attempt"), "2");
+        assert_eq!(tasks[id].attempt, 2);
         assert_eq!(
-            field(&tasks, id, "last_error"),
+            tasks[id].last_error.as_deref().unwrap_or_default(),
             "",
             "a hand-back is not a failure"
         );
@@ -827,7 +806,7 @@ async fn a_task_that_crashes_its_worker_every_time_fails_after_max_attempts_and_
         let done = tasks.len() == ids.len()
             && tasks
                 .values()
-                .all(|t| matches!(t["state"].as_str(), "succeeded" | "failed"));
+                .all(|t| matches!(t.state.as_str(), "succeeded" | "failed"));
         if done {
             break;
         }
@@ -845,14 +824,17 @@ async fn a_task_that_crashes_its_worker_every_time_fails_after_max_attempts_and_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let tasks = env.tasks(&ids).await;
-    assert_eq!(field(&tasks, "poison", "state"), "failed");
+    assert_eq!(tasks["poison"].state, State::Failed);
     assert_eq!(
-        field(&tasks, "poison", "attempt"),
-        "3",
+        tasks["poison"].attempt, 3,
         "attempts are counted at claim, so crashes count"
     );
     assert!(
-        field(&tasks, "poison", "error").contains("no attempts left"),
+        tasks["poison"]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no attempts left"),
         "{:?}",
         tasks["poison"]
     );
@@ -861,7 +843,7 @@ async fn a_task_that_crashes_its_worker_every_time_fails_after_max_attempts_and_
         "the poison task killed a worker once per attempt"
     );
     for id in ids.iter().filter(|id| *id != "poison") {
-        assert_eq!(field(&tasks, id, "state"), "succeeded", "{id}");
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}");
     }
 
     // Its dead-letter record is on the dead topic.

@@ -3,13 +3,13 @@
 //! in Redis at the end, that none was lost, each ended once, and executions stayed bounded.
 //! The test command runs these only where a Docker engine answers and says so otherwise.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use fleet_common::store::Store;
+use crate::compose::{self, Compose, docker};
+use fleet_common::store::{AttemptOutcome, Store, StoredTask};
 use fleet_common::task::State;
-use fleet_integration_tests::compose::{self, Compose, docker};
-use fleet_integration_tests::eventually;
+use fleet_testkit::eventually;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -33,27 +33,12 @@ async fn count(store: &Store, state: State) -> u64 {
         .map_or(0, |(_, n)| n)
 }
 
-/// One entry per ended attempt: (attempt, worker id, outcome).
-fn history(task: &BTreeMap<String, String>) -> Vec<(u64, String, String)> {
-    let raw = task.get("history").map_or("[]", String::as_str);
-    let list: Vec<Value> = serde_json::from_str(raw).expect("history is JSON");
-    list.iter()
-        .map(|e| {
-            (
-                e["attempt"].as_u64().unwrap_or(0),
-                e["worker"].as_str().unwrap_or_default().to_string(),
-                e["outcome"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// Every task succeeded; returns the tasks read.
-async fn all_succeeded(store: &Store, ids: &[String]) -> HashMap<String, BTreeMap<String, String>> {
+async fn all_succeeded(store: &Store, ids: &[String]) -> HashMap<String, StoredTask> {
     let tasks = compose::tasks(store, ids).await;
     assert_eq!(tasks.len(), ids.len(), "every task is in Redis");
     for id in ids {
-        assert_eq!(tasks[id]["state"], "succeeded", "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}: {:?}", tasks[id]);
     }
     tasks
 }
@@ -88,8 +73,9 @@ async fn busy_worker(
             let running: Vec<String> = tasks
                 .iter()
                 .filter(|(_, t)| {
-                    t.get("state").is_some_and(|s| s == "running")
-                        && t.get("worker")
+                    t.state == State::Running
+                        && t.worker
+                            .as_deref()
                             .is_some_and(|w| w.starts_with(host.as_str()))
                 })
                 .map(|(id, _)| id.clone())
@@ -111,7 +97,7 @@ async fn all_succeeded_now(store: &Store, ids: &[String]) -> bool {
     compose::tasks(store, ids)
         .await
         .values()
-        .all(|t| t["state"] == "succeeded")
+        .all(|t| t.state == State::Succeeded)
 }
 
 async fn wait_succeeded(store: &Store, n: u64) {
@@ -126,8 +112,7 @@ async fn scaling_from_one_worker_to_four_mid_run_spreads_the_work_and_runs_each_
     let stack = Compose::up("scale", 1, &[("FLEET_WORKER_CONCURRENCY", "8")]).await;
     let store = stack.store().await;
     // Compose's Redis runs with deploy/redis/fleet.conf: AOF every second, no snapshots.
-    let config =
-        fleet_integration_tests::redis_config(&store, &["appendonly", "appendfsync", "save"]).await;
+    let config = fleet_testkit::redis_config(&store, &["appendonly", "appendfsync", "save"]).await;
     assert_eq!(
         (
             &*config["appendonly"],
@@ -169,19 +154,19 @@ async fn scaling_from_one_worker_to_four_mid_run_spreads_the_work_and_runs_each_
     let ids: Vec<String> = first.iter().chain(&second).cloned().collect();
     let tasks = all_succeeded(&store, &ids).await;
     for id in &ids {
-        let runs = history(&tasks[id]);
-        assert_eq!(tasks[id]["attempt"], "1", "{id} claimed once: {runs:?}");
+        let runs = &tasks[id].history;
+        assert_eq!(tasks[id].attempt, 1, "{id} claimed once: {runs:?}");
         assert_eq!(runs.len(), 1, "{id} ran once: {runs:?}");
     }
     assert_eq!(count(&store, State::Failed).await, 0);
     // The group spread the partitions: every replica ran part of the second half.
     let ran: BTreeSet<String> = second
         .iter()
-        .flat_map(|id| history(&tasks[id]))
-        .map(|(_, worker, _)| {
-            worker
+        .flat_map(|id| &tasks[id].history)
+        .map(|e| {
+            e.worker
                 .rsplit_once('-')
-                .map_or(worker.clone(), |(h, _)| h.to_string())
+                .map_or(e.worker.clone(), |(h, _)| h.to_string())
         })
         .collect();
     let hostnames: BTreeSet<String> = workers.iter().map(|c| stack.hostname(c)).collect();
@@ -213,19 +198,26 @@ async fn a_killed_worker_container_s_tasks_finish_elsewhere_within_lease_and_rea
     wait_succeeded(&store, ids.len() as u64).await;
     let tasks = all_succeeded(&store, &ids).await;
     for id in &ids {
-        let runs = history(&tasks[id]);
-        let attempts: u64 = tasks[id]["attempt"].parse().unwrap();
+        let runs = &tasks[id].history;
+        let attempts = tasks[id].attempt;
         if running.contains(id) {
             assert_eq!(attempts, 2, "{id} ran again once: {runs:?}");
-            assert_eq!(runs[0].2, "lease_expired", "{id}: {runs:?}");
+            assert_eq!(
+                runs[0].outcome,
+                AttemptOutcome::LeaseExpired,
+                "{id}: {runs:?}"
+            );
             assert!(
-                !runs[1].1.starts_with(&host),
+                !runs[1].worker.starts_with(&host),
                 "{id} ran elsewhere: {runs:?}"
             );
         } else {
             assert!(attempts <= 2, "{id}: {runs:?}");
         }
-        let successes = runs.iter().filter(|r| r.2 == "succeeded").count();
+        let successes = runs
+            .iter()
+            .filter(|r| r.outcome == AttemptOutcome::Succeeded)
+            .count();
         assert_eq!(successes, 1, "{id} succeeded once: {runs:?}");
     }
     eprintln!(
@@ -268,20 +260,27 @@ async fn a_worker_cut_off_from_redis_loses_its_tasks_to_others_and_rejoins_clean
     let all: Vec<String> = ids.iter().chain(&later).cloned().collect();
     let tasks = all_succeeded(&store, &all).await;
     for id in &all {
-        let runs = history(&tasks[id]);
-        let successes: Vec<_> = runs.iter().filter(|r| r.2 == "succeeded").collect();
+        let runs = &tasks[id].history;
+        let successes: Vec<_> = runs
+            .iter()
+            .filter(|r| r.outcome == AttemptOutcome::Succeeded)
+            .collect();
         assert_eq!(successes.len(), 1, "{id} succeeded once: {runs:?}");
         if running.contains(id) {
             // The late completion of attempt 1 was fenced: attempt 2 elsewhere is the result.
-            assert_eq!(runs[0].2, "lease_expired", "{id}: {runs:?}");
-            assert!(successes[0].0 >= 2, "{id}: {runs:?}");
-            assert!(!successes[0].1.starts_with(&host), "{id}: {runs:?}");
+            assert_eq!(
+                runs[0].outcome,
+                AttemptOutcome::LeaseExpired,
+                "{id}: {runs:?}"
+            );
+            assert!(successes[0].attempt >= 2, "{id}: {runs:?}");
+            assert!(!successes[0].worker.starts_with(&host), "{id}: {runs:?}");
         }
     }
     let rejoined = later
         .iter()
-        .flat_map(|id| history(&tasks[id]))
-        .any(|(_, worker, _)| worker.starts_with(&host));
+        .flat_map(|id| &tasks[id].history)
+        .any(|e| e.worker.starts_with(&host));
     assert!(rejoined, "the reconnected worker runs tasks again");
     let logs = compose::container_logs(&victim);
     assert!(
@@ -315,9 +314,9 @@ async fn a_rolling_restart_under_load_loses_nothing_fails_nothing_and_reruns_not
 
     let tasks = all_succeeded(&store, &ids).await;
     for id in &ids {
-        let runs = history(&tasks[id]);
+        let runs = &tasks[id].history;
         assert_eq!(runs.len(), 1, "{id} ran once: {runs:?}");
-        assert_eq!(tasks[id]["attempt"], "1", "{id}: {runs:?}");
+        assert_eq!(tasks[id].attempt, 1, "{id}: {runs:?}");
     }
     assert_eq!(count(&store, State::Failed).await, 0);
     let drained = compose::container_logs(&stack.containers("worker")[0]);
@@ -334,7 +333,7 @@ async fn wait_all_succeeded(store: &Store, ids: &[String], deadline: Duration) -
     let start = Instant::now();
     eventually(deadline, "the round's tasks succeed", || async {
         let tasks = compose::tasks(store, ids).await;
-        tasks.len() == ids.len() && tasks.values().all(|t| t["state"] == "succeeded")
+        tasks.len() == ids.len() && tasks.values().all(|t| t.state == State::Succeeded)
     })
     .await;
     start.elapsed()
@@ -360,7 +359,7 @@ async fn every_worker_stopped_and_started_at_once_twenty_times_runs_every_task_o
     println!("slowest round: {slowest:?}");
     let tasks = all_succeeded(&store, &ids).await;
     for id in &ids {
-        assert_eq!(history(&tasks[id]).len(), 1, "{id} ran once");
+        assert_eq!(tasks[id].history.len(), 1, "{id} ran once");
     }
 }
 
@@ -381,7 +380,7 @@ async fn both_schedulers_recreated_at_once_twenty_times_accept_every_submission(
     }
     let tasks = all_succeeded(&store, &ids).await;
     for id in &ids {
-        assert_eq!(history(&tasks[id]).len(), 1, "{id} ran once");
+        assert_eq!(tasks[id].history.len(), 1, "{id} ran once");
     }
 }
 
@@ -390,7 +389,7 @@ async fn both_schedulers_recreated_at_once_twenty_times_accept_every_submission(
 fn compose_needs_an_api_token_and_says_so() {
     let out = std::process::Command::new("docker-compose")
         .arg("-f")
-        .arg(fleet_integration_tests::workspace_root().join("deploy/docker-compose.yml"))
+        .arg(fleet_testkit::workspace_root().join("deploy/docker-compose.yml"))
         .arg("config")
         .env_remove("FLEET_API_TOKEN")
         .output()
@@ -400,7 +399,7 @@ fn compose_needs_an_api_token_and_says_so() {
     assert!(err.contains("set FLEET_API_TOKEN"), "{err}");
     let out = std::process::Command::new("docker-compose")
         .arg("-f")
-        .arg(fleet_integration_tests::workspace_root().join("deploy/docker-compose.yml"))
+        .arg(fleet_testkit::workspace_root().join("deploy/docker-compose.yml"))
         .args(["config", "--services"])
         .env("FLEET_API_TOKEN", compose::TOKEN)
         .output()

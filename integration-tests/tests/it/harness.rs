@@ -7,9 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleet_integration_tests::{
-    ManagedProcess, TestEnv, ephemeral_range, eventually, free_ports, is_alive,
-};
+use fleet_testkit::{ManagedProcess, TestEnv, ephemeral_range, eventually, free_ports, is_alive};
 
 const PIDS_FILE: &str = "FLEET_IT_PIDS_FILE";
 
@@ -22,7 +20,7 @@ fn hold_environment_until_killed() {
         return;
     };
     let env = TestEnv::start("held");
-    std::fs::write(path, format!("{} {}", env.redis.pid(), env.broker.pid())).unwrap();
+    std::fs::write(path, format!("{} {}", env.redis.pid(), env.broker().pid())).unwrap();
     std::thread::sleep(Duration::from_secs(120));
 }
 
@@ -37,7 +35,7 @@ async fn harness_processes_die_when_the_test_process_is_killed() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "hold_environment_until_killed",
+            "harness::hold_environment_until_killed",
             "--ignored",
             "--nocapture",
         ])
@@ -140,9 +138,9 @@ async fn an_environment_runs_the_broker_binary_it_is_given() {
     // A copy of the usual broker under another path: the process must run from that path.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("tansu-copy");
-    std::fs::copy(fleet_integration_tests::tansu_binary(), &copy).unwrap();
+    std::fs::copy(fleet_testkit::tansu_binary(), &copy).unwrap();
     let env = TestEnv::start_with_broker("harness_broker_binary", &copy);
-    let exe = std::fs::read_link(format!("/proc/{}/exe", env.broker.pid())).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{}/exe", env.broker().pid())).unwrap();
     assert_eq!(exe, copy);
     // And it is a working broker: the test topics can be created on it.
     env.create_topics().await;
@@ -150,15 +148,15 @@ async fn an_environment_runs_the_broker_binary_it_is_given() {
 
 #[tokio::test]
 async fn every_redis_runs_with_fleets_settings_and_the_benchmark_persists_as_recommended() {
-    use fleet_integration_tests::Aof;
-    let tansu = fleet_integration_tests::tansu_binary();
+    use fleet_testkit::Aof;
+    let tansu = fleet_testkit::tansu_binary();
     for (aof, appendonly, fsync) in [
         (Aof::EverySec, "yes", "everysec"),
         (Aof::Always, "yes", "always"),
         (Aof::Off, "no", "everysec"),
     ] {
         let env = TestEnv::start_with("harness_redis_settings", &tansu, aof);
-        let config = fleet_integration_tests::redis_config(
+        let config = fleet_testkit::redis_config(
             &env.store().await,
             &[
                 "appendonly",
@@ -177,7 +175,7 @@ async fn every_redis_runs_with_fleets_settings_and_the_benchmark_persists_as_rec
         assert_eq!(config["hash-max-listpack-value"], "8192");
     }
     // The local stack and compose read the same file.
-    let root = fleet_integration_tests::workspace_root();
+    let root = fleet_testkit::workspace_root();
     for (file, needle) in [
         ("deploy/local/stack.sh", "deploy/redis/fleet.conf"),
         (

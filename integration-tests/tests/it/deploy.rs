@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fleet_integration_tests::{SETUP_COMMAND, fleet_binary, workspace_root};
+use fleet_testkit::{SETUP_COMMAND, fleet_binary, workspace_root};
 
 fn python() -> PathBuf {
     let python = workspace_root().join(".tools/k8s-venv/bin/python");

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_common::{kafka, store};
-use fleet_integration_tests::{TestEnv, eventually, fleet_binary};
+use fleet_testkit::{TestEnv, eventually, fleet_binary};
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -548,10 +548,10 @@ async fn fleetctl_refuses_bad_input_with_clear_errors_and_exit_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_in_process_drains_when_its_token_is_cancelled() {
     use fleet_common::shutdown::Drain;
-    use fleet_integration_tests::free_ports;
-    use fleet_integration_tests::http::request;
     use fleet_scheduler::service::{Role, serve};
     use fleet_scheduler::settings::SchedulerSettings;
+    use fleet_testkit::free_ports;
+    use fleet_testkit::http::request;
 
     let env = TestEnv::start("in-process");
     env.create_topics().await;

@@ -2,25 +2,20 @@
 //! retries running out, panics, and the worker's own timeout. Each failed task ends `failed`
 //! once with a dead letter carrying its attempt history.
 
-use std::collections::{BTreeMap, HashMap};
+use fleet_common::store::{AttemptOutcome, StoredTask};
+use fleet_common::task::State;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fleet_common::Topics;
-use fleet_integration_tests::fleet::executions;
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_testkit::fleet::executions;
+use fleet_testkit::{TestEnv, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn history(task: &BTreeMap<String, String>) -> Vec<Value> {
-    serde_json::from_str(&task["history"]).expect("attempt history")
-}
-
-fn outcomes(task: &BTreeMap<String, String>) -> Vec<String> {
-    history(task)
-        .iter()
-        .map(|h| h["outcome"].as_str().unwrap().to_string())
-        .collect()
+fn outcomes(task: &StoredTask) -> Vec<AttemptOutcome> {
+    task.history.iter().map(|h| h.outcome.clone()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,38 +50,59 @@ async fn failures_retry_with_backoff_and_end_failed_once_with_their_history() {
         .collect();
     env.submit(&bodies).await;
     let tasks = env.wait_terminal(&ids, WAIT).await;
-    let state = |id: &str| (tasks[id]["state"].as_str(), tasks[id]["attempt"].as_str());
+    let state = |id: &str| (tasks[id].state.as_str(), tasks[id].attempt);
 
     // Retryable failures are retried after a backoff of at most retry_cap_ms (1 s in tests).
-    assert_eq!(state("flaky"), ("succeeded", "3"));
-    assert_eq!(outcomes(&tasks["flaky"]), ["retry", "retry", "succeeded"]);
-    let h = history(&tasks["flaky"]);
+    assert_eq!(state("flaky"), ("succeeded", 3));
+    assert_eq!(
+        outcomes(&tasks["flaky"]),
+        [
+            AttemptOutcome::Retry,
+            AttemptOutcome::Retry,
+            AttemptOutcome::Succeeded
+        ]
+    );
+    let h = &tasks["flaky"].history;
     for pair in h.windows(2) {
-        let gap = pair[1]["started_ms"].as_u64().unwrap() - pair[0]["ended_ms"].as_u64().unwrap();
+        let gap = pair[1].started_ms - pair[0].ended_ms;
         assert!(gap <= 1_000 + 1_000, "retry waited {gap} ms");
     }
     // A permanent error is not retried.
-    assert_eq!(state("permanent"), ("failed", "1"));
-    assert_eq!(tasks["permanent"]["error"], "bad card");
+    assert_eq!(state("permanent"), ("failed", 1));
+    assert_eq!(tasks["permanent"].error.as_deref().unwrap(), "bad card");
     // Retries run out at max_attempts.
-    assert_eq!(state("exhausted"), ("failed", "3"));
-    assert_eq!(outcomes(&tasks["exhausted"]), ["retry", "retry", "failed"]);
+    assert_eq!(state("exhausted"), ("failed", 3));
+    assert_eq!(
+        outcomes(&tasks["exhausted"]),
+        [
+            AttemptOutcome::Retry,
+            AttemptOutcome::Retry,
+            AttemptOutcome::Failed
+        ]
+    );
     // A panic is caught and counted as a failed attempt; the worker lives on.
-    assert_eq!(state("panics"), ("failed", "2"));
+    assert_eq!(state("panics"), ("failed", 2));
     assert!(
-        tasks["panics"]["error"].contains("handler panicked: index out of range"),
+        tasks["panics"]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("handler panicked: index out of range"),
         "{:?}",
         tasks["panics"]
     );
     // The worker's own timeout ends the attempt well before the hard deadline.
-    assert_eq!(state("slow"), ("failed", "1"));
+    assert_eq!(state("slow"), ("failed", 1));
     assert!(
-        tasks["slow"]["error"].contains("timeout after 300 ms"),
+        tasks["slow"]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("timeout after 300 ms"),
         "{:?}",
         tasks["slow"]
     );
-    let took: u64 = tasks["slow"]["finished_ms"].parse::<u64>().unwrap()
-        - tasks["slow"]["first_started_ms"].parse::<u64>().unwrap();
+    let took: u64 = tasks["slow"].finished_ms.unwrap() - tasks["slow"].first_started_ms.unwrap();
     assert!(took < 1_300, "timeout took {took} ms");
 
     eventually(WAIT, "the resubmission consumed", || async {
@@ -97,12 +113,12 @@ async fn failures_retry_with_backoff_and_end_failed_once_with_their_history() {
     assert_eq!(made.len(), 1, "one task for one idempotency key: {made:?}");
     let order: Vec<String> = made.into_keys().collect();
     let order = env.wait_terminal(&order, WAIT).await;
-    assert!(order.values().all(|t| t["state"] == "succeeded"));
+    assert!(order.values().all(|t| t.state == State::Succeeded));
 
     // Every execution is an attempt; each failed task has one dead letter with its history.
     let runs = executions(&env, &["w1"]);
     for id in &ids {
-        let attempts: usize = tasks[id]["attempt"].parse().unwrap();
+        let attempts = tasks[id].attempt as usize;
         assert_eq!(runs.get(id).map_or(0, Vec::len), attempts, "{id}");
     }
     let dead = Topics::from_settings(&env.settings().topics).dead();
@@ -166,8 +182,8 @@ async fn a_task_redriven_before_its_dead_letter_is_written_gets_none() {
     let letters = env.read_topic(&dead, 1, WAIT).await;
     assert_eq!(letters[0].json()["id"], "b", "{:?}", letters[0].json());
     assert_eq!(
-        env.tasks(&["a".to_string()]).await["a"]["state"],
-        "pending",
+        env.tasks(&["a".to_string()]).await["a"].state,
+        State::Pending,
         "a is out for another round"
     );
 }

@@ -2,12 +2,14 @@
 //! published, tasks of a kind no worker handles, handlers that hang while heartbeating, and
 //! tasks at the size limit. None may crash a service, block a partition or lose another task.
 
+use fleet_common::store::AttemptOutcome;
+use fleet_common::task::State;
 use std::time::Duration;
 
 use fleet_common::wire::Envelope;
 use fleet_common::{Priority, Topics, kafka, task};
-use fleet_integration_tests::fleet::{executions, log_events, task_json};
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_testkit::fleet::{executions, log_events, task_json};
+use fleet_testkit::{TestEnv, eventually};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
@@ -85,7 +87,7 @@ async fn records_on_task_topics_fleet_did_not_publish_are_refused_and_the_rest_r
 
     let normal: Vec<String> = before.iter().chain(&after).cloned().collect();
     let tasks = env.wait_terminal(&normal, WAIT).await;
-    assert!(tasks.values().all(|t| t["state"] == "succeeded"));
+    assert!(tasks.values().all(|t| t.state == State::Succeeded));
     let runs = executions(&env, &["w1"]);
     for id in &normal {
         assert_eq!(runs.get(id).map_or(0, Vec::len), 1, "{id}");
@@ -94,12 +96,13 @@ async fn records_on_task_topics_fleet_did_not_publish_are_refused_and_the_rest_r
     // An unknown kind is caught by the worker: failed at once, no retries, a dead letter.
     let nokind = env.wait_terminal(&["nokind".into()], WAIT).await;
     let nokind = &nokind["nokind"];
-    assert_eq!(
-        (nokind["state"].as_str(), nokind["attempt"].as_str()),
-        ("failed", "1")
-    );
+    assert_eq!((nokind.state.as_str(), nokind.attempt), ("failed", 1));
     assert!(
-        nokind["error"].contains("no handler is registered for kind `no_such_kind`"),
+        nokind
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("no handler is registered for kind `no_such_kind`"),
         "{nokind:?}"
     );
     let dead = Topics::from_settings(&env.settings().topics).dead();
@@ -161,21 +164,23 @@ async fn a_hung_handler_that_still_heartbeats_is_stopped_at_its_hard_deadline() 
     .await;
     let hung = env.wait_terminal(&["hung".into()], WAIT).await;
     let hung = &hung["hung"];
-    assert_eq!(hung["state"], "failed");
-    assert!(hung["error"].contains("hard deadline"), "{hung:?}");
-    let started: u64 = hung["first_started_ms"].parse().unwrap();
-    let finished: u64 = hung["finished_ms"].parse().unwrap();
+    assert_eq!(hung.state, State::Failed);
+    assert!(
+        hung.error.as_deref().unwrap().contains("hard deadline"),
+        "{hung:?}"
+    );
+    let started: u64 = hung.first_started_ms.unwrap();
+    let finished: u64 = hung.finished_ms.unwrap();
     // Deadline = start + timeout 300 + grace 1000; the reaper scans every 500 ms.
     let took = finished - started;
     assert!((1_300..3_000).contains(&took), "stopped after {took} ms");
-    let history: serde_json::Value = serde_json::from_str(&hung["history"]).unwrap();
-    assert_eq!(history[0]["outcome"], "deadline");
+    assert_eq!(hung.history[0].outcome, AttemptOutcome::Deadline);
 
     // The worker keeps serving other tasks with one thread blocked.
     let (ids, bodies) = noop_ids("other", 20);
     env.submit(&bodies).await;
     let others = env.wait_terminal(&ids, WAIT).await;
-    assert!(others.values().all(|t| t["state"] == "succeeded"));
+    assert!(others.values().all(|t| t.state == State::Succeeded));
 
     // When the handler finally returns, its late result is fenced and changes nothing.
     eventually(WAIT, "the late completion fenced", || async {
@@ -186,7 +191,7 @@ async fn a_hung_handler_that_still_heartbeats_is_stopped_at_its_hard_deadline() 
     })
     .await;
     let hung = env.tasks(&["hung".into()]).await;
-    assert_eq!(hung["hung"]["state"], "failed");
+    assert_eq!(hung["hung"].state, State::Failed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,8 +217,8 @@ async fn a_task_at_the_size_limit_runs_and_topics_too_small_for_it_refuse_the_st
         .await
         .expect("the largest task is accepted by the broker");
     let big = env.wait_terminal(&["big".into()], WAIT).await;
-    assert_eq!(big["big"]["state"], "succeeded");
-    assert!(big["big"]["record"].len() >= limit - 100);
+    assert_eq!(big["big"].state, State::Succeeded);
+    assert!(big["big"].record.as_deref().unwrap().len() >= limit - 100);
 
     // Topics made for smaller records: the scheduler refuses to start and says why.
     let small = TestEnv::start("size-small");

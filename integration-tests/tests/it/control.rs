@@ -6,15 +6,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use fleet_common::Priority;
+use fleet_common::store::StoredTask;
 use fleet_common::store::{Cancel, Reprioritize, Selector};
 use fleet_common::task::State;
-use fleet_integration_tests::fleet::{executions, log_events, task_json};
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_testkit::fleet::{executions, log_events, task_json};
+use fleet_testkit::{TestEnv, eventually};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-type Tasks = HashMap<String, BTreeMap<String, String>>;
+type Tasks = HashMap<String, StoredTask>;
 
 /// Each task is in exactly one state index, and it is the state its hash holds.
 async fn assert_one_state_each(env: &TestEnv, tasks: &Tasks) {
@@ -33,7 +34,7 @@ async fn assert_one_state_each(env: &TestEnv, tasks: &Tasks) {
                 member_of.push(state.as_str());
             }
         }
-        assert_eq!(member_of, [task["state"].as_str()], "{id}");
+        assert_eq!(member_of, [task.state.as_str()], "{id}");
     }
 }
 
@@ -66,7 +67,7 @@ async fn cancel_stops_scheduled_running_and_stubborn_tasks_each_once() {
     .await;
     eventually(WAIT, "both sleepers running", || async {
         let t = env.tasks(&ids).await;
-        t.len() == 3 && t["polite"]["state"] == "running" && t["stubborn"]["state"] == "running"
+        t.len() == 3 && t["polite"].state == State::Running && t["stubborn"].state == State::Running
     })
     .await;
 
@@ -77,13 +78,13 @@ async fn cancel_stops_scheduled_running_and_stubborn_tasks_each_once() {
         answers,
         [Cancel::Cancelled, Cancel::Cancelling, Cancel::Cancelling]
     );
-    assert_eq!(env.tasks(&ids).await["later"]["state"], "cancelled");
+    assert_eq!(env.tasks(&ids).await["later"].state, State::Cancelled);
     // polite stops at its signal (next heartbeat, 1 s); stubborn is aborted after the 1 s
     // grace, checked at the heartbeat after that.
     let tasks = env.wait_terminal(&ids, Duration::from_secs(8)).await;
     let took = asked.elapsed();
     assert!(
-        tasks.values().all(|t| t["state"] == "cancelled"),
+        tasks.values().all(|t| t.state == State::Cancelled),
         "{tasks:?}"
     );
     assert!(took < Duration::from_secs(5), "cancel took {took:?}");
@@ -121,7 +122,7 @@ async fn cancel_stops_scheduled_running_and_stubborn_tasks_each_once() {
     env.submit(&[task_json("after", "noop", "normal", json!(null))])
         .await;
     let after = env.wait_terminal(&["after".into()], WAIT).await;
-    assert_eq!(after["after"]["state"], "succeeded");
+    assert_eq!(after["after"].state, State::Succeeded);
     assert!(worker.is_running());
 }
 
@@ -159,7 +160,7 @@ async fn cancels_racing_completions_end_each_task_once_as_the_answer_said() {
     let tasks = env.wait_terminal(&ids, WAIT).await;
     let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
     for id in &ids {
-        let state = tasks[id]["state"].as_str();
+        let state = tasks[id].state.as_str();
         match answers[id] {
             Cancel::Cancelled | Cancel::Cancelling => {
                 assert_eq!(state, "cancelled", "{id}: answered {:?}", answers[id]);
@@ -203,7 +204,7 @@ async fn paused_queue_and_priority_hold_their_tasks_until_resumed_and_moved_task
         env.tasks(&["long".into()])
             .await
             .get("long")
-            .is_some_and(|t| t["state"] == "running")
+            .is_some_and(|t| t.state == State::Running)
     })
     .await;
     store
@@ -230,16 +231,20 @@ async fn paused_queue_and_priority_hold_their_tasks_until_resumed_and_moved_task
     }
     env.submit(&bodies).await;
     let others = env.wait_terminal(&other_ids, WAIT).await;
-    assert!(others.values().all(|t| t["state"] == "succeeded"));
+    assert!(others.values().all(|t| t.state == State::Succeeded));
     let long = env.wait_terminal(&["long".into()], WAIT).await;
-    assert_eq!(long["long"]["state"], "succeeded", "running work finishes");
+    assert_eq!(
+        long["long"].state,
+        State::Succeeded,
+        "running work finishes"
+    );
     eventually(WAIT, "every paused task held", || async {
         store.held_count().await.unwrap() == 30
     })
     .await;
     let waiting: Vec<String> = report_ids.iter().chain(&low_ids).cloned().collect();
     let held = env.tasks(&waiting).await;
-    assert!(held.values().all(|t| t["state"] == "pending"), "{held:?}");
+    assert!(held.values().all(|t| t.state == State::Pending), "{held:?}");
 
     // Five low tasks move to high and run while low stays paused.
     for id in &low_ids[..5] {
@@ -249,9 +254,12 @@ async fn paused_queue_and_priority_hold_their_tasks_until_resumed_and_moved_task
         );
     }
     let moved = env.wait_terminal(&low_ids[..5], WAIT).await;
-    assert!(moved.values().all(|t| t["state"] == "succeeded"));
+    assert!(moved.values().all(|t| t.state == State::Succeeded));
     let still = env.tasks(&low_ids[5..]).await;
-    assert!(still.values().all(|t| t["state"] == "pending"), "{still:?}");
+    assert!(
+        still.values().all(|t| t.state == State::Pending),
+        "{still:?}"
+    );
 
     assert_eq!(
         store
@@ -274,7 +282,7 @@ async fn paused_queue_and_priority_hold_their_tasks_until_resumed_and_moved_task
         .chain(["long".to_string()])
         .collect();
     let tasks = env.wait_terminal(&all, WAIT).await;
-    assert!(tasks.values().all(|t| t["state"] == "succeeded"));
+    assert!(tasks.values().all(|t| t.state == State::Succeeded));
     assert_eq!(store.held_count().await.unwrap(), 0);
     assert_one_state_each(&env, &tasks).await;
     let runs = executions(&env, &["w1"]);
@@ -314,13 +322,16 @@ async fn tasks_left_held_by_a_resume_cut_short_are_sent_on_by_the_relay() {
     env.lift_pause_only(&store, &reports).await;
 
     let done = env.wait_terminal(&report_ids, WAIT).await;
-    assert!(done.values().all(|t| t["state"] == "succeeded"), "{done:?}");
+    assert!(
+        done.values().all(|t| t.state == State::Succeeded),
+        "{done:?}"
+    );
     assert_one_state_each(&env, &done).await;
     let runs = executions(&env, &["w1"]);
     assert!(report_ids.iter().all(|id| runs_of(&runs, id) == 1));
     // The queue still paused keeps its tasks held and unstarted.
     assert_eq!(store.held_count().await.unwrap(), 150);
     let held = env.tasks(&audit_ids).await;
-    assert!(held.values().all(|t| t["state"] == "pending"), "{held:?}");
+    assert!(held.values().all(|t| t.state == State::Pending), "{held:?}");
     assert!(audit_ids.iter().all(|id| runs_of(&runs, id) == 0));
 }

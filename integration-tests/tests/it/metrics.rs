@@ -1,13 +1,14 @@
 //! Every service serves Prometheus metrics, and every metric the Grafana dashboard in
 //! `deploy/grafana/` queries is one a service really exports.
 
+use fleet_common::task::State;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_integration_tests::fleet::log_events;
-use fleet_integration_tests::http::request;
-use fleet_integration_tests::{TestEnv, eventually, free_ports, workspace_root};
+use fleet_testkit::fleet::log_events;
+use fleet_testkit::http::request;
+use fleet_testkit::{TestEnv, eventually, free_ports, workspace_root};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -79,7 +80,7 @@ async fn every_service_exports_the_metrics_the_grafana_dashboard_uses() {
         env.tasks(&["nap".into()])
             .await
             .get("nap")
-            .is_some_and(|t| t["state"] == "running")
+            .is_some_and(|t| t.state == State::Running)
     })
     .await;
     env.store().await.cancel(&["nap".into()]).await.unwrap();
@@ -193,12 +194,12 @@ async fn a_cancelled_handler_that_outlives_its_abort_is_counted_once() {
         env.tasks(&hog)
             .await
             .get("hog")
-            .is_some_and(|t| t["state"] == "running")
+            .is_some_and(|t| t.state == State::Running)
     })
     .await;
     env.store().await.cancel(&hog).await.unwrap();
     let ended = env.wait_terminal(&hog, WAIT).await;
-    assert_eq!(ended["hog"]["state"], "cancelled");
+    assert_eq!(ended["hog"].state, State::Cancelled);
 
     // Its one end is counted once, with the handler's whole run as its duration.
     let page = || async { request(addr, "GET", "/metrics", None, None).await.body };

@@ -4,14 +4,15 @@
 //! stall bound says so (`/readyz`, metric, log) and the group is repaired; every task runs
 //! once, within the documented bound.
 
+use fleet_common::task::State;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fleet_common::membership::stall_bound;
-use fleet_integration_tests::fleet::{executions, log_events};
-use fleet_integration_tests::http::request;
-use fleet_integration_tests::{ManagedProcess, TestEnv, eventually, free_ports};
+use fleet_testkit::fleet::{executions, log_events};
+use fleet_testkit::http::request;
+use fleet_testkit::{ManagedProcess, TestEnv, eventually, free_ports};
 
 /// What docs/operations.md promises after every member of a group restarted at once: the stall bound,
 /// the repair, and a new group's first assignment.
@@ -68,8 +69,8 @@ async fn each_ran_once(env: &TestEnv, ids: &[String], workers: &[String]) {
     let tasks = env.tasks(ids).await;
     assert_eq!(tasks.len(), ids.len(), "every task is in Redis");
     for id in ids {
-        assert_eq!(tasks[id]["state"], "succeeded", "{id}: {:?}", tasks[id]);
-        assert_eq!(tasks[id]["attempt"], "1", "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id].state, State::Succeeded, "{id}: {:?}", tasks[id]);
+        assert_eq!(tasks[id].attempt, 1, "{id}: {:?}", tasks[id]);
     }
     let names: Vec<&str> = workers.iter().map(String::as_str).collect();
     let runs = executions(env, &names);
@@ -194,7 +195,7 @@ async fn a_group_whose_leader_left_last_is_repaired_and_every_task_runs_once() {
                     return true;
                 }
                 let tasks = env.tasks(&after).await;
-                tasks.len() == after.len() && tasks.values().all(|t| t["state"] == "succeeded")
+                tasks.len() == after.len() && tasks.values().all(|t| t.state == State::Succeeded)
             },
         )
         .await;

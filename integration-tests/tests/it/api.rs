@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_integration_tests::http::{Response, SpanSink, request, send_raw};
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_testkit::http::{Response, SpanSink, request, send_raw};
+use fleet_testkit::{TestEnv, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -579,7 +579,7 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
     let tasks = env.wait_terminal(&ids, WAIT).await;
 
     let started = |id: &str| -> String {
-        fleet_integration_tests::fleet::log_events(&env, &["w1"])
+        fleet_testkit::fleet::log_events(&env, &["w1"])
             .into_iter()
             .find(|e| e["message"] == "Handler started." && e["task_id"] == id)
             .map(|e| e["trace_id"].as_str().unwrap_or_default().to_string())
@@ -593,8 +593,20 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
         32,
         "a new trace for an untraced submission"
     );
-    assert!(tasks["untraced"]["trace"].contains(&generated));
-    assert!(tasks["via-http"]["trace"].contains(http_trace));
+    assert!(
+        tasks["untraced"]
+            .trace
+            .as_deref()
+            .unwrap()
+            .contains(&generated)
+    );
+    assert!(
+        tasks["via-http"]
+            .trace
+            .as_deref()
+            .unwrap()
+            .contains(http_trace)
+    );
 
     // Exported spans form one trace per task across services: the client's span → accept
     // (scheduler) → publish (scheduler) → task (worker).

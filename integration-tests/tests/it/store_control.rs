@@ -4,26 +4,23 @@
 
 use fleet_common::Priority;
 use fleet_common::store::{
-    Cancel, Claim, Completion, Outcome, Reprioritize, Requeue, Selector, Store, keys,
+    AttemptOutcome, Cancel, Claim, Completion, Outcome, Reprioritize, Requeue, Selector, Store,
+    StoredTask, keys,
 };
 use fleet_common::task::State;
-use fleet_integration_tests::TestEnv;
+use fleet_testkit::TestEnv;
 
-async fn field(store: &Store, id: &str, name: &str) -> String {
-    store.task(id).await.unwrap().unwrap().fields()[name].clone()
+async fn task(store: &Store, id: &str) -> StoredTask {
+    store.task(id).await.unwrap().unwrap()
 }
 
 fn ids(names: &[&str]) -> Vec<String> {
     names.iter().map(ToString::to_string).collect()
 }
 
-fn history(json: &str) -> Vec<serde_json::Value> {
-    serde_json::from_str(json).unwrap()
-}
-
 #[tokio::test]
 async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report() {
-    let env = TestEnv::start("cancel-store");
+    let env = TestEnv::redis_only("cancel-store");
     let store = env
         .store_with(&[
             r#"{"id":"p","kind":"noop"}"#,
@@ -90,7 +87,7 @@ async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report
         store.complete("w", &[(("r", 1), &ok)]).await.unwrap(),
         [Completion::Already]
     );
-    assert_eq!(field(&store, "r", "state").await, "cancelled");
+    assert_eq!(task(&store, "r").await.state, State::Cancelled);
     assert_eq!(
         store.cancel(&ids(&["r"])).await.unwrap(),
         [Cancel::Ended(State::Cancelled)]
@@ -107,14 +104,14 @@ async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report
             (State::Cancelled, 3)
         ]
     );
-    let h = history(&field(&store, "r", "history").await);
+    let h = task(&store, "r").await.history;
     assert_eq!(h.len(), 1);
-    assert_eq!(h[0]["outcome"], "cancelled");
+    assert_eq!(h[0].outcome, AttemptOutcome::Cancelled);
 }
 
 #[tokio::test]
 async fn a_cancel_after_the_completion_loses_and_a_cancel_before_a_hand_back_or_expiry_wins() {
-    let env = TestEnv::start("cancel-race");
+    let env = TestEnv::redis_only("cancel-race");
     let store = env
         .store_with(&[
             r#"{"id":"a","kind":"noop"}"#,
@@ -146,7 +143,7 @@ async fn a_cancel_after_the_completion_loses_and_a_cancel_before_a_hand_back_or_
         [Requeue::Cancelled("c".into())]
     );
     for id in ["b", "c"] {
-        assert_eq!(field(&store, id, "state").await, "cancelled", "{id}");
+        assert_eq!(task(&store, id).await.state, State::Cancelled, "{id}");
     }
     assert!(
         store.take_due(10).await.unwrap().is_empty(),
@@ -156,7 +153,7 @@ async fn a_cancel_after_the_completion_loses_and_a_cancel_before_a_hand_back_or_
 
 #[tokio::test]
 async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
-    let env = TestEnv::start("pause-store");
+    let env = TestEnv::redis_only("pause-store");
     let store = env
         .store_with(&[
             r#"{"id":"q1","kind":"noop","queue":"reports"}"#,
@@ -191,7 +188,7 @@ async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
         [Claim::Held, Claim::Held, Claim::Claimed]
     );
     assert_eq!(store.held_count().await.unwrap(), 2);
-    assert_eq!(field(&store, "q1", "state").await, "pending");
+    assert_eq!(task(&store, "q1").await.state, State::Pending);
 
     // q2 stays held while its priority is paused, although its queue resumed.
     assert_eq!(
@@ -217,7 +214,7 @@ async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
         .map(|d| (d.id, d.attempt))
         .collect();
     assert_eq!(due, [("q1".to_string(), 2)]);
-    assert_eq!(field(&store, "q1", "released").await, "1");
+    assert_eq!(task(&store, "q1").await.released, Some(1));
     assert_eq!(
         store.claim("w", 3_000, &[("q1", 1)]).await.unwrap(),
         [Claim::Stale]
@@ -234,7 +231,7 @@ async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
         Reprioritize::Moved
     );
     let record: serde_json::Value =
-        serde_json::from_str(&field(&store, "q2", "record").await).unwrap();
+        serde_json::from_str(task(&store, "q2").await.record.as_deref().unwrap()).unwrap();
     assert_eq!(record["priority"], "critical");
     assert_eq!(
         store.claim("w", 3_000, &[("q2", 1)]).await.unwrap(),
@@ -282,7 +279,7 @@ async fn paused_tasks_are_held_at_claim_and_published_again_on_resume() {
 
 #[tokio::test]
 async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_timeout() {
-    let env = TestEnv::start("deadline-store");
+    let env = TestEnv::redis_only("deadline-store");
     let store = env
         .store_with(&[
             r#"{"id":"t","kind":"block","timeout_ms":200,"max_attempts":2}"#,
@@ -307,8 +304,8 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
             s as u64
         }
     };
-    let deadline: u64 = field(&store, "t", "deadline_ms").await.parse().unwrap();
-    let started: u64 = field(&store, "t", "started_ms").await.parse().unwrap();
+    let deadline = task(&store, "t").await.deadline_ms.unwrap();
+    let started = task(&store, "t").await.started_ms.unwrap();
     // timeout 200 ms + grace 1000 ms (test settings)
     assert_eq!(deadline - started, 1_200);
     assert_eq!(score("t").await, deadline, "lease capped at the deadline");
@@ -329,14 +326,15 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
     let requeued = store.requeue(&expired).await.unwrap();
     assert!(matches!(&requeued[0], Requeue::Requeued(d) if d.attempt == 2));
     assert!(
-        field(&store, "t", "last_error")
+        task(&store, "t")
             .await
-            .contains("hard deadline")
+            .last_error
+            .is_some_and(|e| e.contains("hard deadline"))
     );
-    let h = history(&field(&store, "t", "history").await);
+    let h = task(&store, "t").await.history;
     assert_eq!(
-        (h[0]["attempt"].as_u64(), h[0]["outcome"].as_str()),
-        (Some(1), Some("deadline"))
+        (h[0].attempt, &h[0].outcome),
+        (1, &AttemptOutcome::Deadline)
     );
     // The hung attempt's late result is fenced.
     let ok = Outcome::Ok("1".into());
@@ -347,36 +345,34 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
 
     // Attempt 2 keeps the first start, gets a deadline of its own, and its success removes the
     // deadline and extends the history.
-    let first_started = field(&store, "t", "first_started_ms").await;
+    let first_started = task(&store, "t").await.first_started_ms;
     assert_eq!(
         store.claim("w2", 60_000, &[("t", 2)]).await.unwrap(),
         [Claim::Claimed]
     );
-    assert_eq!(field(&store, "t", "first_started_ms").await, first_started);
-    let deadline2: u64 = field(&store, "t", "deadline_ms").await.parse().unwrap();
+    assert_eq!(task(&store, "t").await.first_started_ms, first_started);
+    let deadline2 = task(&store, "t").await.deadline_ms.unwrap();
     assert!(deadline2 > deadline);
     assert_eq!(
         store.complete("w2", &[(("t", 2), &ok)]).await.unwrap(),
         [Completion::Succeeded]
     );
-    let fields = store.task("t").await.unwrap().unwrap().fields();
-    assert!(!fields.contains_key("deadline_ms"), "{fields:?}");
+    let t = task(&store, "t").await;
+    assert_eq!(t.deadline_ms, None, "{t:?}");
     // A later start keeps the first; the last change is the ending, in the task and the list.
-    let ms = |name: &str| fields[name].parse::<u64>().unwrap();
-    assert_eq!(fields["first_started_ms"], first_started, "{fields:?}");
-    assert!(ms("started_ms") >= ms("first_started_ms"), "{fields:?}");
-    assert_eq!(fields["updated_ms"], fields["finished_ms"], "{fields:?}");
+    assert_eq!(t.first_started_ms, first_started, "{t:?}");
+    assert!(t.started_ms >= t.first_started_ms, "{t:?}");
+    assert_eq!(Some(t.updated_ms), t.finished_ms, "{t:?}");
     let page = store.list(&Default::default(), None, 10).await.unwrap();
     let listed = page.tasks.iter().find(|t| t.id == "t").unwrap();
-    assert_eq!(listed.updated_ms.to_string(), fields["finished_ms"]);
-    let h = history(&fields["history"]);
-    let ends: Vec<_> = h
-        .iter()
-        .map(|e| (e["attempt"].as_u64(), e["outcome"].as_str()))
-        .collect();
+    assert_eq!(Some(listed.updated_ms), t.finished_ms);
+    let ends: Vec<_> = t.history.iter().map(|e| (e.attempt, &e.outcome)).collect();
     assert_eq!(
         ends,
-        [(Some(1), Some("deadline")), (Some(2), Some("succeeded"))]
+        [
+            (1, &AttemptOutcome::Deadline),
+            (2, &AttemptOutcome::Succeeded)
+        ]
     );
 }
 
@@ -384,7 +380,7 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
 /// tasks) leaves them held; running it again publishes them, and a third run finds nothing.
 #[tokio::test]
 async fn a_resume_cut_short_is_finished_by_running_it_again() {
-    let env = TestEnv::start("resume-again");
+    let env = TestEnv::redis_only("resume-again");
     let store = env
         .store_with(&[r#"{"id":"h","kind":"noop","queue":"reports"}"#])
         .await;
@@ -402,12 +398,12 @@ async fn a_resume_cut_short_is_finished_by_running_it_again() {
     assert_eq!(store.resume(&reports).await.unwrap(), 1, "published again");
     assert_eq!(store.held_count().await.unwrap(), 0);
     assert_eq!(store.resume(&reports).await.unwrap(), 0, "nothing left");
-    assert_eq!(field(&store, "h", "state").await, "pending");
+    assert_eq!(task(&store, "h").await.state, State::Pending);
 }
 
 #[tokio::test]
 async fn the_held_sweep_walks_the_held_set_and_sends_on_only_what_nothing_pauses() {
-    let env = TestEnv::start("held-sweep");
+    let env = TestEnv::redis_only("held-sweep");
     let store = env.store().await;
     let ids = ["a1", "a2", "r1", "r2", "r3"];
     let tasks: Vec<_> = ids
@@ -447,11 +443,11 @@ async fn the_held_sweep_walks_the_held_set_and_sends_on_only_what_nothing_pauses
     assert_eq!(store.sweep_held(0, 0).await.unwrap(), (0, 0));
     assert_eq!(store.held_count().await.unwrap(), 2);
     for id in ["r1", "r2", "r3"] {
-        assert_eq!(field(&store, id, "state").await, "pending");
+        assert_eq!(task(&store, id).await.state, State::Pending);
         // The held message is consumed; the next attempt (2) is in the outbox.
-        assert_eq!(field(&store, id, "attempt").await, "1");
+        assert_eq!(task(&store, id).await.attempt, 1);
     }
-    assert_eq!(field(&store, "a1", "attempt").await, "0");
+    assert_eq!(task(&store, "a1").await.attempt, 0);
     assert_eq!(
         store.resume(&reports).await.unwrap(),
         0,
@@ -460,7 +456,7 @@ async fn the_held_sweep_walks_the_held_set_and_sends_on_only_what_nothing_pauses
     // A resume that listed r1 before the sweep sent it on: r1 is no longer held, so it is
     // not sent on (nor its attempt bumped) a second time.
     assert_eq!(store.unhold(&["r1".to_string()]).await.unwrap(), 0);
-    assert_eq!(field(&store, "r1", "attempt").await, "1", "sent on once");
+    assert_eq!(task(&store, "r1").await.attempt, 1, "sent on once");
     assert_eq!(store.resume(&audit).await.unwrap(), 2);
     assert_eq!(store.held_count().await.unwrap(), 0);
 }

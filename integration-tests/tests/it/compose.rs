@@ -9,12 +9,12 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use fleet_common::settings::TaskSettings;
-use fleet_common::store::{self, Keys, Store};
+use fleet_common::store::{self, Keys, Store, StoredTask};
 
-use crate::http;
+use fleet_testkit::http;
 
 /// The API token the test stacks use.
-pub const TOKEN: &str = "container-test-token-0123456789";
+pub(crate) const TOKEN: &str = "container-test-token-0123456789";
 
 /// Timings short enough for tests: 3 s leases, 1 s heartbeats, a 5 s drain.
 const TEST_ENV: [(&str, &str); 8] = [
@@ -30,7 +30,7 @@ const TEST_ENV: [(&str, &str); 8] = [
 
 /// Panics with the reason when no Docker engine answers or an image is missing: the test
 /// command runs the container tests only where an engine answers, after building the images.
-pub fn require_docker() {
+pub(crate) fn require_docker() {
     let info = Command::new("docker")
         .args(["info", "--format", "{{.ServerVersion}}"])
         .output();
@@ -52,7 +52,7 @@ pub fn require_docker() {
 
 /// One compose project.
 #[derive(Debug)]
-pub struct Compose {
+pub(crate) struct Compose {
     project: String,
     env: Vec<(String, String)>,
     logs: PathBuf,
@@ -61,10 +61,10 @@ pub struct Compose {
 impl Compose {
     /// `up -d` with `workers` worker replicas and `extra` variables; waits until every service
     /// container reports healthy.
-    pub async fn up(name: &str, workers: usize, extra: &[(&str, &str)]) -> Self {
+    pub(crate) async fn up(name: &str, workers: usize, extra: &[(&str, &str)]) -> Self {
         require_docker();
         let project = format!("fleet-it-{name}-{}", std::process::id());
-        let logs = crate::state_dir().join(&project);
+        let logs = fleet_testkit::state_dir().join(&project);
         std::fs::create_dir_all(&logs).expect("log dir");
         let mut env: Vec<(String, String)> = TEST_ENV
             .iter()
@@ -78,8 +78,8 @@ impl Compose {
     }
 
     /// Runs `docker-compose -p <project> -f deploy/docker-compose.yml <args>`.
-    pub fn run(&self, args: &[&str]) -> Output {
-        let file = crate::workspace_root().join("deploy/docker-compose.yml");
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
+        let file = fleet_testkit::workspace_root().join("deploy/docker-compose.yml");
         let mut command = Command::new("docker-compose");
         command
             .arg("-p")
@@ -94,7 +94,7 @@ impl Compose {
     }
 
     /// Like [`Compose::run`], panicking with its output when it fails; returns stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
             out.status.success(),
@@ -106,7 +106,7 @@ impl Compose {
     }
 
     /// The containers of `service`, by id.
-    pub fn containers(&self, service: &str) -> Vec<String> {
+    pub(crate) fn containers(&self, service: &str) -> Vec<String> {
         self.ok(&["ps", "-q", service])
             .lines()
             .map(str::trim)
@@ -116,12 +116,12 @@ impl Compose {
     }
 
     /// The network `name` of this project (`kafka` or `redis`).
-    pub fn network(&self, name: &str) -> String {
+    pub(crate) fn network(&self, name: &str) -> String {
         format!("{}_{name}", self.project.replace('.', ""))
     }
 
     /// Where the host reaches `service`'s container port (replica `index`, from 1).
-    pub fn port(&self, service: &str, index: usize, port: u16) -> SocketAddr {
+    pub(crate) fn port(&self, service: &str, index: usize, port: u16) -> SocketAddr {
         let out = self.ok(&[
             "port",
             &format!("--index={index}"),
@@ -134,12 +134,12 @@ impl Compose {
     }
 
     /// The scheduler's API (first replica).
-    pub fn api(&self) -> SocketAddr {
+    pub(crate) fn api(&self) -> SocketAddr {
         self.port("scheduler", 1, 8080)
     }
 
     /// A store on the stack's Redis, through its published port.
-    pub async fn store(&self) -> Store {
+    pub(crate) async fn store(&self) -> Store {
         let url = format!("redis://{}", self.port("redis", 1, 6379));
         let settings = fleet_common::settings::RedisSettings {
             url: fleet_common::settings::Secret::new(url),
@@ -154,7 +154,7 @@ impl Compose {
     }
 
     /// Submits `tasks` (JSON objects) through the API, 500 per request.
-    pub async fn submit(&self, tasks: &[serde_json::Value]) {
+    pub(crate) async fn submit(&self, tasks: &[serde_json::Value]) {
         let api = self.api();
         for chunk in tasks.chunks(500) {
             let body = serde_json::Value::Array(chunk.to_vec()).to_string();
@@ -166,7 +166,7 @@ impl Compose {
 
     /// Submits `tasks` on the submit topic with `fleetctl submit` inside a worker container
     /// (the broker is reachable only on the stack's network).
-    pub fn submit_on_topic(&self, tasks: &[serde_json::Value]) {
+    pub(crate) fn submit_on_topic(&self, tasks: &[serde_json::Value]) {
         use std::io::Write;
         let worker = self
             .containers("worker")
@@ -196,7 +196,7 @@ impl Compose {
     }
 
     /// Every container's health (`healthy`, `starting`, `unhealthy`, or `none`) and state.
-    pub fn health(&self) -> BTreeMap<String, (String, String)> {
+    pub(crate) fn health(&self) -> BTreeMap<String, (String, String)> {
         let ids = self.ok(&["ps", "-q"]);
         let mut out = BTreeMap::new();
         for id in ids.lines().filter(|l| !l.trim().is_empty()) {
@@ -226,8 +226,8 @@ impl Compose {
 
     /// Waits until every running container with a health check is healthy (the one-shot
     /// topic job has exited by then).
-    pub async fn wait_healthy(&self, deadline: Duration) {
-        crate::eventually(deadline, "every container healthy", || async {
+    pub(crate) async fn wait_healthy(&self, deadline: Duration) {
+        fleet_testkit::eventually(deadline, "every container healthy", || async {
             let health = self.health();
             !health.is_empty()
                 && health.iter().all(|(name, (state, health))| {
@@ -239,7 +239,7 @@ impl Compose {
     }
 
     /// The worker id (`<hostname>-<pid>`) prefix of a container: its hostname.
-    pub fn hostname(&self, container: &str) -> String {
+    pub(crate) fn hostname(&self, container: &str) -> String {
         docker(&["inspect", "-f", "{{.Config.Hostname}}", container])
             .trim()
             .to_string()
@@ -247,7 +247,7 @@ impl Compose {
 }
 
 /// Runs `docker <args>` and returns stdout, panicking when it fails.
-pub fn docker(args: &[&str]) -> String {
+pub(crate) fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
         .output()
@@ -261,7 +261,7 @@ pub fn docker(args: &[&str]) -> String {
 }
 
 /// A container's log (services log to stderr).
-pub fn container_logs(container: &str) -> String {
+pub(crate) fn container_logs(container: &str) -> String {
     let out = Command::new("docker")
         .args(["logs", container])
         .output()
@@ -273,12 +273,12 @@ pub fn container_logs(container: &str) -> String {
     )
 }
 
-/// Each task's fields as text by name, read from Redis.
-pub async fn tasks(store: &Store, ids: &[String]) -> HashMap<String, BTreeMap<String, String>> {
+/// Every listed task as Redis holds it (missing tasks are absent from the map).
+pub(crate) async fn tasks(store: &Store, ids: &[String]) -> HashMap<String, StoredTask> {
     let mut out = HashMap::new();
     for id in ids {
-        if let Some(fields) = store.task(id).await.expect("read a task") {
-            out.insert(id.clone(), fields.fields());
+        if let Some(task) = store.task(id).await.expect("read a task") {
+            out.insert(id.clone(), task);
         }
     }
     out

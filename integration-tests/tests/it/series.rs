@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleet_common::store::series::{KEEP_MS, SLOT_MS};
-use fleet_integration_tests::http::{Response, request};
-use fleet_integration_tests::{TestEnv, eventually};
+use fleet_testkit::http::{Response, request};
+use fleet_testkit::{TestEnv, eventually};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
