@@ -36,6 +36,18 @@ pub enum Drain {
     Unclean,
 }
 
+impl Drain {
+    /// `Clean` only if both steps of a drain were.
+    #[must_use]
+    pub fn and(self, other: Drain) -> Drain {
+        if self == Drain::Clean && other == Drain::Clean {
+            Drain::Clean
+        } else {
+            Drain::Unclean
+        }
+    }
+}
+
 /// A set of named background tasks that live until `token` is cancelled.
 ///
 /// If any task ends on its own (early return or error) the token is cancelled so the rest wind

@@ -1,6 +1,7 @@
 //! The claim loop: claims buffered deliveries in one Redis call per batch, starts the
 //! claimed ones, refuses records that cannot run, and stores the batch's offsets.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,55 +10,91 @@ use fleet_common::store::{Claim, Store, new_call_id};
 use fleet_common::wire::Envelope;
 use fleet_common::{kafka, membership, wire};
 use rdkafka::producer::FutureProducer;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{Delivery, Finished, Shared, execute};
 use crate::handler::Registry;
 
-/// Takes deliveries as slots free up, claims them in one call per batch, starts the claimed
-/// ones, and stores the batch's offsets once the claim has answered.
-pub(super) async fn claim_loop(
-    shared: Arc<Shared>,
-    consumer: Arc<membership::GroupConsumer>,
-    store: Store,
-    registry: Arc<Registry>,
-    done: mpsc::UnboundedSender<Finished>,
-    refuser: Refuser,
-    token: CancellationToken,
-) {
-    let lease_ms = shared.settings.lease.lease_ms;
-    let batch_limit = shared.settings.worker.claim_batch;
-    loop {
+/// What the claim loop works with; built once by the worker.
+pub(super) struct Claimer {
+    pub(super) shared: Arc<Shared>,
+    pub(super) consumer: Arc<membership::GroupConsumer>,
+    pub(super) store: Store,
+    pub(super) registry: Arc<Registry>,
+    pub(super) done: mpsc::UnboundedSender<Finished>,
+    pub(super) refuser: Refuser,
+}
+
+impl Claimer {
+    /// The claim loop: one batch after another until `token` is cancelled.
+    pub(super) async fn run(self, token: CancellationToken) {
+        while self.claim_next_batch(&token).await.is_continue() {}
+    }
+
+    /// One batch: waits for a free slot and buffered work, claims as many deliveries as
+    /// there are free slots in one call, starts the claimed ones, refuses those that cannot
+    /// run, and stores the batch's offsets once the claim has answered. Breaks on shutdown.
+    async fn claim_next_batch(&self, token: &CancellationToken) -> ControlFlow<()> {
+        let Some(mut slots) = self.free_slots(token).await else {
+            return ControlFlow::Break(());
+        };
+        let picked = self.pick(&mut slots);
+        let Some(claims) = self.claim(&picked, token).await else {
+            return ControlFlow::Break(());
+        };
+        let refused = self.start_claimed(&picked, claims, &mut slots);
+        // Refused records must be on the rejected topic before their offsets are stored.
+        if !refuse(&self.shared, &self.store, &self.refuser, &refused, token).await {
+            return ControlFlow::Break(()); // nothing of this batch is stored; claims are in Redis
+        }
+        drop(slots); // unused slots go back
+        self.store_offsets(&picked);
+        ControlFlow::Continue(())
+    }
+
+    /// Waits for a free slot and for buffered work, then takes every other free slot up to
+    /// `worker.claim_batch`. `None` on shutdown.
+    async fn free_slots(&self, token: &CancellationToken) -> Option<Vec<OwnedSemaphorePermit>> {
+        let shared = &self.shared;
         let first = tokio::select! {
-            () = token.cancelled() => return,
-            permit = shared.slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+            () = token.cancelled() => return None,
+            permit = shared.slots.clone().acquire_owned() => permit.ok()?,
         };
         while shared.buffers().is_empty() {
             tokio::select! {
-                () = token.cancelled() => return,
+                () = token.cancelled() => return None,
                 () = shared.work_ready.notified() => {}
             }
         }
         let mut slots = vec![first];
-        while slots.len() < batch_limit {
+        while slots.len() < shared.settings.worker.claim_batch {
             match shared.slots.clone().try_acquire_owned() {
                 Ok(p) => slots.push(p),
                 Err(_) => break,
             }
         }
+        Some(slots)
+    }
+
+    /// Picks up to one delivery per slot from the buffers (by priority weight), and gives
+    /// back the slots left over.
+    fn pick(&self, slots: &mut Vec<OwnedSemaphorePermit>) -> Vec<Delivery> {
         let picked: Vec<Delivery> = {
-            let mut buffers = shared.buffers();
+            let mut buffers = self.shared.buffers();
             std::iter::from_fn(|| buffers.pick())
                 .take(slots.len())
                 .collect()
         };
         slots.truncate(picked.len());
+        picked
+    }
 
+    /// Claims the attempts of the picked deliveries that parsed, in one Redis call (repeated
+    /// until it answers). `None` on shutdown.
+    async fn claim(&self, picked: &[Delivery], token: &CancellationToken) -> Option<Vec<Claim>> {
+        let shared = &self.shared;
         let attempts: Vec<(&str, u32)> = picked
             .iter()
             .filter_map(|d| {
@@ -70,90 +107,81 @@ pub(super) async fn claim_loop(
         // One id for the call and its retries: a retry answers `Owned` for what a try whose
         // reply was lost had claimed.
         let call = new_call_id();
-        let Some(claims) = keep_trying(&token, "claiming tasks", || {
-            store.claim_call(&shared.worker_id, lease_ms, &call, &attempts)
+        let lease_ms = shared.settings.lease.lease_ms;
+        let claims = keep_trying(token, "claiming tasks", || {
+            self.store
+                .claim_call(&shared.worker_id, lease_ms, &call, &attempts)
         })
-        .await
-        else {
+        .await;
+        if claims.is_none() {
             // Shutting down after a failed call, which may still have claimed them (a lost
-            // reply): the hand-back releases them too. Nothing of this batch is stored.
+            // reply): the hand-back releases them too.
             shared.unanswered().extend(
                 attempts
                     .iter()
                     .map(|(id, attempt)| (Arc::from(*id), *attempt)),
             );
-            return;
-        };
+        }
+        claims
+    }
+
+    /// Starts the claimed deliveries, each with one of `slots`, and returns those that cannot
+    /// run; duplicates, stale attempts and held tasks are skipped.
+    fn start_claimed<'a>(
+        &self,
+        picked: &'a [Delivery],
+        claims: Vec<Claim>,
+        slots: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Vec<Refusal<'a>> {
+        let shared = &self.shared;
         let mut claims = claims.into_iter();
-        let mut refused: Vec<Refusal<'_>> = Vec::new();
+        let mut refused = Vec::new();
         let mut launches = Vec::with_capacity(picked.len());
         // The batch's log lines ("Handler started." above all) go out in a few writes, all
         // before any of its handlers is spawned: an execution is never without its line.
         fleet_common::telemetry::batched(|| {
-            for delivery in &picked {
-                match &delivery.envelope {
-                    Err(err) => refused.push(Refusal {
-                        delivery,
-                        code: "invalid_envelope",
-                        reason: err.to_string(),
-                        payload: delivery.raw.clone(),
-                    }),
-                    Ok(envelope) => match owned_as_claimed(
-                        &shared,
+            for delivery in picked {
+                let envelope = match &delivery.envelope {
+                    Ok(envelope) => envelope,
+                    Err(err) => {
+                        refused.push(Refusal {
+                            delivery,
+                            code: "invalid_envelope",
+                            reason: err.to_string(),
+                            payload: delivery.raw.clone(),
+                        });
+                        continue;
+                    }
+                };
+                let claim =
+                    owned_as_claimed(shared, envelope, claims.next().unwrap_or(Claim::Unknown));
+                if claim == Claim::Claimed {
+                    let slot = slots.pop().expect("one slot per picked delivery");
+                    launches.push(execute::prepare(
+                        shared,
+                        &self.registry,
                         envelope,
-                        claims.next().unwrap_or(Claim::Unknown),
-                    ) {
-                        Claim::Claimed => {
-                            let slot = slots.pop().expect("one slot per picked delivery");
-                            launches.push(execute::prepare(
-                                &shared,
-                                &registry,
-                                envelope,
-                                (delivery.published_ms, delivery.trace.as_ref()),
-                                slot,
-                                done.clone(),
-                            ));
-                        }
-                        Claim::Future => refused.push(Refusal {
-                            delivery,
-                            code: "future_attempt",
-                            reason: format!(
-                                "task {} has no dispatch of attempt {}: not published by Fleet",
-                                envelope.task.id, envelope.attempt
-                            ),
-                            payload: Some(envelope.to_json().into_bytes()),
-                        }),
-                        Claim::Unknown => refused.push(Refusal {
-                            delivery,
-                            code: "unknown_task",
-                            reason: format!("task {} is not in Redis", envelope.task.id),
-                            payload: Some(envelope.to_json().into_bytes()),
-                        }),
-                        Claim::Held => debug!(
-                            task_id = %envelope.task.id, attempt = envelope.attempt,
-                            "Queue or priority paused; task held until resumed."
-                        ),
-                        other => debug!(
-                            task_id = %envelope.task.id, attempt = envelope.attempt, claim = other.as_str(),
-                            "Duplicate or stale delivery skipped."
-                        ),
-                    },
+                        (delivery.published_ms, delivery.trace.as_ref()),
+                        slot,
+                        self.done.clone(),
+                    ));
+                } else if let Some(refusal) = refusal(delivery, envelope, claim) {
+                    refused.push(refusal);
                 }
             }
         });
         for launch in launches {
-            launch.spawn(&shared);
+            launch.spawn(shared);
         }
-        // Refused records must be on the rejected topic before their offsets are stored.
-        if !refuse(&shared, &store, &refuser, &refused, &token).await {
-            return; // shutting down: nothing of this batch is stored; claims are in Redis
-        }
-        drop(slots); // unused slots go back
-        // Only the batch's last offset of each partition is stored: picks keep every
-        // partition in offset order, so it covers the ones before it, with one librdkafka
-        // call (and topic lookup) per partition instead of one per record.
+        refused
+    }
+
+    /// Stores the batch's last offset of each partition: picks keep every partition in offset
+    /// order, so it covers the ones before it, with one librdkafka call (and topic lookup) per
+    /// partition instead of one per record.
+    fn store_offsets(&self, picked: &[Delivery]) {
         let mut last: Vec<(usize, i32, i64)> = Vec::new();
-        for delivery in &picked {
+        for delivery in picked {
             let (topic, partition) = (delivery.priority.index(), delivery.partition);
             match last
                 .iter_mut()
@@ -164,12 +192,51 @@ pub(super) async fn claim_loop(
             }
         }
         for (topic, partition, offset) in last {
-            let topic = &shared.topic_names[topic];
-            if let Err(err) = kafka::store_handled(&*consumer, topic, partition, offset) {
+            let topic = &self.shared.topic_names[topic];
+            if let Err(err) = kafka::store_handled(&*self.consumer, topic, partition, offset) {
                 debug!(error = %err, "Offset not stored (partition revoked).");
             }
         }
     }
+}
+
+/// Why a delivery whose attempt was not claimed cannot run, if it is a record to refuse
+/// (not published by Fleet, or of a task Redis does not hold); a held task, a duplicate or a
+/// stale attempt is only logged.
+fn refusal<'a>(delivery: &'a Delivery, envelope: &Envelope, claim: Claim) -> Option<Refusal<'a>> {
+    let (code, reason) = match claim {
+        Claim::Future => (
+            "future_attempt",
+            format!(
+                "task {} has no dispatch of attempt {}: not published by Fleet",
+                envelope.task.id, envelope.attempt
+            ),
+        ),
+        Claim::Unknown => (
+            "unknown_task",
+            format!("task {} is not in Redis", envelope.task.id),
+        ),
+        Claim::Held => {
+            debug!(
+                task_id = %envelope.task.id, attempt = envelope.attempt,
+                "Queue or priority paused; task held until resumed."
+            );
+            return None;
+        }
+        other => {
+            debug!(
+                task_id = %envelope.task.id, attempt = envelope.attempt, claim = other.as_str(),
+                "Duplicate or stale delivery skipped."
+            );
+            return None;
+        }
+    };
+    Some(Refusal {
+        delivery,
+        code,
+        reason,
+        payload: Some(envelope.to_json().into_bytes()),
+    })
 }
 
 /// `claim`, with an attempt claimed by a try of this call whose reply was lost taken as

@@ -11,14 +11,14 @@ use fleet_common::store::{Completion, Outcome, Store};
 use fleet_common::trace::TraceParent;
 use fleet_common::wire::Envelope;
 use futures::FutureExt;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use super::{Finished, Running, Shared};
-use crate::handler::{HandlerError, Registry, TaskContext};
+use crate::handler::{Handler, HandlerError, Registry, TaskContext};
+use crate::settings::WorkerSettings;
 
 /// A claimed attempt whose start is logged and recorded, and whose handler is ready to spawn.
 pub(super) struct Launch<F> {
@@ -40,7 +40,7 @@ impl<F: Future<Output = ()> + Send + 'static> Launch<F> {
 }
 
 /// Logs the start of a claimed attempt, records it as running, and returns its handler ready
-/// to spawn. The caller spawns it only once the log line is out (see `claim_loop`).
+/// to spawn. The caller spawns it only once the log line is out (see `Claimer`).
 pub(super) fn prepare(
     shared: &Arc<Shared>,
     registry: &Registry,
@@ -53,58 +53,24 @@ pub(super) fn prepare(
     let metrics = shared.metrics.task(&task.kind, task.priority);
     metrics.started();
     if let Some(published) = published_ms {
-        // From the envelope's publication to the start of its handler.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let wait_ms = (now - published).max(0) as u64;
-        shared
-            .metrics
-            .queue_wait(task.priority)
-            .record(wait_ms as f64 / 1000.0);
-        shared
-            .waits()
-            .record(now as u64, &task.queue, task.priority, wait_ms);
+        record_queue_wait(shared, envelope, published);
     }
     let id: Arc<str> = task.id.as_str().into();
     let attempt = envelope.attempt;
     let cancel = CancellationToken::new();
-    let payload: Arc<RawValue> = Arc::from(task.payload.clone());
     let ctx = TaskContext::new(
         id.clone(),
         attempt,
         Arc::clone(&metrics.kind),
         shared.worker_id.clone(),
-        payload,
+        Arc::from(task.payload.clone()),
         cancel.clone(),
     );
-    let handler = registry.get(&task.kind);
-    let timeout = match task.timeout_ms {
-        0 => None,
-        ms => Some(Duration::from_millis(ms)),
-    };
-    // For the retry delay; the settings are shared, not copied per task.
-    let settings = Arc::clone(&shared.settings);
-    // The handler's span: its logs carry the task, the attempt, the worker and the trace of
-    // the request that created the task.
-    let trace_id = trace.map_or("", TraceParent::trace_id);
-    // The attempt's own span in the task's trace, exported when OTLP export is on.
-    let attempt_span = trace.filter(|_| otlp::enabled()).map(TraceParent::child);
-    let worker_id = shared.worker_id.clone();
-    let start_ns = otlp::now_ns();
-    // Fields are passed as `&str`, not with `%`: a string is written as it is, where a
-    // `Display` value goes through the formatting machinery (one span and one line per task).
-    let span = {
-        let (task_id, kind, worker) = (&*id, task.kind.as_str(), &*shared.worker_id);
-        // The line carries the span's fields itself, so it is logged outside the span: the
-        // JSON layer would otherwise write each field twice.
-        info!(parent: None, task_id, attempt, kind, worker_id = worker, trace_id, "Handler started.");
-        tracing::info_span!("task", task_id, attempt, kind, worker_id = worker, trace_id)
-    };
-    let progress = ctx.progress_slot();
+    let span = log_start(shared, &id, attempt, &task.kind, trace);
     let started = Instant::now();
-    let older = shared.running().insert(
-        id.clone(),
+    register(
+        shared,
+        &id,
         Running {
             attempt,
             cancel: cancel.clone(),
@@ -112,89 +78,38 @@ pub(super) fn prepare(
             started,
             lost: false,
             cancelled_at: None,
-            progress,
+            progress: ctx.progress_slot(),
             metrics: Arc::clone(&metrics),
             _slot: slot,
         },
     );
-    if let Some(older) = older {
-        // Redis gave the task a newer attempt, and this worker claimed it, while the older one
-        // still ran here (its lease lapsed while Redis was out of reach, before a heartbeat
-        // could tell). The older one is fenced: it stops now rather than run beside this one.
-        warn!(
-            task_id = &*id,
-            attempt = older.attempt,
-            worker_id = &*shared.worker_id,
-            "A newer attempt was claimed; stopping this one's handler."
-        );
-        fleet_common::telemetry::metrics::leases_lost().increment(1);
-        older.cancel.cancel();
-        if let Some(handler) = &older.handler {
-            handler.abort();
-        }
-    }
 
+    let call = HandlerCall {
+        handler: registry.get(&task.kind),
+        timeout: match task.timeout_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
+        cancel,
+        // For the retry delay; the settings are shared, not copied per task.
+        settings: Arc::clone(&shared.settings),
+    };
+    // The attempt's own span in the task's trace, exported when OTLP export is on.
+    let exported = trace
+        .filter(|_| otlp::enabled())
+        .map(|trace| (trace.child(), otlp::now_ns(), shared.worker_id.clone()));
     let task_id = id.clone();
     let run = async move {
-        let run = async {
-            let Some(handler) = handler else {
-                return Err(HandlerError::permanent(format!(
-                    "no handler is registered for kind `{}`",
-                    ctx.kind
-                )));
-            };
-            match timeout {
-                None => handler.call(ctx).await,
-                Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        cancel.cancel();
-                        Err(HandlerError::retryable(format!(
-                            "timeout after {} ms",
-                            limit.as_millis()
-                        )))
-                    }
-                },
-            }
-        };
-        let outcome = match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(Ok(value)) => Outcome::Ok(value.to_string()),
-            Ok(Err(err)) if err.retryable => Outcome::Retry {
-                error: clip(err.message),
-                delay_ms: settings
-                    .tasks
-                    .retry_delay_ms(attempt, rand::random::<f64>()),
-            },
-            Ok(Err(err)) => Outcome::Fail(clip(err.message)),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(ToString::to_string)
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Outcome::Retry {
-                    error: clip(format!("handler panicked: {message}")),
-                    delay_ms: settings
-                        .tasks
-                        .retry_delay_ms(attempt, rand::random::<f64>()),
-                }
-            }
-        };
-        if let Some(span) = &attempt_span {
-            let (name, error) = match &outcome {
-                Outcome::Ok(_) => ("succeeded", None),
-                Outcome::Retry { error, .. } => ("retry", Some(error.clone())),
-                Outcome::Fail(error) => ("failed", Some(error.clone())),
-                Outcome::Cancelled => ("cancelled", None),
-            };
-            let mut exported = otlp::Span::of("task", otlp::SpanKind::Consumer, span, start_ns)
-                .attr("task_id", &task_id)
-                .attr("attempt", attempt)
-                .attr("kind", &metrics.kind)
-                .attr("worker_id", &worker_id)
-                .attr("outcome", name);
-            exported.error = error;
-            otlp::record(exported);
+        let outcome = call.run(ctx, attempt).await;
+        if let Some((span, start_ns, worker_id)) = exported {
+            export_attempt(
+                span,
+                start_ns,
+                (&task_id, attempt),
+                &metrics.kind,
+                &worker_id,
+                &outcome,
+            );
         }
         let _ = done.send(Finished {
             id: task_id,
@@ -206,6 +121,144 @@ pub(super) fn prepare(
     }
     .instrument(span);
     Launch { id, attempt, run }
+}
+
+/// Records how long the attempt waited from its envelope's publication to its start, in the
+/// metrics and the dashboard's series.
+fn record_queue_wait(shared: &Shared, envelope: &Envelope, published_ms: i64) {
+    let task = &envelope.task;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let wait_ms = (now - published_ms).max(0) as u64;
+    shared
+        .metrics
+        .queue_wait(task.priority)
+        .record(wait_ms as f64 / 1000.0);
+    shared
+        .waits()
+        .record(now as u64, &task.queue, task.priority, wait_ms);
+}
+
+/// Logs "Handler started." and returns the handler's span: its logs carry the task, the
+/// attempt, the worker and the trace of the request that created the task.
+fn log_start(
+    shared: &Shared,
+    task_id: &str,
+    attempt: u32,
+    kind: &str,
+    trace: Option<&TraceParent>,
+) -> tracing::Span {
+    let trace_id = trace.map_or("", TraceParent::trace_id);
+    let worker = &*shared.worker_id;
+    // Fields are passed as `&str`, not with `%`: a string is written as it is, where a
+    // `Display` value goes through the formatting machinery (one span and one line per task).
+    // The line carries the span's fields itself, so it is logged outside the span: the JSON
+    // layer would otherwise write each field twice.
+    info!(parent: None, task_id, attempt, kind, worker_id = worker, trace_id, "Handler started.");
+    tracing::info_span!("task", task_id, attempt, kind, worker_id = worker, trace_id)
+}
+
+/// Records the attempt as running. An older attempt of the same task still running here is
+/// fenced and stopped: Redis gave the task a newer attempt, and this worker claimed it, while
+/// the older one ran (its lease lapsed while Redis was out of reach, before a heartbeat could
+/// tell), and it must not run beside the new one.
+fn register(shared: &Shared, id: &Arc<str>, running: Running) {
+    let Some(older) = shared.running().insert(id.clone(), running) else {
+        return;
+    };
+    warn!(
+        task_id = &**id,
+        attempt = older.attempt,
+        worker_id = &*shared.worker_id,
+        "A newer attempt was claimed; stopping this one's handler."
+    );
+    fleet_common::telemetry::metrics::leases_lost().increment(1);
+    older.cancel.cancel();
+    if let Some(handler) = &older.handler {
+        handler.abort();
+    }
+}
+
+/// A handler to call for one attempt, with what turns its end into an [`Outcome`].
+struct HandlerCall {
+    handler: Option<Arc<dyn Handler>>,
+    timeout: Option<Duration>,
+    cancel: CancellationToken,
+    settings: Arc<WorkerSettings>,
+}
+
+impl HandlerCall {
+    /// Runs the handler to its outcome: its value, a retry (a retryable error, a timeout or a
+    /// panic, after the backoff of `attempt`) or a failure (a permanent error, no handler).
+    async fn run(self, ctx: TaskContext, attempt: u32) -> Outcome {
+        let run = async {
+            let Some(handler) = self.handler else {
+                return Err(HandlerError::permanent(format!(
+                    "no handler is registered for kind `{}`",
+                    ctx.kind
+                )));
+            };
+            match self.timeout {
+                None => handler.call(ctx).await,
+                Some(limit) => match tokio::time::timeout(limit, handler.call(ctx)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.cancel.cancel();
+                        Err(HandlerError::retryable(format!(
+                            "timeout after {} ms",
+                            limit.as_millis()
+                        )))
+                    }
+                },
+            }
+        };
+        let retry = |error: String| Outcome::Retry {
+            error: clip(error),
+            delay_ms: self
+                .settings
+                .tasks
+                .retry_delay_ms(attempt, rand::random::<f64>()),
+        };
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(value)) => Outcome::Ok(value.to_string()),
+            Ok(Err(err)) if err.retryable => retry(err.message),
+            Ok(Err(err)) => Outcome::Fail(clip(err.message)),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(ToString::to_string)
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                retry(format!("handler panicked: {message}"))
+            }
+        }
+    }
+}
+
+/// Exports the attempt's span, named for how it ended.
+fn export_attempt(
+    span: TraceParent,
+    start_ns: u64,
+    (task_id, attempt): (&str, u32),
+    kind: &str,
+    worker_id: &str,
+    outcome: &Outcome,
+) {
+    let (name, error) = match outcome {
+        Outcome::Ok(_) => ("succeeded", None),
+        Outcome::Retry { error, .. } => ("retry", Some(error.clone())),
+        Outcome::Fail(error) => ("failed", Some(error.clone())),
+        Outcome::Cancelled => ("cancelled", None),
+    };
+    let mut exported = otlp::Span::of("task", otlp::SpanKind::Consumer, &span, start_ns)
+        .attr("task_id", task_id)
+        .attr("attempt", attempt)
+        .attr("kind", kind)
+        .attr("worker_id", worker_id)
+        .attr("outcome", name);
+    exported.error = error;
+    otlp::record(exported);
 }
 
 /// Most bytes of a handler's error message that are recorded.

@@ -85,35 +85,67 @@ pub(super) fn spawn(
     }
 }
 
+/// The heartbeat loop: one [`Keeper::beat`] per heartbeat interval until `token` is cancelled.
 async fn keep_leases(
     shared: Arc<Shared>,
     kinds: String,
     done: mpsc::UnboundedSender<Finished>,
     token: CancellationToken,
 ) {
+    let Some(store) = connect(&shared, &token).await else {
+        return;
+    };
+    let info = worker_info(&shared, kinds);
+    let mut keeper = Keeper {
+        shared,
+        store,
+        done,
+        info,
+        last_ok: Instant::now(),
+    };
+    let mut tick = tokio::time::interval(keeper.shared.settings.lease.heartbeat());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => {
+                flush_waits(&keeper.shared, &keeper.store).await;
+                return;
+            }
+            _ = tick.tick() => {}
+        }
+        keeper.beat().await;
+    }
+}
+
+/// The lease keeper's own Redis connection, retried every second until it connects. `None` on
+/// shutdown.
+async fn connect(shared: &Shared, token: &CancellationToken) -> Option<Store> {
     let settings = &shared.settings;
-    let store = loop {
+    loop {
         match store::connect(&settings.redis).await {
             Ok(conn) => {
-                break Store::new(
+                return Some(Store::new(
                     conn,
                     store::Keys::new(&settings.redis.key_prefix),
                     &settings.tasks,
-                );
+                ));
             }
             Err(err) => {
                 warn!(error = %err, "Lease keeper cannot reach Redis yet.");
                 tokio::select! {
-                    () = token.cancelled() => return,
+                    () = token.cancelled() => return None,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         }
-    };
-    let started_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut info = WorkerInfo {
+    }
+}
+
+/// What the worker tells about itself with every heartbeat (its partitions are filled in at
+/// each beat).
+fn worker_info(shared: &Shared, kinds: String) -> WorkerInfo {
+    let settings = &shared.settings;
+    WorkerInfo {
         host: crate::settings::host_name().unwrap_or_default(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -122,33 +154,73 @@ async fn keep_leases(
         kinds,
         // Queues share the priority topics, so every worker serves every queue.
         queues: vec!["*".to_string()],
-        started_ms,
+        started_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         partitions: Default::default(),
-    };
-    let lease = settings.lease.lease();
-    let mut last_ok = Instant::now();
-    let mut tick = tokio::time::interval(settings.lease.heartbeat());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = token.cancelled() => {
-                flush_waits(&shared, &store).await;
-                return;
+    }
+}
+
+/// A running attempt as the heartbeat reports it: id, attempt, and progress since the last.
+type Reported = (Arc<str>, u32, Option<Progress>);
+
+/// The lease keeper's state between heartbeats.
+struct Keeper {
+    shared: Arc<Shared>,
+    store: Store,
+    done: mpsc::UnboundedSender<Finished>,
+    info: WorkerInfo,
+    /// When a heartbeat last succeeded.
+    last_ok: Instant,
+}
+
+impl Keeper {
+    /// One heartbeat: aborts handlers lost at the previous beat and cancelled ones past their
+    /// grace, extends every running attempt's lease in one call with its progress and the
+    /// worker's info, then signals the handlers Redis answered cancelled or lost.
+    async fn beat(&mut self) {
+        abort_lost(&self.shared);
+        abort_cancelled(&self.shared, &self.done);
+        let reported = self.running_now();
+        let beats: Vec<store::Beat<'_>> = reported
+            .iter()
+            .map(|(id, a, p)| {
+                (
+                    &**id,
+                    *a,
+                    p.as_ref().map(|p| (p.percent, p.message.as_str())),
+                )
+            })
+            .collect();
+        self.info.partitions = Priority::ALL
+            .into_iter()
+            .zip(self.shared.assignment().iter())
+            .map(|(p, owned)| (p.as_str().to_string(), owned.clone()))
+            .collect();
+        let info = serde_json::to_string(&self.info).unwrap_or_default();
+        let settings = &self.shared.settings;
+        match self
+            .store
+            .extend(
+                &self.shared.worker_id,
+                settings.lease.lease_ms,
+                &info,
+                &beats,
+            )
+            .await
+        {
+            Ok(answer) => {
+                self.last_ok = Instant::now();
+                flush_waits(&self.shared, &self.store).await;
+                self.signal(&reported, &answer);
             }
-            _ = tick.tick() => {}
+            Err(err) => self.heartbeat_failed(&err),
         }
-        // Handlers whose lease was lost at the previous beat and that have not stopped yet.
-        shared.running().retain(|id, entry| {
-            if entry.lost {
-                if let Some(handler) = &entry.handler {
-                    handler.abort();
-                }
-                warn!(task_id = %id, attempt = entry.attempt, "Handler aborted after losing its lease.");
-            }
-            !entry.lost
-        });
-        abort_cancelled(&shared, &done);
-        let snapshot: Vec<(Arc<str>, u32, Option<Progress>)> = shared
+    }
+
+    /// Every running attempt, with the progress its handler reported since the last beat.
+    fn running_now(&self) -> Vec<Reported> {
+        self.shared
             .running()
             .iter()
             .map(|(id, entry)| {
@@ -159,76 +231,68 @@ async fn keep_leases(
                     .take();
                 (id.clone(), entry.attempt, progress)
             })
-            .collect();
-        let refs: Vec<store::Beat<'_>> = snapshot
-            .iter()
-            .map(|(id, a, p)| {
-                (
-                    &**id,
-                    *a,
-                    p.as_ref().map(|p| (p.percent, p.message.as_str())),
-                )
-            })
-            .collect();
-        info.partitions = Priority::ALL
-            .into_iter()
-            .zip(shared.assignment().iter())
-            .map(|(p, owned)| (p.as_str().to_string(), owned.clone()))
-            .collect();
-        let info_text = serde_json::to_string(&info).unwrap_or_default();
-        match store
-            .extend(
-                &shared.worker_id,
-                settings.lease.lease_ms,
-                &info_text,
-                &refs,
-            )
-            .await
-        {
-            Ok(beat) => {
-                last_ok = Instant::now();
-                flush_waits(&shared, &store).await;
-                let mut running = shared.running();
-                for position in beat.cancel {
-                    let (id, attempt, _) = &snapshot[position];
-                    if let Some(entry) = running.get_mut(id)
-                        && entry.attempt == *attempt
-                        && entry.cancelled_at.is_none()
-                    {
-                        info!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task cancelled; signalling its handler.");
-                        entry.cancel.cancel();
-                        entry.cancelled_at = Some(Instant::now());
-                    }
-                }
-                for position in beat.lost {
-                    let (id, attempt, _) = &snapshot[position];
-                    if let Some(entry) = running.get_mut(id)
-                        && entry.attempt == *attempt
-                    {
-                        warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Lease lost; stopping the handler.");
-                        fleet_common::telemetry::metrics::leases_lost().increment(1);
-                        entry.cancel.cancel();
-                        entry.lost = true;
-                    }
-                }
+            .collect()
+    }
+
+    /// Tells the handlers of cancelled tasks to stop (once), and stops those whose lease is
+    /// lost; positions in `answer` index `reported`.
+    fn signal(&self, reported: &[Reported], answer: &store::Heartbeat) {
+        let shared = &self.shared;
+        let mut running = shared.running();
+        for &position in &answer.cancel {
+            let (id, attempt, _) = &reported[position];
+            if let Some(entry) = running.get_mut(id)
+                && entry.attempt == *attempt
+                && entry.cancelled_at.is_none()
+            {
+                info!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task cancelled; signalling its handler.");
+                entry.cancel.cancel();
+                entry.cancelled_at = Some(Instant::now());
             }
-            Err(err) => {
-                warn!(error = %err, "Heartbeat failed.");
-                if last_ok.elapsed() > lease {
-                    // Every lease has expired by now: stop all handlers rather than run as a
-                    // zombie whose results will be fenced anyway.
-                    let mut running = shared.running();
-                    for (id, entry) in running.iter_mut() {
-                        if !entry.lost {
-                            warn!(task_id = %id, attempt = entry.attempt, "No heartbeat for a whole lease; stopping the handler.");
-                            entry.cancel.cancel();
-                            entry.lost = true;
-                        }
-                    }
-                }
+        }
+        for &position in &answer.lost {
+            let (id, attempt, _) = &reported[position];
+            if let Some(entry) = running.get_mut(id)
+                && entry.attempt == *attempt
+            {
+                warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Lease lost; stopping the handler.");
+                fleet_common::telemetry::metrics::leases_lost().increment(1);
+                entry.cancel.cancel();
+                entry.lost = true;
             }
         }
     }
+
+    /// After a whole lease without a heartbeat every lease has expired: stops all handlers
+    /// rather than run as a zombie whose results will be fenced anyway.
+    fn heartbeat_failed(&self, err: &store::StoreError) {
+        warn!(error = %err, "Heartbeat failed.");
+        if self.last_ok.elapsed() <= self.shared.settings.lease.lease() {
+            return;
+        }
+        let mut running = self.shared.running();
+        for (id, entry) in running.iter_mut() {
+            if !entry.lost {
+                warn!(task_id = %id, attempt = entry.attempt, "No heartbeat for a whole lease; stopping the handler.");
+                entry.cancel.cancel();
+                entry.lost = true;
+            }
+        }
+    }
+}
+
+/// Aborts the handlers whose lease was lost at the previous beat and that have not stopped
+/// since.
+fn abort_lost(shared: &Shared) {
+    shared.running().retain(|id, entry| {
+        if entry.lost {
+            if let Some(handler) = &entry.handler {
+                handler.abort();
+            }
+            warn!(task_id = %id, attempt = entry.attempt, "Handler aborted after losing its lease.");
+        }
+        !entry.lost
+    });
 }
 
 /// Aborts the handlers of cancelled tasks that outlived the cancel grace period. Each attempt's

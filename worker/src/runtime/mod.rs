@@ -20,6 +20,7 @@
 
 mod buffers;
 mod claim;
+mod drain;
 mod execute;
 mod lease;
 mod poll;
@@ -27,14 +28,14 @@ mod task_metrics;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fleet_common::ops::{self, Readiness};
 use fleet_common::shutdown::Drain;
 use fleet_common::store::series::WaitSample;
 use fleet_common::store::{self, Store, StoreError};
 use fleet_common::{Priority, Topics, kafka, membership};
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -170,103 +171,33 @@ impl Worker {
     pub async fn run(self, token: CancellationToken) -> Result<Drain, WorkerError> {
         let settings = self.settings;
         let worker_id: Arc<str> = settings.worker.worker_id().into();
-        let mut conn = store::connect(&settings.redis).await?;
-        let keys = store::Keys::new(&settings.redis.key_prefix);
-        store::check_schema(&mut conn, &keys, "fleet-worker").await?;
-        let store = Store::new(conn, keys, &settings.tasks);
-
+        let store = connect_store(&settings).await?;
+        let consumer = Arc::new(join_group(&settings, &worker_id, &token).await?);
         let topics = Topics::from_settings(&settings.topics);
-        let mut config =
-            kafka::consumer_config(&settings.kafka, &settings.worker.group_id, &worker_id);
-        if !settings.kafka.client.contains_key(ASSIGNMENT_STRATEGY) {
-            config.set(ASSIGNMENT_STRATEGY, "roundrobin");
-        }
-        if !settings.worker.group_instance_id.is_empty() {
-            config.set("group.instance.id", &settings.worker.group_instance_id);
-        }
-        let group = &settings.worker.group_id;
-        let consumer = membership::consumer(config, group)?;
-        let topic_names = Priority::ALL.map(|p| topics.tasks(p));
-        let subscription: Vec<&str> = topic_names.iter().map(String::as_str).collect();
-        let jitter = settings.worker.join_jitter();
-        tracing::debug!(
-            jitter_ms = jitter.as_millis() as u64,
-            "waiting before joining the group"
-        );
-        tokio::select! {
-            () = tokio::time::sleep(jitter) => {}
-            () = token.cancelled() => {}
-        }
-        consumer.subscribe(&subscription)?;
-        let consumer = Arc::new(consumer);
+        let shared = Arc::new(Shared::new(worker_id.clone(), settings.clone(), &topics));
         let readiness = Readiness::default();
         let watcher = tokio::spawn(membership::watch(
             consumer.clone(),
             membership::Watch {
                 kafka: settings.kafka.clone(),
-                group: group.clone(),
-                topics: topic_names.to_vec(),
+                group: settings.worker.group_id.clone(),
+                topics: shared.topic_names.to_vec(),
                 member: worker_id.to_string(),
                 store: store.clone(),
                 readiness: readiness.clone(),
             },
             token.child_token(),
         ));
-
-        let concurrency = settings.worker.concurrency;
-        let shared = Arc::new(Shared {
-            worker_id: worker_id.clone(),
-            settings: settings.clone(),
-            topic_names,
-            running: Mutex::new(HashMap::new()),
-            unanswered: Mutex::new(Vec::new()),
-            assignment: Mutex::new(Default::default()),
-            buffers: Mutex::new(Buffers::new(
-                settings.worker.priority_weights,
-                settings.worker.strict_priority,
-            )),
-            work_ready: Notify::new(),
-            slots: Arc::new(Semaphore::new(concurrency)),
-            metrics: task_metrics::MetricsCache::new(),
-            waits: Mutex::default(),
-        });
         info!(
-            worker_id = %worker_id, group = %settings.worker.group_id, concurrency,
+            worker_id = %worker_id, group = %settings.worker.group_id,
+            concurrency = settings.worker.concurrency,
             kinds = ?self.registry.kinds(), "Worker started."
         );
-
-        let fetch = token.child_token();
-        let lease_token = CancellationToken::new();
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let lease_keeper = lease::spawn(
-            shared.clone(),
-            self.registry.kinds().join(","),
-            done_tx.clone(),
-            lease_token.clone(),
-        );
-        let completer = tokio::spawn(execute::complete_loop(
-            shared.clone(),
-            store.clone(),
-            done_rx,
-        ));
-        let poller = tokio::spawn(poll::poll_loop(
-            shared.clone(),
-            consumer.clone(),
-            fetch.clone(),
-        ));
         let refuser = claim::Refuser {
             producer: kafka::producer_config(&settings.kafka, &worker_id).create()?,
             topic: topics.rejected(),
         };
-        let claimer = tokio::spawn(claim::claim_loop(
-            shared.clone(),
-            consumer.clone(),
-            store.clone(),
-            self.registry.clone(),
-            done_tx,
-            refuser,
-            fetch.clone(),
-        ));
+        let loops = Loops::start(&shared, &consumer, &store, &self.registry, refuser, &token);
 
         // Health, readiness and metrics; the listener stops when the worker is told to stop,
         // and is joined at the end of the drain.
@@ -284,142 +215,138 @@ impl Worker {
         let mut outcome = Drain::Clean;
         tokio::select! {
             () = token.cancelled() => {}
-            _ = lease_keeper.finished() => {
+            _ = loops.lease_keeper.finished() => {
                 warn!("The lease keeper stopped; shutting the worker down.");
                 outcome = Drain::Unclean;
             }
         }
-        fetch.cancel();
         readiness.set(false);
         watcher.abort();
-        info!(
-            running = shared.running().len(),
-            "Draining: no new tasks are started."
-        );
-        for task in [poller, claimer] {
-            if let Err(err) = task.await {
-                warn!(error = %err, "A worker loop ended abnormally.");
-                outcome = Drain::Unclean;
-            }
-        }
-        let dropped = shared.buffers().clear();
-        if dropped > 0 {
-            info!(
-                dropped,
-                "Unclaimed buffered deliveries left for the next owner of their partitions."
-            );
-        }
-        leave_group(consumer, &shared).await;
-
-        // Let running handlers finish within the grace period (their leases are still kept),
-        // then hand the rest back.
-        let grace = settings.worker.shutdown_grace();
-        let deadline = Instant::now() + grace;
-        while !shared.running().is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        lease_token.cancel();
-        lease_keeper.join().await;
-        if !hand_back(&shared, &store).await {
-            outcome = Drain::Unclean;
-        }
-
-        // Every outcome is recorded before the worker exits. Past one lease it no longer
-        // matters: the reaper requeues what was not recorded by then.
-        let lease = settings.lease.lease();
-        match tokio::time::timeout(lease, completer).await {
-            Ok(Ok(())) => {}
-            _ => {
-                warn!("Some completions could not be recorded before exit.");
-                outcome = Drain::Unclean;
-            }
-        }
-        if let Some((_, server)) = http {
-            match tokio::time::timeout(lease, server).await {
-                Ok(Ok(Ok(()))) => {}
-                _ => {
-                    warn!("The HTTP listener did not stop cleanly.");
-                    outcome = Drain::Unclean;
-                }
-            }
-        }
+        let drained = drain::drain(loops, consumer, &shared, &store).await;
+        let http_stopped = drain::stop_http(http, settings.lease.lease()).await;
+        let outcome = outcome.and(drained).and(http_stopped);
         info!(?outcome, "Worker stopped.");
         Ok(outcome)
     }
 }
 
-/// Commits the stored offsets and leaves the consumer group, as soon as the drain starts.
-///
-/// Offsets are stored once a record's claim is in Redis, so committing them does not wait on
-/// outcomes, and every record left unclaimed is read again by the next owner. Leaving at once
-/// matters: a draining worker no longer polls its consumer, and under the eager protocol every
-/// member must rejoin a rebalance, so staying in the group would hold up every other worker's
-/// rebalance (the next replica of a rolling deploy, say) until this drain ended.
-async fn leave_group(consumer: Arc<membership::GroupConsumer>, shared: &Shared) {
-    if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last auto-commit, or the group is rebalancing: the next
-        // owner re-reads at most the claimed deliveries, which claim as duplicates.
-        info!(error = %err, "Final offset commit skipped.");
-    }
-    consumer.unsubscribe();
-    // Heartbeats stop offering this worker's partitions to the relay and the reaper.
-    *shared.assignment() = Default::default();
-    // Closing serves the group's callbacks until it has left; it blocks, so off the runtime.
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-    info!("Left the consumer group; draining the running tasks.");
-}
-
-/// Cancels and aborts the handlers it holds when dropped.
-struct StopOnDrop(Vec<(Arc<str>, Running)>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        for (_, entry) in &self.0 {
-            entry.cancel.cancel();
-            if let Some(handler) = &entry.handler {
-                handler.abort();
-            }
+impl Shared {
+    fn new(worker_id: Arc<str>, settings: Arc<WorkerSettings>, topics: &Topics) -> Self {
+        Self {
+            worker_id,
+            topic_names: Priority::ALL.map(|p| topics.tasks(p)),
+            running: Mutex::new(HashMap::new()),
+            unanswered: Mutex::new(Vec::new()),
+            assignment: Mutex::new(Default::default()),
+            buffers: Mutex::new(Buffers::new(
+                settings.worker.priority_weights,
+                settings.worker.strict_priority,
+            )),
+            work_ready: Notify::new(),
+            slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
+            metrics: task_metrics::MetricsCache::new(),
+            waits: Mutex::default(),
+            settings,
         }
     }
 }
 
-/// Releases the tasks still running at the end of the grace period in Redis for immediate
-/// redelivery elsewhere, then stops their handlers; also takes this worker out of the live set.
-async fn hand_back(shared: &Shared, store: &Store) -> bool {
-    let entries: Vec<(Arc<str>, Running)> = shared.running().drain().collect();
-    let remaining: Vec<(Arc<str>, u32)> = entries
-        .iter()
-        .map(|(id, entry)| (id.clone(), entry.attempt))
-        .collect();
-    // Release first, stop the handlers after: a handler stopped earlier could report its
-    // interruption as a failed attempt before the hand-back reached Redis. Once released,
-    // whatever they report is fenced.
-    let _stop = StopOnDrop(entries);
-    let unanswered = std::mem::take(&mut *shared.unanswered());
-    let refs: Vec<(&str, u32)> = remaining
-        .iter()
-        .chain(&unanswered)
-        .map(|(id, a)| (&**id, *a))
-        .collect();
-    for attempt in 1..=3 {
-        match store.release(&shared.worker_id, &refs).await {
-            Ok(released) => {
-                for (id, attempt) in &remaining {
-                    info!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task handed back on shutdown.");
-                }
-                if released > 0 {
-                    info!(
-                        released,
-                        "Running tasks handed back for immediate redelivery."
-                    );
-                }
-                return true;
-            }
-            Err(err) => {
-                warn!(error = %err, attempt, "Could not hand tasks back; their leases will expire instead.");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+/// A store client on the worker's Redis, once its schema is one this build understands.
+async fn connect_store(settings: &WorkerSettings) -> Result<Store, WorkerError> {
+    let mut conn = store::connect(&settings.redis).await?;
+    let keys = store::Keys::new(&settings.redis.key_prefix);
+    store::check_schema(&mut conn, &keys, "fleet-worker").await?;
+    Ok(Store::new(conn, keys, &settings.tasks))
+}
+
+/// The worker's group consumer, subscribed to every priority topic after a random wait of up
+/// to `worker.join_jitter_ms` (so that replicas started together do not join at the same
+/// instant, which the local broker answers with a one-second stall).
+async fn join_group(
+    settings: &WorkerSettings,
+    worker_id: &str,
+    token: &CancellationToken,
+) -> Result<membership::GroupConsumer, WorkerError> {
+    let mut config = kafka::consumer_config(&settings.kafka, &settings.worker.group_id, worker_id);
+    if !settings.kafka.client.contains_key(ASSIGNMENT_STRATEGY) {
+        config.set(ASSIGNMENT_STRATEGY, "roundrobin");
+    }
+    if !settings.worker.group_instance_id.is_empty() {
+        config.set("group.instance.id", &settings.worker.group_instance_id);
+    }
+    let consumer = membership::consumer(config, &settings.worker.group_id)?;
+    let topics = Topics::from_settings(&settings.topics);
+    let names = Priority::ALL.map(|p| topics.tasks(p));
+    let subscription: Vec<&str> = names.iter().map(String::as_str).collect();
+    let jitter = settings.worker.join_jitter();
+    tracing::debug!(
+        jitter_ms = jitter.as_millis() as u64,
+        "waiting before joining the group"
+    );
+    tokio::select! {
+        () = tokio::time::sleep(jitter) => {}
+        () = token.cancelled() => {}
+    }
+    consumer.subscribe(&subscription)?;
+    Ok(consumer)
+}
+
+/// The worker's loops, started together and stopped by the drain.
+struct Loops {
+    /// Stops fetching and starting new attempts: the first step of a drain.
+    fetch: CancellationToken,
+    poller: JoinHandle<()>,
+    claimer: JoinHandle<()>,
+    /// Stops the lease keeper, once the running handlers are done or handed back.
+    lease_token: CancellationToken,
+    lease_keeper: lease::LeaseKeeper,
+    completer: JoinHandle<()>,
+}
+
+impl Loops {
+    fn start(
+        shared: &Arc<Shared>,
+        consumer: &Arc<membership::GroupConsumer>,
+        store: &Store,
+        registry: &Arc<Registry>,
+        refuser: claim::Refuser,
+        token: &CancellationToken,
+    ) -> Self {
+        let fetch = token.child_token();
+        let lease_token = CancellationToken::new();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let lease_keeper = lease::spawn(
+            shared.clone(),
+            registry.kinds().join(","),
+            done_tx.clone(),
+            lease_token.clone(),
+        );
+        let completer = tokio::spawn(execute::complete_loop(
+            shared.clone(),
+            store.clone(),
+            done_rx,
+        ));
+        let poller = tokio::spawn(poll::poll_loop(
+            shared.clone(),
+            consumer.clone(),
+            fetch.clone(),
+        ));
+        let claimer = claim::Claimer {
+            shared: shared.clone(),
+            consumer: consumer.clone(),
+            store: store.clone(),
+            registry: registry.clone(),
+            done: done_tx,
+            refuser,
+        };
+        let claimer = tokio::spawn(claimer.run(fetch.clone()));
+        Self {
+            fetch,
+            poller,
+            claimer,
+            lease_token,
+            lease_keeper,
+            completer,
         }
     }
-    false
 }
