@@ -110,59 +110,123 @@ pub async fn serve(
     token: CancellationToken,
 ) -> anyhow::Result<Drain> {
     let (store, publisher) = connect(&settings, role.name()).await?;
-    let settings = Arc::new(settings);
-    let live_age = settings.lease.lease_ms;
-    let mut supervisor = Supervisor::new(token.clone());
+    let parts = Parts {
+        settings: Arc::new(settings),
+        store,
+        publisher,
+        token: token.clone(),
+    };
+    let mut supervisor = Supervisor::new(token);
     let readiness = Readiness::default();
     let app = match role {
-        Role::Scheduler => {
-            let tokens = settings.http.load_tokens().context("loading API tokens")?;
-            if tokens.is_empty() && !settings.http.insecure_no_auth {
-                warn!(
-                    "No API token is configured (http.tokens, http.token_files): the API refuses every request."
-                );
-            }
-            let (submissions, group_commit) =
-                api::group::SubmitGroup::new(store.clone(), publisher.clone());
-            // Ends once the HTTP server has drained (it holds the last handles), after the
-            // publications of the groups it accepted.
-            supervisor.spawn("http group commit", async move {
-                group_commit.await;
-                Ok(())
-            });
-            api::router(
-                api::ApiState {
-                    settings: settings.clone(),
-                    store: store.clone(),
-                    publisher: publisher.clone(),
-                    tokens: Arc::new(tokens),
-                    submissions,
-                },
-                readiness.clone(),
-            )
-        }
+        Role::Scheduler => parts.api(&mut supervisor, &readiness)?,
         Role::Reaper => ops::router(readiness.clone()),
     };
-    if let Some((_, server)) = ops::serve(&settings.http.listen, app, token.child_token())
-        .await
-        .with_context(|| format!("listening on {}", settings.http.listen))?
-    {
-        supervisor.spawn("http", async move {
-            match server.await {
-                Ok(result) => result.map_err(Into::into),
-                Err(err) => Err(err.into()),
-            }
-        });
+    parts.serve_http(&mut supervisor, app).await?;
+    parts.spawn_relay(&mut supervisor);
+    parts.spawn_series(&mut supervisor);
+    match role {
+        Role::Scheduler => supervisor.spawn(
+            "ingest",
+            ingest::run(
+                parts.settings.clone(),
+                parts.store.clone(),
+                parts.publisher.clone(),
+                readiness.clone(),
+                parts.token.child_token(),
+            ),
+        ),
+        Role::Reaper => parts.spawn_reaper(&mut supervisor),
     }
-    {
-        let (store, publisher) = (store.clone(), publisher.clone());
+    readiness.set(true);
+    // Counters that may stay at zero for long still show up, so dashboards see them.
+    fleet_common::telemetry::metrics::tasks_requeued().absolute(0);
+    fleet_common::telemetry::metrics::tasks_duplicate().absolute(0);
+    let settings = &parts.settings;
+    info!(role = role.name(), brokers = %settings.kafka.brokers, "Started.");
+    let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
+    let _ = parts
+        .publisher
+        .producer()
+        .flush(settings.scheduler.shutdown_grace());
+    info!(?outcome, "Stopped.");
+    Ok(outcome)
+}
+
+/// What a scheduler's or reaper's loops share.
+struct Parts {
+    settings: Arc<SchedulerSettings>,
+    store: Store,
+    publisher: Publisher,
+    token: CancellationToken,
+}
+
+impl Parts {
+    /// The HTTP API, with its group commit supervised: it ends once the HTTP server has
+    /// drained (the server holds the last handles), after the publications of the groups it
+    /// accepted.
+    fn api(
+        &self,
+        supervisor: &mut Supervisor,
+        readiness: &Readiness,
+    ) -> anyhow::Result<axum::Router> {
+        let settings = &self.settings;
+        let tokens = settings.http.load_tokens().context("loading API tokens")?;
+        if tokens.is_empty() && !settings.http.insecure_no_auth {
+            warn!(
+                "No API token is configured (http.tokens, http.token_files): the API refuses every request."
+            );
+        }
+        let (submissions, group_commit) =
+            api::group::SubmitGroup::new(self.store.clone(), self.publisher.clone());
+        supervisor.spawn("http group commit", async move {
+            group_commit.await;
+            Ok(())
+        });
+        Ok(api::router(
+            api::ApiState {
+                settings: settings.clone(),
+                store: self.store.clone(),
+                publisher: self.publisher.clone(),
+                tokens: Arc::new(tokens),
+                submissions,
+            },
+            readiness.clone(),
+        ))
+    }
+
+    /// Serves `app` on `http.listen` (nothing if empty) until shutdown, supervised.
+    async fn serve_http(
+        &self,
+        supervisor: &mut Supervisor,
+        app: axum::Router,
+    ) -> anyhow::Result<()> {
+        let listen = &self.settings.http.listen;
+        if let Some((_, server)) = ops::serve(listen, app, self.token.child_token())
+            .await
+            .with_context(|| format!("listening on {listen}"))?
+        {
+            supervisor.spawn("http", async move {
+                match server.await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(err) => Err(err.into()),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The relay: due timers, the outbox and the held-task sweep, every relay interval.
+    fn spawn_relay(&self, supervisor: &mut Supervisor) {
+        let (store, publisher) = (self.store.clone(), self.publisher.clone());
+        let live_age = self.settings.lease.lease_ms;
         let sweep = Arc::new(relay::HeldSweep::default());
         supervisor.spawn(
             "relay",
             every(
                 "relay",
-                settings.scheduler.relay_interval(),
-                token.child_token(),
+                self.settings.scheduler.relay_interval(),
+                self.token.child_token(),
                 move || {
                     let (store, publisher, sweep) =
                         (store.clone(), publisher.clone(), sweep.clone());
@@ -174,52 +238,56 @@ pub async fn serve(
             ),
         );
     }
-    {
-        // Every scheduler and reaper offers to sample; the first in each slot does.
-        let store = store.clone();
+
+    /// The dashboard's series: every scheduler and reaper offers to sample; the first in each
+    /// slot does.
+    fn spawn_series(&self, supervisor: &mut Supervisor) {
+        let store = self.store.clone();
         supervisor.spawn(
             "series",
-            every("series", SERIES_CHECK, token.child_token(), move || {
-                let store = store.clone();
-                async move {
-                    store.sample_series().await?;
-                    Ok(false)
-                }
-            }),
+            every(
+                "series",
+                SERIES_CHECK,
+                self.token.child_token(),
+                move || {
+                    let store = store.clone();
+                    async move {
+                        store.sample_series().await?;
+                        Ok(false)
+                    }
+                },
+            ),
         );
     }
-    match role {
-        Role::Scheduler => supervisor.spawn(
-            "ingest",
-            ingest::run(
-                settings.clone(),
-                store.clone(),
-                publisher.clone(),
-                readiness.clone(),
-                token.child_token(),
-            ),
-        ),
-        Role::Reaper => {
-            let (s, p) = (store.clone(), publisher.clone());
-            supervisor.spawn(
+
+    /// The reaper's loops: expired leases every reaper interval, and the state indexes'
+    /// trim every minute.
+    fn spawn_reaper(&self, supervisor: &mut Supervisor) {
+        let (s, p) = (self.store.clone(), self.publisher.clone());
+        let live_age = self.settings.lease.lease_ms;
+        supervisor.spawn(
+            "reaper",
+            every(
                 "reaper",
-                every(
-                    "reaper",
-                    settings.lease.reaper_interval(),
-                    token.child_token(),
-                    move || {
-                        let (store, publisher) = (s.clone(), p.clone());
-                        async move {
-                            Ok(reaper::scan(&store, &publisher, live_age).await? >= reaper::BATCH)
-                        }
-                    },
-                ),
-            );
-            let s = store.clone();
-            supervisor.spawn(
+                self.settings.lease.reaper_interval(),
+                self.token.child_token(),
+                move || {
+                    let (store, publisher) = (s.clone(), p.clone());
+                    async move {
+                        Ok(reaper::scan(&store, &publisher, live_age).await? >= reaper::BATCH)
+                    }
+                },
+            ),
+        );
+        let store = self.store.clone();
+        supervisor.spawn(
+            "index trim",
+            every(
                 "index trim",
-                every("index trim", TRIM_EVERY, token.child_token(), move || {
-                    let store = s.clone();
+                TRIM_EVERY,
+                self.token.child_token(),
+                move || {
+                    let store = store.clone();
                     async move {
                         let removed = store.trim_terminal_indexes().await?;
                         if removed > 0 {
@@ -227,21 +295,10 @@ pub async fn serve(
                         }
                         Ok(false)
                     }
-                }),
-            );
-        }
+                },
+            ),
+        );
     }
-    readiness.set(true);
-    // Counters that may stay at zero for long still show up, so dashboards see them.
-    fleet_common::telemetry::metrics::tasks_requeued().absolute(0);
-    fleet_common::telemetry::metrics::tasks_duplicate().absolute(0);
-    info!(role = role.name(), brokers = %settings.kafka.brokers, "Started.");
-    let outcome = supervisor.run(settings.scheduler.shutdown_grace()).await;
-    let _ = publisher
-        .producer()
-        .flush(settings.scheduler.shutdown_grace());
-    info!(?outcome, "Stopped.");
-    Ok(outcome)
 }
 
 /// Runs `step` every `interval` until `token` is cancelled. A step that returns `true` (it
