@@ -67,18 +67,18 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let endpoint = settings.log().otlp_endpoint.clone();
+    // Span export runs on the OpenTelemetry SDK's own thread, not on the runtime: it starts
+    // before the service and is shut down (what waits is sent, for at most 5 s) after it.
+    crate::otlp::init(&settings.log().otlp_endpoint, name);
     let result = runtime.block_on(async {
         let token = CancellationToken::new();
         if let Err(err) = crate::shutdown::cancel_on_signal(token.clone()) {
             eprintln!("{name}: cannot install signal handlers: {err}");
             return None;
         }
-        crate::otlp::init(&endpoint, name);
-        let result = service(settings, token).await;
-        crate::otlp::flush().await;
-        Some(result)
+        Some(service(settings, token).await)
     });
+    crate::otlp::shutdown();
     match result {
         None => ExitCode::FAILURE,
         Some(Ok(Drain::Clean)) => ExitCode::SUCCESS,

@@ -147,34 +147,28 @@ pub(crate) fn probe_target(url: &str) -> Result<(&str, &str), String> {
 }
 
 /// GETs `url` (plain `http://host:port/path`) and exits 0 on 200, else 1 with the reason
-/// (2 for a URL it cannot probe). Hand-written so that the image needs no curl and the probe
-/// no TLS or proxy logic.
+/// (2 for a URL it cannot probe). Plain HTTP only (the image needs no curl and the probe no
+/// TLS): reqwest is built without TLS, ignores proxies from the environment and follows no
+/// redirects, so the probe asks the service itself.
 pub(crate) async fn probe(url: &str, timeout: Duration) -> anyhow::Result<std::process::ExitCode> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (authority, path) = match probe_target(url) {
-        Ok(target) => target,
-        Err(reason) => {
-            eprintln!("fleetctl probe: {reason}");
-            return Ok(std::process::ExitCode::from(crate::EXIT_BAD_INPUT));
-        }
-    };
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(authority).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut head = Vec::new();
-        // The status line is all we need; cap what is read from a misbehaving server.
-        (&mut stream).take(4096).read_to_end(&mut head).await?;
-        Ok::<_, std::io::Error>(head)
-    };
-    let answer = match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-        Ok(Err(err)) => Err(err.to_string()),
-        Ok(Ok(head)) => {
-            let text = String::from_utf8_lossy(&head);
-            let status = text.lines().next().unwrap_or_default().to_string();
-            if status.split_whitespace().nth(1) == Some("200") {
+    if let Err(reason) = probe_target(url) {
+        eprintln!("fleetctl probe: {reason}");
+        return Ok(std::process::ExitCode::from(crate::EXIT_BAD_INPUT));
+    }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .build()
+        .context("building the HTTP client")?;
+    let answer = match client.get(url).send().await {
+        Err(err) if err.is_timeout() => Err(format!("no answer within {} ms", timeout.as_millis())),
+        // `{:#}`: the whole chain, e.g. "… tcp connect error: Connection refused (os error 111)".
+        Err(err) => Err(format!("{:#}", anyhow::Error::from(err))),
+        Ok(response) => {
+            // e.g. `HTTP/1.1 200 OK` (the version and code the server sent, the canonical reason).
+            let status = format!("{:?} {}", response.version(), response.status());
+            if response.status() == reqwest::StatusCode::OK {
                 Ok(status)
             } else {
                 Err(format!("answered `{status}`"))

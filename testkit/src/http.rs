@@ -135,11 +135,13 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// A stand-in OpenTelemetry collector: accepts OTLP/HTTP JSON posts and keeps every span.
+/// A stand-in OpenTelemetry collector: accepts OTLP/HTTP JSON posts and keeps every span, and
+/// the request headers that came with it.
 #[derive(Debug, Clone)]
 pub struct SpanSink {
     pub addr: SocketAddr,
     spans: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    headers: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
 impl SpanSink {
@@ -150,10 +152,11 @@ impl SpanSink {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = spans.clone();
+        let headers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sink, seen) = (spans.clone(), headers.clone());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let sink = sink.clone();
+                let (sink, seen) = (sink.clone(), seen.clone());
                 tokio::spawn(async move {
                     let mut bytes = Vec::new();
                     let mut chunk = [0u8; 64 * 1024];
@@ -164,15 +167,27 @@ impl SpanSink {
                         }
                     }
                     let request = parse_request(&bytes);
+                    seen.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend(parse(&bytes).headers);
+                    // One request per connection: say so, as the client keeps connections.
                     let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                              Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+                        )
                         .await;
                     let Ok(body) = serde_json::from_str::<serde_json::Value>(&request) else {
                         return;
                     };
                     for resource in body["resourceSpans"].as_array().into_iter().flatten() {
-                        let service = resource["resource"]["attributes"][0]["value"]["stringValue"]
-                            .as_str()
+                        // The SDK's resource attributes come in no fixed order.
+                        let service = resource["resource"]["attributes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|a| a["key"] == "service.name")
+                            .and_then(|a| a["value"]["stringValue"].as_str())
                             .unwrap_or_default()
                             .to_string();
                         for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
@@ -186,7 +201,22 @@ impl SpanSink {
                 });
             }
         });
-        Self { addr, spans }
+        Self {
+            addr,
+            spans,
+            headers,
+        }
+    }
+
+    /// The values of header `name` (lower case) in every request received so far.
+    pub fn header(&self, name: &str) -> Vec<String> {
+        self.headers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// `(service name, span)` of every span received so far.

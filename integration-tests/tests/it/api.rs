@@ -533,10 +533,17 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
             ],
         )
         .await;
+    // The standard OpenTelemetry variable adds headers to the export (a collector's API key).
     let _w1 = env.spawn(
         "fleet-worker",
         "w1",
-        &[("FLEET__LOG__OTLP_ENDPOINT", &otlp)],
+        &[
+            ("FLEET__LOG__OTLP_ENDPOINT", &otlp),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                "x-collector-key=sekrit",
+            ),
+        ],
     );
     let http_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let kafka_trace = "0af7651916cd43dd8448eb211c80319c";
@@ -658,6 +665,12 @@ async fn trace_context_travels_from_the_submission_to_the_handler() {
     );
     assert_eq!(publish["parentSpanId"], accept["spanId"]);
     assert_eq!(task["parentSpanId"], publish["spanId"]);
+    assert!(
+        collector
+            .header("x-collector-key")
+            .contains(&"sekrit".to_string()),
+        "the worker's export carries the configured header"
+    );
 }
 
 /// Concurrent requests are accepted in groups (one Redis call for many requests): every request

@@ -1,30 +1,39 @@
-//! Headless Chromium driven over the DevTools protocol: navigate, evaluate JavaScript, take
-//! screenshots. Enough to test the dashboard as a user would, without a Node toolchain.
+//! Headless Chromium driven over the DevTools protocol with `chromiumoxide`: navigate, evaluate
+//! JavaScript, take screenshots. Enough to test the dashboard as a user would, without a Node
+//! toolchain.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use base64::Engine;
-use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
+use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
+use chromiumoxide::cdp::js_protocol::runtime::EvaluateParams;
+use chromiumoxide::error::CdpError;
+use chromiumoxide::handler::HandlerConfig;
+use chromiumoxide::handler::viewport::Viewport;
+use chromiumoxide::page::ScreenshotParams;
+use futures::StreamExt;
+use serde_json::Value;
 
 use fleet_testkit::{ManagedProcess, TestEnv, free_ports, which};
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// How long one DevTools command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One headless Chromium with one page.
 #[derive(Debug)]
 pub(crate) struct Browser {
+    page: chromiumoxide::Page,
+    /// Keeps the connection's command channel open.
+    _browser: chromiumoxide::Browser,
+    /// Drives the DevTools connection (aborted on drop).
+    handler: tokio::task::JoinHandle<()>,
+    /// Chromium itself, with its output in `chromium.log`; killed when dropped (last).
     _process: ManagedProcess,
-    socket: Socket,
-    next_id: u64,
 }
 
 impl Browser {
-    /// Starts Chromium (installed by `deploy/local/setup.sh`) and attaches to its first page.
+    /// Starts Chromium (installed by `deploy/local/setup.sh`) and opens a page in it.
     pub(crate) async fn launch(env: &TestEnv) -> Self {
         let chromium = which("chromium")
             .expect("chromium is not installed: run `bash deploy/local/setup.sh` (make test does)");
@@ -42,6 +51,9 @@ impl Browser {
             "about:blank".into(),
         ];
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Started here rather than by `chromiumoxide::Browser::launch`, which reads Chromium's
+        // stderr itself: this way the output lands in the test's log and the process is
+        // registered for clean-up like every other process a test starts.
         let process = ManagedProcess::spawn(
             "chromium",
             &chromium,
@@ -50,47 +62,60 @@ impl Browser {
             &env.dir.join("chromium.log"),
         );
         let devtools: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let ws_url = page_socket_url(devtools).await;
-        let (socket, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .expect("attach to the page");
-        let mut browser = Self {
-            _process: process,
-            socket,
-            next_id: 0,
+        let ws_url = browser_socket_url(devtools).await;
+        let config = HandlerConfig {
+            // The page is 1280×900 like the window (chromiumoxide's default is 800×600).
+            viewport: Some(Viewport {
+                width: 1280,
+                height: 900,
+                device_scale_factor: None,
+                emulating_mobile: false,
+                is_landscape: false,
+                has_touch: false,
+            }),
+            request_timeout: COMMAND_TIMEOUT,
+            ..HandlerConfig::default()
         };
-        browser.call("Page.enable", json!({})).await;
-        browser
-    }
-
-    /// Sends one DevTools command and returns its result (events in between are skipped).
-    pub(crate) async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let command = json!({ "id": id, "method": method, "params": params }).to_string();
-        self.socket
-            .send(Message::text(command))
-            .await
-            .expect("send to Chromium");
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
+        let (browser, mut handler) =
+            chromiumoxide::Browser::connect_with_config(ws_url.as_str(), config)
                 .await
-                .unwrap_or_else(|_| panic!("no answer to {method}"))
-                .expect("Chromium closed the connection")
-                .expect("DevTools message");
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let value: Value = serde_json::from_str(&text).expect("DevTools JSON");
-            if value["id"] == id {
-                assert!(value.get("error").is_none(), "{method}: {value}");
-                return value["result"].clone();
-            }
+                .expect("attach to Chromium");
+        // The handler routes every command's answer and every event; it must be polled for
+        // anything to happen. A message it cannot parse is skipped, not fatal.
+        let handler = tokio::spawn(async move { while handler.next().await.is_some() {} });
+        let page = browser.new_page("about:blank").await.expect("open a page");
+        Self {
+            page,
+            _browser: browser,
+            handler,
+            _process: process,
         }
     }
 
+    /// Navigates to `url` and waits until it has loaded; a change of the fragment only (the
+    /// dashboard's routes) never loads a page, so for one it waits until the page has the URL.
     pub(crate) async fn navigate(&mut self, url: &str) {
-        self.call("Page.navigate", json!({ "url": url })).await;
+        let current = self.page.url().await.ok().flatten().unwrap_or_default();
+        let document = |url: &str| url.split('#').next().unwrap_or_default().to_string();
+        if url.contains('#') && document(&current) == document(url) {
+            let quoted = serde_json::to_string(url).expect("a URL as a JS string");
+            self.eval(&format!("location.href = {quoted}; true")).await;
+            self.wait_for(url, &format!("location.href === {quoted}"))
+                .await;
+            return;
+        }
+        self.page
+            .goto(url)
+            .await
+            .unwrap_or_else(|err| panic!("navigate to {url}: {err}"));
+    }
+
+    /// Reloads the page and waits until it has loaded.
+    pub(crate) async fn reload(&mut self) {
+        self.page
+            .reload()
+            .await
+            .unwrap_or_else(|err| panic!("reload: {err}"));
     }
 
     /// Evaluates `expression` in the page (awaiting a promise) and returns its value.
@@ -100,18 +125,23 @@ impl Browser {
             .unwrap_or_else(|err| panic!("{expression}: {err}"))
     }
 
-    /// Like [`Browser::eval`], but a JavaScript exception is an `Err` (e.g. while the page is
-    /// still loading).
+    /// Like [`Browser::eval`], but a JavaScript exception (or a protocol error, e.g. while the
+    /// page is still loading) is an `Err`.
     pub(crate) async fn try_eval(&mut self, expression: &str) -> Result<Value, Value> {
-        let result = self
-            .call(
-                "Runtime.evaluate",
-                json!({ "expression": expression, "awaitPromise": true, "returnByValue": true }),
-            )
-            .await;
-        match result.get("exceptionDetails") {
-            Some(details) => Err(details.clone()),
-            None => Ok(result["result"]["value"].clone()),
+        // `Runtime.evaluate` of the expression as it is (a statement block included), not
+        // chromiumoxide's guess at whether it is a function.
+        let params = EvaluateParams::builder()
+            .expression(expression)
+            .await_promise(true)
+            .return_by_value(true)
+            .build()
+            .expect("Runtime.evaluate parameters");
+        match self.page.evaluate_expression(params).await {
+            Ok(result) => Ok(result.value().cloned().unwrap_or(Value::Null)),
+            Err(CdpError::JavascriptException(details)) => {
+                Err(serde_json::to_value(&*details).unwrap_or(Value::Null))
+            }
+            Err(err) => Err(Value::String(err.to_string())),
         }
     }
 
@@ -132,12 +162,15 @@ impl Browser {
 
     /// Saves a PNG of the page.
     pub(crate) async fn screenshot(&mut self, path: &Path) {
-        let shot = self
-            .call("Page.captureScreenshot", json!({ "format": "png" }))
-            .await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(shot["data"].as_str().expect("screenshot data"))
-            .expect("base64 PNG");
+        let png = self
+            .page
+            .screenshot(
+                ScreenshotParams::builder()
+                    .format(CaptureScreenshotFormat::Png)
+                    .build(),
+            )
+            .await
+            .expect("screenshot");
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).expect("screenshot dir");
         }
@@ -145,18 +178,21 @@ impl Browser {
     }
 }
 
-/// The DevTools WebSocket URL of Chromium's first page, once the endpoint answers.
-async fn page_socket_url(devtools: SocketAddr) -> String {
+impl Drop for Browser {
+    fn drop(&mut self) {
+        self.handler.abort();
+    }
+}
+
+/// The browser's DevTools WebSocket URL, once the endpoint answers.
+async fn browser_socket_url(devtools: SocketAddr) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if tokio::net::TcpStream::connect(devtools).await.is_ok() {
-            let list =
-                fleet_testkit::http::request(devtools, "GET", "/json/list", None, None).await;
-            if let Ok(Value::Array(targets)) = serde_json::from_str::<Value>(&list.body)
-                && let Some(url) = targets
-                    .iter()
-                    .find(|t| t["type"] == "page")
-                    .and_then(|p| p["webSocketDebuggerUrl"].as_str())
+            let version =
+                fleet_testkit::http::request(devtools, "GET", "/json/version", None, None).await;
+            if let Ok(info) = serde_json::from_str::<Value>(&version.body)
+                && let Some(url) = info["webSocketDebuggerUrl"].as_str()
             {
                 return url.to_string();
             }

@@ -101,7 +101,7 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         .await;
 
     // The token was kept, so a reload shows the data at once.
-    browser.call("Page.reload", json!({})).await;
+    browser.reload().await;
     browser
         .wait_for(
             "the overview after a reload",
