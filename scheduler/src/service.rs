@@ -118,11 +118,15 @@ pub async fn serve(
     };
     let mut supervisor = Supervisor::new(token);
     let readiness = Readiness::default();
-    let app = match role {
-        Role::Scheduler => parts.api(&mut supervisor, &readiness)?,
-        Role::Reaper => ops::router(readiness.clone()),
-    };
-    parts.serve_http(&mut supervisor, app).await?;
+    // With `http.listen` empty there is no listener, and so no API: its group commit would
+    // end at once with no server holding its handles, and take the service down with it.
+    if !parts.settings.http.listen.is_empty() {
+        let app = match role {
+            Role::Scheduler => parts.api(&mut supervisor, &readiness)?,
+            Role::Reaper => ops::router(readiness.clone()),
+        };
+        parts.serve_http(&mut supervisor, app).await?;
+    }
     parts.spawn_relay(&mut supervisor);
     parts.spawn_series(&mut supervisor);
     match role {
@@ -195,7 +199,7 @@ impl Parts {
         ))
     }
 
-    /// Serves `app` on `http.listen` (nothing if empty) until shutdown, supervised.
+    /// Serves `app` on `http.listen` until shutdown, supervised.
     async fn serve_http(
         &self,
         supervisor: &mut Supervisor,

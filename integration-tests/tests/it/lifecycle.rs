@@ -10,6 +10,38 @@ use fleet_testkit::fleet::{executions, task_json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// `http.listen` empty turns a service's HTTP listener off (the scheduler's API with it): the
+/// services still run, accept and run every task, and drain cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_without_an_http_listener_run_every_task_and_drain_cleanly() {
+    let env = TestEnv::start("no-http");
+    env.create_topics().await;
+    let off = [("FLEET__HTTP__LISTEN", "")];
+    let mut services = vec![
+        env.spawn("fleet-scheduler", "scheduler", &off),
+        env.spawn("fleet-reaper", "reaper", &off),
+        env.spawn("fleet-worker", "worker", &off),
+    ];
+    let ids: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| task_json(id, "noop", "normal", serde_json::json!({})))
+        .collect();
+    env.submit(&bodies).await;
+    let tasks = env.wait_terminal(&ids, WAIT).await;
+    assert!(
+        tasks
+            .values()
+            .all(|t| t.state == State::Succeeded && t.attempt == 1)
+    );
+    for process in &mut services {
+        assert!(process.is_running(), "{} still runs", process.name());
+        process.signal("TERM");
+        let code = process.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{} exits 0 after SIGTERM", process.name());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tasks_over_four_priorities_and_three_workers_each_run_once() {
     let env = TestEnv::start("thousand");
