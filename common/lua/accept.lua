@@ -4,11 +4,14 @@
 -- A known id or idempotency key returns the existing task instead.
 -- KEYS  globals, then per task 3 keys: task hash, idempotency key (the task key when none),
 --       queue index
--- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 11 values:
+-- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 12 values:
 --       id, queue, priority, max_attempts, record json, has idempotency key (0/1), run_at ms (0: now),
 --       delay ms (0: none; counted from Redis time here), timeout ms (0: none), kind,
---       traceparent
--- Returns per task one string: 'p' (new, pending), 's' (new, scheduled), or 'd' followed by the
+--       traceparent, needs (placed tasks: what they reserve; '' for streamed ones)
+-- A placed task due now waits in the placement inbox instead of the outbox: the dispatcher
+-- chooses its worker and publishes it.
+-- Returns per task one string: 'p' (new, pending), 'w' (new, pending, waiting for placement),
+-- 's' (new, scheduled), or 'd' followed by the
 -- existing task's id. A flat array of short strings, not a pair per task: the caller already
 -- has each new task's id, and parsing nested replies was a tenth of the scheduler's CPU.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -25,7 +28,7 @@ local task_keys, idem_keys = {}, {}
 for i = 0, n - 1 do
   task_keys[i + 1] = KEYS[GLOBALS + 1 + i * 3]
   -- ARGV[a + 5] of the loop below: whether the task has an idempotency key.
-  if ARGV[4 + i * 11 + 5] == '1' then idem_keys[#idem_keys + 1] = KEYS[GLOBALS + 2 + i * 3] end
+  if ARGV[4 + i * 12 + 5] == '1' then idem_keys[#idem_keys + 1] = KEYS[GLOBALS + 2 + i * 3] end
 end
 local any_stored = false
 chunked('EXISTS', nil, task_keys, function(count) any_stored = any_stored or count > 0 end)
@@ -36,7 +39,7 @@ end)
 
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
-  local a = 4 + i * 11
+  local a = 4 + i * 12
   local id, queue, priority, max_attempts, record = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local has_idem = ARGV[a + 5] == '1'
   -- '0' (now, no delay) is the usual value: tonumber costs a strtod.
@@ -60,7 +63,11 @@ for i = 0, n - 1 do
       'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
       'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
       'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
-    if state == 'pending' then
+    local needs = ARGV[a + 11]
+    if needs ~= '' then redis.call('HSET', key, 'needs', needs) end
+    if state == 'pending' and needs ~= '' then
+      zadd_new_later(INBOX, now, id)
+    elseif state == 'pending' then
       zadd_new_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
     else
       redis.call('HSET', key, 'run_at_ms', text(run_at))
@@ -76,7 +83,9 @@ for i = 0, n - 1 do
       redis.call('SET', idem_key, id, 'PX', window)
       idem_ids[idem_key] = id
     end
-    out[i + 1] = state == 'pending' and 'p' or 's'
+    if state == 'scheduled' then out[i + 1] = 's'
+    elseif needs ~= '' then out[i + 1] = 'w'
+    else out[i + 1] = 'p' end
   end
 end
 return out

@@ -27,6 +27,8 @@ for i = 0, n - 1 do
     redis.call('ZREM', DUE, id)
     redis.call('ZREM', OUTBOX, outbox_member(id, tonumber(f[2]) + 1))
     redis.call('ZREM', HELD, id)
+    redis.call('ZREM', INBOX, id)
+    unreserve(key, id)
     finish(key, id, state, 'cancelled', now, retention)
     out[#out + 1] = 'cancelled'
   end

@@ -3,9 +3,10 @@
 -- cancellation was requested ends `cancelled` whatever its handler reported, so a cancel that
 -- was answered `cancelling` always wins the race with the completion.
 -- KEYS  globals, then per outcome: task hash
--- ARGV  [1] outcomes  [2] worker id  [3] retention ms, then per outcome 5 values:
+-- ARGV  [1] outcomes  [2] worker id  [3] retention ms, then per outcome 6 values:
 --       id, attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), body (result json or error),
---       retry delay ms
+--       retry delay ms, placed ('1' for a placed task: the ending attempt releases what it
+--       reserved on the worker; '' otherwise)
 -- Returns per outcome: 'succeeded', 'scheduled' (retry), 'failed', 'cancelled', 'already'
 -- (this attempt already ended the task, or already scheduled its retry), or 'fenced'.
 local n, worker, retention = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
@@ -18,7 +19,7 @@ local function within_budget(key, current)
 end
 for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
-  local a = 4 + i * 5
+  local a = 4 + i * 6
   -- `body`: the result JSON or the error (not `text`, which is the prelude's number formatter).
   local id, attempt, kind, body = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
   -- Absent fields cost a scan of the whole hash, so two are avoided: a running attempt has a
@@ -35,6 +36,10 @@ for i = 0, n - 1 do
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     zrem_later(LEASES, id)
+    if ARGV[a + 5] == '1' then
+      unreserve(key, id)
+      if kind == 'ok' and not f[4] then learn_run_time(key, now) end
+    end
     if f[4] then
       local note = 'cancelled while running'
       if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. body end

@@ -1,6 +1,6 @@
--- Prepended to every transition script (see store/scripts.rs). KEYS[1..14] are the globals of
+-- Prepended to every transition script (see store/scripts.rs). KEYS[1..19] are the globals of
 -- Keys::globals(): leases, due, dead outbox, five state indexes, queues, workers, paused, held,
--- totals, outbox.
+-- totals, outbox, and placement's inbox, use, capacity, reservations and run times.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 -- No `running` index: the lease set is the running tasks' index (schema 4), and every script
 -- that starts or ends an attempt adds or removes its lease itself.
@@ -8,7 +8,9 @@ local IDX = { pending = KEYS[4], scheduled = KEYS[5],
               succeeded = KEYS[6], failed = KEYS[7], cancelled = KEYS[8] }
 local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local OUTBOX = KEYS[14]
-local GLOBALS = 14
+local INBOX, USED, CAPACITY, RESERVED = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
+local RUN_TIMES = KEYS[19]
+local GLOBALS = 19
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100
@@ -242,4 +244,86 @@ end
 local function is_paused(queue, priority)
   return redis.call('SISMEMBER', PAUSED, 'queue:' .. queue) == 1
       or redis.call('SISMEMBER', PAUSED, 'priority:' .. priority) == 1
+end
+
+-- Placement (see placement.rs). Amounts are text `name=thousandths;...`, names in order.
+local function amounts(s)
+  local t = {}
+  if s then
+    for name, milli in string.gmatch(s, '([^=;]+)=(%d+)') do t[name] = tonumber(milli) end
+  end
+  return t
+end
+
+local function amounts_text(t)
+  local names = {}
+  for name, milli in pairs(t) do
+    if milli > 0 then names[#names + 1] = name end
+  end
+  table.sort(names)
+  for i, name in ipairs(names) do names[i] = name .. '=' .. string.format('%d', t[name]) end
+  return table.concat(names, ';')
+end
+
+-- Adds `needs` (text) to what `worker` holds, or takes it away (sign -1).
+local function add_use(worker, needs, sign)
+  local used = amounts(redis.call('HGET', USED, worker) or nil)
+  for name, milli in pairs(amounts(needs)) do
+    used[name] = math.max(0, (used[name] or 0) + sign * milli)
+  end
+  local s = amounts_text(used)
+  if s == '' then redis.call('HDEL', USED, worker) else redis.call('HSET', USED, worker, s) end
+end
+
+-- Whether `needs` (text) fits in what `worker` has left, by its reported capacity.
+local function fits_on(worker, needs)
+  local cap = redis.call('HGET', CAPACITY, worker)
+  if not cap then return false end
+  cap = amounts(cap)
+  local used = amounts(redis.call('HGET', USED, worker) or nil)
+  for name, milli in pairs(amounts(needs)) do
+    if (used[name] or 0) + milli > (cap[name] or 0) then return false end
+  end
+  return true
+end
+
+-- Reserves a task's needs on `worker`; the reservation is bound to the task until `unreserve`.
+local function reserve(key, id, worker, needs)
+  add_use(worker, needs, 1)
+  redis.call('HSET', key, 'reserved_on', worker)
+  redis.call('ZADD', RESERVED, 0, worker .. '|' .. id)
+end
+
+-- Releases whatever the task holds on a worker (nothing if it holds nothing).
+local function unreserve(key, id)
+  local f = redis.call('HMGET', key, 'reserved_on', 'needs')
+  if not f[1] then return end
+  add_use(f[1], f[2] or '', -1)
+  redis.call('HDEL', key, 'reserved_on')
+  redis.call('ZREM', RESERVED, f[1] .. '|' .. id)
+end
+
+-- Sends a placed task back to wait for a worker (it is pending; no message of it is due).
+local function await_placement(key, id, now, reason)
+  unreserve(key, id)
+  -- NX: one already waiting keeps its place.
+  redis.call('ZADD', INBOX, 'NX', now, id)
+  redis.call('HSET', key, 'wait_reason', reason)
+end
+
+-- Run times kept per kind, for sjf's estimate of tasks that give none (their median).
+local RUN_TIMES_KEPT = 31
+
+-- Records how long a placed task's successful attempt ran, for its kind.
+local function learn_run_time(key, now)
+  local g = redis.call('HMGET', key, 'kind', 'started_ms')
+  if not g[1] or not g[2] then return end
+  local kept = {}
+  local list = redis.call('HGET', RUN_TIMES, g[1])
+  if list then
+    for v in string.gmatch(list, '%d+') do kept[#kept + 1] = v end
+  end
+  kept[#kept + 1] = string.format('%d', math.max(0, now - tonumber(g[2])))
+  while #kept > RUN_TIMES_KEPT do table.remove(kept, 1) end
+  redis.call('HSET', RUN_TIMES, g[1], table.concat(kept, ','))
 end

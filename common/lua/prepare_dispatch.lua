@@ -16,9 +16,16 @@ for i = 0, tonumber(ARGV[1]) - 1 do
   local set = DUE
   if wanted then set = OUTBOX end
   local score = redis.call('ZSCORE', set, member)
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'record', 'trace')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'record', 'trace', 'needs')
   local next_attempt = (tonumber(f[2]) or 0) + 1
-  if score and (f[1] == 'pending' or f[1] == 'scheduled') and (not wanted or wanted == next_attempt) then
+  if score and f[1] == 'scheduled' and not wanted and f[5] then
+    -- A placed task whose time came: it waits for the dispatcher to choose its worker.
+    redis.call('HSET', key, 'state', 'pending', 'updated_ms', now)
+    move(id, 'scheduled', 'pending', now)
+    redis.call('ZREM', DUE, member)
+    redis.call('ZADD', INBOX, 'NX', now, id)
+    out[#out + 1] = { id }
+  elseif score and (f[1] == 'pending' or f[1] == 'scheduled') and (not wanted or wanted == next_attempt) then
     if f[1] == 'scheduled' then
       redis.call('HSET', key, 'state', 'pending', 'updated_ms', now)
       move(id, 'scheduled', 'pending', now)

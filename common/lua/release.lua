@@ -16,6 +16,7 @@ for i = 0, n - 1 do
   local f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms')
   if f[1] == 'running' and tonumber(f[2]) == attempt and f[3] == worker then
     redis.call('ZREM', LEASES, id)
+    unreserve(key, id)
     if f[4] then
       attempt_ended(key, now, 'cancelled', 'cancelled while its worker was shutting down')
       finish(key, id, 'running', 'cancelled', now, retention)
@@ -31,5 +32,8 @@ for i = 0, n - 1 do
   end
 end
 redis.call('ZREM', WORKERS, worker)
+-- Leaving: nothing more is placed here (placed tasks not yet started are placed again once
+-- the dispatcher finds the worker gone).
+redis.call('HDEL', CAPACITY, worker)
 redis.call('DEL', KEYS[GLOBALS + 1])
 return released

@@ -25,6 +25,9 @@ for i = 0, n - 1 do
     out[#out + 1] = { id, 'skipped' }
   else
     redis.call('ZREM', LEASES, id)
+    -- The attempt ends here, and with it what it held on its worker: a placed task is placed
+    -- again (by its next worker's claim, or the dispatcher if it fits there no longer).
+    unreserve(key, id)
     local attempt = tonumber(f[2])
     local why, outcome = 'lease expired on attempt ' .. attempt .. ' (worker ' .. (f[6] or '?') .. ')', 'lease_expired'
     if f[7] and tonumber(f[7]) <= now then

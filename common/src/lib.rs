@@ -9,6 +9,7 @@
 //! - [`wire`]: every Kafka record Fleet writes (envelope, rejected, dead letter) and its headers.
 //! - [`kafka`]: producer/consumer/admin configuration and topic creation.
 //! - [`membership`]: group consumers whose assignment is logged, measured and watched.
+//! - [`placement`]: what tasks need and workers offer, and the choice of a worker.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
 //! - [`dependency`]: calling a dependency that is briefly away until it answers.
 //! - [`telemetry`]: `tracing` set-up.
@@ -20,6 +21,7 @@ pub mod kafka;
 pub mod membership;
 pub mod ops;
 pub mod otlp;
+pub mod placement;
 pub mod priority;
 pub mod settings;
 pub mod shutdown;

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::placement::{self, LabelRules, Resources};
 use crate::priority::Priority;
 
 /// Bytes a record may take beyond `tasks.max_task_bytes`: the envelope and filled-in record
@@ -67,6 +68,22 @@ pub struct TaskSpec {
     /// Do not run until this many ms after acceptance (by Redis time).
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// What the task needs of the worker that runs it (`cpu`, `memory_mb`, `gpu`, any name):
+    /// a task with needs or label rules is placed (see [`crate::placement`]).
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    /// Worker labels that must match.
+    #[serde(default)]
+    pub require: Option<LabelRules>,
+    /// Worker labels that should match: they rank the workers that fit.
+    #[serde(default)]
+    pub prefer: Option<LabelRules>,
+    /// Expected run time, for shortest-job-first queues.
+    #[serde(default)]
+    pub estimated_ms: Option<u64>,
+    /// How long a placed task may wait for a worker that fits before it fails.
+    #[serde(default)]
+    pub placement_timeout_ms: Option<u64>,
 }
 
 /// Longest accepted `delay_ms`, and farthest `run_at` from now: one year.
@@ -281,6 +298,38 @@ impl TaskSpec {
         if let Some(text) = &self.run_at {
             parse_run_at(text)?;
         }
+        self.validate_placement()
+    }
+
+    /// Checks the placement fields: amounts, label rules, and the two durations.
+    fn validate_placement(&self) -> Result<(), InvalidTask> {
+        if let Some(resources) = &self.resources {
+            placement::check_resources(resources)
+                .map_err(|problem| InvalidTask::field("resources", problem))?;
+        }
+        if let Some(rules) = &self.require {
+            placement::check_rules(rules)
+                .map_err(|problem| InvalidTask::field("require", problem))?;
+        }
+        if let Some(rules) = &self.prefer {
+            placement::check_rules(rules)
+                .map_err(|problem| InvalidTask::field("prefer", problem))?;
+        }
+        if self.estimated_ms.is_some_and(|ms| ms > MAX_DELAY_MS) {
+            return Err(InvalidTask::field(
+                "estimated_ms",
+                format!("must be at most {MAX_DELAY_MS} (one year)"),
+            ));
+        }
+        if self
+            .placement_timeout_ms
+            .is_some_and(|ms| ms == 0 || ms > MAX_DELAY_MS)
+        {
+            return Err(InvalidTask::field(
+                "placement_timeout_ms",
+                format!("must be 1 to {MAX_DELAY_MS} (one year)"),
+            ));
+        }
         Ok(())
     }
 }
@@ -301,6 +350,20 @@ pub struct TaskRecord {
     pub max_attempts: u32,
     /// 0 when the task has no timeout of its own.
     pub timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "LabelRules::is_empty")]
+    pub require: LabelRules,
+    #[serde(default, skip_serializing_if = "LabelRules::is_empty")]
+    pub prefer: LabelRules,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_timeout_ms: Option<u64>,
+    /// Placed (a worker is chosen for it by the dispatcher) rather than streamed: it has needs
+    /// or label rules, or its queue's strategy or placement policy is not the default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub placed: bool,
 }
 
 /// Defaults applied to submissions that leave a field out.
@@ -318,6 +381,9 @@ impl TaskRecord {
         new_id: impl FnOnce() -> String,
     ) -> Self {
         let null = || RawValue::from_string("null".into()).expect("null is JSON");
+        let placed = spec.resources.as_ref().is_some_and(|r| !r.is_empty())
+            || spec.require.as_ref().is_some_and(|r| !r.is_empty())
+            || spec.prefer.as_ref().is_some_and(|r| !r.is_empty());
         Self {
             id: spec.id.unwrap_or_else(new_id),
             kind: spec.kind,
@@ -327,6 +393,27 @@ impl TaskRecord {
             key: spec.key,
             max_attempts: spec.max_attempts.unwrap_or(defaults.max_attempts),
             timeout_ms: spec.timeout_ms.unwrap_or(defaults.timeout_ms),
+            resources: spec.resources.unwrap_or_default(),
+            require: spec.require.unwrap_or_default(),
+            prefer: spec.prefer.unwrap_or_default(),
+            estimated_ms: spec.estimated_ms,
+            placement_timeout_ms: spec.placement_timeout_ms,
+            placed,
+        }
+    }
+
+    /// Whether the task is placed rather than streamed (see [`TaskRecord::placed`]).
+    pub fn is_placed(&self) -> bool {
+        self.placed
+    }
+
+    /// What the task reserves on the worker it is placed on, in Redis's text form
+    /// ([`placement::Amounts::encode`]); empty for a streamed task.
+    pub fn needs_text(&self) -> String {
+        if self.is_placed() {
+            placement::Amounts::needs(&self.resources).encode()
+        } else {
+            String::new()
         }
     }
 
@@ -529,6 +616,65 @@ mod tests {
         };
         let record = TaskRecord::from_spec(spec, defaults, || "t".into());
         assert_eq!(record.timeout_ms, 0, "0 = no timeout, whatever the default");
+    }
+
+    #[test]
+    fn placement_fields_are_checked_and_make_the_task_placed() {
+        let spec = TaskSpec::parse(
+            br#"{"kind":"noop","resources":{"cpu":0.5,"gpu":1},"require":{"zone":["a","b"]},"prefer":{"disk":"ssd"},"estimated_ms":900}"#,
+            LIMIT,
+        )
+        .unwrap();
+        let record = TaskRecord::from_spec(spec, DEFAULTS, || "p".into());
+        assert!(record.is_placed());
+        assert_eq!(record.needs_text(), "cpu=500;gpu=1000;slots=1000");
+        let back: TaskRecord = serde_json::from_str(&record.to_json()).unwrap();
+        assert_eq!(back.require, record.require);
+        // A streamed task's record is what it was before placement existed.
+        let plain = TaskRecord::from_spec(
+            TaskSpec::parse(br#"{"kind":"noop"}"#, LIMIT).unwrap(),
+            DEFAULTS,
+            || "s".into(),
+        );
+        assert!(!plain.is_placed());
+        assert_eq!(plain.needs_text(), "");
+        assert!(!plain.to_json().contains("placed"), "{}", plain.to_json());
+
+        let many: String = (0..33).map(|i| format!(r#""r{i}":1,"#)).collect();
+        let too_many = format!(
+            r#"{{"kind":"noop","resources":{{{}}}}}"#,
+            many.trim_end_matches(',')
+        );
+        let refused_field = [
+            r#"{"kind":"noop","resources":{"cpu":-1}}"#,
+            r#"{"kind":"noop","resources":{"cpu":1e10}}"#,
+            r#"{"kind":"noop","resources":{"a b":1}}"#,
+            too_many.as_str(),
+            r#"{"kind":"noop","require":{"zone":[]}}"#,
+            r#"{"kind":"noop","prefer":{"zone":"a b"}}"#,
+            r#"{"kind":"noop","placement_timeout_ms":0}"#,
+        ];
+        let refused_json = [
+            r#"{"kind":"noop","resources":{"cpu":1e999}}"#,
+            r#"{"kind":"noop","resources":{"cpu":"2"}}"#,
+            r#"{"kind":"noop","resources":[1]}"#,
+            r#"{"kind":"noop","require":{"zone":7}}"#,
+            r#"{"kind":"noop","estimated_ms":-5}"#,
+        ];
+        for (inputs, code) in [
+            (&refused_field[..], "invalid_field"),
+            (&refused_json[..], "invalid_json"),
+        ] {
+            for input in inputs {
+                // The field after `kind`, which the reason must name.
+                let field = input.split('"').nth(5).expect("a field");
+                let err = TaskSpec::parse(input.as_bytes(), LIMIT)
+                    .map(|_| ())
+                    .unwrap_err();
+                assert_eq!(err.code(), code, "{input}: {err}");
+                assert!(err.to_string().contains(field), "{err} names {field}");
+            }
+        }
     }
 
     #[test]

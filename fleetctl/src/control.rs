@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use fleet_common::Priority;
+use fleet_common::placement::QueueSettings;
 use fleet_common::store::{Cancel, Reprioritize, Selector, Store};
 
 use crate::{EXIT_BAD_INPUT, EXIT_ENDED, EXIT_NOT_FOUND};
@@ -110,4 +111,77 @@ pub(crate) async fn set_priority(
             ExitCode::from(EXIT_NOT_FOUND)
         }
     })
+}
+
+/// Prints the queues with run-time settings or placed tasks waiting (or just `name`).
+pub(crate) async fn show_queues(
+    store: &Store,
+    name: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let settings = store.queue_settings().await?;
+    let mut names: std::collections::BTreeSet<String> = settings.keys().cloned().collect();
+    names.extend(store.waiting_queues().await?);
+    if let Some(name) = name {
+        names = [name.to_string()].into();
+    }
+    let mut rows = Vec::new();
+    for queue in names {
+        let waiting = store.waiting_count(&queue).await?;
+        rows.push((queue.clone(), settings.get(&queue).copied(), waiting));
+    }
+    if json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(queue, settings, waiting)| {
+                serde_json::json!({"queue": queue, "runtime_settings": settings, "waiting_for_placement": waiting})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<9} {:<9} {:>20} {:>8}",
+        "queue", "strategy", "placement", "placement_timeout", "waiting"
+    );
+    for (queue, settings, waiting) in rows {
+        match settings {
+            Some(s) => println!(
+                "{:<24} {:<9} {:<9} {:>20} {:>8}",
+                queue,
+                s.strategy.as_str(),
+                s.placement.as_str(),
+                s.placement_timeout_ms
+                    .map_or("none".to_string(), |ms| format!("{ms} ms")),
+                waiting
+            ),
+            None => println!(
+                "{queue:<24} {:<41} {waiting:>8}",
+                "(the schedulers' settings file)"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Stores a queue's run-time settings, or drops them (`None`).
+pub(crate) async fn set_queue(
+    store: &Store,
+    name: &str,
+    settings: Option<QueueSettings>,
+) -> anyhow::Result<()> {
+    store.set_queue_settings(name, settings.as_ref()).await?;
+    match settings {
+        Some(s) => println!(
+            "queue {name}: strategy {}, placement {}{} (applied within about a second)",
+            s.strategy.as_str(),
+            s.placement.as_str(),
+            s.placement_timeout_ms
+                .map_or(String::new(), |ms| format!(", placement timeout {ms} ms"))
+        ),
+        None => println!(
+            "queue {name}: run-time settings dropped; the schedulers' settings file applies"
+        ),
+    }
+    Ok(())
 }

@@ -188,6 +188,14 @@ pub(crate) async fn stats(
             stats.held
         );
     }
+    for (queue, n) in &stats.placing {
+        let queue = if queue.is_empty() {
+            "(arriving)"
+        } else {
+            queue
+        };
+        println!("placing     {queue:<32} {n} waiting for a worker that fits");
+    }
     match lag {
         Ok(per_topic) => {
             for (topic, lag) in per_topic {
@@ -272,6 +280,29 @@ pub(crate) async fn workers(store: &Store, max_age_ms: u64, json: bool) -> anyho
             serde_json::to_string(&w.info.partitions).unwrap_or_default(),
             now.saturating_sub(w.last_seen_ms)
         );
+        println!("    {}", placement_line(&w));
     }
     Ok(())
+}
+
+/// What a worker offers placed tasks and what they hold now:
+/// `capacity cpu 1.5/4 gpu 0/1 memory_mb 512/2048 slots 3/32 · labels zone=eu-1 · weight 1`.
+fn placement_line(w: &fleet_common::store::WorkerView) -> String {
+    let mut line = String::from("capacity");
+    for (name, total) in &w.info.capacity {
+        let used = w.in_use.get(name).copied().unwrap_or(0.0);
+        line.push_str(&format!(" {name} {used}/{total}"));
+    }
+    let labels: Vec<String> = w
+        .info
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let labels = if labels.is_empty() {
+        "none".to_string()
+    } else {
+        labels.join(",")
+    };
+    format!("{line} · labels {labels} · weight {}", w.info.weight.max(1))
 }

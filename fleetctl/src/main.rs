@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_common::Priority;
+use fleet_common::placement::{Policy, QueueSettings, Strategy};
 use fleet_common::settings::{self, CommonSettings};
 use fleet_common::store::{self, Store};
 use fleet_common::task::State;
@@ -135,6 +136,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show or change queues' scheduling settings at run time (strategy, placement policy,
+    /// placement timeout).
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Live workers, from their heartbeats.
     Workers {
         #[arg(long)]
@@ -175,6 +180,37 @@ fn queue_name(text: &str) -> Result<String, String> {
     fleet_common::task::check_queue(text)
         .map(|()| text.to_string())
         .map_err(|err| err.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Each queue's run-time settings and how many placed tasks wait in it.
+    Show {
+        #[arg(value_parser = queue_name)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a queue's settings (options left out take their defaults); every scheduler applies
+    /// them within about a second.
+    Set {
+        #[arg(value_parser = queue_name)]
+        name: String,
+        /// fifo, sjf or fair.
+        #[arg(long, default_value = "fifo")]
+        strategy: Strategy,
+        /// spread, pack, weighted or random.
+        #[arg(long, default_value = "spread")]
+        placement: Policy,
+        /// Fail the queue's placed tasks that wait longer for a worker that fits.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=31_536_000_000))]
+        placement_timeout_ms: Option<u64>,
+    },
+    /// Drop a queue's run-time settings: the schedulers' settings file applies again.
+    Reset {
+        #[arg(value_parser = queue_name)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -330,6 +366,25 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
             };
             let store = connect(settings).await?;
             inspect::list(&store, &filter, cursor, limit as usize, json).await?;
+        }
+        Command::Queue(QueueCommand::Show { name, json }) => {
+            control::show_queues(&connect(settings).await?, name.as_deref(), json).await?;
+        }
+        Command::Queue(QueueCommand::Set {
+            name,
+            strategy,
+            placement,
+            placement_timeout_ms,
+        }) => {
+            let queue = QueueSettings {
+                strategy,
+                placement,
+                placement_timeout_ms,
+            };
+            control::set_queue(&connect(settings).await?, &name, Some(queue)).await?;
+        }
+        Command::Queue(QueueCommand::Reset { name }) => {
+            control::set_queue(&connect(settings).await?, &name, None).await?;
         }
         Command::Workers { json } => {
             inspect::workers(&connect(settings).await?, settings.lease.lease_ms, json).await?;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::publish::Publisher;
+use crate::queues::Queues;
 use crate::settings::SchedulerSettings;
 use fleet_common::dependency::keep_trying;
 
@@ -38,6 +39,7 @@ pub async fn run(
     settings: Arc<SchedulerSettings>,
     store: Store,
     publisher: Publisher,
+    queues: Queues,
     readiness: Readiness,
     token: CancellationToken,
 ) -> fleet_common::shutdown::TaskResult {
@@ -94,6 +96,7 @@ pub async fn run(
             &settings,
             &store,
             &publisher,
+            &queues,
             &to_publish,
             &messages,
             &token,
@@ -188,6 +191,7 @@ async fn handle_batch(
     settings: &SchedulerSettings,
     store: &Store,
     publisher: &Publisher,
+    queues: &Queues,
     to_publish: &mpsc::Sender<AcceptedBatch>,
     messages: &[BorrowedMessage<'_>],
     token: &CancellationToken,
@@ -209,6 +213,7 @@ async fn handle_batch(
         }
     }
 
+    queues.mark(&mut tasks);
     let Some(accepted) = keep_trying(token, "recording submissions in Redis", || {
         store.accept(&tasks)
     })

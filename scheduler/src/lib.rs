@@ -3,8 +3,10 @@
 //! (ingest + relay) and `fleet-reaper` (reaper + relay).
 
 pub mod api;
+pub mod dispatch;
 pub mod ingest;
 pub mod publish;
+pub mod queues;
 pub mod reaper;
 pub mod relay;
 pub mod routing;

@@ -70,6 +70,8 @@ pub struct Publisher {
     /// The priority topics' names, made once: every envelope names its topic.
     task_topics: [Arc<str>; 4],
     router: Arc<Router>,
+    /// Wakes the placement dispatcher when placed tasks were accepted.
+    placing: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -132,7 +134,13 @@ impl Publisher {
             task_topics: Priority::ALL.map(|p| topics.tasks(p).into()),
             topics,
             router: Arc::new(router),
+            placing: Arc::default(),
         }
+    }
+
+    /// Notified when this scheduler accepted placed tasks (see `crate::dispatch`).
+    pub fn placing(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.placing)
     }
 
     pub fn producer(&self) -> &FutureProducer {
@@ -203,6 +211,28 @@ impl Publisher {
             topic,
             span: span.zip(start_ns),
         })
+    }
+
+    /// Publishes a placed task's attempt to `partition` of its priority topic (the producer
+    /// chooses when `None`).
+    pub async fn send_placed(
+        &self,
+        dispatch: &Dispatch,
+        priority: Priority,
+        partition: Option<i32>,
+    ) -> Result<(), KafkaError> {
+        self.send_task(
+            &dispatch.id,
+            priority,
+            None,
+            (
+                &dispatch.record_json,
+                dispatch.attempt,
+                TraceParent::parse(&dispatch.trace).as_ref(),
+            ),
+            partition,
+        )
+        .await
     }
 
     /// Publishes a task taken from Redis (relay or reaper) to a live worker's partition of its
@@ -365,6 +395,9 @@ pub async fn publish_accepted(
                 warn!(task_id = %id, error = %err, "Publishing a task failed; the relay will retry it.");
             }
         }
+    }
+    if accepted.iter().any(|a| matches!(a, Accepted::Placing(_))) {
+        publisher.placing.notify_one();
     }
     let mut duplicates = 0;
     for (task, outcome) in tasks.iter().zip(accepted) {

@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::publish::Publisher;
+use crate::queues::Queues;
 use crate::routing::Router;
 use crate::settings::SchedulerSettings;
-use crate::{api, ingest, reaper, relay};
+use crate::{api, dispatch, ingest, reaper, relay};
 
 /// Connects to Redis (checking the schema version) and Kafka (creating missing topics).
 pub async fn connect(
@@ -111,11 +112,15 @@ pub async fn serve(
 ) -> anyhow::Result<Drain> {
     let (store, publisher) = connect(&settings, role.name()).await?;
     let parts = Parts {
+        queues: Queues::new(settings.scheduler.queues.clone()),
         settings: Arc::new(settings),
         store,
         publisher,
         token: token.clone(),
     };
+    if let Err(err) = parts.queues.refresh(&parts.store).await {
+        warn!(error = %err, "Cannot read the queues' run-time settings yet; the dispatcher retries.");
+    }
     let mut supervisor = Supervisor::new(token);
     let readiness = Readiness::default();
     // With `http.listen` empty there is no listener, and so no API: its group commit would
@@ -130,16 +135,20 @@ pub async fn serve(
     parts.spawn_relay(&mut supervisor);
     parts.spawn_series(&mut supervisor);
     match role {
-        Role::Scheduler => supervisor.spawn(
-            "ingest",
-            ingest::run(
-                parts.settings.clone(),
-                parts.store.clone(),
-                parts.publisher.clone(),
-                readiness.clone(),
-                parts.token.child_token(),
-            ),
-        ),
+        Role::Scheduler => {
+            supervisor.spawn(
+                "ingest",
+                ingest::run(
+                    parts.settings.clone(),
+                    parts.store.clone(),
+                    parts.publisher.clone(),
+                    parts.queues.clone(),
+                    readiness.clone(),
+                    parts.token.child_token(),
+                ),
+            );
+            parts.spawn_dispatcher(&mut supervisor);
+        }
         Role::Reaper => parts.spawn_reaper(&mut supervisor),
     }
     readiness.set(true);
@@ -160,6 +169,8 @@ pub async fn serve(
 /// What a scheduler's or reaper's loops share.
 struct Parts {
     settings: Arc<SchedulerSettings>,
+    /// Each queue's settings (see [`Queues`]).
+    queues: Queues,
     store: Store,
     publisher: Publisher,
     token: CancellationToken,
@@ -194,6 +205,7 @@ impl Parts {
                 publisher: self.publisher.clone(),
                 tokens: Arc::new(tokens),
                 submissions,
+                queues: self.queues.clone(),
             },
             readiness.clone(),
         ))
@@ -241,6 +253,18 @@ impl Parts {
                 },
             ),
         );
+    }
+
+    /// The placement dispatcher (see [`dispatch`]).
+    fn spawn_dispatcher(&self, supervisor: &mut Supervisor) {
+        let dispatcher = dispatch::Dispatcher {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            wake: self.publisher.placing(),
+            live_ms: self.settings.lease.lease_ms,
+            queues: self.queues.clone(),
+        };
+        supervisor.spawn("placement", dispatcher.run(self.token.child_token()));
     }
 
     /// The dashboard's series: every scheduler and reaper offers to sample; the first in each

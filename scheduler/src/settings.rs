@@ -2,8 +2,12 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use fleet_common::placement::QueueSettings;
 use fleet_common::service_settings;
 use fleet_common::settings::{SettingsError, Validate};
+use fleet_common::task::{MAX_DELAY_MS, check_queue};
 use serde::Deserialize;
 
 /// How tasks without a `key` are spread over a priority topic's partitions.
@@ -37,6 +41,10 @@ pub struct SchedulerSection {
     pub batch_size: usize,
     /// How often the relay looks for due tasks (delays, retries, unconfirmed dispatches).
     pub relay_interval_ms: u64,
+    /// How each queue's placed tasks are scheduled (`[scheduler.queues.<name>]`: `strategy`,
+    /// `placement`, `placement_timeout_ms`); the API and `fleetctl queue set` override these at
+    /// run time.
+    pub queues: BTreeMap<String, QueueSettings>,
 }
 
 impl Default for SchedulerSection {
@@ -48,6 +56,7 @@ impl Default for SchedulerSection {
             sticky_run: 16,
             batch_size: 500,
             relay_interval_ms: 250,
+            queues: BTreeMap::new(),
         }
     }
 }
@@ -81,6 +90,20 @@ impl Validate for SchedulerSection {
                 "scheduler.batch_size",
                 "expected 1 to 10000",
             ));
+        }
+        for (name, queue) in &self.queues {
+            check_queue(name).map_err(|err| {
+                SettingsError::invalid("scheduler.queues", format!("queue name: {err}"))
+            })?;
+            if queue
+                .placement_timeout_ms
+                .is_some_and(|ms| ms == 0 || ms > MAX_DELAY_MS)
+            {
+                return Err(SettingsError::invalid(
+                    "scheduler.queues.placement_timeout_ms",
+                    format!("queue {name}: expected 1 to {MAX_DELAY_MS} (one year)"),
+                ));
+            }
         }
         if !(10..=60_000).contains(&self.relay_interval_ms) {
             return Err(SettingsError::invalid(

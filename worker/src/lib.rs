@@ -20,6 +20,7 @@
 //! ```
 
 pub mod builtin;
+pub mod capacity;
 pub mod handler;
 pub mod runtime;
 pub mod settings;

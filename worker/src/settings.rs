@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use fleet_common::placement::{self, Labels, Resources, SLOTS};
 use fleet_common::service_settings;
 use fleet_common::settings::{SettingsError, Validate};
 use serde::Deserialize;
@@ -39,6 +40,14 @@ pub struct WorkerSection {
     /// its partitions a second after the other in half the starts. A Kafka broker answers
     /// such a sync as soon as the leader's arrives; there this only delays the start a little.
     pub join_jitter_ms: u64,
+    /// What this worker offers placed tasks, by resource (`cpu`, `memory_mb`, `gpu`, any
+    /// name). `cpu` and `memory_mb` default to the container's cgroup limits or the machine's;
+    /// `slots` is always `concurrency`.
+    pub capacity: Resources,
+    /// Labels placed tasks' `require` and `prefer` match (`zone = "eu-1"`).
+    pub labels: Labels,
+    /// This worker's share under `weighted` placement, 1 to 1000.
+    pub weight: u32,
 }
 
 impl Default for WorkerSection {
@@ -54,6 +63,9 @@ impl Default for WorkerSection {
             claim_batch: 256,
             group_instance_id: String::new(),
             join_jitter_ms: 150,
+            capacity: Resources::new(),
+            labels: Labels::new(),
+            weight: 1,
         }
     }
 }
@@ -148,6 +160,22 @@ impl Validate for WorkerSection {
                 "expected 1 to 10000",
             ));
         }
+        placement::check_resources(&self.capacity)
+            .map_err(|problem| SettingsError::invalid("worker.capacity", problem))?;
+        if self.capacity.contains_key(SLOTS) {
+            return Err(SettingsError::invalid(
+                "worker.capacity",
+                "`slots` is worker.concurrency; set that instead",
+            ));
+        }
+        placement::check_labels(&self.labels)
+            .map_err(|problem| SettingsError::invalid("worker.labels", problem))?;
+        if !(1..=1000).contains(&self.weight) {
+            return Err(SettingsError::invalid(
+                "worker.weight",
+                "expected 1 to 1000",
+            ));
+        }
         // Kafka allows 249 characters of [a-zA-Z0-9._-] in such names.
         let id = &self.group_instance_id;
         if id.len() > 249
@@ -182,6 +210,51 @@ mod tests {
         }
         section.join_jitter_ms = 0;
         assert_eq!(section.join_jitter(), Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_capacity_labels_and_weight_are_refused_by_name() {
+        let cases: Vec<(WorkerSection, &str)> = vec![
+            (
+                WorkerSection {
+                    capacity: [("gpu".to_string(), -1.0)].into(),
+                    ..WorkerSection::default()
+                },
+                "worker.capacity",
+            ),
+            (
+                WorkerSection {
+                    capacity: [("cpu".to_string(), f64::NAN)].into(),
+                    ..WorkerSection::default()
+                },
+                "worker.capacity",
+            ),
+            (
+                WorkerSection {
+                    capacity: [("slots".to_string(), 4.0)].into(),
+                    ..WorkerSection::default()
+                },
+                "worker.concurrency",
+            ),
+            (
+                WorkerSection {
+                    labels: [("zone".to_string(), "eu 1".to_string())].into(),
+                    ..WorkerSection::default()
+                },
+                "worker.labels",
+            ),
+            (
+                WorkerSection {
+                    weight: 0,
+                    ..WorkerSection::default()
+                },
+                "worker.weight",
+            ),
+        ];
+        for (section, named) in cases {
+            let error = section.validate().unwrap_err().to_string();
+            assert!(error.contains(named), "{error} names {named}");
+        }
     }
 
     #[test]

@@ -26,6 +26,31 @@ pub enum Claim {
     NotReady,
     /// Its queue or priority is paused: the task stays pending, held until the resume.
     Held,
+    /// A placed task that does not fit this worker (labels or room): it went back to wait for
+    /// placement, with no attempt used.
+    Unfit,
+}
+
+/// How a delivery stands to placement, as the claim script takes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Fit {
+    /// A streamed task: no placement.
+    #[default]
+    Streamed,
+    /// A placed task whose `require` this worker's labels satisfy: it starts if its needs fit.
+    Placed,
+    /// A placed task whose `require` this worker's labels do not satisfy.
+    LabelsDiffer,
+}
+
+impl Fit {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Fit::Streamed => "",
+            Fit::Placed => "p",
+            Fit::LabelsDiffer => "x",
+        }
+    }
 }
 
 impl Claim {
@@ -39,6 +64,7 @@ impl Claim {
             6 => Claim::Unknown,
             8 => Claim::Held,
             9 => Claim::Owned,
+            10 => Claim::Unfit,
             _ => Claim::NotReady,
         }
     }
@@ -54,6 +80,7 @@ impl Claim {
             Claim::Unknown => "unknown",
             Claim::NotReady => "not_ready",
             Claim::Held => "held",
+            Claim::Unfit => "unfit",
         }
     }
 }
@@ -115,19 +142,21 @@ impl Store {
         lease_ms: u64,
         deliveries: &[Attempt<'_>],
     ) -> Result<Vec<Claim>, StoreError> {
-        self.claim_call(worker, lease_ms, &new_call_id(), deliveries)
+        self.claim_call(worker, lease_ms, &new_call_id(), deliveries, &[])
             .await
     }
 
     /// Claims deliveries for `worker` in the call `call`. A call that failed may still have
     /// claimed (its reply lost); its retry passes the same `call` and gets [`Claim::Owned`]
-    /// for what it claimed, where another call gets [`Claim::Busy`].
+    /// for what it claimed, where another call gets [`Claim::Busy`]. `fits` says how each
+    /// delivery stands to placement (missing entries: streamed).
     pub async fn claim_call(
         &self,
         worker: &str,
         lease_ms: u64,
         call: &str,
         deliveries: &[Attempt<'_>],
+        fits: &[Fit],
     ) -> Result<Vec<Claim>, StoreError> {
         if deliveries.is_empty() {
             return Ok(Vec::new());
@@ -138,26 +167,36 @@ impl Store {
             .arg(lease_ms)
             .arg(self.timeout_grace_ms)
             .arg(call);
-        for (id, attempt) in deliveries {
-            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
+        for (i, (id, attempt)) in deliveries.iter().enumerate() {
+            let fit = fits.get(i).copied().unwrap_or_default();
+            inv.key(self.keys.task(id))
+                .arg(*id)
+                .arg(*attempt)
+                .arg(fit.as_arg());
         }
         let codes: Vec<i64> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(codes.into_iter().map(Claim::from_code).collect())
     }
 
-    /// Extends the leases of `running` and records the worker as alive; stores each task's
-    /// progress `(percent, message)` where one is given. Leases never run past a task's hard
+    /// Extends the leases of `running` and records the worker as alive, with its `capacity`
+    /// for placed tasks ([`crate::placement::Amounts::encode`] text; empty: none); stores each
+    /// task's progress `(percent, message)` where one is given. Leases never run past a task's hard
     /// deadline.
     pub async fn extend(
         &self,
         worker: &str,
         lease_ms: u64,
         info: &str,
+        capacity: &str,
         running: &[Beat<'_>],
     ) -> Result<Heartbeat, StoreError> {
         let mut inv = self.invocation(&scripts::EXTEND);
         inv.key(self.keys.worker(worker));
-        inv.arg(running.len()).arg(worker).arg(lease_ms).arg(info);
+        inv.arg(running.len())
+            .arg(worker)
+            .arg(lease_ms)
+            .arg(info)
+            .arg(capacity);
         for (id, attempt, progress) in running {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
             match progress {
@@ -180,12 +219,23 @@ impl Store {
         worker: &str,
         outcomes: &[(Attempt<'_>, &Outcome)],
     ) -> Result<Vec<Completion>, StoreError> {
+        self.complete_placed(worker, outcomes, &[]).await
+    }
+
+    /// [`Store::complete`], where `placed[i]` says that outcome `i` is of a placed task, whose
+    /// reservation the ending attempt releases (missing entries: streamed).
+    pub async fn complete_placed(
+        &self,
+        worker: &str,
+        outcomes: &[(Attempt<'_>, &Outcome)],
+        placed: &[bool],
+    ) -> Result<Vec<Completion>, StoreError> {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
         let mut inv = self.invocation(&scripts::COMPLETE);
         inv.arg(outcomes.len()).arg(worker).arg(self.retention_ms);
-        for ((id, attempt), outcome) in outcomes {
+        for (i, ((id, attempt), outcome)) in outcomes.iter().enumerate() {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
             match outcome {
                 Outcome::Ok(result) => inv.arg("ok").arg(result).arg(0),
@@ -193,6 +243,11 @@ impl Store {
                 Outcome::Fail(error) => inv.arg("fail").arg(error).arg(0),
                 Outcome::Cancelled => inv.arg("cancel").arg("").arg(0),
             };
+            inv.arg(if placed.get(i).copied().unwrap_or(false) {
+                "1"
+            } else {
+                ""
+            });
         }
         let answers: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(answers

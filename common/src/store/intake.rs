@@ -52,6 +52,16 @@ impl NewTask {
     }
 }
 
+impl NewTask {
+    /// Makes the task placed (its queue's strategy or policy asks for it).
+    pub fn make_placed(&mut self) {
+        if !self.record.placed {
+            self.record.placed = true;
+            self.record_json = self.record.to_json();
+        }
+    }
+}
+
 /// What [`Store::accept`] did with one submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
@@ -59,6 +69,8 @@ pub enum Accepted {
     Pending(String),
     /// New and waiting for its run time: the relay publishes it then.
     Scheduled(String),
+    /// New and pending, waiting for the dispatcher to choose its worker (a placed task).
+    Placing(String),
     /// Already known (same id or idempotency key): the existing task's id.
     Duplicate(String),
 }
@@ -92,7 +104,8 @@ impl Store {
                 .arg(task.delay_ms)
                 .arg(task.record.timeout_ms)
                 .arg(&task.record.kind)
-                .arg(task.trace.as_str());
+                .arg(task.trace.as_str())
+                .arg(task.record.needs_text());
         }
         let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != tasks.len() {
@@ -105,6 +118,7 @@ impl Store {
             .map(|(row, task)| match row.split_at_checked(1) {
                 Some(("p", "")) => Ok(Accepted::Pending(task.record.id.clone())),
                 Some(("s", "")) => Ok(Accepted::Scheduled(task.record.id.clone())),
+                Some(("w", "")) => Ok(Accepted::Placing(task.record.id.clone())),
                 Some(("d", existing)) if !existing.is_empty() => {
                     Ok(Accepted::Duplicate(existing.to_string()))
                 }

@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 14;
+pub const GLOBAL_KEYS: usize = 19;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -138,6 +138,70 @@ impl Keys {
         join(&[&self.root, ":series:", itoa::Buffer::new().format(slot_ms)])
     }
 
+    /// Sorted set of the ids of placed tasks waiting for a worker to be chosen, scored by when
+    /// they began to wait: new ones, and those handed back by a worker they did not fit.
+    pub fn place_inbox(&self) -> String {
+        format!("{}:place:inbox", self.root)
+    }
+
+    /// Hash of what placed tasks hold on each worker: field worker id, value
+    /// [`crate::placement::Amounts::encode`] text (thousandths).
+    pub fn place_used(&self) -> String {
+        format!("{}:place:used", self.root)
+    }
+
+    /// Hash of each worker's capacity, as its heartbeats report it: field worker id, value
+    /// [`crate::placement::Amounts::encode`] text.
+    pub fn place_capacity(&self) -> String {
+        format!("{}:place:capacity", self.root)
+    }
+
+    /// Sorted set of reservations, members `<worker id>|<task id>`, all scored 0, so that one
+    /// worker's are a lexicographic range.
+    pub fn place_reserved(&self) -> String {
+        format!("{}:place:reserved", self.root)
+    }
+
+    /// Hash of run-time queue settings: field queue name, value
+    /// [`crate::placement::QueueSettings`] JSON (set through the API or `fleetctl queue set`).
+    pub fn queue_settings(&self) -> String {
+        format!("{}:queue-settings", self.root)
+    }
+
+    /// Set of the queues that have placed tasks waiting (in [`Keys::wait`]).
+    pub fn wait_queues(&self) -> String {
+        format!("{}:wait:queues", self.root)
+    }
+
+    /// Sorted set of one queue's placed tasks waiting for a worker, scored by arrival (ms):
+    /// the `fifo` order. [`Keys::wait_sjf`] and [`Keys::wait_fair`] hold the same tasks in the
+    /// other strategies' orders, so a strategy change takes effect at once.
+    pub fn wait(&self, queue: &str) -> String {
+        join(&[&self.root, ":wait:", queue])
+    }
+
+    /// The same tasks as [`Keys::wait`], scored by estimate + arrival (`sjf`).
+    pub fn wait_sjf(&self, queue: &str) -> String {
+        join(&[&self.root, ":wait-sjf:", queue])
+    }
+
+    /// The same tasks as [`Keys::wait`], scored by their start-time fair-queuing tag (`fair`).
+    pub fn wait_fair(&self, queue: &str) -> String {
+        join(&[&self.root, ":wait-fair:", queue])
+    }
+
+    /// Hash of one queue's fair-queuing state: `vtime` (the tag of the last task placed) and
+    /// `key:<key>` (the last tag given to a waiting task of that key).
+    pub fn wait_fair_state(&self, queue: &str) -> String {
+        join(&[&self.root, ":wait-fair-state:", queue])
+    }
+
+    /// Hash of recent run times of placed tasks by kind: field kind, value the last 31
+    /// successful run times (ms), comma-separated, newest last (`sjf`'s default estimate).
+    pub fn run_times(&self) -> String {
+        format!("{}:run-times", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         join(&[&self.root, ":idem:", key])
@@ -145,7 +209,8 @@ impl Keys {
 
     /// The keys every transition script receives first, in this order: leases, due,
     /// dead outbox, the state indexes but `running`'s (the lease set), in [`State::ALL`] order,
-    /// queues, workers, paused, held, totals, outbox.
+    /// queues, workers, paused, held, totals, outbox, then placement's inbox, use, capacity,
+    /// reservations and run times.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -162,6 +227,11 @@ impl Keys {
             self.held(),
             self.totals(),
             self.outbox(),
+            self.place_inbox(),
+            self.place_used(),
+            self.place_capacity(),
+            self.place_reserved(),
+            self.run_times(),
         ]
     }
 }

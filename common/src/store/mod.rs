@@ -6,6 +6,7 @@ mod control;
 mod intake;
 pub mod keys;
 pub mod model;
+mod placement;
 mod query;
 mod relay;
 pub mod scripts;
@@ -17,11 +18,12 @@ use std::time::Duration;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use attempts::{Attempt, Beat, Claim, Completion, Heartbeat, Outcome, new_call_id};
+pub use attempts::{Attempt, Beat, Claim, Completion, Fit, Heartbeat, Outcome, new_call_id};
 pub use control::{Cancel, Reprioritize, Selector};
 pub use intake::{Accepted, NewTask};
 pub use keys::Keys;
 pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, WorkerInfo};
+pub use placement::{Decision, Placed, Waiting};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use relay::{Backlog, Dispatch, Requeue};
 

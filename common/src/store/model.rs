@@ -117,6 +117,18 @@ pub struct StoredTask {
     /// Every ended attempt, oldest first (at most 100).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptEnding>,
+    /// A placed task: what it reserves on its worker (`cpu=1500;slots=1000`, thousandths).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needs: Option<String>,
+    /// A placed task: the worker holding its reservation (chosen, or running it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_on: Option<String>,
+    /// A placed task: when the dispatcher last chose its worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placed_ms: Option<u64>,
+    /// A placed task waiting for a worker: why none took it yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_reason: Option<String>,
     /// Fields this build does not model (an older or newer service's), kept so that readers
     /// still show them.
     #[serde(flatten, serialize_with = "extra_fields")]
@@ -153,6 +165,10 @@ mod field {
     pub(super) const CANCEL_REQUESTED_MS: &str = "cancel_requested_ms";
     pub(super) const TRACE: &str = "trace";
     pub(super) const HISTORY: &str = "history";
+    pub(super) const NEEDS: &str = "needs";
+    pub(super) const RESERVED_ON: &str = "reserved_on";
+    pub(super) const PLACED_MS: &str = "placed_ms";
+    pub(super) const WAIT_REASON: &str = "wait_reason";
     /// Not stored since schema 4 (the key holds it); read from older hashes.
     pub(super) const ID: &str = "id";
 }
@@ -189,6 +205,9 @@ impl StoredTask {
         let trace = text(field::TRACE);
         let history = text(field::HISTORY);
         let stored_id = text(field::ID);
+        let needs = text(field::NEEDS);
+        let reserved_on = text(field::RESERVED_ON);
+        let wait_reason = text(field::WAIT_REASON);
         let mut number = |name: &str| fields.remove(name).and_then(|v| v.parse::<u64>().ok());
         let small = |n: Option<u64>| n.and_then(|n| u32::try_from(n).ok());
         let attempt = small(number(field::ATTEMPT)).unwrap_or(0);
@@ -206,6 +225,7 @@ impl StoredTask {
         let timeout_ms = number(field::TIMEOUT_MS);
         let deadline_ms = number(field::DEADLINE_MS);
         let cancel_requested_ms = number(field::CANCEL_REQUESTED_MS);
+        let placed_ms = number(field::PLACED_MS);
         let updated_ms = last_update(stored_updated, started_ms, finished_ms);
         let mut task = Self {
             id: stored_id.unwrap_or_else(|| id.to_string()),
@@ -237,6 +257,10 @@ impl StoredTask {
             cancel_requested_ms,
             trace,
             history: history.as_deref().map(parse_history).unwrap_or_default(),
+            needs,
+            reserved_on,
+            placed_ms,
+            wait_reason,
             other: fields.into_iter().collect(),
         };
         if history.is_none() && task.state == State::Succeeded {
@@ -330,7 +354,7 @@ impl TaskTimes {
 /// What a worker reports with each heartbeat (`{fleet}:worker:<id>` field `info`): written by
 /// the worker's lease keeper, read by the relay (which partitions are live), `fleetctl
 /// workers`, the API and the dashboard.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WorkerInfo {
     pub host: String,
@@ -347,6 +371,12 @@ pub struct WorkerInfo {
     pub started_ms: u64,
     /// The partitions it consumes, by priority name.
     pub partitions: BTreeMap<String, Vec<i32>>,
+    /// What it offers placed tasks, by resource (`slots` = `concurrency`).
+    pub capacity: BTreeMap<String, f64>,
+    /// Its labels, for placed tasks' `require` and `prefer`.
+    pub labels: BTreeMap<String, String>,
+    /// Its share under `weighted` placement (0 in heartbeats of workers before placement: 1).
+    pub weight: u32,
 }
 
 impl WorkerInfo {

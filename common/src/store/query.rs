@@ -92,6 +92,8 @@ pub struct WorkerView {
     pub info: WorkerInfo,
     pub running: u64,
     pub last_seen_ms: u64,
+    /// What placed tasks hold on it now, by resource (`info.capacity` has the whole).
+    pub in_use: BTreeMap<String, f64>,
 }
 
 /// Task counts for one queue or priority: by state (terminal states are totals since the
@@ -109,6 +111,8 @@ pub struct Stats {
     pub succeeded_per_s: f64,
     pub paused: Vec<String>,
     pub held: u64,
+    /// Placed tasks waiting for a worker, per queue (also counted in `pending`).
+    pub placing: BTreeMap<String, u64>,
     pub counters: BTreeMap<String, u64>,
     /// True when a waiting or running state held more than `STATS_SCAN_LIMIT` tasks: the
     /// per-queue and per-priority counts of that state then cover only the newest ones.
@@ -297,6 +301,7 @@ impl Store {
             succeeded_per_s: last_minute as f64 / 60.0,
             paused: self.paused().await?.iter().map(Selector::member).collect(),
             held: self.held_count().await?,
+            placing: self.placing_counts().await?,
             counters: self.counters().await?.into_iter().collect(),
             partial,
         })
@@ -360,14 +365,25 @@ impl Store {
         } else {
             pipe.query_async(&mut self.conn()).await?
         };
+        let mut used = self.placement_use().await?;
         Ok(live
             .into_iter()
             .zip(rows)
-            .map(|((id, info), (running, seen))| WorkerView {
-                id,
-                info,
-                running: running.unwrap_or(0),
-                last_seen_ms: seen.unwrap_or(0),
+            .map(|((id, info), (running, seen))| {
+                let in_use = used
+                    .remove(&id)
+                    .unwrap_or_default()
+                    .0
+                    .into_iter()
+                    .map(|(name, milli)| (name, milli as f64 / 1000.0))
+                    .collect();
+                WorkerView {
+                    id,
+                    info,
+                    running: running.unwrap_or(0),
+                    last_seen_ms: seen.unwrap_or(0),
+                    in_use,
+                }
             })
             .collect())
     }

@@ -65,6 +65,12 @@ pub static REDRIVE: LazyLock<Script> = transition!("redrive.lua");
 pub static REQUEUE: LazyLock<Script> = transition!("requeue.lua");
 /// See `lua/cancel.lua`.
 pub static CANCEL: LazyLock<Script> = transition!("cancel.lua");
+/// See `lua/place.lua`.
+pub static PLACE: LazyLock<Script> = transition!("place.lua");
+/// See `lua/sort_in.lua`.
+pub static SORT_IN: LazyLock<Script> = transition!("sort_in.lua");
+/// See `lua/revoke.lua`.
+pub static REVOKE: LazyLock<Script> = transition!("revoke.lua");
 /// See `lua/unhold.lua`.
 pub static UNHOLD: LazyLock<Script> = transition!("unhold.lua");
 /// See `lua/reprioritize.lua`.

@@ -62,9 +62,11 @@ const CONSUMER_GROUP_STALLED: &str = "fleet_consumer_group_stalled";
 const CONSUMER_GROUP_REPAIRS: &str = "fleet_consumer_group_repairs_total";
 const CONSUMER_LAG: &str = "fleet_consumer_lag";
 const OTLP_SPANS_DROPPED: &str = "fleet_otlp_spans_dropped_total";
+const PLACEMENT_WAITING: &str = "fleet_placement_waiting";
+const TASKS_PLACED: &str = "fleet_tasks_placed_total";
 
 /// Every metric: name, kind and help text.
-pub const CATALOGUE: [(&str, Kind, &str); 20] = [
+pub const CATALOGUE: [(&str, Kind, &str); 22] = [
     (
         TASKS_ACCEPTED,
         Kind::Counter,
@@ -165,6 +167,16 @@ pub const CATALOGUE: [(&str, Kind, &str); 20] = [
         Kind::Counter,
         "Spans dropped because the OTLP queue was full or the collector did not answer.",
     ),
+    (
+        PLACEMENT_WAITING,
+        Kind::Gauge,
+        "Placed tasks waiting for a worker, as this scheduler's dispatcher last counted them (at most 500 counted).",
+    ),
+    (
+        TASKS_PLACED,
+        Kind::Counter,
+        "Placed tasks this scheduler's dispatcher published to a worker it chose.",
+    ),
 ];
 
 /// Registers every metric's help text with the installed recorder.
@@ -191,6 +203,16 @@ pub fn tasks_duplicate() -> Counter {
 /// Submissions refused for `reason` (a reject code).
 pub fn tasks_rejected(reason: &'static str) -> Counter {
     emit::counter(TASKS_REJECTED, &[("reason", reason.into())])
+}
+
+/// Placed tasks waiting for a worker (see `scheduler/src/dispatch.rs`).
+pub fn placement_waiting() -> Gauge {
+    emit::gauge(PLACEMENT_WAITING, &[])
+}
+
+/// Placed tasks published to a chosen worker.
+pub fn tasks_placed() -> Counter {
+    emit::counter(TASKS_PLACED, &[])
 }
 
 /// Tasks requeued by the reaper: the series without labels, registered at start so that it is

@@ -393,6 +393,17 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
             let (code, _, err) = run_binary(binary, args, &bad_id);
             assert_eq!(code, 2, "{binary}: {err}");
             assert!(err.contains("worker.group_instance_id"), "{binary}: {err}");
+            for (var, value, key) in [
+                ("FLEET__WORKER__CAPACITY__GPU", "lots", "worker.capacity"),
+                ("FLEET__WORKER__CAPACITY__GPU", "-1", "worker.capacity"),
+                ("FLEET__WORKER__CAPACITY__CPU", "1e12", "worker.capacity"),
+                ("FLEET__WORKER__LABELS__ZONE", "eu 1", "worker.labels"),
+                ("FLEET__WORKER__WEIGHT", "0", "worker.weight"),
+            ] {
+                let (code, _, err) = run_binary(binary, args, &[(var, value)]);
+                assert_eq!(code, 2, "{binary} {var}={value}: {err}");
+                assert!(err.contains(key), "{binary} {var}={value}: {err}");
+            }
         }
         let (code, _, err) = run_binary(binary, args, &[("FLEET__LEASE__HEARTBEAT_MS", "20000")]);
         assert_eq!(code, 2, "{binary}: {err}");
@@ -437,6 +448,16 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
             "scheduler.sticky_run",
         ),
         ("FLEET__SCHEDULER__PARTITIONER", "by_magic", "scheduler"),
+        (
+            "FLEET__SCHEDULER__QUEUES__MAIL__STRATEGY",
+            "lifo",
+            "scheduler.queues",
+        ),
+        (
+            "FLEET__SCHEDULER__QUEUES__MAIL__PLACEMENT_TIMEOUT_MS",
+            "0",
+            "scheduler.queues.placement_timeout_ms",
+        ),
     ] {
         let (code, _, err) = run_binary("fleet-scheduler", &["--check-config"], &[(var, value)]);
         assert_eq!(code, 2, "{var}={value}: {err}");

@@ -21,6 +21,7 @@ mod harness;
 mod hostile;
 mod lifecycle;
 mod metrics;
+mod placement;
 mod series;
 mod store;
 mod store_control;

@@ -186,7 +186,7 @@ async fn claims_answer_for_every_kind_of_delivery() {
     );
     assert_eq!(
         store
-            .claim_call("w1", lease, "c1", &[("t", 1), ("t", 1)])
+            .claim_call("w1", lease, "c1", &[("t", 1), ("t", 1)], &[])
             .await
             .unwrap(),
         [Claim::Claimed, Claim::Owned],
@@ -200,7 +200,7 @@ async fn claims_answer_for_every_kind_of_delivery() {
     // A retry of the call, as after a lost reply: the attempt is its own, unchanged.
     assert_eq!(
         store
-            .claim_call("w1", lease, "c1", &[("t", 1)])
+            .claim_call("w1", lease, "c1", &[("t", 1)], &[])
             .await
             .unwrap(),
         [Claim::Owned]
@@ -251,7 +251,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
     assert_eq!(
         store
-            .extend("w1", 3_000, "{}", &[("t", 1, None)])
+            .extend("w1", 3_000, "{}", "", &[("t", 1, None)])
             .await
             .unwrap()
             .lost,
@@ -259,7 +259,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     );
     assert_eq!(
         store
-            .extend("w2", 3_000, "{}", &[("t", 1, None)])
+            .extend("w2", 3_000, "{}", "", &[("t", 1, None)])
             .await
             .unwrap()
             .lost,
@@ -268,7 +268,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     );
     assert_eq!(
         store
-            .extend("w1", 3_000, "{}", &[("t", 2, None)])
+            .extend("w1", 3_000, "{}", "", &[("t", 2, None)])
             .await
             .unwrap()
             .lost,
@@ -293,7 +293,7 @@ async fn heartbeats_and_completions_of_stale_attempts_are_fenced() {
     let ok = Outcome::Ok("\"zombie\"".into());
     assert_eq!(
         store
-            .extend("w1", 3_000, "{}", &[("t", 1, None)])
+            .extend("w1", 3_000, "{}", "", &[("t", 1, None)])
             .await
             .unwrap()
             .lost,
@@ -625,7 +625,7 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
     let store = env.store_with(&[r#"{"id":"t","kind":"noop"}"#]).await;
     store.claim("w1", 3_000, &[("t", 1)]).await.unwrap();
     store
-        .extend("w2", 3_000, "{}", &[("t", 1, Some((50, "not mine")))])
+        .extend("w2", 3_000, "{}", "", &[("t", 1, Some((50, "not mine")))])
         .await
         .unwrap();
     assert!(
@@ -633,11 +633,17 @@ async fn progress_is_stored_only_for_the_owner_of_the_current_attempt() {
         "a stranger's progress is ignored"
     );
     store
-        .extend("w1", 3_000, "{}", &[("t", 1, Some((40, "halfway-ish")))])
+        .extend(
+            "w1",
+            3_000,
+            "{}",
+            "",
+            &[("t", 1, Some((40, "halfway-ish")))],
+        )
         .await
         .unwrap();
     store
-        .extend("w1", 3_000, "{}", &[("t", 1, None)])
+        .extend("w1", 3_000, "{}", "", &[("t", 1, None)])
         .await
         .unwrap();
     let t = store.task("t").await.unwrap().unwrap();

@@ -75,7 +75,7 @@ async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report
     // The running task's worker hears of it at its next heartbeat, and its success report
     // after the cancel still ends it cancelled — exactly once.
     let beat = store
-        .extend("w", 3_000, "{}", &[("r", 1, None)])
+        .extend("w", 3_000, "{}", "", &[("r", 1, None)])
         .await
         .unwrap();
     assert_eq!((beat.lost, beat.cancel), (vec![], vec![0]));
@@ -317,7 +317,7 @@ async fn leases_stop_at_the_hard_deadline_and_the_reaper_ends_the_attempt_as_a_t
     tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
     // Heartbeats keep coming, but cannot push the lease past the deadline.
     store
-        .extend("w", 60_000, "{}", &[("t", 1, None), ("free", 1, None)])
+        .extend("w", 60_000, "{}", "", &[("t", 1, None), ("free", 1, None)])
         .await
         .unwrap();
     assert_eq!(score("t").await, deadline);

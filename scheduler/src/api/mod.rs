@@ -9,6 +9,7 @@ mod auth;
 mod error;
 mod fleet;
 pub mod group;
+mod queues;
 mod tasks;
 
 use std::sync::Arc;
@@ -46,6 +47,10 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::POST, "/v1/resume"),
     (Method::GET, "/v1/stats"),
     (Method::GET, "/v1/workers"),
+    (Method::GET, "/v1/queues"),
+    (Method::GET, "/v1/queues/{name}"),
+    (Method::PUT, "/v1/queues/{name}"),
+    (Method::DELETE, "/v1/queues/{name}"),
     (Method::GET, "/v1/series"),
     (Method::GET, "/v1/openapi.json"),
     (Method::GET, "/healthz"),
@@ -63,6 +68,8 @@ pub struct ApiState {
     pub tokens: Arc<Vec<Secret>>,
     /// Submissions go through group commit (see `group.rs`).
     pub submissions: group::SubmitGroup,
+    /// Each queue's scheduling settings.
+    pub queues: crate::queues::Queues,
 }
 
 /// The whole HTTP surface of the scheduler.
@@ -79,6 +86,11 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
         .route("/v1/resume", post(fleet::resume))
         .route("/v1/stats", get(fleet::stats))
         .route("/v1/workers", get(fleet::workers))
+        .route("/v1/queues", get(queues::list))
+        .route(
+            "/v1/queues/{name}",
+            get(queues::get).put(queues::put).delete(queues::delete),
+        )
         .route("/v1/series", get(fleet::series))
         // Before the token layer: layered routes no longer take a fallback.
         .method_not_allowed_fallback(error::method_not_allowed)

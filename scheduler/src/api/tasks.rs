@@ -61,6 +61,7 @@ pub(super) async fn submit(
         task.trace = TraceParent::continue_or_start(parent.as_ref());
         tasks.push(task);
     }
+    state.queues.mark(&mut tasks);
     let accepted = state.submissions.submit(tasks).await.map_err(|err| {
         tracing::warn!(error = %err, "Accepting submissions failed.");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err)
@@ -73,6 +74,9 @@ pub(super) async fn submit(
         .map(|a| match a {
             Accepted::Pending(id) => json!({"id": id, "state": "pending", "duplicate": false}),
             Accepted::Scheduled(id) => json!({"id": id, "state": "scheduled", "duplicate": false}),
+            Accepted::Placing(id) => {
+                json!({"id": id, "state": "pending", "placing": true, "duplicate": false})
+            }
             Accepted::Duplicate(id) => json!({"id": id, "duplicate": true}),
         })
         .collect();
@@ -234,6 +238,15 @@ pub(super) async fn priority(
 
 /// A small JSON body, with errors that name what was wrong.
 pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|err| ApiError::bad_request("invalid_json", format!("body: {err}")))
+    let mut json = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut json).map_err(|err| {
+        // Name the field: serde's own text says only where in the body it went wrong.
+        let path = err.path().to_string();
+        let message = if path == "." {
+            format!("body: {}", err.inner())
+        } else {
+            format!("body: `{path}`: {}", err.inner())
+        };
+        ApiError::bad_request("invalid_json", message)
+    })
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_common::dependency::keep_trying;
-use fleet_common::store::{Claim, Store, new_call_id};
+use fleet_common::placement;
+use fleet_common::store::{Claim, Fit, Store, new_call_id};
 use fleet_common::wire::Envelope;
 use fleet_common::{kafka, membership, wire};
 use rdkafka::producer::FutureProducer;
@@ -95,13 +96,16 @@ impl Claimer {
     /// until it answers). `None` on shutdown.
     async fn claim(&self, picked: &[Delivery], token: &CancellationToken) -> Option<Vec<Claim>> {
         let shared = &self.shared;
-        let attempts: Vec<(&str, u32)> = picked
-            .iter()
-            .filter_map(|d| {
-                d.envelope
-                    .as_ref()
-                    .ok()
-                    .map(|e| (e.task.id.as_str(), e.attempt))
+        let envelopes = || picked.iter().filter_map(|d| d.envelope.as_ref().ok());
+        let attempts: Vec<(&str, u32)> = envelopes()
+            .map(|e| (e.task.id.as_str(), e.attempt))
+            .collect();
+        let labels = &shared.settings.worker.labels;
+        let fits: Vec<Fit> = envelopes()
+            .map(|e| match &e.task {
+                t if !t.is_placed() => Fit::Streamed,
+                t if placement::labels_match(&t.require, labels) => Fit::Placed,
+                _ => Fit::LabelsDiffer,
             })
             .collect();
         // One id for the call and its retries: a retry answers `Owned` for what a try whose
@@ -110,7 +114,7 @@ impl Claimer {
         let lease_ms = shared.settings.lease.lease_ms;
         let claims = keep_trying(token, "claiming tasks", || {
             self.store
-                .claim_call(&shared.worker_id, lease_ms, &call, &attempts)
+                .claim_call(&shared.worker_id, lease_ms, &call, &attempts, &fits)
         })
         .await;
         if claims.is_none() {
@@ -216,6 +220,13 @@ fn refusal<'a>(delivery: &'a Delivery, envelope: &Envelope, claim: Claim) -> Opt
             "unknown_task",
             format!("task {} is not in Redis", envelope.task.id),
         ),
+        Claim::Unfit => {
+            debug!(
+                task_id = %envelope.task.id, attempt = envelope.attempt,
+                "Placed task does not fit this worker; sent back to wait for placement."
+            );
+            return None;
+        }
         Claim::Held => {
             debug!(
                 task_id = %envelope.task.id, attempt = envelope.attempt,

@@ -80,6 +80,7 @@ pub(super) fn prepare(
             cancelled_at: None,
             progress: ctx.progress_slot(),
             metrics: Arc::clone(&metrics),
+            placed: task.is_placed(),
             _slot: slot,
         },
     );
@@ -99,6 +100,7 @@ pub(super) fn prepare(
         .filter(|_| otlp::enabled())
         .map(|trace| (trace.child(), otlp::now_ns(), shared.worker_id.clone()));
     let task_id = id.clone();
+    let placed = task.is_placed();
     let run = async move {
         let outcome = call.run(ctx, attempt).await;
         if let Some((span, start_ns, worker_id)) = exported {
@@ -117,6 +119,7 @@ pub(super) fn prepare(
             outcome,
             started,
             metrics,
+            placed,
         });
     }
     .instrument(span);
@@ -290,9 +293,10 @@ pub(super) async fn complete_loop(
             .iter()
             .map(|f| ((&*f.id, f.attempt), &f.outcome))
             .collect();
+        let placed: Vec<bool> = batch.iter().map(|f| f.placed).collect();
         let never = CancellationToken::new();
         let answers = keep_trying(&never, "recording task outcomes", || {
-            store.complete(&shared.worker_id, &outcomes)
+            store.complete_placed(&shared.worker_id, &outcomes, &placed)
         })
         .await
         .unwrap_or_default();

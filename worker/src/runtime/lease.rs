@@ -96,11 +96,13 @@ async fn keep_leases(
         return;
     };
     let info = worker_info(&shared, kinds);
+    let capacity = fleet_common::placement::Amounts::capacity(&shared.capacity).encode();
     let mut keeper = Keeper {
         shared,
         store,
         done,
         info,
+        capacity,
         last_ok: Instant::now(),
     };
     let mut tick = tokio::time::interval(keeper.shared.settings.lease.heartbeat());
@@ -158,6 +160,9 @@ fn worker_info(shared: &Shared, kinds: String) -> WorkerInfo {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         partitions: Default::default(),
+        capacity: shared.capacity.clone(),
+        labels: settings.worker.labels.clone(),
+        weight: settings.worker.weight,
     }
 }
 
@@ -170,6 +175,8 @@ struct Keeper {
     store: Store,
     done: mpsc::UnboundedSender<Finished>,
     info: WorkerInfo,
+    /// The capacity as Redis keeps it, for the placement scripts.
+    capacity: String,
     /// When a heartbeat last succeeded.
     last_ok: Instant,
 }
@@ -205,6 +212,7 @@ impl Keeper {
                 &self.shared.worker_id,
                 settings.lease.lease_ms,
                 &info,
+                &self.capacity,
                 &beats,
             )
             .await
@@ -313,6 +321,7 @@ fn abort_cancelled(shared: &Shared, done: &mpsc::UnboundedSender<Finished>) {
                 outcome: Outcome::Cancelled,
                 started: entry.started,
                 metrics: entry.metrics.clone(),
+                placed: entry.placed,
             };
             let done = done.clone();
             tokio::spawn(async move {

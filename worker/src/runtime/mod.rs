@@ -57,6 +57,8 @@ pub enum WorkerError {
     Kafka(#[from] KafkaError),
     #[error("HTTP listener: {0}")]
     Http(#[from] std::io::Error),
+    #[error(transparent)]
+    Capacity(#[from] crate::capacity::CapacityError),
 }
 
 /// Workers use round-robin assignment: it spreads the partitions of every priority topic over
@@ -84,6 +86,8 @@ struct Running {
     /// Progress the handler reported since the last heartbeat.
     progress: crate::handler::ProgressSlot,
     metrics: Arc<task_metrics::TaskMetrics>,
+    /// A placed task: its end releases what it reserved on this worker.
+    placed: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -95,6 +99,7 @@ struct Finished {
     outcome: store::Outcome,
     started: Instant,
     metrics: Arc<task_metrics::TaskMetrics>,
+    placed: bool,
 }
 
 /// State shared by the worker's loops.
@@ -118,6 +123,8 @@ struct Shared {
     metrics: task_metrics::MetricsCache,
     /// Queue waits of the tasks started since the last heartbeat, for the dashboard's series.
     waits: Mutex<WaitSample>,
+    /// What this worker offers placed tasks (see [`crate::capacity`]).
+    capacity: fleet_common::placement::Resources,
 }
 
 impl Shared {
@@ -171,10 +178,17 @@ impl Worker {
     pub async fn run(self, token: CancellationToken) -> Result<Drain, WorkerError> {
         let settings = self.settings;
         let worker_id: Arc<str> = settings.worker.worker_id().into();
+        let capacity =
+            crate::capacity::capacity(&settings.worker.capacity, settings.worker.concurrency)?;
         let store = connect_store(&settings).await?;
         let consumer = Arc::new(join_group(&settings, &worker_id, &token).await?);
         let topics = Topics::from_settings(&settings.topics);
-        let shared = Arc::new(Shared::new(worker_id.clone(), settings.clone(), &topics));
+        let shared = Arc::new(Shared::new(
+            worker_id.clone(),
+            settings.clone(),
+            &topics,
+            capacity,
+        ));
         let readiness = Readiness::default();
         let watcher = tokio::spawn(membership::watch(
             consumer.clone(),
@@ -191,6 +205,7 @@ impl Worker {
         info!(
             worker_id = %worker_id, group = %settings.worker.group_id,
             concurrency = settings.worker.concurrency,
+            capacity = ?shared.capacity, labels = ?settings.worker.labels,
             kinds = ?self.registry.kinds(), "Worker started."
         );
         let refuser = claim::Refuser {
@@ -231,7 +246,12 @@ impl Worker {
 }
 
 impl Shared {
-    fn new(worker_id: Arc<str>, settings: Arc<WorkerSettings>, topics: &Topics) -> Self {
+    fn new(
+        worker_id: Arc<str>,
+        settings: Arc<WorkerSettings>,
+        topics: &Topics,
+        capacity: fleet_common::placement::Resources,
+    ) -> Self {
         Self {
             worker_id,
             topic_names: Priority::ALL.map(|p| topics.tasks(p)),
@@ -246,6 +266,7 @@ impl Shared {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
             metrics: task_metrics::MetricsCache::new(),
             waits: Mutex::default(),
+            capacity,
             settings,
         }
     }
