@@ -385,11 +385,31 @@ pub struct Ask<'a> {
     pub priority: usize,
 }
 
+/// Why no worker took a task: a short code for metrics and the words its status shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    /// `no_worker`, `kind`, `labels`, `capacity` (no worker has enough even when idle) or
+    /// `room` (fitting workers are busy).
+    pub code: &'static str,
+    pub reason: String,
+}
+
+impl Unplaced {
+    pub const CODES: [&'static str; 5] = ["no_worker", "kind", "labels", "capacity", "room"];
+
+    fn new(code: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Chooses a worker for `ask` among `offers` by `policy`, and counts its needs as used there;
-/// or says why none fits, in words for the task's status.
-pub fn choose(ask: Ask<'_>, offers: &mut [Offer], policy: Policy) -> Result<usize, String> {
+/// or says why none fits.
+pub fn choose(ask: Ask<'_>, offers: &mut [Offer], policy: Policy) -> Result<usize, Unplaced> {
     if offers.is_empty() {
-        return Err("no live worker".into());
+        return Err(Unplaced::new("no_worker", "no live worker"));
     }
     let takes =
         |o: &Offer| !o.partitions[ask.priority].is_empty() && o.kinds.iter().any(|k| k == ask.kind);
@@ -398,9 +418,11 @@ pub fn choose(ask: Ask<'_>, offers: &mut [Offer], policy: Policy) -> Result<usiz
         .collect();
     if labelled.is_empty() {
         return Err(if !offers.iter().any(takes) {
-            format!("no live worker runs kind {} at this priority", ask.kind)
+            let reason = format!("no live worker runs kind {} at this priority", ask.kind);
+            Unplaced::new("kind", reason)
         } else {
-            format!("no live worker has labels {}", describe_rules(ask.require))
+            let reason = format!("no live worker has labels {}", describe_rules(ask.require));
+            Unplaced::new("labels", reason)
         });
     }
     // A resource no labelled worker has enough of in all, even when idle.
@@ -409,7 +431,8 @@ pub fn choose(ask: Ask<'_>, offers: &mut [Offer], policy: Policy) -> Result<usiz
             .iter()
             .all(|&i| offers[i].capacity.get(name) < **need)
     }) {
-        return Err(format!("no live worker has {name} ≥ {}", show_milli(*need)));
+        let reason = format!("no live worker has {name} ≥ {}", show_milli(*need));
+        return Err(Unplaced::new("capacity", reason));
     }
     let fitting: Vec<usize> = labelled
         .iter()
@@ -428,10 +451,11 @@ pub fn choose(ask: Ask<'_>, offers: &mut [Offer], policy: Policy) -> Result<usiz
         let mut names = busy.clone();
         names.sort_unstable();
         names.dedup();
-        return Err(format!(
+        let reason = format!(
             "waiting for room: every fitting worker is short of {}",
             names.join(", ")
-        ));
+        );
+        return Err(Unplaced::new("room", reason));
     };
     // Soft rules first: only the workers that satisfy the most of them.
     let best = fitting
@@ -545,14 +569,16 @@ mod tests {
         );
         // The only GPU is reserved now.
         let err = choose(ask(&gpu, &none, &none), &mut offers, Policy::Spread).unwrap_err();
-        assert!(err.contains("short of gpu"), "{err}");
+        assert!(err.reason.contains("short of gpu"), "{err:?}");
+        assert_eq!(err.code, "room");
         let two = needs(&[("gpu", 2.0)]);
         let err = choose(ask(&two, &none, &none), &mut offers, Policy::Spread).unwrap_err();
-        assert_eq!(err, "no live worker has gpu ≥ 2");
+        assert_eq!(err.reason, "no live worker has gpu ≥ 2");
+        assert_eq!(err.code, "capacity");
         let zone_c: LabelRules = [("zone".to_string(), LabelMatch::One("c".into()))].into();
         let cpu = needs(&[("cpu", 1.0)]);
         let err = choose(ask(&cpu, &zone_c, &none), &mut offers, Policy::Spread).unwrap_err();
-        assert_eq!(err, "no live worker has labels zone=c");
+        assert_eq!(err.reason, "no live worker has labels zone=c");
         let zone_a: LabelRules = [(
             "zone".to_string(),
             LabelMatch::AnyOf(vec!["a".into(), "x".into()]),
@@ -625,10 +651,12 @@ mod tests {
         let none = LabelRules::new();
         let slot = needs(&[]);
         let err = choose(ask(&slot, &none, &none), &mut offers, Policy::Spread).unwrap_err();
-        assert!(err.contains("runs kind work"), "{err}");
+        assert!(err.reason.contains("runs kind work"), "{err:?}");
+        assert_eq!(err.code, "kind");
+        let err = choose(ask(&slot, &none, &none), &mut [], Policy::Spread).unwrap_err();
         assert_eq!(
-            choose(ask(&slot, &none, &none), &mut [], Policy::Spread),
-            Err("no live worker".into())
+            (err.code, err.reason.as_str()),
+            ("no_worker", "no live worker")
         );
     }
 }

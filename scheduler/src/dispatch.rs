@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_common::Priority;
-use fleet_common::placement::{self, Amounts, Ask, Offer, QueueSettings};
+use fleet_common::placement::{self, Amounts, Ask, Offer, QueueSettings, Unplaced};
 use fleet_common::store::{Decision, Placed, Store, StoreError, Waiting, WorkerInfo};
 use fleet_common::task::TaskRecord;
 use fleet_common::telemetry::metrics;
@@ -28,6 +28,11 @@ const WINDOW: usize = 500;
 /// How long the dispatcher sleeps after a round that placed nothing, unless woken by a
 /// submission this scheduler accepted: how soon room that frees up on a worker is used.
 const IDLE: Duration = Duration::from_millis(50);
+/// How long it sleeps when nothing waits at all, unless woken: how soon it sees tasks that
+/// arrive through other schedulers, retries and hand-backs.
+const IDLE_EMPTY: Duration = Duration::from_millis(250);
+/// Placement timeouts are checked at least this often while the view does not change.
+const TIMEOUT_SLOT_MS: u64 = 2_000;
 /// How often it reads the queues' run-time settings and looks for workers that are gone (and
 /// takes back what they held).
 const EVERY_SECOND: Duration = Duration::from_secs(1);
@@ -54,6 +59,7 @@ impl Dispatcher {
         info!("Placement dispatcher started.");
         let mut last_second = Instant::now() - EVERY_SECOND;
         let mut turn = 0usize;
+        let mut last_view = None;
         while !token.is_cancelled() {
             if last_second.elapsed() >= EVERY_SECOND {
                 last_second = Instant::now();
@@ -63,16 +69,22 @@ impl Dispatcher {
                 self.revoke().await;
             }
             turn = turn.wrapping_add(1);
-            let more = self.round(turn).await.unwrap_or_else(|err| {
-                warn!(error = %err, "Placement round failed; retrying.");
-                false
-            });
-            if !more {
-                tokio::select! {
-                    () = token.cancelled() => {}
-                    () = self.wake.notified() => {}
-                    () = tokio::time::sleep(IDLE) => {}
-                }
+            let round = self
+                .round(turn, &mut last_view)
+                .await
+                .unwrap_or_else(|err| {
+                    warn!(error = %err, "Placement round failed; retrying.");
+                    Round::Waiting
+                });
+            let pause = match round {
+                Round::More => continue,
+                Round::Waiting => IDLE,
+                Round::Empty => IDLE_EMPTY,
+            };
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
         info!("Placement dispatcher stopped.");
@@ -106,42 +118,69 @@ impl Dispatcher {
     /// One round: sorts new arrivals into their queues, then, queue by queue (starting at a
     /// different one each `turn`, so queues share room in turn), decides for the first tasks in
     /// the queue's strategy order, records the decisions and publishes the placed tasks.
-    /// Returns whether to go on at once (a full window was placed or sorted in).
-    async fn round(&self, turn: usize) -> Result<bool, StoreError> {
-        let medians = medians(self.store.run_times().await?);
-        let sorted = self
-            .store
-            .sort_in(WINDOW, |record| estimate(record, &medians))
-            .await?;
+    ///
+    /// A round whose view (the live workers, what they hold, the queues' settings, the 2-second
+    /// slot for placement timeouts) is the one the previous round ended with, with nothing new
+    /// sorted in, skips the queues: nothing it could decide would differ. So a backlog that
+    /// fits nowhere costs a few reads a round, not a read of every task it holds.
+    async fn round(&self, turn: usize, last_view: &mut Option<u64>) -> Result<Round, StoreError> {
+        let mut sorted = 0;
+        if self.store.inbox_len().await? > 0 {
+            let medians = medians(self.store.run_times().await?);
+            sorted = self
+                .store
+                .sort_in(WINDOW, |record| estimate(record, &medians))
+                .await?;
+        }
         let mut queues = self.store.waiting_queues().await?;
         if queues.is_empty() {
             metrics::placement_waiting().set(0.0);
-            return Ok(sorted >= WINDOW);
+            *last_view = None;
+            return Ok(if sorted >= WINDOW {
+                Round::More
+            } else {
+                Round::Empty
+            });
         }
-        let start = turn % queues.len();
-        queues.rotate_left(start);
         let now = self.store.redis_time_ms().await?;
         let mut offers = self.offers().await?;
+        let view = fingerprint(&offers, &self.queues.all(), now / TIMEOUT_SLOT_MS);
+        if sorted == 0 && *last_view == Some(view) {
+            return Ok(Round::Waiting);
+        }
+        let n = queues.len();
+        queues.rotate_left(turn % n);
         let mut more = sorted >= WINDOW;
+        let mut changed = false;
         let mut waiting_now = 0;
+        let mut unplaced = BTreeMap::new();
         for queue in &queues {
             let settings = self.queues.get(queue);
             let waiting = self
                 .store
                 .waiting_in(queue, settings.strategy, WINDOW)
                 .await?;
-            let placed = self
-                .place(queue, &settings, &waiting, &mut offers, now)
+            let decided = self
+                .place(queue, &settings, &waiting, &mut offers, now, &mut unplaced)
                 .await?;
-            more |= placed > 0 && waiting.len() == WINDOW;
+            more |= decided.published > 0 && waiting.len() == WINDOW;
+            changed |= decided.recorded;
             waiting_now += self.store.waiting_count(queue).await?;
         }
         metrics::placement_waiting().set(waiting_now as f64);
-        Ok(more)
+        for code in Unplaced::CODES {
+            let n = unplaced.get(code).copied().unwrap_or(0);
+            metrics::placement_unplaceable(code).set(n as f64);
+        }
+        export_use(&self.store, &offers).await;
+        // What this round recorded changes the view (and what it published, the use): only a
+        // round that recorded nothing leaves a view the next can trust.
+        *last_view = (!changed).then_some(view);
+        Ok(if more { Round::More } else { Round::Waiting })
     }
 
     /// Decides for `waiting` (tasks of `queue`, in its strategy's order), records the
-    /// decisions and publishes what was placed. Returns how many were published.
+    /// decisions and publishes what was placed.
     async fn place(
         &self,
         queue: &str,
@@ -149,11 +188,12 @@ impl Dispatcher {
         waiting: &[Waiting],
         offers: &mut [Offer],
         now: u64,
-    ) -> Result<usize, StoreError> {
+        unplaced: &mut BTreeMap<&'static str, u64>,
+    ) -> Result<Decided, StoreError> {
         let decisions: Vec<(Decision, Option<&str>)> = waiting
             .iter()
             .filter_map(|task| {
-                let decision = decide(task, offers, now, settings)?;
+                let decision = decide(task, offers, (now, settings), unplaced)?;
                 let fair_key = task.record.as_ref().and_then(|r| r.key.as_deref());
                 Some((decision, fair_key))
             })
@@ -163,7 +203,11 @@ impl Dispatcher {
         let mut sending = Vec::new();
         for ((decision, _), outcome) in decisions.iter().zip(&outcomes) {
             match (decision, outcome) {
-                (Decision::Place { worker, .. }, Placed::Placed(dispatch)) => {
+                (Decision::Place { id, worker }, Placed::Placed(dispatch)) => {
+                    if let Some(task) = waiting.iter().find(|w| &w.id == id) {
+                        let waited = now.saturating_sub(task.since_ms);
+                        metrics::placement_wait().record(waited as f64 / 1000.0);
+                    }
                     sending.push((worker.as_str(), dispatch));
                 }
                 (Decision::Wait { id, reason }, Placed::Waiting) => {
@@ -199,7 +243,10 @@ impl Dispatcher {
             }
         }
         self.store.dispatched(&sent).await?;
-        Ok(sent.len())
+        Ok(Decided {
+            published: sent.len(),
+            recorded: !decisions.is_empty(),
+        })
     }
 
     /// The live workers with what they offer and what placed tasks hold on them.
@@ -213,13 +260,69 @@ impl Dispatcher {
     }
 }
 
+/// Exports each live worker's capacity and what placed tasks hold on it (as Redis has it now,
+/// this round's placements included).
+async fn export_use(store: &Store, offers: &[Offer]) {
+    let used = store.placement_use().await.unwrap_or_default();
+    for offer in offers {
+        for (resource, milli) in &offer.capacity.0 {
+            let held = used.get(&offer.id).map_or(0, |u| u.get(resource));
+            metrics::worker_resource(false, offer.id.clone(), resource.clone())
+                .set(*milli as f64 / 1000.0);
+            metrics::worker_resource(true, offer.id.clone(), resource.clone())
+                .set(held as f64 / 1000.0);
+        }
+    }
+}
+
+/// How a round went, and so how soon the next comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// A full window was placed or sorted in: more may wait, go on at once.
+    More,
+    /// Tasks wait: look again after [`IDLE`] (room frees up as tasks end).
+    Waiting,
+    /// Nothing waits: look again after [`IDLE_EMPTY`] or when woken by a submission.
+    Empty,
+}
+
+/// What one queue's decisions came to.
+#[derive(Debug, Clone, Copy)]
+struct Decided {
+    /// Placed tasks published.
+    published: usize,
+    /// Whether anything was recorded (a placement, a failure, a changed reason).
+    recorded: bool,
+}
+
+/// A fingerprint of what decisions depend on besides the waiting tasks.
+fn fingerprint(offers: &[Offer], queues: &BTreeMap<String, QueueSettings>, slot: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    slot.hash(&mut h);
+    for o in offers {
+        (&o.id, &o.labels, o.weight, &o.kinds, &o.partitions).hash(&mut h);
+        (&o.capacity.0, &o.used.0).hash(&mut h);
+    }
+    for (name, q) in queues {
+        (
+            name,
+            q.strategy.as_str(),
+            q.placement.as_str(),
+            q.placement_timeout_ms,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
+}
+
 /// The decision for one waiting task; `None` when there is nothing to record (it waits for
 /// the reason its status already shows).
 fn decide(
     task: &Waiting,
     offers: &mut [Offer],
-    now: u64,
-    settings: &QueueSettings,
+    (now, settings): (u64, &QueueSettings),
+    unplaced: &mut BTreeMap<&'static str, u64>,
 ) -> Option<Decision> {
     let id = task.id.clone();
     let Some(record) = &task.record else {
@@ -241,7 +344,8 @@ fn decide(
             id,
             worker: offers[i].id.clone(),
         }),
-        Err(reason) => {
+        Err(Unplaced { code, reason }) => {
+            *unplaced.entry(code).or_default() += 1;
             let timeout = record
                 .placement_timeout_ms
                 .or(settings.placement_timeout_ms);

@@ -130,6 +130,14 @@ impl Store {
             .key(self.keys.wait_fair_state(queue));
     }
 
+    /// How many placed tasks wait in the inbox, not yet sorted into their queues.
+    pub async fn inbox_len(&self) -> Result<u64, StoreError> {
+        Ok(redis::cmd("ZCARD")
+            .arg(self.keys.place_inbox())
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
     /// The queues with placed tasks waiting.
     pub async fn waiting_queues(&self) -> Result<Vec<String>, StoreError> {
         Ok(redis::cmd("SMEMBERS")

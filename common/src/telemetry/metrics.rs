@@ -64,9 +64,13 @@ const CONSUMER_LAG: &str = "fleet_consumer_lag";
 const OTLP_SPANS_DROPPED: &str = "fleet_otlp_spans_dropped_total";
 const PLACEMENT_WAITING: &str = "fleet_placement_waiting";
 const TASKS_PLACED: &str = "fleet_tasks_placed_total";
+const PLACEMENT_WAIT: &str = "fleet_placement_wait_seconds";
+const PLACEMENT_UNPLACEABLE: &str = "fleet_placement_unplaceable";
+const WORKER_CAPACITY: &str = "fleet_worker_capacity";
+const WORKER_RESERVED: &str = "fleet_worker_reserved";
 
 /// Every metric: name, kind and help text.
-pub const CATALOGUE: [(&str, Kind, &str); 22] = [
+pub const CATALOGUE: [(&str, Kind, &str); 26] = [
     (
         TASKS_ACCEPTED,
         Kind::Counter,
@@ -177,6 +181,26 @@ pub const CATALOGUE: [(&str, Kind, &str); 22] = [
         Kind::Counter,
         "Placed tasks this scheduler's dispatcher published to a worker it chose.",
     ),
+    (
+        PLACEMENT_WAIT,
+        Kind::Histogram,
+        "Seconds a placed task waited in its queue until a worker was chosen.",
+    ),
+    (
+        PLACEMENT_UNPLACEABLE,
+        Kind::Gauge,
+        "Placed tasks the last round found no worker for, by reason (no_worker, kind, labels, capacity, room; first 500 per queue).",
+    ),
+    (
+        WORKER_CAPACITY,
+        Kind::Gauge,
+        "What a live worker offers placed tasks, by worker and resource (slots, cpu cores, memory MiB, …).",
+    ),
+    (
+        WORKER_RESERVED,
+        Kind::Gauge,
+        "What placed tasks hold on a live worker, by worker and resource.",
+    ),
 ];
 
 /// Registers every metric's help text with the installed recorder.
@@ -208,6 +232,33 @@ pub fn tasks_rejected(reason: &'static str) -> Counter {
 /// Placed tasks waiting for a worker (see `scheduler/src/dispatch.rs`).
 pub fn placement_waiting() -> Gauge {
     emit::gauge(PLACEMENT_WAITING, &[])
+}
+
+/// Seconds a placed task waited for its worker.
+pub fn placement_wait() -> Histogram {
+    emit::histogram(PLACEMENT_WAIT, &[])
+}
+
+/// Placed tasks with no worker for them, for one reason code.
+pub fn placement_unplaceable(reason: &'static str) -> Gauge {
+    emit::gauge(PLACEMENT_UNPLACEABLE, &[("reason", reason.into())])
+}
+
+/// What `worker` offers (`capacity`) or holds for placed tasks, of `resource`.
+pub fn worker_resource(
+    reserved: bool,
+    worker: impl Into<SharedString>,
+    resource: impl Into<SharedString>,
+) -> Gauge {
+    let name = if reserved {
+        WORKER_RESERVED
+    } else {
+        WORKER_CAPACITY
+    };
+    emit::gauge(
+        name,
+        &[("worker", worker.into()), ("resource", resource.into())],
+    )
 }
 
 /// Placed tasks published to a chosen worker.

@@ -32,7 +32,11 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
     let _w1 = env.spawn(
         "fleet-worker",
         "w1",
-        &[("FLEET__WORKER__CANCEL_GRACE_MS", "1000")],
+        &[
+            ("FLEET__WORKER__CANCEL_GRACE_MS", "1000"),
+            ("FLEET__WORKER__CAPACITY__GPU", "1"),
+            ("FLEET__WORKER__LABELS__ZONE", "eu-1"),
+        ],
     );
     eventually(WAIT, "the API is ready", || async {
         tokio::net::TcpStream::connect(addr).await.is_ok()
@@ -110,6 +114,49 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         .await;
     browser.screenshot(&shots.join("overview.png")).await;
 
+    // Capacity: the worker's GPU bar full while a placed task holds its only GPU, a second
+    // GPU task waiting for it, and on that task's page why.
+    let gpu_tasks = json!([
+        {"id": "render-1", "kind": "sleep", "payload": {"ms": 60000}, "resources": {"gpu": 1}},
+        {"id": "render-2", "kind": "sleep", "payload": {"ms": 10}, "resources": {"gpu": 1}},
+    ])
+    .to_string();
+    let submitted = request(
+        addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(gpu_tasks.as_bytes()),
+    )
+    .await;
+    assert_eq!(submitted.status, 201, "{}", submitted.body);
+    browser
+        .wait_for(
+            "the GPU in use, its bar full, and a task waiting for it",
+            "document.getElementById('cap-w1-gpu')?.textContent === '1 / 1' && \
+             document.querySelector('#capacity .bar i.full') !== null && \
+             document.getElementById('capacity').textContent.includes('zone=eu-1') && \
+             document.getElementById('placing')?.textContent.includes('default')",
+        )
+        .await;
+    browser
+        .eval("document.getElementById('capacity').scrollIntoView()")
+        .await;
+    browser.screenshot(&shots.join("capacity.png")).await;
+    browser.navigate(&format!("{base}#/task/render-2")).await;
+    browser
+        .wait_for(
+            "the waiting task's reason",
+            "document.getElementById('view').textContent.includes('short of gpu')",
+        )
+        .await;
+    let store = env.store().await;
+    store
+        .cancel(&["render-1".to_string(), "render-2".to_string()])
+        .await
+        .unwrap();
+    browser.navigate(&base).await;
+
     // The task list, filtered by queue.
     browser
         .navigate(&format!("{base}#/tasks?queue=emails"))
@@ -134,7 +181,6 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
     browser
         .eval("document.getElementById('cancel').click()")
         .await;
-    let store = env.store().await;
     eventually(WAIT, "the task cancelled in Redis", || async {
         store
             .task("long-report")
@@ -214,6 +260,7 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         "no-token.png",
         "overview.png",
         "overview-charts.png",
+        "capacity.png",
         "tasks.png",
         "task-running.png",
         "task-cancelled.png",
