@@ -6,6 +6,7 @@
 mod client;
 mod cpu_check;
 mod hop;
+mod placement;
 mod scenarios;
 mod stack;
 
@@ -84,6 +85,12 @@ struct Args {
     /// Running tasks the worker killed in the recovery run holds at least.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=20_000))]
     orphans: u64,
+    /// Placed tasks (each asking for 0.01 CPU) of the placement run's burst (none: 0).
+    #[arg(long, default_value_t = 20_000)]
+    placed_tasks: usize,
+    /// Offered load (tasks/s) of the placement run's paced part, for 10 s.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    placed_rate: u64,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -188,6 +195,15 @@ async fn main() -> anyhow::Result<()> {
     ));
     let throughput = scenarios::throughput(&stack, args.tasks).await?;
     drop(stack);
+    let mut placed = json!(null);
+    if args.placed_tasks > 0 {
+        note(&format!(
+            "(h) placement: {} placed tasks at once, then {}/s for 10 s …",
+            args.placed_tasks, args.placed_rate
+        ));
+        let stack = throughput_stack("bench-placed", &args, &worker_vars).await?;
+        placed = placement::placement(&stack, args.placed_tasks, args.placed_rate, 10).await?;
+    }
     note(&format!(
         "(d) recovery after kill -9 of a worker holding {}+ tasks …",
         args.orphans
@@ -323,6 +339,7 @@ async fn main() -> anyhow::Result<()> {
         "workers": args.workers,
         "worker_concurrency": args.concurrency,
         "end_to_end": throughput,
+        "placement": placed,
         "drain": drain,
         "redis_aof": args.aof.name(),
         "aof_compared": compared,
@@ -379,6 +396,24 @@ fn print_table(r: &Value) {
         e["aof_rewrites"],
         e["aof_delayed_fsyncs"]
     );
+    let p = &r["placement"];
+    if !p.is_null() {
+        let (b, q) = (&p["burst"], &p["paced"]);
+        println!(
+            "| (h) placement, {} placed tasks at once | {:.0} tasks/s ({:.1} s; accepted → placed p50 {} ms, p99 {} ms; Redis {:.0} µs CPU and {:.1} commands per task) |",
+            b["tasks"],
+            f(&b["tasks_per_s"]),
+            f(&b["seconds"]),
+            b["decision"]["p50_ms"],
+            b["decision"]["p99_ms"],
+            f(&b["redis_cpu_us_per_task"]),
+            f(&b["redis_commands_per_task"])
+        );
+        println!(
+            "| (h) placement at {}/s | accepted → placed p50 {} ms, p99 {} ms, max {} ms |",
+            q["rate"], q["decision"]["p50_ms"], q["decision"]["p99_ms"], q["decision"]["max_ms"]
+        );
+    }
     let d = &r["drain"];
     println!(
         "| (b) drain, {} tasks already accepted, Redis AOF {aof} | {:.0} tasks/s ({:.1} s; last worker's first start {} ms after the first's; Redis {:.0} µs CPU and {:.0} AOF bytes per task; AOF rewrites {}) |",

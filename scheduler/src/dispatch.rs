@@ -25,6 +25,8 @@ use crate::queues::Queues;
 
 /// Most waiting tasks one round sorts in, and considers per queue.
 const WINDOW: usize = 500;
+/// Waiting tasks a round considers beyond the free slots (for their wait reasons).
+const HEAD: usize = 32;
 /// How long the dispatcher sleeps after a round that placed nothing, unless woken by a
 /// submission this scheduler accepted: how soon room that frees up on a worker is used.
 const IDLE: Duration = Duration::from_millis(50);
@@ -156,14 +158,16 @@ impl Dispatcher {
         let mut unplaced = BTreeMap::new();
         for queue in &queues {
             let settings = self.queues.get(queue);
+            // No more than the free slots can start (and a few more, for their reasons).
+            let window = (free_slots(&offers) + HEAD).min(WINDOW);
             let waiting = self
                 .store
-                .waiting_in(queue, settings.strategy, WINDOW)
+                .waiting_in(queue, settings.strategy, window)
                 .await?;
             let decided = self
                 .place(queue, &settings, &waiting, &mut offers, now, &mut unplaced)
                 .await?;
-            more |= decided.published > 0 && waiting.len() == WINDOW;
+            more |= decided.published > 0 && waiting.len() == window;
             changed |= decided.recorded;
             waiting_now += self.store.waiting_count(queue).await?;
         }
@@ -273,6 +277,20 @@ async fn export_use(store: &Store, offers: &[Offer]) {
                 .set(held as f64 / 1000.0);
         }
     }
+}
+
+/// Slots free on all live workers together.
+fn free_slots(offers: &[Offer]) -> usize {
+    offers
+        .iter()
+        .map(|o| {
+            let free = o.capacity.get(placement::SLOTS)
+                - o.used
+                    .get(placement::SLOTS)
+                    .min(o.capacity.get(placement::SLOTS));
+            (free / 1000) as usize
+        })
+        .sum()
 }
 
 /// How a round went, and so how soon the next comes.

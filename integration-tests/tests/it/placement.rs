@@ -282,20 +282,22 @@ async fn placed_tasks_run_only_where_they_fit_and_an_unplaceable_one_starts_when
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_killed_worker_frees_its_reservations_and_its_tasks_finish_elsewhere() {
+async fn a_killed_worker_frees_hundreds_of_reservations_and_its_tasks_finish_elsewhere() {
     let env = TestEnv::start("placement-kill");
     env.create_topics().await;
     let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
     let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
-    let small = spawn(&env, &SMALL);
-    let _large = spawn(&env, &LARGE);
+    // Room for 400 tasks of 0.01 CPU on each worker.
+    let cpu = [("FLEET__WORKER__CAPACITY__CPU", "4")];
+    let small = slots_worker(&env, "small", "500", &cpu);
+    let _large = slots_worker(&env, "large", "500", &cpu);
     let capacity = capacities(&env, &["small", "large"]).await;
-    // Long enough to be running when the kill comes; both workers fit them.
-    let tasks: Vec<(String, String)> = (0..12)
+    // A thousand, long enough to be running when the kill comes.
+    let tasks: Vec<(String, String)> = (0..1000)
         .map(|i| {
             let id = format!("long-{i}");
             let body = json!({"id": id, "kind": "sleep", "payload": {"ms": 3000},
-                "resources": {"cpu": 1, "memory_mb": 256}});
+                "resources": {"cpu": 0.01, "memory_mb": 1}});
             (id, body.to_string())
         })
         .collect();
@@ -307,15 +309,14 @@ async fn a_killed_worker_frees_its_reservations_and_its_tasks_finish_elsewhere()
         Duration::from_secs(30),
         "the small worker runs placed tasks",
         || async {
-            store
-                .placement_use()
-                .await
-                .is_ok_and(|u| u.get("small").is_some_and(|a| a.get("cpu") >= 1000))
+            let lease = env.settings().lease.lease_ms;
+            let workers = store.workers(lease).await.unwrap_or_default();
+            workers.iter().any(|w| w.id == "small" && w.running >= 300)
         },
     )
     .await;
     small.signal("KILL");
-    let done = env.wait_terminal(&ids, Duration::from_secs(90)).await;
+    let done = env.wait_terminal(&ids, Duration::from_secs(120)).await;
     let tasks: Vec<StoredTask> = done.into_values().collect();
     assert!(
         tasks.iter().all(|t| t.state == State::Succeeded),
@@ -325,7 +326,8 @@ async fn a_killed_worker_frees_its_reservations_and_its_tasks_finish_elsewhere()
         .iter()
         .filter(|t| attempts(t).iter().any(|(w, _, _)| w == "small"))
         .count();
-    assert!(moved > 0, "some tasks had run on the killed worker");
+    println!("{moved} tasks had started on the killed worker");
+    assert!(moved >= 300, "the killed worker held hundreds: {moved}");
     for task in &tasks {
         assert_eq!(
             task.worker.as_deref(),
@@ -836,6 +838,36 @@ async fn the_api_changes_queue_settings_at_run_time_and_refuses_bad_ones_and_sho
     .await;
     assert_eq!(refused.status, 400);
     assert!(refused.body.contains("resources"), "{}", refused.body);
+
+    // Placement timeouts, the task's own and its queue's: it fails with the reason.
+    let put = call(
+        "PUT",
+        "/v1/queues/impatient".into(),
+        Some(json!({"placement_timeout_ms": 1000}).to_string()),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let timed = json!([
+        {"id": "own-timeout", "kind": "sleep", "resources": {"gpu": 1}, "placement_timeout_ms": 1000},
+        {"id": "queue-timeout", "kind": "sleep", "queue": "impatient", "resources": {"gpu": 1}},
+    ])
+    .to_string();
+    assert_eq!(
+        call("POST", "/v1/tasks".into(), Some(timed)).await.status,
+        201
+    );
+    let ids = ["own-timeout".to_string(), "queue-timeout".to_string()];
+    let ended = env.wait_terminal(&ids, Duration::from_secs(30)).await;
+    for id in &ids {
+        let task = &ended[id];
+        assert_eq!(task.state, fleet_common::task::State::Failed, "{id}");
+        assert_eq!(task.attempt, 0, "{id}: it never ran");
+        assert_eq!(
+            task.error.as_deref(),
+            Some("placement timeout: no live worker"),
+            "{id}"
+        );
+    }
 
     let deleted = call("DELETE", "/v1/queues/gpu-jobs".into(), None).await;
     assert_eq!(deleted.status, 200);
