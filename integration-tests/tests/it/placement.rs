@@ -583,6 +583,44 @@ async fn sjf_starts_the_shortest_first_and_fair_lets_a_second_key_through_a_back
     sorted.sort_unstable();
     assert_eq!(order, sorted, "shortest estimate first");
 
+    // Without an estimate, a task counts its kind's median run time, learned from the placed
+    // tasks that succeeded (here a few ms); a kind never seen counts 60 s.
+    let learned = store.run_times().await.unwrap();
+    assert!(
+        learned.get("sleep").is_some_and(|t| t.len() >= 20),
+        "{learned:?}"
+    );
+    let blocker = json!({"id": "blocker-2", "kind": "sleep", "queue": "reports",
+        "payload": {"ms": 1500}})
+    .to_string();
+    env.submit(&[blocker]).await;
+    eventually(
+        Duration::from_secs(30),
+        "the second blocker runs",
+        || async {
+            store
+                .task("blocker-2")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|t| t.state == State::Running)
+        },
+    )
+    .await;
+    let bodies = [
+        json!({"id": "unseen-kind", "kind": "echo", "queue": "reports"}),
+        json!({"id": "explicit-1000", "kind": "sleep", "queue": "reports",
+            "payload": {"ms": 5}, "estimated_ms": 1000}),
+        json!({"id": "median-of-kind", "kind": "sleep", "queue": "reports", "payload": {"ms": 5}}),
+    ]
+    .map(|b| b.to_string());
+    env.submit(&bodies).await;
+    let ids = ["unseen-kind", "explicit-1000", "median-of-kind"].map(String::from);
+    let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
+    let order: Vec<String> = start_order(&done).into_iter().map(|(id, _)| id).collect();
+    println!("sjf start order without estimates: {order:?}");
+    assert_eq!(order, ["median-of-kind", "explicit-1000", "unseen-kind"]);
+
     // Fair: key A's backlog of 1,000, then key B submits 10.
     let (code, _, _) = env.fleetctl(&["queue", "set", "mail", "--strategy", "fair"]);
     assert_eq!(code, 0);
