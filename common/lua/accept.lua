@@ -4,10 +4,12 @@
 -- A known id or idempotency key returns the existing task instead.
 -- KEYS  globals, then per task 3 keys: task hash, idempotency key (the task key when none),
 --       queue index
--- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 12 values:
+-- ARGV  [1] tasks  [2] redeliver_ms  [3] idempotency window ms, then per task 11 values:
 --       id, queue, priority, max_attempts, record json, has idempotency key (0/1), run_at ms (0: now),
 --       delay ms (0: none; counted from Redis time here), timeout ms (0: none), kind,
---       traceparent, needs (placed tasks: what they reserve; '' for streamed ones)
+--       traceparent; then the placed tasks: their count, and per placed task its position in the
+--       batch (0-based) and its needs (what it reserves). Streamed tasks have nothing there, so
+--       their path reads nothing more.
 -- A placed task due now waits in the placement inbox instead of the outbox: the dispatcher
 -- chooses its worker and publishes it.
 -- Returns per task one string: 'p' (new, pending), 'w' (new, pending, waiting for placement),
@@ -28,10 +30,20 @@ local task_keys, idem_keys = {}, {}
 for i = 0, n - 1 do
   task_keys[i + 1] = KEYS[GLOBALS + 1 + i * 3]
   -- ARGV[a + 5] of the loop below: whether the task has an idempotency key.
-  if ARGV[4 + i * 12 + 5] == '1' then idem_keys[#idem_keys + 1] = KEYS[GLOBALS + 2 + i * 3] end
+  if ARGV[4 + i * 11 + 5] == '1' then idem_keys[#idem_keys + 1] = KEYS[GLOBALS + 2 + i * 3] end
 end
 local any_stored = false
 chunked('EXISTS', nil, task_keys, function(count) any_stored = any_stored or count > 0 end)
+-- The placed tasks' needs, by position (nil: none placed in this batch).
+local placed_needs
+local placed_at = 4 + n * 11
+local placed_count = tonumber(ARGV[placed_at])
+if placed_count and placed_count > 0 then
+  placed_needs = {}
+  for j = 0, placed_count - 1 do
+    placed_needs[tonumber(ARGV[placed_at + 1 + j * 2])] = ARGV[placed_at + 2 + j * 2]
+  end
+end
 local created, idem_ids = {}, {}
 chunked('MGET', nil, idem_keys, function(found, first)
   for k = 1, #found do idem_ids[idem_keys[first + k - 1]] = found[k] end
@@ -39,7 +51,7 @@ end)
 
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
-  local a = 4 + i * 12
+  local a = 4 + i * 11
   local id, queue, priority, max_attempts, record = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local has_idem = ARGV[a + 5] == '1'
   -- '0' (now, no delay) is the usual value: tonumber costs a strtod.
@@ -63,7 +75,7 @@ for i = 0, n - 1 do
       'updated_ms', now_text, 'queue', queue, 'priority', priority, 'released', '0',
       'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
       'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
-    local needs = ARGV[a + 11]
+    local needs = placed_needs and placed_needs[i] or ''
     if needs ~= '' then redis.call('HSET', key, 'needs', needs) end
     if state == 'pending' and needs ~= '' then
       zadd_new_later(INBOX, now, id)

@@ -9,9 +9,10 @@
 -- otherwise it goes back to wait for placement, with no attempt used.
 -- KEYS  globals, then per delivery: task hash
 -- ARGV  [1] deliveries  [2] worker id  [3] lease ms  [4] timeout grace ms  [5] call id (the
---       same for a retry of this call), then per delivery: id, attempt, placement ('' for a
---       streamed task, 'p' for a placed one whose labels this worker matches, 'x' for one
---       whose labels it does not)
+--       same for a retry of this call)  [6] placement: '' when no delivery is of a placed task
+--       (the streaming path reads nothing more), else one character per delivery: '-' for a
+--       streamed task, 'p' for a placed one whose labels this worker matches, 'x' for one whose
+--       labels it does not; then per delivery: id, attempt
 -- Returns per delivery: 1 claimed, 2 busy (that attempt is running on another worker), 3 stale
 -- (an older attempt), 4 done (terminal), 5 future (an attempt beyond the next), 6 unknown task,
 -- 7 not ready (scheduled, or running an older attempt), 8 held (paused), 9 owned (that attempt
@@ -19,7 +20,7 @@
 -- delivery came twice in it; the worker runs it unless it already does), 10 unfit (a placed
 -- task that does not fit here: sent back to wait for placement).
 local n, worker, lease, grace = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local call = ARGV[5]
+local call, placements = ARGV[5], ARGV[6]
 local now = now_ms()
 local now_text = text(now)
 -- One SCARD per batch: the per-task pause checks run only while something is paused.
@@ -46,7 +47,12 @@ local function unfit_here(key, id, placement)
 end
 
 for i = 0, n - 1 do
-  local a = 6 + i * 3
+  local a = 7 + i * 2
+  local placement = ''
+  if placements ~= '' then
+    placement = string.sub(placements, i + 1, i + 1)
+    if placement == '-' then placement = '' end
+  end
   local key, id, attempt = KEYS[GLOBALS + 1 + i], ARGV[a], tonumber(ARGV[a + 1])
   -- Queue and priority are read only while something is paused (fields 4 and 5).
   local f
@@ -73,10 +79,10 @@ for i = 0, n - 1 do
     zadd_later(HELD, now, id)
     if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[a + 1])) end
     -- A held task holds no room: placed again when resumed.
-    if ARGV[a + 2] ~= '' then unreserve(key, id) end
+    if placement ~= '' then unreserve(key, id) end
     code = 8
   else
-    local unfit = ARGV[a + 2] ~= '' and unfit_here(key, id, ARGV[a + 2])
+    local unfit = placement ~= '' and unfit_here(key, id, placement)
     if unfit then
       if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[a + 1])) end
       await_placement(key, id, now, unfit)
@@ -114,7 +120,7 @@ for i = 0, n - 1 do
       zadd_later(LEASES, expires, id)
       if any_outbox then zrem_later(OUTBOX, outbox_member(id, ARGV[a + 1])) end
       if any_held then zrem_later(HELD, id) end
-      if ARGV[a + 2] ~= '' then
+      if placement ~= '' then
         redis.call('ZREM', INBOX, id)
         redis.call('HDEL', key, 'wait_reason')
       end

@@ -3,13 +3,14 @@
 -- cancellation was requested ends `cancelled` whatever its handler reported, so a cancel that
 -- was answered `cancelling` always wins the race with the completion.
 -- KEYS  globals, then per outcome: task hash
--- ARGV  [1] outcomes  [2] worker id  [3] retention ms, then per outcome 6 values:
---       id, attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), body (result json or error),
---       retry delay ms, placed ('1' for a placed task: the ending attempt releases what it
---       reserved on the worker; '' otherwise)
+-- ARGV  [1] outcomes  [2] worker id  [3] retention ms  [4] placed: '' when no outcome is of a
+--       placed task, else one character per outcome, '1' for a placed task (the ending attempt
+--       releases what it reserved on the worker), '0' otherwise; then per outcome 5 values: id,
+--       attempt, kind ('ok' | 'retry' | 'fail' | 'cancel'), body (result json or error), retry
+--       delay ms
 -- Returns per outcome: 'succeeded', 'scheduled' (retry), 'failed', 'cancelled', 'already'
 -- (this attempt already ended the task, or already scheduled its retry), or 'fenced'.
-local n, worker, retention = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local n, worker, retention, placed = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
 local out = {}
 -- Whether a failed attempt may be retried: read only on that path, not for every outcome.
@@ -19,7 +20,7 @@ local function within_budget(key, current)
 end
 for i = 0, n - 1 do
   local key = KEYS[GLOBALS + 1 + i]
-  local a = 4 + i * 6
+  local a = 5 + i * 5
   -- `body`: the result JSON or the error (not `text`, which is the prelude's number formatter).
   local id, attempt, kind, body = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
   -- Absent fields cost a scan of the whole hash, so two are avoided: a running attempt has a
@@ -36,7 +37,7 @@ for i = 0, n - 1 do
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     zrem_later(LEASES, id)
-    if ARGV[a + 5] == '1' then
+    if placed ~= '' and string.sub(placed, i + 1, i + 1) == '1' then
       unreserve(key, id)
       if kind == 'ok' and not f[4] then learn_run_time(key, now) end
     end

@@ -44,11 +44,12 @@ pub enum Fit {
 }
 
 impl Fit {
-    fn as_arg(self) -> &'static str {
+    /// The claim script's character for it (see `lua/claim.lua`).
+    fn as_char(self) -> char {
         match self {
-            Fit::Streamed => "",
-            Fit::Placed => "p",
-            Fit::LabelsDiffer => "x",
+            Fit::Streamed => '-',
+            Fit::Placed => 'p',
+            Fit::LabelsDiffer => 'x',
         }
     }
 }
@@ -162,17 +163,22 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut inv = self.invocation(&scripts::CLAIM);
+        // Nothing per delivery unless one is placed: the streaming path stays as it was.
+        let placements: String = if fits.iter().any(|f| *f != Fit::Streamed) {
+            (0..deliveries.len())
+                .map(|i| fits.get(i).copied().unwrap_or_default().as_char())
+                .collect()
+        } else {
+            String::new()
+        };
         inv.arg(deliveries.len())
             .arg(worker)
             .arg(lease_ms)
             .arg(self.timeout_grace_ms)
-            .arg(call);
-        for (i, (id, attempt)) in deliveries.iter().enumerate() {
-            let fit = fits.get(i).copied().unwrap_or_default();
-            inv.key(self.keys.task(id))
-                .arg(*id)
-                .arg(*attempt)
-                .arg(fit.as_arg());
+            .arg(call)
+            .arg(placements);
+        for (id, attempt) in deliveries {
+            inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
         }
         let codes: Vec<i64> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(codes.into_iter().map(Claim::from_code).collect())
@@ -234,8 +240,25 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut inv = self.invocation(&scripts::COMPLETE);
-        inv.arg(outcomes.len()).arg(worker).arg(self.retention_ms);
-        for (i, ((id, attempt), outcome)) in outcomes.iter().enumerate() {
+        // As for claims: nothing per outcome unless one is of a placed task.
+        let placed: String = if placed.contains(&true) {
+            (0..outcomes.len())
+                .map(|i| {
+                    if placed.get(i) == Some(&true) {
+                        '1'
+                    } else {
+                        '0'
+                    }
+                })
+                .collect()
+        } else {
+            String::new()
+        };
+        inv.arg(outcomes.len())
+            .arg(worker)
+            .arg(self.retention_ms)
+            .arg(placed);
+        for ((id, attempt), outcome) in outcomes {
             inv.key(self.keys.task(id)).arg(*id).arg(*attempt);
             match outcome {
                 Outcome::Ok(result) => inv.arg("ok").arg(result).arg(0),
@@ -243,11 +266,6 @@ impl Store {
                 Outcome::Fail(error) => inv.arg("fail").arg(error).arg(0),
                 Outcome::Cancelled => inv.arg("cancel").arg("").arg(0),
             };
-            inv.arg(if placed.get(i).copied().unwrap_or(false) {
-                "1"
-            } else {
-                ""
-            });
         }
         let answers: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(answers

@@ -104,8 +104,18 @@ impl Store {
                 .arg(task.delay_ms)
                 .arg(task.record.timeout_ms)
                 .arg(&task.record.kind)
-                .arg(task.trace.as_str())
-                .arg(task.record.needs_text());
+                .arg(task.trace.as_str());
+        }
+        // Streamed tasks add nothing here: their path stays as it was.
+        let placed: Vec<(usize, String)> = tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.record.is_placed())
+            .map(|(i, t)| (i, t.record.needs_text()))
+            .collect();
+        inv.arg(placed.len());
+        for (i, needs) in &placed {
+            inv.arg(*i).arg(needs);
         }
         let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != tasks.len() {
