@@ -65,9 +65,10 @@ for i = 0, n - 1 do
     if not seen or tonumber(seen) < live_since or not fits_on(worker, f[5]) then
       out[i + 1] = 'full'
     else
+      -- It holds no reservation: one that does is not waiting (see above).
       leave(id, k, queue, fair_key, true)
       reserve(key, id, worker, f[5])
-      redis.call('HDEL', key, 'wait_reason')
+      if f[6] then redis.call('HDEL', key, 'wait_reason') end
       redis.call('HSET', key, 'placed_ms', text(now))
       local attempt = tonumber(f[2]) + 1
       redis.call('ZADD', OUTBOX, now + redeliver, outbox_member(id, attempt))

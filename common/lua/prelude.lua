@@ -92,6 +92,43 @@ local function variadic(cmd, key, args)
   chunked(cmd, key, args)
 end
 
+-- Placement (see placement.rs). Amounts are text `name=thousandths;...`, names in order.
+local function amounts(s)
+  local t = {}
+  if s then
+    for name, milli in string.gmatch(s, '([^=;]+)=(%d+)') do t[name] = tonumber(milli) end
+  end
+  return t
+end
+
+local function amounts_text(t)
+  local names = {}
+  for name, milli in pairs(t) do
+    if milli > 0 then names[#names + 1] = name end
+  end
+  table.sort(names)
+  for i, name in ipairs(names) do names[i] = name .. '=' .. string.format('%d', t[name]) end
+  return table.concat(names, ';')
+end
+
+-- What placed tasks hold on each worker, read once per script and written back once at its end
+-- (flush_later), however many of its tasks a script reserves or releases: each worker's use
+-- is one field, so per-task writes would rewrite it again and again.
+local use_cache, use_dirty, capacity_cache = {}, {}, {}
+local function used_of(worker)
+  local used = use_cache[worker]
+  if not used then
+    used = amounts(redis.call('HGET', USED, worker) or nil)
+    use_cache[worker] = used
+  end
+  return used
+end
+
+-- Run times kept per kind, for sjf's estimate of tasks that give none (their median); a
+-- script's new ones are appended once per kind at its end.
+local RUN_TIMES_KEPT = 31
+local run_times_later = {}
+
 local function flush_later()
   -- Counted, not `#args + 1`: Lua's length operator is a binary search.
   for key, rems in pairs(later_rem) do
@@ -110,6 +147,20 @@ local function flush_later()
   end
   for key, counts in pairs(later_incr) do
     for field, n in pairs(counts) do redis.call('HINCRBY', key, field, text(n)) end
+  end
+  for worker in pairs(use_dirty) do
+    local s = amounts_text(use_cache[worker])
+    if s == '' then redis.call('HDEL', USED, worker) else redis.call('HSET', USED, worker, s) end
+  end
+  for kind, times in pairs(run_times_later) do
+    local kept = {}
+    local list = redis.call('HGET', RUN_TIMES, kind)
+    if list then
+      for v in string.gmatch(list, '%d+') do kept[#kept + 1] = v end
+    end
+    for _, ms in ipairs(times) do kept[#kept + 1] = ms end
+    redis.call('HSET', RUN_TIMES, kind,
+      table.concat(kept, ',', math.max(1, #kept - RUN_TIMES_KEPT + 1)))
   end
 end
 
@@ -246,41 +297,25 @@ local function is_paused(queue, priority)
       or redis.call('SISMEMBER', PAUSED, 'priority:' .. priority) == 1
 end
 
--- Placement (see placement.rs). Amounts are text `name=thousandths;...`, names in order.
-local function amounts(s)
-  local t = {}
-  if s then
-    for name, milli in string.gmatch(s, '([^=;]+)=(%d+)') do t[name] = tonumber(milli) end
-  end
-  return t
-end
-
-local function amounts_text(t)
-  local names = {}
-  for name, milli in pairs(t) do
-    if milli > 0 then names[#names + 1] = name end
-  end
-  table.sort(names)
-  for i, name in ipairs(names) do names[i] = name .. '=' .. string.format('%d', t[name]) end
-  return table.concat(names, ';')
-end
-
--- Adds `needs` (text) to what `worker` holds, or takes it away (sign -1).
+-- Adds `needs` (text) to what `worker` holds, or takes it away (sign -1); written at the end.
 local function add_use(worker, needs, sign)
-  local used = amounts(redis.call('HGET', USED, worker) or nil)
+  local used = used_of(worker)
   for name, milli in pairs(amounts(needs)) do
     used[name] = math.max(0, (used[name] or 0) + sign * milli)
   end
-  local s = amounts_text(used)
-  if s == '' then redis.call('HDEL', USED, worker) else redis.call('HSET', USED, worker, s) end
+  use_dirty[worker] = true
 end
 
 -- Whether `needs` (text) fits in what `worker` has left, by its reported capacity.
 local function fits_on(worker, needs)
-  local cap = redis.call('HGET', CAPACITY, worker)
+  local cap = capacity_cache[worker]
+  if cap == nil then
+    cap = redis.call('HGET', CAPACITY, worker)
+    cap = cap and amounts(cap) or false
+    capacity_cache[worker] = cap
+  end
   if not cap then return false end
-  cap = amounts(cap)
-  local used = amounts(redis.call('HGET', USED, worker) or nil)
+  local used = used_of(worker)
   for name, milli in pairs(amounts(needs)) do
     if (used[name] or 0) + milli > (cap[name] or 0) then return false end
   end
@@ -311,19 +346,11 @@ local function await_placement(key, id, now, reason)
   redis.call('HSET', key, 'wait_reason', reason)
 end
 
--- Run times kept per kind, for sjf's estimate of tasks that give none (their median).
-local RUN_TIMES_KEPT = 31
-
--- Records how long a placed task's successful attempt ran, for its kind.
+-- Records how long a placed task's successful attempt ran, for its kind (written at the end).
 local function learn_run_time(key, now)
   local g = redis.call('HMGET', key, 'kind', 'started_ms')
   if not g[1] or not g[2] then return end
-  local kept = {}
-  local list = redis.call('HGET', RUN_TIMES, g[1])
-  if list then
-    for v in string.gmatch(list, '%d+') do kept[#kept + 1] = v end
-  end
-  kept[#kept + 1] = string.format('%d', math.max(0, now - tonumber(g[2])))
-  while #kept > RUN_TIMES_KEPT do table.remove(kept, 1) end
-  redis.call('HSET', RUN_TIMES, g[1], table.concat(kept, ','))
+  local times = run_times_later[g[1]]
+  if not times then times = {}; run_times_later[g[1]] = times end
+  times[#times + 1] = string.format('%d', math.max(0, now - tonumber(g[2])))
 end

@@ -344,7 +344,7 @@ fn decide(
 ) -> Option<Decision> {
     let id = task.id.clone();
     let Some(record) = &task.record else {
-        // Gone, or unreadable here: the place script drops it unless it still waits.
+        // No longer waiting (the place script drops it), or a record this build cannot read.
         return Some(Decision::Wait {
             id,
             reason: "its record is unreadable by this scheduler".into(),

@@ -197,9 +197,12 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET")
-                .arg(self.keys.task(id))
-                .arg(&["record", "needs", "wait_reason"]);
+            pipe.cmd("HMGET").arg(self.keys.task(id)).arg(&[
+                "record",
+                "needs",
+                "wait_reason",
+                "state",
+            ]);
         }
         pipe.cmd("ZMSCORE").arg(self.keys.wait(queue)).arg(&ids);
         let mut replies: Vec<Value> = pipe.query_async(&mut conn).await?;
@@ -211,12 +214,19 @@ impl Store {
         .map_err(|_| StoreError::Protocol("ZMSCORE answered other than scores"))?;
         let mut waiting = Vec::with_capacity(ids.len());
         for ((id, reply), since) in ids.into_iter().zip(replies).zip(since) {
-            let (record, needs, wait_reason): (Option<String>, Option<String>, Option<String>) =
-                redis::from_redis_value(reply)
-                    .map_err(|_| StoreError::Protocol("HMGET answered other than fields"))?;
-            // A task gone meanwhile still gets a decision, so the place script drops it from
-            // the queue's sets; its record is then unreadable: it is waited on for nothing.
-            let record = record.and_then(|r| serde_json::from_str::<TaskRecord>(&r).ok());
+            let (record, needs, wait_reason, state): (
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            ) = redis::from_redis_value(reply)
+                .map_err(|_| StoreError::Protocol("HMGET answered other than fields"))?;
+            // A task that no longer waits (cancelled, started from another copy of its
+            // message, expired) has no record here: its decision makes the place script drop
+            // it from the queue's sets.
+            let record = record
+                .filter(|_| state.as_deref() == Some("pending"))
+                .and_then(|r| serde_json::from_str::<TaskRecord>(&r).ok());
             waiting.push(Waiting {
                 id,
                 record,

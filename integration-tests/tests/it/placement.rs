@@ -907,6 +907,19 @@ async fn the_api_changes_queue_settings_at_run_time_and_refuses_bad_ones_and_sho
         );
     }
 
+    // Cancelled while it waits: it leaves its queue, and the counts.
+    let cancelled = call("POST", "/v1/tasks/needs-gpu/cancel".into(), None).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    eventually(
+        Duration::from_secs(10),
+        "the cancelled task no longer counts",
+        || async {
+            let stats = call("GET", "/v1/stats".into(), None).await.json();
+            stats["placing"].get("default").is_none()
+        },
+    )
+    .await;
+
     let deleted = call("DELETE", "/v1/queues/gpu-jobs".into(), None).await;
     assert_eq!(deleted.status, 200);
     assert_eq!(deleted.json()["settings"]["strategy"], "fifo");
