@@ -28,6 +28,7 @@ for i = 0, n - 1 do
     redis.call('ZREM', OUTBOX, outbox_member(id, tonumber(f[2]) + 1))
     redis.call('ZREM', HELD, id)
     redis.call('ZREM', INBOX, id)
+    redis.call('ZREM', PARKED, id)
     unreserve(key, id)
     finish(key, id, state, 'cancelled', now, retention)
     out[#out + 1] = 'cancelled'

@@ -122,6 +122,7 @@ for i = 0, n - 1 do
       if any_held then zrem_later(HELD, id) end
       if placement ~= '' then
         redis.call('ZREM', INBOX, id)
+        redis.call('ZREM', PARKED, id)
         redis.call('HDEL', key, 'wait_reason')
       end
       move(id, 'pending', 'running', now)

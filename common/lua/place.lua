@@ -9,11 +9,14 @@
 --       queue's fifo, sjf and fair sets, and its queue's fair state
 -- ARGV  [1] decisions  [2] redeliver ms  [3] live since (a worker last heard from before this
 --       Redis time is not live)  [4] retention ms, then per decision: id, action ('p' place,
---       'w' wait, 'f' fail: waited past its placement timeout), worker (for 'p'), reason
---       (for 'w' and 'f'), queue, fair key
+--       'w' wait, 'k' park: no live worker could take it even when idle, 'f' fail: waited past
+--       its placement timeout), worker (for 'p'; for 'k' when its placement timeout ends, ms,
+--       or '' for none), reason (for 'w', 'k' and 'f'), queue, fair key
 -- Returns per decision: {attempt, record json, traceparent} when placed; 'gone' when it no
 -- longer waits; 'full' when the worker is gone or the task no longer fits there; 'waiting';
--- 'failed'.
+-- 'parked'; 'failed'.
+-- A parked task leaves its queue for the parked set, so that tasks behind it are considered;
+-- it returns to the inbox, with its arrival (`wait_since`), when the live workers change.
 local n, redeliver, live_since, retention = tonumber(ARGV[1]), tonumber(ARGV[2]),
   tonumber(ARGV[3]), tonumber(ARGV[4])
 local QUEUE_SET = KEYS[GLOBALS + 1]
@@ -27,9 +30,14 @@ local function leave(id, k, queue, fair_key, placed)
   if tag then
     local field = 'key:' .. fair_key
     local g = redis.call('HMGET', state, 'vtime', field)
-    if placed and tonumber(tag) > (tonumber(g[1]) or 0) then redis.call('HSET', state, 'vtime', tag) end
-    -- The key's last waiting task: its tag need not be kept (the clock is past it or will be).
-    if g[2] == tag then redis.call('HDEL', state, field) end
+    local vtime = tonumber(g[1]) or 0
+    if placed and tonumber(tag) > vtime then
+      vtime = tonumber(tag)
+      redis.call('HSET', state, 'vtime', tag)
+    end
+    -- A key's last tag the clock has reached need not be kept: the next task of the key gets
+    -- the clock's time anyway. (A later one, of tasks still waiting, must stay.)
+    if g[2] and tonumber(g[2]) <= vtime then redis.call('HDEL', state, field) end
   end
   redis.call('ZREM', fifo, id)
   redis.call('ZREM', sjf, id)
@@ -56,6 +64,12 @@ for i = 0, n - 1 do
   elseif action == 'w' then
     if f[6] ~= reason then redis.call('HSET', key, 'wait_reason', reason) end
     out[i + 1] = 'waiting'
+  elseif action == 'k' then
+    local since = redis.call('ZSCORE', KEYS[k + 1], id)
+    leave(id, k, queue, fair_key, false)
+    redis.call('HSET', key, 'wait_reason', reason, 'wait_since', since)
+    redis.call('ZADD', PARKED, worker == '' and '+inf' or worker, id)
+    out[i + 1] = 'parked'
   elseif action == 'f' then
     leave(id, k, queue, fair_key, false)
     fail(key, id, 'pending', now, retention, reason)

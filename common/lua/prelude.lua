@@ -1,6 +1,7 @@
--- Prepended to every transition script (see store/scripts.rs). KEYS[1..19] are the globals of
+-- Prepended to every transition script (see store/scripts.rs). KEYS[1..20] are the globals of
 -- Keys::globals(): leases, due, dead outbox, five state indexes, queues, workers, paused, held,
--- totals, outbox, and placement's inbox, use, capacity, reservations and run times.
+-- totals, outbox, and placement's inbox, use, capacity, reservations, run times and parked
+-- tasks.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 -- No `running` index: the lease set is the running tasks' index (schema 4), and every script
 -- that starts or ends an attempt adds or removes its lease itself.
@@ -9,8 +10,8 @@ local IDX = { pending = KEYS[4], scheduled = KEYS[5],
 local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 local OUTBOX = KEYS[14]
 local INBOX, USED, CAPACITY, RESERVED = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
-local RUN_TIMES = KEYS[19]
-local GLOBALS = 19
+local RUN_TIMES, PARKED = KEYS[19], KEYS[20]
+local GLOBALS = 20
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100

@@ -234,6 +234,15 @@ impl Amounts {
         }
     }
 
+    /// Takes `other` away again (never below zero).
+    pub fn remove(&mut self, other: &Amounts) {
+        for (name, milli) in &other.0 {
+            if let Some(v) = self.0.get_mut(name) {
+                *v = v.saturating_sub(*milli);
+            }
+        }
+    }
+
     /// The largest share of any resource's capacity in use after adding `needs`, in
     /// thousandths: a worker's load as spread and pack see it.
     fn load_after(&self, needs: &Amounts, capacity: &Amounts) -> u64 {

@@ -196,6 +196,12 @@ pub(crate) async fn stats(
         };
         println!("placing     {queue:<32} {n} waiting for a worker that fits");
     }
+    if stats.placing_parked > 0 {
+        println!(
+            "placing     {:<32} {} no live worker could take, until the workers change",
+            "(parked)", stats.placing_parked
+        );
+    }
     match lag {
         Ok(per_topic) => {
             for (topic, lag) in per_topic {

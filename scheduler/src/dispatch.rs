@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use fleet_common::Priority;
 use fleet_common::placement::{self, Amounts, Ask, Offer, QueueSettings, Unplaced};
-use fleet_common::store::{Decision, Placed, Store, StoreError, Waiting, WorkerInfo};
+use fleet_common::store::{Decision, Placed, Store, StoreError, Unpark, Waiting, WorkerInfo};
 use fleet_common::task::TaskRecord;
 use fleet_common::telemetry::metrics;
 use tokio::sync::Notify;
@@ -61,7 +61,7 @@ impl Dispatcher {
         info!("Placement dispatcher started.");
         let mut last_second = Instant::now() - EVERY_SECOND;
         let mut turn = 0usize;
-        let mut last_view = None;
+        let mut seen = Seen::default();
         while !token.is_cancelled() {
             if last_second.elapsed() >= EVERY_SECOND {
                 last_second = Instant::now();
@@ -69,15 +69,20 @@ impl Dispatcher {
                     warn!(error = %err, "Cannot read the queues' run-time settings.");
                 }
                 self.revoke().await;
+                match self.store.unpark(Unpark::Expire, WINDOW).await {
+                    Ok(0) => {}
+                    Ok(n) => warn!(
+                        tasks = n,
+                        "Parked tasks failed: no worker took them in time."
+                    ),
+                    Err(err) => warn!(error = %err, "Cannot fail parked tasks past their timeout."),
+                }
             }
             turn = turn.wrapping_add(1);
-            let round = self
-                .round(turn, &mut last_view)
-                .await
-                .unwrap_or_else(|err| {
-                    warn!(error = %err, "Placement round failed; retrying.");
-                    Round::Waiting
-                });
+            let round = self.round(turn, &mut seen).await.unwrap_or_else(|err| {
+                warn!(error = %err, "Placement round failed; retrying.");
+                Round::Waiting
+            });
             let pause = match round {
                 Round::More => continue,
                 Round::Waiting => IDLE,
@@ -125,7 +130,23 @@ impl Dispatcher {
     /// slot for placement timeouts) is the one the previous round ended with, with nothing new
     /// sorted in, skips the queues: nothing it could decide would differ. So a backlog that
     /// fits nowhere costs a few reads a round, not a read of every task it holds.
-    async fn round(&self, turn: usize, last_view: &mut Option<u64>) -> Result<Round, StoreError> {
+    async fn round(&self, turn: usize, seen: &mut Seen) -> Result<Round, StoreError> {
+        let mut offers = self.offers().await?;
+        // The live workers changed (one joined, left, or reports other capacity or labels):
+        // parked tasks go back to be considered again, a window at a time.
+        let workers = fingerprint(&offers, None, 0);
+        if seen.workers != Some(workers) {
+            let back = self.store.unpark(Unpark::Back, WINDOW).await?;
+            if back > 0 {
+                info!(
+                    tasks = back,
+                    "The live workers changed: parked tasks are considered again."
+                );
+            }
+            if back < WINDOW {
+                seen.workers = Some(workers);
+            }
+        }
         let mut sorted = 0;
         if self.store.inbox_len().await? > 0 {
             let medians = medians(self.store.run_times().await?);
@@ -135,9 +156,10 @@ impl Dispatcher {
                 .await?;
         }
         let mut queues = self.store.waiting_queues().await?;
+        let parked = self.store.parked_count().await?;
         if queues.is_empty() {
-            metrics::placement_waiting().set(0.0);
-            *last_view = None;
+            metrics::placement_waiting().set(parked as f64);
+            seen.view = None;
             return Ok(if sorted >= WINDOW {
                 Round::More
             } else {
@@ -145,16 +167,15 @@ impl Dispatcher {
             });
         }
         let now = self.store.redis_time_ms().await?;
-        let mut offers = self.offers().await?;
-        let view = fingerprint(&offers, &self.queues.all(), now / TIMEOUT_SLOT_MS);
-        if sorted == 0 && *last_view == Some(view) {
+        let view = fingerprint(&offers, Some(&self.queues.all()), now / TIMEOUT_SLOT_MS);
+        if sorted == 0 && seen.view == Some(view) {
             return Ok(Round::Waiting);
         }
         let n = queues.len();
         queues.rotate_left(turn % n);
         let mut more = sorted >= WINDOW;
         let mut changed = false;
-        let mut waiting_now = 0;
+        let mut waiting_now = parked;
         let mut unplaced = BTreeMap::new();
         for queue in &queues {
             let settings = self.queues.get(queue);
@@ -179,7 +200,7 @@ impl Dispatcher {
         export_use(&self.store, &offers).await;
         // What this round recorded changes the view (and what it published, the use): only a
         // round that recorded nothing leaves a view the next can trust.
-        *last_view = (!changed).then_some(view);
+        seen.view = (!changed).then_some(view);
         Ok(if more { Round::More } else { Round::Waiting })
     }
 
@@ -219,6 +240,19 @@ impl Dispatcher {
                 }
                 (Decision::Fail { id, reason }, Placed::Failed) => {
                     warn!(task_id = %id, reason = %reason, "Placed task failed: no worker took it in time.");
+                }
+                (Decision::Park { id, reason, .. }, Placed::Parked) => {
+                    debug!(task_id = %id, reason = %reason, "Placed task parked until the live workers change.");
+                }
+                (Decision::Place { id, worker }, _) => {
+                    // Not placed after all (gone, or no longer fitting): its needs are not in use
+                    // there for the rest of this round.
+                    if let (Some(task), Some(offer)) = (
+                        waiting.iter().find(|w| &w.id == id),
+                        offers.iter_mut().find(|o| &o.id == worker),
+                    ) {
+                        offer.used.remove(&task.needs);
+                    }
                 }
                 _ => {}
             }
@@ -313,23 +347,48 @@ struct Decided {
     recorded: bool,
 }
 
-/// A fingerprint of what decisions depend on besides the waiting tasks.
-fn fingerprint(offers: &[Offer], queues: &BTreeMap<String, QueueSettings>, slot: u64) -> u64 {
+/// What the dispatcher saw last, to tell what changed.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The live workers, without their use: a change brings parked tasks back.
+    workers: Option<u64>,
+    /// Everything decisions depend on besides the waiting tasks, when the round that saw it
+    /// recorded nothing: the next round with the same view and nothing new skips the queues.
+    view: Option<u64>,
+}
+
+/// A fingerprint of the live workers (with their use and `queues` when given) and `slot`.
+fn fingerprint(
+    offers: &[Offer],
+    queues: Option<&BTreeMap<String, QueueSettings>>,
+    slot: u64,
+) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     slot.hash(&mut h);
     for o in offers {
-        (&o.id, &o.labels, o.weight, &o.kinds, &o.partitions).hash(&mut h);
-        (&o.capacity.0, &o.used.0).hash(&mut h);
-    }
-    for (name, q) in queues {
         (
-            name,
-            q.strategy.as_str(),
-            q.placement.as_str(),
-            q.placement_timeout_ms,
+            &o.id,
+            &o.labels,
+            o.weight,
+            &o.kinds,
+            &o.partitions,
+            &o.capacity.0,
         )
             .hash(&mut h);
+    }
+    if let Some(queues) = queues {
+        for o in offers {
+            o.used.0.hash(&mut h);
+        }
+        for (name, q) in queues {
+            let q = (
+                q.strategy.as_str(),
+                q.placement.as_str(),
+                q.placement_timeout_ms,
+            );
+            (name, q).hash(&mut h);
+        }
     }
     h.finish()
 }
@@ -343,12 +402,23 @@ fn decide(
     unplaced: &mut BTreeMap<&'static str, u64>,
 ) -> Option<Decision> {
     let id = task.id.clone();
+    let expired =
+        |timeout: Option<u64>| timeout.is_some_and(|t| now.saturating_sub(task.since_ms) >= t);
     let Some(record) = &task.record else {
-        // No longer waiting (the place script drops it), or a record this build cannot read.
-        return Some(Decision::Wait {
-            id,
-            reason: "its record is unreadable by this scheduler".into(),
-        });
+        if !task.pending {
+            // No longer waiting: the place script drops it from the queue.
+            let reason = "gone".into();
+            return Some(Decision::Wait { id, reason });
+        }
+        // A record this build cannot read (a newer release's): it waits, visibly, for a
+        // scheduler that can, or its queue's placement timeout.
+        let reason = "its record is unreadable by this scheduler".to_string();
+        if expired(settings.placement_timeout_ms) {
+            let reason = format!("placement timeout: {reason}");
+            return Some(Decision::Fail { id, reason });
+        }
+        return (task.wait_reason.as_deref() != Some(reason.as_str()))
+            .then_some(Decision::Wait { id, reason });
     };
     let ask = Ask {
         needs: &task.needs,
@@ -367,10 +437,20 @@ fn decide(
             let timeout = record
                 .placement_timeout_ms
                 .or(settings.placement_timeout_ms);
-            if timeout.is_some_and(|t| now.saturating_sub(task.since_ms) >= t) {
+            if expired(timeout) {
                 return Some(Decision::Fail {
                     id,
                     reason: format!("placement timeout: {reason}"),
+                });
+            }
+            if code != "room" {
+                // No live worker could take it even when idle: out of the queue, so it holds
+                // up nothing behind it, until the live workers change.
+                let deadline_ms = timeout.map(|t| task.since_ms + t);
+                return Some(Decision::Park {
+                    id,
+                    reason,
+                    deadline_ms,
                 });
             }
             (task.wait_reason.as_deref() != Some(reason.as_str()))
@@ -392,11 +472,10 @@ fn medians(run_times: BTreeMap<String, Vec<u64>>) -> BTreeMap<String, u64> {
 }
 
 /// A task's estimate for `sjf`: its own, else its kind's median run time, else
-/// [`DEFAULT_ESTIMATE_MS`].
-fn estimate(record: &TaskRecord, medians: &BTreeMap<String, u64>) -> u64 {
+/// [`DEFAULT_ESTIMATE_MS`] (also for a record this build cannot read).
+fn estimate(record: Option<&TaskRecord>, medians: &BTreeMap<String, u64>) -> u64 {
     record
-        .estimated_ms
-        .or_else(|| medians.get(&record.kind).copied())
+        .and_then(|r| r.estimated_ms.or_else(|| medians.get(&r.kind).copied()))
         .unwrap_or(DEFAULT_ESTIMATE_MS)
 }
 

@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 19;
+pub const GLOBAL_KEYS: usize = 20;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -150,6 +150,14 @@ impl Keys {
         format!("{}:place:used", self.root)
     }
 
+    /// Sorted set of placed tasks no live worker could take even when idle (no worker, kind,
+    /// labels or capacity: not a lack of room), out of their queues so they hold up no task
+    /// behind them; scored by when their placement timeout ends (`+inf`: none). They go back to
+    /// the inbox when the live workers change.
+    pub fn place_parked(&self) -> String {
+        format!("{}:place:parked", self.root)
+    }
+
     /// Hash of each worker's capacity, as its heartbeats report it: field worker id, value
     /// [`crate::placement::Amounts::encode`] text.
     pub fn place_capacity(&self) -> String {
@@ -210,7 +218,7 @@ impl Keys {
     /// The keys every transition script receives first, in this order: leases, due,
     /// dead outbox, the state indexes but `running`'s (the lease set), in [`State::ALL`] order,
     /// queues, workers, paused, held, totals, outbox, then placement's inbox, use, capacity,
-    /// reservations and run times.
+    /// reservations, run times and parked tasks.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -232,6 +240,7 @@ impl Keys {
             self.place_capacity(),
             self.place_reserved(),
             self.run_times(),
+            self.place_parked(),
         ]
     }
 }

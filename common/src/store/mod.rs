@@ -23,7 +23,7 @@ pub use control::{Cancel, Reprioritize, Selector};
 pub use intake::{Accepted, NewTask};
 pub use keys::Keys;
 pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, WorkerInfo};
-pub use placement::{Decision, Placed, Waiting};
+pub use placement::{Decision, Placed, Unpark, Waiting};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use relay::{Backlog, Dispatch, Requeue};
 

@@ -15,8 +15,10 @@ use crate::task::TaskRecord;
 #[derive(Debug, Clone)]
 pub struct Waiting {
     pub id: String,
-    /// `None` when it is gone (or unreadable): it only needs dropping.
+    /// `None` when it no longer waits, or its record is one this build cannot read.
     pub record: Option<TaskRecord>,
+    /// Whether it still waits (its state is `pending`).
+    pub pending: bool,
     pub needs: Amounts,
     /// The reason its status shows now, if any.
     pub wait_reason: Option<String>,
@@ -31,6 +33,13 @@ pub enum Decision {
     Place { id: String, worker: String },
     /// No worker fits now; the status says why.
     Wait { id: String, reason: String },
+    /// No live worker could take it even when idle: out of its queue until the live workers
+    /// change, or until `deadline_ms` (its placement timeout), when it fails.
+    Park {
+        id: String,
+        reason: String,
+        deadline_ms: Option<u64>,
+    },
     /// It waited past its placement timeout: it fails with this reason.
     Fail { id: String, reason: String },
 }
@@ -38,9 +47,10 @@ pub enum Decision {
 impl Decision {
     pub fn id(&self) -> &str {
         match self {
-            Decision::Place { id, .. } | Decision::Wait { id, .. } | Decision::Fail { id, .. } => {
-                id
-            }
+            Decision::Place { id, .. }
+            | Decision::Wait { id, .. }
+            | Decision::Park { id, .. }
+            | Decision::Fail { id, .. } => id,
         }
     }
 }
@@ -55,17 +65,29 @@ pub enum Placed {
     /// The worker is gone or the task no longer fits there; it stays in the inbox.
     Full,
     Waiting,
+    Parked,
     Failed,
+}
+
+/// What [`Store::unpark`] does with parked tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpark {
+    /// Every parked task goes back to the inbox (the live workers changed).
+    Back,
+    /// Those whose placement timeout ended fail.
+    Expire,
 }
 
 impl Store {
     /// Sorts up to `limit` tasks of the placement inbox into their queues' waiting sets (see
     /// `lua/sort_in.lua`), each with the estimate `estimate` gives it for `sjf`. Returns how
     /// many were sorted in.
+    /// A task whose record this build cannot read is sorted in by its hash's `queue`, with no
+    /// key and the estimate `estimate` gives `None`.
     pub async fn sort_in(
         &self,
         limit: usize,
-        estimate: impl Fn(&TaskRecord) -> u64,
+        estimate: impl Fn(Option<&TaskRecord>) -> u64,
     ) -> Result<usize, StoreError> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = redis::cmd("ZRANGE")
@@ -79,25 +101,28 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hget(self.keys.task(id), "record");
+            pipe.cmd("HMGET")
+                .arg(self.keys.task(id))
+                .arg(&["record", "queue"]);
         }
-        let records: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let rows: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut conn).await?;
         let mut gone = Vec::new();
-        let readable: Vec<(&String, TaskRecord)> = ids
-            .iter()
-            .zip(records)
-            .filter_map(|(id, record)| {
-                match record.and_then(|r| serde_json::from_str::<TaskRecord>(&r).ok()) {
-                    Some(record) => Some((id, record)),
-                    None => {
-                        gone.push(id.as_str());
-                        None
-                    }
+        // (id, queue, fair key, estimate)
+        let mut sorting: Vec<(&str, String, String, u64)> = Vec::with_capacity(ids.len());
+        for (id, (record, queue)) in ids.iter().zip(rows) {
+            let Some(queue) = queue else {
+                gone.push(id.as_str());
+                continue;
+            };
+            match record.and_then(|r| serde_json::from_str::<TaskRecord>(&r).ok()) {
+                Some(r) => {
+                    let key = r.key.clone().unwrap_or_default();
+                    sorting.push((id, r.queue.clone(), key, estimate(Some(&r))));
                 }
-            })
-            .collect();
-        // A task gone meanwhile (expired, deleted), or one whose record this build cannot
-        // read, cannot be sorted into a queue: it leaves the inbox.
+                None => sorting.push((id, queue, String::new(), estimate(None))),
+            }
+        }
+        // A task gone meanwhile (expired, deleted) leaves the inbox.
         if !gone.is_empty() {
             let _: i64 = redis::cmd("ZREM")
                 .arg(self.keys.place_inbox())
@@ -105,17 +130,14 @@ impl Store {
                 .query_async(&mut conn)
                 .await?;
         }
-        if readable.is_empty() {
+        if sorting.is_empty() {
             return Ok(0);
         }
         let mut inv = self.invocation(&scripts::SORT_IN);
-        inv.key(self.keys.wait_queues()).arg(readable.len());
-        for (id, record) in &readable {
-            self.queue_keys(&mut inv, id, &record.queue);
-            inv.arg(*id)
-                .arg(&record.queue)
-                .arg(record.key.as_deref().unwrap_or(""))
-                .arg(estimate(record));
+        inv.key(self.keys.wait_queues()).arg(sorting.len());
+        for (id, queue, fair_key, estimate) in &sorting {
+            self.queue_keys(&mut inv, id, queue);
+            inv.arg(*id).arg(queue).arg(fair_key).arg(*estimate);
         }
         let sorted: i64 = inv.invoke_async(&mut conn).await?;
         Ok(usize::try_from(sorted).unwrap_or(0))
@@ -151,6 +173,58 @@ impl Store {
     pub async fn waiting_count(&self, queue: &str) -> Result<u64, StoreError> {
         Ok(redis::cmd("ZCARD")
             .arg(self.keys.wait(queue))
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// Parked tasks (see [`Decision::Park`]) back to the inbox, or failed past their placement
+    /// timeout, at most `limit`; returns how many went back or failed.
+    pub async fn unpark(&self, mode: Unpark, limit: usize) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = match mode {
+            Unpark::Back => {
+                redis::cmd("ZRANGE")
+                    .arg(self.keys.place_parked())
+                    .arg(0)
+                    .arg(limit.saturating_sub(1))
+                    .query_async(&mut conn)
+                    .await?
+            }
+            Unpark::Expire => {
+                let now = self.redis_time_ms().await?;
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.place_parked())
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn)
+                    .await?
+            }
+        };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.invocation(&scripts::UNPARK);
+        inv.arg(ids.len())
+            .arg(if mode == Unpark::Back {
+                "back"
+            } else {
+                "expire"
+            })
+            .arg(self.retention_ms);
+        for id in &ids {
+            inv.key(self.keys.task(id)).arg(id);
+        }
+        let moved: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(usize::try_from(moved).unwrap_or(0))
+    }
+
+    /// How many placed tasks are parked: no live worker could take them even when idle.
+    pub async fn parked_count(&self) -> Result<u64, StoreError> {
+        Ok(redis::cmd("ZCARD")
+            .arg(self.keys.place_parked())
             .query_async(&mut self.conn.clone())
             .await?)
     }
@@ -224,12 +298,14 @@ impl Store {
             // A task that no longer waits (cancelled, started from another copy of its
             // message, expired) has no record here: its decision makes the place script drop
             // it from the queue's sets.
+            let pending = state.as_deref() == Some("pending");
             let record = record
-                .filter(|_| state.as_deref() == Some("pending"))
+                .filter(|_| pending)
                 .and_then(|r| serde_json::from_str::<TaskRecord>(&r).ok());
             waiting.push(Waiting {
                 id,
                 record,
+                pending,
                 needs: Amounts::decode(needs.as_deref().unwrap_or("")),
                 wait_reason,
                 since_ms: since.unwrap_or(0.0) as u64,
@@ -261,6 +337,14 @@ impl Store {
             match decision {
                 Decision::Place { worker, .. } => inv.arg("p").arg(worker).arg(""),
                 Decision::Wait { reason, .. } => inv.arg("w").arg("").arg(reason),
+                Decision::Park {
+                    reason,
+                    deadline_ms,
+                    ..
+                } => {
+                    let deadline = deadline_ms.map_or(String::new(), |ms| ms.to_string());
+                    inv.arg("k").arg(deadline).arg(reason)
+                }
                 Decision::Fail { reason, .. } => inv.arg("f").arg("").arg(reason),
             };
             inv.arg(queue).arg(fair_key.unwrap_or(""));
@@ -285,6 +369,7 @@ impl Store {
                     "gone" => Ok(Placed::Gone),
                     "full" => Ok(Placed::Full),
                     "waiting" => Ok(Placed::Waiting),
+                    "parked" => Ok(Placed::Parked),
                     "failed" => Ok(Placed::Failed),
                     _ => Err(StoreError::Protocol("place answered an unknown outcome")),
                 },

@@ -113,6 +113,9 @@ pub struct Stats {
     pub held: u64,
     /// Placed tasks waiting for a worker, per queue (also counted in `pending`).
     pub placing: BTreeMap<String, u64>,
+    /// Placed tasks no live worker could take even when idle, out of their queues until the
+    /// live workers change (also counted in `pending`).
+    pub placing_parked: u64,
     pub counters: BTreeMap<String, u64>,
     /// True when a waiting or running state held more than `STATS_SCAN_LIMIT` tasks: the
     /// per-queue and per-priority counts of that state then cover only the newest ones.
@@ -302,6 +305,7 @@ impl Store {
             paused: self.paused().await?.iter().map(Selector::member).collect(),
             held: self.held_count().await?,
             placing: self.placing_counts().await?,
+            placing_parked: self.parked_count().await?,
             counters: self.counters().await?.into_iter().collect(),
             partial,
         })

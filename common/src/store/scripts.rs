@@ -69,6 +69,8 @@ pub static CANCEL: LazyLock<Script> = transition!("cancel.lua");
 pub static PLACE: LazyLock<Script> = transition!("place.lua");
 /// See `lua/sort_in.lua`.
 pub static SORT_IN: LazyLock<Script> = transition!("sort_in.lua");
+/// See `lua/unpark.lua`.
+pub static UNPARK: LazyLock<Script> = transition!("unpark.lua");
 /// See `lua/revoke.lua`.
 pub static REVOKE: LazyLock<Script> = transition!("revoke.lua");
 /// See `lua/unhold.lua`.

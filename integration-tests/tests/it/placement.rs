@@ -254,7 +254,7 @@ async fn placed_tasks_run_only_where_they_fit_and_an_unplaceable_one_starts_when
     assert_eq!(code, 0);
     assert!(
         out.lines()
-            .any(|l| l.starts_with("placing") && l.contains("default") && l.contains(" 1 waiting")),
+            .any(|l| l.starts_with("placing") && l.contains("(parked)") && l.contains(" 1 ")),
         "{out}"
     );
     // Nothing is reserved once everything ended but the waiting task.
@@ -761,6 +761,36 @@ async fn pack_fills_one_worker_spread_balances_and_weighted_follows_the_weights(
         (240..=360).contains(&heavy),
         "weight 3 of 4 → about 300 of 400: {weighted:?}"
     );
+
+    // 600 tasks no worker could ever take, ahead of 20 that fit, in one queue: the 600 are
+    // parked out of the way (more than a round reads), and the 20 run.
+    let blocked: Vec<String> = (0..600)
+        .map(|i| {
+            json!({"id": format!("nowhere-{i}"), "kind": "sleep", "queue": "mixed",
+                "payload": {"ms": 1}, "require": {"zone": "nowhere"}})
+            .to_string()
+        })
+        .collect();
+    env.submit(&blocked).await;
+    let store = env.store().await;
+    eventually(Duration::from_secs(30), "the 600 are parked", || async {
+        store.parked_count().await.is_ok_and(|n| n == 600)
+    })
+    .await;
+    let fitting = run("mixed", 20, 1, json!({"cpu": 1})).await;
+    assert_eq!(fitting.values().sum::<usize>(), 20);
+    let nowhere: Vec<String> = (0..600).map(|i| format!("nowhere-{i}")).collect();
+    let one = store.task(&nowhere[0]).await.unwrap().unwrap();
+    assert_eq!(
+        one.wait_reason.as_deref(),
+        Some("no live worker has labels zone=nowhere")
+    );
+    store.cancel(&nowhere).await.unwrap();
+    assert_eq!(
+        store.parked_count().await.unwrap(),
+        0,
+        "cancelled tasks leave the parked set"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -858,8 +888,9 @@ async fn the_api_changes_queue_settings_at_run_time_and_refuses_bad_ones_and_sho
     )
     .await;
     // Counted in the stats and the dispatcher's gauge.
+    // No live worker could take it: parked, out of its queue, until the workers change.
     let stats = call("GET", "/v1/stats".into(), None).await.json();
-    assert_eq!(stats["placing"]["default"], 1, "{stats}");
+    assert_eq!(stats["placing_parked"], 1, "{stats}");
     eventually(Duration::from_secs(10), "the gauge counts it", || async {
         request(addr, "GET", "/metrics", None, None)
             .await
@@ -915,7 +946,7 @@ async fn the_api_changes_queue_settings_at_run_time_and_refuses_bad_ones_and_sho
         "the cancelled task no longer counts",
         || async {
             let stats = call("GET", "/v1/stats".into(), None).await.json();
-            stats["placing"].get("default").is_none()
+            stats["placing_parked"] == 0 && stats["placing"].get("default").is_none()
         },
     )
     .await;
