@@ -440,7 +440,9 @@ async fn the_openapi_document_and_the_routes_stay_in_step() {
     // Every route exists on the server (401 without a token: none is configured, so even the
     // right token could not pass) and anything else is 404.
     for (method, path) in &routed {
-        let concrete = path.replace("{id}", "some-task");
+        let concrete = path
+            .replace("{id}", "some-task")
+            .replace("{name}", "some-queue");
         let r = request(addr, method, &concrete, None, Some(b"{}")).await;
         let open = ["/v1/openapi.json", "/healthz", "/readyz", "/metrics", "/"];
         let expected = if open.contains(&path.as_str()) {
@@ -504,8 +506,11 @@ async fn every_documented_503_is_what_the_api_answers_while_redis_is_down() {
             .iter()
             .find(|(p, _)| p == path)
             .map_or_else(|| json!({}), |(_, b)| b.clone());
-        let body = (method == "POST").then_some(body);
-        let r = call(addr, method, &path.replace("{id}", "some-task"), body).await;
+        let body = (method == "POST" || method == "PUT").then_some(body);
+        let concrete = path
+            .replace("{id}", "some-task")
+            .replace("{name}", "some-queue");
+        let r = call(addr, method, &concrete, body).await;
         assert_eq!(
             (r.status, r.error_code().as_str()),
             (503, "unavailable"),
