@@ -8,13 +8,16 @@
 --       id, queue, priority, max_attempts, record json, has idempotency key (0/1), run_at ms (0: now),
 --       delay ms (0: none; counted from Redis time here), timeout ms (0: none), kind,
 --       traceparent; then the placed tasks: their count, and per placed task its position in the
---       batch (0-based) and its needs (what it reserves). Streamed tasks have nothing there, so
---       their path reads nothing more.
+--       batch (0-based), its needs (what it reserves), its flow dimensions (see flow.rs) and its
+--       quotas (`<dim>\t<max waiting>` lines). Streamed tasks have nothing there, so their path
+--       reads nothing more.
+-- A placed task is counted queued under each flow dimension until it ends (finish); one that
+-- would make more than a quota's tasks wait (queued and not holding a reservation) is refused.
 -- A placed task due now waits in the placement inbox instead of the outbox: the dispatcher
 -- chooses its worker and publishes it.
 -- Returns per task one string: 'p' (new, pending), 'w' (new, pending, waiting for placement),
--- 's' (new, scheduled), or 'd' followed by the
--- existing task's id. A flat array of short strings, not a pair per task: the caller already
+-- 's' (new, scheduled), 'd' followed by the existing task's id, 'q' followed by the quota it
+-- is over (refused: nothing of it is stored). A flat array of short strings, not a pair per task: the caller already
 -- has each new task's id, and parsing nested replies was a tenth of the scheduler's CPU.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
@@ -35,19 +38,39 @@ end
 local any_stored = false
 chunked('EXISTS', nil, task_keys, function(count) any_stored = any_stored or count > 0 end)
 -- The placed tasks' needs, by position (nil: none placed in this batch).
-local placed_needs
+local placed_needs, placed_flow, placed_quotas
 local placed_at = 4 + n * 11
 local placed_count = tonumber(ARGV[placed_at])
 if placed_count and placed_count > 0 then
-  placed_needs = {}
+  placed_needs, placed_flow, placed_quotas = {}, {}, {}
   for j = 0, placed_count - 1 do
-    placed_needs[tonumber(ARGV[placed_at + 1 + j * 2])] = ARGV[placed_at + 2 + j * 2]
+    local b = placed_at + 1 + j * 4
+    local pos = tonumber(ARGV[b])
+    placed_needs[pos], placed_flow[pos] = ARGV[b + 1], ARGV[b + 2]
+    if ARGV[b + 3] ~= '' then placed_quotas[pos] = ARGV[b + 3] end
   end
 end
 local created, idem_ids = {}, {}
 chunked('MGET', nil, idem_keys, function(found, first)
   for k = 1, #found do idem_ids[idem_keys[first + k - 1]] = found[k] end
 end)
+
+-- Quotas: the tasks waiting under each dimension with one (queued and holding no
+-- reservation), read once, then counted on here as this batch adds tasks.
+local waiting = {}
+local function over_quota(quotas)
+  for dim, max in string.gmatch(quotas, '([^\t\n]+)\t(%d+)') do
+    if not waiting[dim] then
+      local queued = tonumber(redis.call('HGET', FLOW_QUEUED, dim)) or 0
+      waiting[dim] = queued - running_of(dim)
+    end
+    if waiting[dim] + 1 > tonumber(max) then
+      return dim .. ' has ' .. waiting[dim] .. ' tasks waiting (max_waiting ' .. max .. ')'
+    end
+  end
+  for dim in string.gmatch(quotas, '([^\t\n]+)\t%d+') do waiting[dim] = waiting[dim] + 1 end
+  return nil
+end
 
 for i = 0, n - 1 do
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
@@ -61,6 +84,14 @@ for i = 0, n - 1 do
   local existing = has_idem and idem_ids[idem_key]
   if existing then
     out[i + 1] = 'd' .. existing
+  elseif placed_quotas and placed_quotas[i] and not (created[key] or (any_stored and redis.call('EXISTS', key) == 1)) then
+    local why = over_quota(placed_quotas[i])
+    if why then
+      out[i + 1] = 'q' .. why
+    end
+  end
+  if out[i + 1] then
+    -- decided above
   elseif created[key] or (any_stored and redis.call('EXISTS', key) == 1) then
     out[i + 1] = 'd' .. id
   else
@@ -76,7 +107,11 @@ for i = 0, n - 1 do
       'max_attempts', max_attempts, 'record', record, 'created_ms', now_text,
       'kind', ARGV[a + 9], 'trace', ARGV[a + 10])
     local needs = placed_needs and placed_needs[i] or ''
-    if needs ~= '' then redis.call('HSET', key, 'needs', needs) end
+    if needs ~= '' then
+      local flow = placed_flow[i]
+      redis.call('HSET', key, 'needs', needs, 'flow', flow)
+      for _, dim in ipairs(dims_of(flow)) do incr_later(FLOW_QUEUED, dim, 1) end
+    end
     if state == 'pending' and needs ~= '' then
       zadd_new_later(INBOX, now, id)
     elseif state == 'pending' then

@@ -29,6 +29,11 @@ for i = 0, n - 1 do
     redis.call('ZREM', HELD, id)
     redis.call('ZREM', INBOX, id)
     redis.call('ZREM', PARKED, id)
+    local dim = redis.call('HGET', key, 'blocked_on')
+    if dim and redis.call('ZREM', wait_list(dim), id) == 1
+        and redis.call('ZCARD', wait_list(dim)) == 0 then
+      redis.call('SREM', FLOW_WAITS, dim)
+    end
     unreserve(key, id)
     finish(key, id, state, 'cancelled', now, retention)
     out[#out + 1] = 'cancelled'

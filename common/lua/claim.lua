@@ -6,7 +6,9 @@
 -- extended past it, so the reaper stops a handler that hangs yet still heartbeats.
 -- A placed task starts only where it fits: on the worker it was reserved on, or on this one if
 -- its labels match and its needs fit in what is left here (the reservation moves here);
--- otherwise it goes back to wait for placement, with no attempt used.
+-- otherwise it goes back to wait for placement, with no attempt used. One that holds no
+-- reservation (a retry, a requeue, a hand-back) goes back to the dispatcher, which checks its
+-- limits (see flow.rs).
 -- KEYS  globals, then per delivery: task hash
 -- ARGV  [1] deliveries  [2] worker id  [3] lease ms  [4] timeout grace ms  [5] call id (the
 --       same for a retry of this call)  [6] placement: '' when no delivery is of a placed task
@@ -36,13 +38,19 @@ local out = {}
 -- stands on this worker).
 local function unfit_here(key, id, placement)
   if placement == 'x' then return 'labels of worker ' .. worker .. ' do not match its require' end
-  local f = redis.call('HMGET', key, 'reserved_on', 'needs')
+  local f = redis.call('HMGET', key, 'reserved_on', 'needs', 'flow')
   if f[1] == worker then return nil end
+  -- Not placed (a retry, a requeue, a hand-back, a redrive, or a copy of a message): only the
+  -- dispatcher starts it, after checking its limits.
+  if not f[1] and f[3] then return 'waits for the dispatcher to check its limits' end
   if not f[2] or not fits_on(worker, f[2]) then
     return 'did not fit worker ' .. worker .. ' when delivered there'
   end
-  if f[1] then unreserve(key, id) end
-  reserve(key, id, worker, f[2])
+  if f[1] then
+    move_reservation(key, id, f[1], worker, f[2])
+  else
+    reserve(key, id, worker, f[2], false)
+  end
   return nil
 end
 

@@ -37,7 +37,10 @@ for i = 0, n - 1 do
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     zrem_later(LEASES, id)
+    -- A placed task's flow dimensions (a streamed one has none: nothing is read for it).
+    local flow = false
     if placed ~= '' and string.sub(placed, i + 1, i + 1) == '1' then
+      flow = redis.call('HGET', key, 'flow')
       unreserve(key, id)
       if kind == 'ok' and not f[4] then learn_run_time(key, now) end
     end
@@ -57,7 +60,7 @@ for i = 0, n - 1 do
         set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
       end
       finish(key, id, 'running', 'succeeded', now, retention,
-        f[5], f[6], f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set)
+        f[5], f[6], f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set, flow)
       out[i + 1] = 'succeeded'
     elseif kind == 'retry' and within_budget(key, current) then
       attempt_ended(key, now, 'retry', body)

@@ -10,11 +10,15 @@
 -- ARGV  [1] decisions  [2] redeliver ms  [3] live since (a worker last heard from before this
 --       Redis time is not live)  [4] retention ms, then per decision: id, action ('p' place,
 --       'w' wait, 'k' park: no live worker could take it even when idle, 'f' fail: waited past
---       its placement timeout), worker (for 'p'; for 'k' when its placement timeout ends, ms,
---       or '' for none), reason (for 'w', 'k' and 'f'), queue, fair key
+--       its placement timeout, 'b' block: over a limit), worker (for 'p'; for 'k' when its
+--       placement timeout ends, ms, or '' for none), reason (for 'w', 'k' and 'f'), queue, fair
+--       key, checks (for 'p' and 'b': the limits it must be within, see flow.rs)
 -- Returns per decision: {attempt, record json, traceparent} when placed; 'gone' when it no
 -- longer waits; 'full' when the worker is gone or the task no longer fits there; 'waiting';
--- 'parked'; 'failed'.
+-- 'parked'; 'failed'; 'limited' when over a limit (it moved to that limit's wait list).
+-- A limit is checked here, atomically with the reservation, so no two dispatchers can both
+-- take its last slot or token: at most `max` tasks of a dimension hold a reservation, and a
+-- token bucket (tokens, Redis ms of the last update) gives a start only for a whole token.
 -- A parked task leaves its queue for the parked set, so that tasks behind it are considered;
 -- it returns to the inbox, with its arrival (`wait_since`), when the live workers change.
 local n, redeliver, live_since, retention = tonumber(ARGV[1]), tonumber(ARGV[2]),
@@ -22,6 +26,39 @@ local n, redeliver, live_since, retention = tonumber(ARGV[1]), tonumber(ARGV[2])
 local QUEUE_SET = KEYS[GLOBALS + 1]
 local now = now_ms()
 local out = {}
+
+-- Token buckets read this call: rate key -> { tokens, dirty }.
+local buckets = {}
+local function bucket(dim, limit, period, burst)
+  local b = buckets[dim]
+  if not b then
+    b = { tokens = bucket_tokens(dim, limit, period, burst, now) }
+    buckets[dim] = b
+  end
+  return b
+end
+
+-- The first limit in `checks` the task is over (its dimension and why); or nil and the token
+-- buckets a start takes from.
+local function over_limit(checks)
+  local takes = {}
+  for line in string.gmatch(checks, '[^\n]+') do
+    local kind, dim, a, b, c = string.match(line, '^(%a)\t([^\t]+)\t(%d+)\t?(%d*)\t?(%d*)$')
+    if kind == 'c' then
+      local running = running_of(dim)
+      if running + 1 > tonumber(a) then
+        return dim, 'concurrency limit of ' .. dim .. ' reached (' .. running .. ' of ' .. a .. ' running)'
+      end
+    elseif kind == 'r' then
+      local bk = bucket(dim, tonumber(a), tonumber(b), tonumber(c))
+      if bk.tokens < 1 then
+        return dim, 'rate limit of ' .. dim .. ' (' .. a .. ' per ' .. b .. ' ms): waiting for a token'
+      end
+      takes[#takes + 1] = bk
+    end
+  end
+  return nil, nil, takes
+end
 
 -- Takes the task out of its queue's sets; a placed one moves the queue's fair clock on.
 local function leave(id, k, queue, fair_key, placed)
@@ -49,18 +86,38 @@ local function leave(id, k, queue, fair_key, placed)
 end
 
 for i = 0, n - 1 do
-  local k, a = GLOBALS + 2 + i * 5, 5 + i * 6
+  local k, a = GLOBALS + 2 + i * 5, 5 + i * 7
+  local takes
   local key = KEYS[k]
   local id, action, worker, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local queue, fair_key = ARGV[a + 4], ARGV[a + 5]
   local f = redis.call('ZSCORE', KEYS[k + 1], id) and
     redis.call('HMGET', key, 'state', 'attempt', 'record', 'trace', 'needs', 'wait_reason',
-      'reserved_on')
+      'reserved_on', 'flow')
   if not f then
     out[i + 1] = 'gone'
   elseif f[1] ~= 'pending' or not f[5] or f[7] then
     leave(id, k, queue, fair_key, false)
     out[i + 1] = 'gone'
+  elseif action == 'b' or action == 'p' then
+    local dim, why
+    if ARGV[a + 6] ~= '' then dim, why, takes = over_limit(ARGV[a + 6]) end
+    if dim then
+      -- Out of its queue into the limit's wait list, keeping its arrival: a slot that comes
+      -- free, or a token, sends it back (see prelude.lua's wake and unblock.lua).
+      local since = redis.call('ZSCORE', KEYS[k + 1], id)
+      leave(id, k, queue, fair_key, false)
+      redis.call('HSET', key, 'wait_reason', why, 'blocked_on', dim)
+      redis.call('ZADD', wait_list(dim), since, id)
+      redis.call('SADD', FLOW_WAITS, dim)
+      out[i + 1] = 'limited'
+    elseif action == 'b' then
+      -- Within its limits after all (a slot came free meanwhile): it waits in its queue.
+      out[i + 1] = 'waiting'
+    end
+  end
+  if out[i + 1] then
+    -- decided above
   elseif action == 'w' then
     if f[6] ~= reason then redis.call('HSET', key, 'wait_reason', reason) end
     out[i + 1] = 'waiting'
@@ -81,7 +138,11 @@ for i = 0, n - 1 do
     else
       -- It holds no reservation: one that does is not waiting (see above).
       leave(id, k, queue, fair_key, true)
-      reserve(key, id, worker, f[5])
+      reserve(key, id, worker, f[5], f[8])
+      for _, bk in ipairs(takes or {}) do
+        bk.tokens = bk.tokens - 1
+        bk.dirty = true
+      end
       if f[6] then redis.call('HDEL', key, 'wait_reason') end
       redis.call('HSET', key, 'placed_ms', text(now))
       local attempt = tonumber(f[2]) + 1
@@ -89,5 +150,8 @@ for i = 0, n - 1 do
       out[i + 1] = { attempt, f[3], f[4] or '' }
     end
   end
+end
+for dim, b in pairs(buckets) do
+  if b.dirty then redis.call('HSET', FLOW_TOKENS, dim, string.format('%.6f', b.tokens) .. ',' .. text(now)) end
 end
 return out

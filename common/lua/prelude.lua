@@ -1,7 +1,7 @@
 -- Prepended to every transition script (see store/scripts.rs). KEYS[1..20] are the globals of
 -- Keys::globals(): leases, due, dead outbox, five state indexes, queues, workers, paused, held,
--- totals, outbox, and placement's inbox, use, capacity, reservations, run times and parked
--- tasks.
+-- totals, outbox, placement's inbox, use, capacity, reservations, run times and parked
+-- tasks, and flow control's queued and running counts, wait lists and token buckets.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 -- No `running` index: the lease set is the running tasks' index (schema 4), and every script
 -- that starts or ends an attempt adds or removes its lease itself.
@@ -11,7 +11,8 @@ local QUEUES, WORKERS, PAUSED, HELD, TOTALS = KEYS[9], KEYS[10], KEYS[11], KEYS[
 local OUTBOX = KEYS[14]
 local INBOX, USED, CAPACITY, RESERVED = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
 local RUN_TIMES, PARKED = KEYS[19], KEYS[20]
-local GLOBALS = 20
+local FLOW_QUEUED, FLOW_RUNNING, FLOW_WAITS, FLOW_TOKENS = KEYS[21], KEYS[22], KEYS[23], KEYS[24]
+local GLOBALS = 24
 local TERMINAL = { succeeded = true, failed = true, cancelled = true }
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100
@@ -112,6 +113,18 @@ local function amounts_text(t)
   return table.concat(names, ';')
 end
 
+-- Flow control (see flow.rs). A placed task's `flow` field lists its dimensions, one per
+-- line (`queue:<q>`, `kind:<k>`, and `key:`, `tenant:`, `rate:` when it names them). It is
+-- counted under each in FLOW_QUEUED from acceptance to its end, and in FLOW_RUNNING while it
+-- holds a reservation: from placement to the end of the attempt, exactly as its worker's use.
+local function dims_of(flow)
+  local t = {}
+  if flow then
+    for dim in string.gmatch(flow, '[^\n]+') do t[#t + 1] = dim end
+  end
+  return t
+end
+
 -- What placed tasks hold on each worker, read once per script and written back once at its end
 -- (flush_later), however many of its tasks a script reserves or releases: each worker's use
 -- is one field, so per-task writes would rewrite it again and again.
@@ -147,7 +160,15 @@ local function flush_later()
     variadic('ZADD', key, list)
   end
   for key, counts in pairs(later_incr) do
-    for field, n in pairs(counts) do redis.call('HINCRBY', key, field, text(n)) end
+    local flow = key == FLOW_QUEUED or key == FLOW_RUNNING
+    for field, n in pairs(counts) do
+      if n ~= 0 then
+        local v = redis.call('HINCRBY', key, field, text(n))
+        -- Flow counts are kept per key and tenant: one at zero goes, so the hashes hold only
+        -- what is queued or running now.
+        if flow and v <= 0 then redis.call('HDEL', key, field) end
+      end
+    end
   end
   for worker in pairs(use_dirty) do
     local s = amounts_text(use_cache[worker])
@@ -210,11 +231,16 @@ end
 -- Ends a task in a terminal state: index, timestamps, totals per queue and priority, expiry
 -- after the retention period. A caller that already read `queue`, `priority` and whether the
 -- attempt has a deadline passes them, and may pass more fields to set (`set`, a list of
--- field-value pairs), saving calls on the hot path; with no queue they are read here.
-local function finish(key, id, from, to, now, retention, queue, priority, has_deadline, set)
+-- field-value pairs), saving calls on the hot path; with no queue they are read here. A placed
+-- task's flow dimensions (`flow`, its field: read here with the rest, or passed; false for
+-- none) count one queued task less.
+local function finish(key, id, from, to, now, retention, queue, priority, has_deadline, set, flow)
   if not queue then
-    local f = redis.call('HMGET', key, 'queue', 'priority', 'deadline_ms')
-    queue, priority, has_deadline = f[1], f[2], f[3] ~= false
+    local f = redis.call('HMGET', key, 'queue', 'priority', 'deadline_ms', 'flow')
+    queue, priority, has_deadline, flow = f[1], f[2], f[3] ~= false, f[4]
+  end
+  if flow then
+    for _, dim in ipairs(dims_of(flow)) do incr_later(FLOW_QUEUED, dim, -1) end
   end
   incr_later(TOTALS, total_field('queue', to, queue or '?'))
   incr_later(TOTALS, total_field('priority', to, priority or '?'))
@@ -323,27 +349,106 @@ local function fits_on(worker, needs)
   return true
 end
 
--- Reserves a task's needs on `worker`; the reservation is bound to the task until `unreserve`.
-local function reserve(key, id, worker, needs)
+-- A dimension's wait list: tasks found over one of its limits, scored by arrival.
+local function wait_list(dim)
+  return FLOW_WAITS .. ':' .. dim
+end
+
+-- A dimension's running count as this script has it (read once, then kept up to date here;
+-- written at the end by flush_later).
+local flow_running = {}
+local function running_of(dim)
+  local n = flow_running[dim]
+  if not n then
+    n = tonumber(redis.call('HGET', FLOW_RUNNING, dim)) or 0
+    flow_running[dim] = n
+  end
+  return n
+end
+
+local function hold(dims, sign)
+  for _, dim in ipairs(dims) do
+    flow_running[dim] = running_of(dim) + sign
+    incr_later(FLOW_RUNNING, dim, sign)
+  end
+end
+
+-- A slot of each of `dims` came free: the first task waiting for it (if any) goes back to the
+-- inbox, to be placed if every limit of its lets it. A rate's wait list waits for tokens, which
+-- the dispatcher hands out (unblock.lua).
+local function wake(dims)
+  local slots = {}
+  for _, dim in ipairs(dims) do
+    if string.sub(dim, 1, 5) ~= 'rate:' then slots[#slots + 1] = dim end
+  end
+  if #slots == 0 then return end
+  local waiting = redis.call('SMISMEMBER', FLOW_WAITS, unpack(slots))
+  for i, dim in ipairs(slots) do
+    if waiting[i] == 1 then
+      local list = wait_list(dim)
+      local first = redis.call('ZPOPMIN', list)
+      if first[1] then redis.call('ZADD', INBOX, 'NX', first[2], first[1]) end
+      if redis.call('ZCARD', list) == 0 then redis.call('SREM', FLOW_WAITS, dim) end
+    end
+  end
+end
+
+-- The whole and partial tokens in rate dimension `dim`'s bucket at `now` (`limit` per `period`
+-- ms, at most `burst`; a bucket never used is full). Stored as `<tokens>,<ms of last take>`.
+local function bucket_tokens(dim, limit, period, burst, now)
+  local tokens, last = burst, now
+  local s = redis.call('HGET', FLOW_TOKENS, dim)
+  if s then
+    local t, l = string.match(s, '^([^,]+),(%d+)$')
+    tokens, last = tonumber(t) or burst, tonumber(l) or now
+  end
+  return math.min(burst, tokens + math.max(0, now - last) * limit / period)
+end
+
+-- Reserves a task's needs on `worker` and holds its flow dimensions (`flow`, its field); both
+-- are bound to the task until `unreserve`.
+local function reserve(key, id, worker, needs, flow)
+  add_use(worker, needs, 1)
+  redis.call('HSET', key, 'reserved_on', worker)
+  redis.call('ZADD', RESERVED, 0, worker .. '|' .. id)
+  if flow then hold(dims_of(flow), 1) end
+end
+
+-- Moves a reservation to `worker` (its flow dimensions stay held).
+local function move_reservation(key, id, from, worker, needs)
+  add_use(from, needs, -1)
+  redis.call('ZREM', RESERVED, from .. '|' .. id)
   add_use(worker, needs, 1)
   redis.call('HSET', key, 'reserved_on', worker)
   redis.call('ZADD', RESERVED, 0, worker .. '|' .. id)
 end
 
--- Releases whatever the task holds on a worker (nothing if it holds nothing).
+-- Releases whatever the task holds on a worker and under its flow dimensions (nothing if it
+-- holds nothing), and wakes a task waiting for each slot that came free.
 local function unreserve(key, id)
-  local f = redis.call('HMGET', key, 'reserved_on', 'needs')
+  local f = redis.call('HMGET', key, 'reserved_on', 'needs', 'flow')
   if not f[1] then return end
   add_use(f[1], f[2] or '', -1)
   redis.call('HDEL', key, 'reserved_on')
   redis.call('ZREM', RESERVED, f[1] .. '|' .. id)
+  if f[3] then
+    local dims = dims_of(f[3])
+    hold(dims, -1)
+    wake(dims)
+  end
+end
+
+-- Whether the task waits in a limit's wait list (then it stays there).
+local function blocked(key, id)
+  local dim = redis.call('HGET', key, 'blocked_on')
+  return dim and redis.call('ZSCORE', wait_list(dim), id) ~= false
 end
 
 -- Sends a placed task back to wait for a worker (it is pending; no message of it is due).
 local function await_placement(key, id, now, reason)
   unreserve(key, id)
   -- NX: one already waiting keeps its place.
-  redis.call('ZADD', INBOX, 'NX', now, id)
+  if not blocked(key, id) then redis.call('ZADD', INBOX, 'NX', now, id) end
   redis.call('HSET', key, 'wait_reason', reason)
 end
 

@@ -10,6 +10,7 @@
 //! - [`kafka`]: producer/consumer/admin configuration and topic creation.
 //! - [`membership`]: group consumers whose assignment is logged, measured and watched.
 //! - [`placement`]: what tasks need and workers offer, and the choice of a worker.
+//! - [`flow`]: concurrency and rate limits, tenant quotas and fair-share weights.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
 //! - [`dependency`]: calling a dependency that is briefly away until it answers.
 //! - [`telemetry`]: `tracing` set-up.
@@ -17,6 +18,7 @@
 
 pub mod cli;
 pub mod dependency;
+pub mod flow;
 pub mod kafka;
 pub mod membership;
 pub mod ops;

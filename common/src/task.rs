@@ -84,6 +84,15 @@ pub struct TaskSpec {
     /// How long a placed task may wait for a worker that fits before it fails.
     #[serde(default)]
     pub placement_timeout_ms: Option<u64>,
+    /// At most so many tasks of this key run at once, fleet-wide (see [`crate::flow`]).
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    /// Starts of tasks with this key are rate-limited by its token bucket.
+    #[serde(default)]
+    pub rate_key: Option<String>,
+    /// Whose task it is: tenant quotas and fair-share weights apply.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// Longest accepted `delay_ms`, and farthest `run_at` from now: one year.
@@ -248,6 +257,15 @@ impl TaskSpec {
         if let Some(queue) = &self.queue {
             check_name("queue", queue)?;
         }
+        for (field, value) in [
+            ("concurrency_key", &self.concurrency_key),
+            ("rate_key", &self.rate_key),
+            ("tenant", &self.tenant),
+        ] {
+            if let Some(value) = value {
+                check_name(field, value)?;
+            }
+        }
         if let Some(key) = &self.key
             && (key.is_empty() || key.len() > MAX_NAME_LEN)
         {
@@ -360,8 +378,15 @@ pub struct TaskRecord {
     pub estimated_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Placed (a worker is chosen for it by the dispatcher) rather than streamed: it has needs
-    /// or label rules, or its queue's strategy or placement policy is not the default.
+    /// or label rules, names a `concurrency_key`, `rate_key` or `tenant`, or its queue's
+    /// strategy, placement policy or limits ask for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub placed: bool,
 }
@@ -383,7 +408,10 @@ impl TaskRecord {
         let null = || RawValue::from_string("null".into()).expect("null is JSON");
         let placed = spec.resources.as_ref().is_some_and(|r| !r.is_empty())
             || spec.require.as_ref().is_some_and(|r| !r.is_empty())
-            || spec.prefer.as_ref().is_some_and(|r| !r.is_empty());
+            || spec.prefer.as_ref().is_some_and(|r| !r.is_empty())
+            || spec.concurrency_key.is_some()
+            || spec.rate_key.is_some()
+            || spec.tenant.is_some();
         Self {
             id: spec.id.unwrap_or_else(new_id),
             kind: spec.kind,
@@ -398,6 +426,9 @@ impl TaskRecord {
             prefer: spec.prefer.unwrap_or_default(),
             estimated_ms: spec.estimated_ms,
             placement_timeout_ms: spec.placement_timeout_ms,
+            concurrency_key: spec.concurrency_key,
+            rate_key: spec.rate_key,
+            tenant: spec.tenant,
             placed,
         }
     }

@@ -4,6 +4,7 @@ mod control;
 mod demo;
 mod health;
 mod inspect;
+mod limits;
 mod submit;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_common::Priority;
+use fleet_common::flow::{Limit, Scope};
 use fleet_common::placement::{Policy, QueueSettings, Strategy};
 use fleet_common::settings::{self, CommonSettings};
 use fleet_common::store::{self, Store};
@@ -140,6 +142,10 @@ enum Command {
     /// placement timeout).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Show, set or delete flow limits (concurrency per key, queue, kind or tenant; rate per
+    /// key; tenant quotas and weights) at run time.
+    #[command(subcommand)]
+    Limits(LimitsCommand),
     /// Live workers, from their heartbeats.
     Workers {
         #[arg(long)]
@@ -211,6 +217,39 @@ enum QueueCommand {
         #[arg(value_parser = queue_name)]
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitsCommand {
+    /// Every limit with its use: running, waiting, blocked in its wait list, tokens.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set (replace) a limit. Scope queue: --max-running, --max-waiting, --key-max-running;
+    /// key and kind: --max-running; rate: --limit, --period-ms, --burst; tenant (name `*` for
+    /// every tenant without one): --max-running, --max-waiting, --weight.
+    Set {
+        /// queue, key, kind, rate or tenant.
+        scope: Scope,
+        name: String,
+        #[arg(long)]
+        max_running: Option<u64>,
+        #[arg(long)]
+        max_waiting: Option<u64>,
+        #[arg(long)]
+        key_max_running: Option<u64>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        period_ms: Option<u64>,
+        #[arg(long)]
+        burst: Option<u32>,
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Delete a limit.
+    Delete { scope: Scope, name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -385,6 +424,34 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
         }
         Command::Queue(QueueCommand::Reset { name }) => {
             control::set_queue(&connect(settings).await?, &name, None).await?;
+        }
+        Command::Limits(LimitsCommand::List { json }) => {
+            limits::list(&connect(settings).await?, json).await?;
+        }
+        Command::Limits(LimitsCommand::Set {
+            scope,
+            name,
+            max_running,
+            max_waiting,
+            key_max_running,
+            limit,
+            period_ms,
+            burst,
+            weight,
+        }) => {
+            let limit = Limit {
+                max_running,
+                max_waiting,
+                key_max_running,
+                limit,
+                period_ms,
+                burst,
+                weight,
+            };
+            limits::set(&connect(settings).await?, scope, &name, limit).await?;
+        }
+        Command::Limits(LimitsCommand::Delete { scope, name }) => {
+            limits::delete(&connect(settings).await?, scope, &name).await?;
         }
         Command::Workers { json } => {
             inspect::workers(&connect(settings).await?, settings.lease.lease_ms, json).await?;

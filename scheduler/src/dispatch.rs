@@ -12,8 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_common::Priority;
+use fleet_common::flow::{self, Check, DimLimit, Limits};
 use fleet_common::placement::{self, Amounts, Ask, Offer, QueueSettings, Unplaced};
-use fleet_common::store::{Decision, Placed, Store, StoreError, Unpark, Waiting, WorkerInfo};
+use fleet_common::store::{
+    Decision, Placed, Store, StoreError, Unblock, Unpark, Waiting, WorkerInfo,
+};
 use fleet_common::task::TaskRecord;
 use fleet_common::telemetry::metrics;
 use tokio::sync::Notify;
@@ -63,7 +66,8 @@ impl Dispatcher {
         let mut turn = 0usize;
         let mut seen = Seen::default();
         while !token.is_cancelled() {
-            if last_second.elapsed() >= EVERY_SECOND {
+            let every_second = last_second.elapsed() >= EVERY_SECOND;
+            if every_second {
                 last_second = Instant::now();
                 if let Err(err) = self.queues.refresh(&self.store).await {
                     warn!(error = %err, "Cannot read the queues' run-time settings.");
@@ -78,6 +82,13 @@ impl Dispatcher {
                     Err(err) => warn!(error = %err, "Cannot fail parked tasks past their timeout."),
                 }
             }
+            let next_token = match self.unblock(every_second).await {
+                Ok(next) => next,
+                Err(err) => {
+                    warn!(error = %err, "Cannot send tasks waiting for a limit back.");
+                    None
+                }
+            };
             turn = turn.wrapping_add(1);
             let round = self.round(turn, &mut seen).await.unwrap_or_else(|err| {
                 warn!(error = %err, "Placement round failed; retrying.");
@@ -88,6 +99,9 @@ impl Dispatcher {
                 Round::Waiting => IDLE,
                 Round::Empty => IDLE_EMPTY,
             };
+            // A rate limit's next token is taken when it comes, not a round later: a bucket
+            // that is full when nobody takes from it loses what it would have gained.
+            let pause = next_token.map_or(pause, |ms| pause.min(Duration::from_millis(ms)));
             tokio::select! {
                 () = token.cancelled() => {}
                 () = self.wake.notified() => {}
@@ -96,6 +110,40 @@ impl Dispatcher {
         }
         info!("Placement dispatcher stopped.");
         Ok(())
+    }
+
+    /// Sends tasks waiting for a limit back to be placed as far as their limits let them now:
+    /// rate limits' every round (as tokens come), all of them `every_second` (a limit raised or
+    /// removed at run time; a slot that comes free wakes one at once). Returns the ms until
+    /// the next token of a rate limit with tasks waiting.
+    async fn unblock(&self, every_second: bool) -> Result<Option<u64>, StoreError> {
+        let limits = self.queues.limits();
+        let dims = self.store.blocked_dims().await?;
+        let lists: Vec<(String, Unblock)> = dims
+            .into_iter()
+            .filter_map(|dim| {
+                let how = match limits.of_dim(&dim) {
+                    Some(DimLimit::Rate(rate)) => Unblock::Rate(rate),
+                    Some(DimLimit::Running(max)) => Unblock::Running(max),
+                    None => Unblock::All,
+                };
+                (every_second || matches!(how, Unblock::Rate(_))).then_some((dim, how))
+            })
+            .collect();
+        let moved = self.store.unblock(&lists, WINDOW).await?;
+        let mut next = None;
+        for ((dim, _), (n, next_ms)) in lists.iter().zip(moved) {
+            if n > 0 {
+                debug!(limit = %dim, tasks = n, "Tasks waiting for a limit go back to be placed.");
+            }
+            if let Some(ms) = next_ms {
+                next = Some(next.map_or(ms, |m: u64| m.min(ms)));
+            }
+        }
+        if every_second {
+            export_flow(&self.store, &limits).await;
+        }
+        Ok(next.map(|ms| ms.max(1)))
     }
 
     async fn revoke(&self) {
@@ -148,11 +196,16 @@ impl Dispatcher {
             }
         }
         let mut sorted = 0;
+        let limits = self.queues.limits();
         if self.store.inbox_len().await? > 0 {
             let medians = medians(self.store.run_times().await?);
             sorted = self
                 .store
-                .sort_in(WINDOW, |record| estimate(record, &medians))
+                .sort_in(
+                    WINDOW,
+                    |record| estimate(record, &medians),
+                    |record| record.tenant.as_deref().map_or(1, |t| limits.weight(t)),
+                )
                 .await?;
         }
         let mut queues = self.store.waiting_queues().await?;
@@ -186,9 +239,15 @@ impl Dispatcher {
                 .waiting_in(queue, settings.strategy, window)
                 .await?;
             let decided = self
-                .place(queue, &settings, &waiting, &mut offers, now, &mut unplaced)
+                .place(
+                    (queue, &settings, &limits),
+                    &waiting,
+                    &mut offers,
+                    now,
+                    &mut unplaced,
+                )
                 .await?;
-            more |= decided.published > 0 && waiting.len() == window;
+            more |= decided.moved > 0 && waiting.len() == window;
             changed |= decided.recorded;
             waiting_now += self.store.waiting_count(queue).await?;
         }
@@ -208,25 +267,50 @@ impl Dispatcher {
     /// decisions and publishes what was placed.
     async fn place(
         &self,
-        queue: &str,
-        settings: &QueueSettings,
+        (queue, settings, limits): (&str, &QueueSettings, &Limits),
         waiting: &[Waiting],
         offers: &mut [Offer],
         now: u64,
         unplaced: &mut BTreeMap<&'static str, u64>,
     ) -> Result<Decided, StoreError> {
-        let decisions: Vec<(Decision, Option<&str>)> = waiting
+        let checks: Vec<Vec<Check>> = waiting
             .iter()
-            .filter_map(|task| {
-                let decision = decide(task, offers, (now, settings), unplaced)?;
-                let fair_key = task.record.as_ref().and_then(|r| r.key.as_deref());
-                Some((decision, fair_key))
+            .map(|task| {
+                task.record
+                    .as_ref()
+                    .map_or_else(Vec::new, |r| limits.checks(r))
+            })
+            .collect();
+        let mut flow = FlowView::read(&self.store, &checks).await?;
+        let decisions: Vec<(Decision, String, String)> = waiting
+            .iter()
+            .zip(&checks)
+            .filter_map(|(task, checks)| {
+                let decision = match flow.over(checks) {
+                    Some(reason) if task.record.is_some() => Decision::Block {
+                        id: task.id.clone(),
+                        reason,
+                    },
+                    _ => decide(task, offers, (now, settings), unplaced)?,
+                };
+                if matches!(decision, Decision::Place { .. }) {
+                    flow.take(checks);
+                }
+                let fair_key = task.record.as_ref().map(flow::fair_key).unwrap_or_default();
+                Some((decision, fair_key, flow::checks_text(checks)))
             })
             .collect();
         let live_since = now.saturating_sub(self.live_ms);
         let outcomes = self.store.place(queue, &decisions, live_since).await?;
         let mut sending = Vec::new();
-        for ((decision, _), outcome) in decisions.iter().zip(&outcomes) {
+        let mut limited = 0;
+        for ((decision, _, _), outcome) in decisions.iter().zip(&outcomes) {
+            if *outcome == Placed::Limited {
+                limited += 1;
+                if let Some(dim) = decision_dim(decision, waiting, &checks) {
+                    metrics::flow_throttled(dim).increment(1);
+                }
+            }
             match (decision, outcome) {
                 (Decision::Place { id, worker }, Placed::Placed(dispatch)) => {
                     if let Some(task) = waiting.iter().find(|w| &w.id == id) {
@@ -282,7 +366,7 @@ impl Dispatcher {
         }
         self.store.dispatched(&sent).await?;
         Ok(Decided {
-            published: sent.len(),
+            moved: sent.len() + limited,
             recorded: !decisions.is_empty(),
         })
     }
@@ -296,6 +380,147 @@ impl Dispatcher {
             .map(|(id, info)| offer(id.clone(), info, used.remove(&id).unwrap_or_default()))
             .collect())
     }
+}
+
+/// The flow counts a round decides with: running counts and bucket tokens of the limits its
+/// tasks are checked against, as read at its start and counted on as it places.
+#[derive(Debug, Default)]
+struct FlowView {
+    running: std::collections::HashMap<String, u64>,
+    tokens: std::collections::HashMap<String, f64>,
+}
+
+impl FlowView {
+    async fn read(store: &Store, checks: &[Vec<Check>]) -> Result<Self, StoreError> {
+        let mut dims = std::collections::BTreeSet::new();
+        let mut rates = BTreeMap::new();
+        for check in checks.iter().flatten() {
+            match check {
+                Check::Running { dim, .. } => {
+                    dims.insert(dim.clone());
+                }
+                Check::Rate { dim, rate } => {
+                    rates.insert(dim.clone(), *rate);
+                }
+            }
+        }
+        let dims: Vec<String> = dims.into_iter().collect();
+        let counts = store.running_counts(&dims).await?;
+        let mut view = FlowView {
+            running: dims.into_iter().zip(counts).collect(),
+            ..FlowView::default()
+        };
+        for (dim, rate) in rates {
+            let tokens = store.tokens(&dim, rate).await?;
+            view.tokens.insert(dim, tokens);
+        }
+        Ok(view)
+    }
+
+    /// Why a task with `checks` is over a limit now, if it is.
+    fn over(&self, checks: &[Check]) -> Option<String> {
+        checks.iter().find_map(|check| match check {
+            Check::Running { dim, max } => {
+                let running = self.running.get(dim).copied().unwrap_or(0);
+                (running + 1 > *max).then(|| {
+                    format!("concurrency limit of {dim} reached ({running} of {max} running)")
+                })
+            }
+            Check::Rate { dim, rate } => {
+                let tokens = self.tokens.get(dim).copied().unwrap_or(0.0);
+                (tokens < 1.0).then(|| {
+                    format!(
+                        "rate limit of {dim} ({} per {} ms): waiting for a token",
+                        rate.limit, rate.period_ms
+                    )
+                })
+            }
+        })
+    }
+
+    /// Counts a placement under `checks`.
+    fn take(&mut self, checks: &[Check]) {
+        for check in checks {
+            match check {
+                Check::Running { dim, .. } => *self.running.entry(dim.clone()).or_default() += 1,
+                Check::Rate { dim, .. } => *self.tokens.entry(dim.clone()).or_default() -= 1.0,
+            }
+        }
+    }
+}
+
+/// The scope of the limit a decision ran into (for the throttling metric): the one the
+/// dispatcher found, else its first.
+fn decision_dim(
+    decision: &Decision,
+    waiting: &[Waiting],
+    checks: &[Vec<Check>],
+) -> Option<&'static str> {
+    let i = waiting.iter().position(|w| w.id == decision.id())?;
+    let dim = match decision {
+        Decision::Block { reason, .. } => checks[i]
+            .iter()
+            .find(|c| reason.contains(c.dim()))
+            .or(checks[i].first()),
+        _ => checks[i].first(),
+    }?;
+    let scope = dim.dim().split_once(':').map_or("", |(scope, _)| scope);
+    flow::Scope::ALL
+        .into_iter()
+        .find(|s| s.as_str() == scope)
+        .map(flow::Scope::as_str)
+}
+
+/// Most limited dimensions exported by name besides those with a limit of their own.
+const TOP_DIMS: usize = 20;
+
+/// Exports the use of limited dimensions: each with a limit of its own, and the ones with most
+/// tasks blocked; the rest summed as `other`. A dimension no longer exported is set to zero.
+async fn export_flow(store: &Store, limits: &Limits) {
+    static EXPORTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let Ok(blocked) = store.blocked_dims().await else {
+        return;
+    };
+    let mut dims: std::collections::BTreeSet<String> = limits
+        .map
+        .keys()
+        .filter(|(_, name)| name != flow::ANY_TENANT)
+        .map(|(scope, name)| format!("{}:{name}", scope.as_str()))
+        .collect();
+    let own = dims.len();
+    dims.extend(blocked);
+    let dims: Vec<String> = dims.into_iter().collect();
+    let Ok(uses) = store.dim_use(&dims).await else {
+        return;
+    };
+    let mut rows: Vec<(String, fleet_common::store::DimUse)> = dims.into_iter().zip(uses).collect();
+    rows.sort_by_key(|(dim, u)| (limits.of_dim(dim).is_none(), std::cmp::Reverse(u.blocked)));
+    let mut other = fleet_common::store::DimUse::default();
+    let mut now = Vec::new();
+    for (i, (dim, u)) in rows.into_iter().enumerate() {
+        if i < own + TOP_DIMS {
+            metrics::flow_use("running", dim.clone()).set(u.running as f64);
+            metrics::flow_use("waiting", dim.clone()).set(u.waiting() as f64);
+            metrics::flow_use("blocked", dim.clone()).set(u.blocked as f64);
+            now.push(dim);
+        } else {
+            other.queued += u.queued;
+            other.running += u.running;
+            other.blocked += u.blocked;
+        }
+    }
+    metrics::flow_use("running", "other").set(other.running as f64);
+    metrics::flow_use("waiting", "other").set(other.waiting() as f64);
+    metrics::flow_use("blocked", "other").set(other.blocked as f64);
+    let mut exported = EXPORTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for gone in exported.iter().filter(|d| !now.contains(d)) {
+        for what in ["running", "waiting", "blocked"] {
+            metrics::flow_use(what, gone.clone()).set(0.0);
+        }
+    }
+    *exported = now;
 }
 
 /// Exports each live worker's capacity and what placed tasks hold on it (as Redis has it now,
@@ -341,8 +566,8 @@ enum Round {
 /// What one queue's decisions came to.
 #[derive(Debug, Clone, Copy)]
 struct Decided {
-    /// Placed tasks published.
-    published: usize,
+    /// Placed tasks published, and tasks moved to a limit's wait list.
+    moved: usize,
     /// Whether anything was recorded (a placement, a failure, a changed reason).
     recorded: bool,
 }

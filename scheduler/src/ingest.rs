@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use fleet_common::flow::OVER_QUOTA;
 use fleet_common::ops::Readiness;
 use fleet_common::store::{Accepted, NewTask, Store};
 use fleet_common::task::TaskSpec;
@@ -197,7 +198,9 @@ async fn handle_batch(
     token: &CancellationToken,
 ) -> bool {
     let mut tasks = Vec::with_capacity(messages.len());
-    let mut rejected = Vec::new();
+    // The message each task came from, for refusals after Redis saw it (over a quota).
+    let mut sources = Vec::with_capacity(messages.len());
+    let mut rejected: Vec<(&BorrowedMessage<'_>, &'static str, String)> = Vec::new();
     for message in messages {
         match TaskSpec::parse(
             message.payload().unwrap_or_default(),
@@ -208,8 +211,9 @@ async fn handle_batch(
                 task.trace =
                     TraceParent::continue_or_start(fleet_common::wire::trace_of(message).as_ref());
                 tasks.push(task);
+                sources.push(message);
             }
-            Err(err) => rejected.push((message, err)),
+            Err(err) => rejected.push((message, err.code(), err.to_string())),
         }
     }
 
@@ -222,10 +226,18 @@ async fn handle_batch(
         return false;
     };
 
+    // Over a quota: refused as `over_quota`, nothing of it stored (accepted tasks before and
+    // after it in the batch are not affected).
+    for (message, outcome) in sources.iter().zip(&accepted) {
+        if let Accepted::OverQuota(why) = outcome {
+            rejected.push((message, OVER_QUOTA, format!("over quota: {why}")));
+        }
+    }
+
     // Refused submissions must be on the rejected topic before their offsets are stored.
-    for (message, err) in &rejected {
+    for (message, code, reason) in &rejected {
         warn!(
-            code = err.code(), reason = %err, partition = message.partition(), offset = message.offset(),
+            code = *code, reason = %reason, partition = message.partition(), offset = message.offset(),
             "Submission rejected."
         );
         let source = fleet_common::wire::RejectedSource {
@@ -233,9 +245,8 @@ async fn handle_batch(
             partition: message.partition(),
             offset: message.offset(),
         };
-        let reason = err.to_string();
         let sent = keep_trying(token, "publishing a rejected submission", || {
-            publisher.rejected(message.payload(), err.code(), &reason, source)
+            publisher.rejected(message.payload(), code, reason, source)
         })
         .await;
         if sent.is_none() {
@@ -243,8 +254,8 @@ async fn handle_batch(
         }
     }
 
-    for (_, err) in &rejected {
-        fleet_common::telemetry::metrics::tasks_rejected(err.code()).increment(1);
+    for (_, code, _) in &rejected {
+        fleet_common::telemetry::metrics::tasks_rejected(code).increment(1);
     }
     if !rejected.is_empty()
         && let Err(err) = store.count("rejected", rejected.len() as u64).await

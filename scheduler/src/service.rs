@@ -112,7 +112,10 @@ pub async fn serve(
 ) -> anyhow::Result<Drain> {
     let (store, publisher) = connect(&settings, role.name()).await?;
     let parts = Parts {
-        queues: Queues::new(settings.scheduler.queues.clone()),
+        queues: Queues::new(
+            settings.scheduler.queues.clone(),
+            settings.scheduler.limits.clone(),
+        ),
         settings: Arc::new(settings),
         store,
         publisher,

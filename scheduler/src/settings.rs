@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
+use fleet_common::flow::LimitTable;
 use fleet_common::placement::QueueSettings;
 use fleet_common::service_settings;
 use fleet_common::settings::{SettingsError, Validate};
@@ -45,6 +46,10 @@ pub struct SchedulerSection {
     /// `placement`, `placement_timeout_ms`); the API and `fleetctl queue set` override these at
     /// run time.
     pub queues: BTreeMap<String, QueueSettings>,
+    /// Flow limits (`[scheduler.limits.<scope>.<name>]`, scope `queue`, `key`, `kind`, `rate`
+    /// or `tenant`; see [`fleet_common::flow`]): written to Redis at start, where the API and
+    /// `fleetctl limits` change them at run time.
+    pub limits: LimitTable,
 }
 
 impl Default for SchedulerSection {
@@ -57,6 +62,7 @@ impl Default for SchedulerSection {
             batch_size: 500,
             relay_interval_ms: 250,
             queues: BTreeMap::new(),
+            limits: LimitTable::new(),
         }
     }
 }
@@ -103,6 +109,16 @@ impl Validate for SchedulerSection {
                     "scheduler.queues.placement_timeout_ms",
                     format!("queue {name}: expected 1 to {MAX_DELAY_MS} (one year)"),
                 ));
+            }
+        }
+        for (scope, entries) in &self.limits {
+            for (name, limit) in entries {
+                limit.validate(*scope, name).map_err(|err| {
+                    SettingsError::invalid(
+                        "scheduler.limits",
+                        format!("{} limit {name}: {err}", scope.as_str()),
+                    )
+                })?;
             }
         }
         if !(10..=60_000).contains(&self.relay_interval_ms) {

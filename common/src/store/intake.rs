@@ -21,6 +21,9 @@ pub struct NewTask {
     pub delay_ms: u64,
     /// The task's trace context, sent with every dispatch.
     pub trace: TraceParent,
+    /// The quotas it is accepted within (`max_waiting` of its queue and tenant), in the accept
+    /// script's text form ([`crate::flow::quotas_text`]); empty for none.
+    pub quotas: String,
 }
 
 impl NewTask {
@@ -48,6 +51,7 @@ impl NewTask {
             run_at_ms,
             delay_ms,
             trace: TraceParent::new_root(),
+            quotas: String::new(),
         }
     }
 }
@@ -73,6 +77,8 @@ pub enum Accepted {
     Placing(String),
     /// Already known (same id or idempotency key): the existing task's id.
     Duplicate(String),
+    /// Refused: accepting it would make more tasks wait than a quota allows (the reason).
+    OverQuota(String),
 }
 
 impl Store {
@@ -107,15 +113,17 @@ impl Store {
                 .arg(task.trace.as_str());
         }
         // Streamed tasks add nothing here: their path stays as it was.
-        let placed: Vec<(usize, String)> = tasks
+        let placed: Vec<(usize, &NewTask)> = tasks
             .iter()
             .enumerate()
             .filter(|(_, t)| t.record.is_placed())
-            .map(|(i, t)| (i, t.record.needs_text()))
             .collect();
         inv.arg(placed.len());
-        for (i, needs) in &placed {
-            inv.arg(*i).arg(needs);
+        for (i, task) in &placed {
+            inv.arg(*i)
+                .arg(task.record.needs_text())
+                .arg(crate::flow::dims_text(&task.record))
+                .arg(&task.quotas);
         }
         let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != tasks.len() {
@@ -132,6 +140,7 @@ impl Store {
                 Some(("d", existing)) if !existing.is_empty() => {
                     Ok(Accepted::Duplicate(existing.to_string()))
                 }
+                Some(("q", why)) => Ok(Accepted::OverQuota(why.to_string())),
                 _ => Err(StoreError::Protocol("accept answered an unknown state")),
             })
             .collect()

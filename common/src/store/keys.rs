@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 20;
+pub const GLOBAL_KEYS: usize = 24;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -210,6 +210,40 @@ impl Keys {
         format!("{}:run-times", self.root)
     }
 
+    /// Hash of the limits in force (see [`crate::flow`]): field `<scope>:<name>`, value
+    /// [`crate::flow::Limit`] JSON.
+    pub fn limits(&self) -> String {
+        format!("{}:limits", self.root)
+    }
+
+    /// Hash of placed tasks accepted and not yet ended, by dimension (`queue:<q>`,
+    /// `kind:<k>`, `key:<k>`, `tenant:<t>`, `rate:<r>`); a field at 0 is removed.
+    pub fn flow_queued(&self) -> String {
+        format!("{}:flow:queued", self.root)
+    }
+
+    /// Hash of placed tasks holding a reservation (placed, or running), by dimension.
+    pub fn flow_running(&self) -> String {
+        format!("{}:flow:running", self.root)
+    }
+
+    /// Set of the dimensions with tasks in their wait list ([`Keys::flow_wait`]).
+    pub fn flow_waits(&self) -> String {
+        format!("{}:flow:waits", self.root)
+    }
+
+    /// Sorted set of placed tasks waiting for a limit of `dim` (a slot or a token), scored by
+    /// arrival. Scripts build this name from [`Keys::flow_waits`] (`<that>:<dim>`): a task's
+    /// dimensions are data, and every such key shares the one hash tag.
+    pub fn flow_wait(&self, dim: &str) -> String {
+        join(&[&self.root, ":flow:waits:", dim])
+    }
+
+    /// Hash of rate limits' token buckets: field rate key, value `<tokens>,<Redis ms>`.
+    pub fn flow_tokens(&self) -> String {
+        format!("{}:flow:tokens", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         join(&[&self.root, ":idem:", key])
@@ -218,7 +252,8 @@ impl Keys {
     /// The keys every transition script receives first, in this order: leases, due,
     /// dead outbox, the state indexes but `running`'s (the lease set), in [`State::ALL`] order,
     /// queues, workers, paused, held, totals, outbox, then placement's inbox, use, capacity,
-    /// reservations, run times and parked tasks.
+    /// reservations, run times and parked tasks, then flow control's queued and running
+    /// counts, wait lists and token buckets.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -241,6 +276,10 @@ impl Keys {
             self.place_reserved(),
             self.run_times(),
             self.place_parked(),
+            self.flow_queued(),
+            self.flow_running(),
+            self.flow_waits(),
+            self.flow_tokens(),
         ]
     }
 }

@@ -3,6 +3,7 @@
 
 mod attempts;
 mod control;
+mod flow;
 mod intake;
 pub mod keys;
 pub mod model;
@@ -20,6 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use attempts::{Attempt, Beat, Claim, Completion, Fit, Heartbeat, Outcome, new_call_id};
 pub use control::{Cancel, Reprioritize, Selector};
+pub use flow::{DimUse, LimitView, Unblock};
 pub use intake::{Accepted, NewTask};
 pub use keys::Keys;
 pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, WorkerInfo};

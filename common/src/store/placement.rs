@@ -42,6 +42,9 @@ pub enum Decision {
     },
     /// It waited past its placement timeout: it fails with this reason.
     Fail { id: String, reason: String },
+    /// It is over one of its flow limits: into that limit's wait list (if the place script,
+    /// checking again, finds it so).
+    Block { id: String, reason: String },
 }
 
 impl Decision {
@@ -50,7 +53,8 @@ impl Decision {
             Decision::Place { id, .. }
             | Decision::Wait { id, .. }
             | Decision::Park { id, .. }
-            | Decision::Fail { id, .. } => id,
+            | Decision::Fail { id, .. }
+            | Decision::Block { id, .. } => id,
         }
     }
 }
@@ -67,6 +71,8 @@ pub enum Placed {
     Waiting,
     Parked,
     Failed,
+    /// Over a flow limit: it waits in the limit's wait list.
+    Limited,
 }
 
 /// What [`Store::unpark`] does with parked tasks.
@@ -80,14 +86,15 @@ pub enum Unpark {
 
 impl Store {
     /// Sorts up to `limit` tasks of the placement inbox into their queues' waiting sets (see
-    /// `lua/sort_in.lua`), each with the estimate `estimate` gives it for `sjf`. Returns how
-    /// many were sorted in.
+    /// `lua/sort_in.lua`), each with the estimate `estimate` gives it for `sjf`, and the step
+    /// `weight` gives its fair key (1 / its tenant's weight). Returns how many were sorted in.
     /// A task whose record this build cannot read is sorted in by its hash's `queue`, with no
     /// key and the estimate `estimate` gives `None`.
     pub async fn sort_in(
         &self,
         limit: usize,
         estimate: impl Fn(Option<&TaskRecord>) -> u64,
+        weight: impl Fn(&TaskRecord) -> u32,
     ) -> Result<usize, StoreError> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = redis::cmd("ZRANGE")
@@ -107,8 +114,8 @@ impl Store {
         }
         let rows: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut conn).await?;
         let mut gone = Vec::new();
-        // (id, queue, fair key, estimate)
-        let mut sorting: Vec<(&str, String, String, u64)> = Vec::with_capacity(ids.len());
+        // (id, queue, fair key, estimate, step)
+        let mut sorting: Vec<(&str, String, String, u64, f64)> = Vec::with_capacity(ids.len());
         for (id, (record, queue)) in ids.iter().zip(rows) {
             let Some(queue) = queue else {
                 gone.push(id.as_str());
@@ -116,10 +123,11 @@ impl Store {
             };
             match record.and_then(|r| serde_json::from_str::<TaskRecord>(&r).ok()) {
                 Some(r) => {
-                    let key = r.key.clone().unwrap_or_default();
-                    sorting.push((id, r.queue.clone(), key, estimate(Some(&r))));
+                    let key = crate::flow::fair_key(&r);
+                    let step = 1.0 / f64::from(weight(&r).max(1));
+                    sorting.push((id, r.queue.clone(), key, estimate(Some(&r)), step));
                 }
-                None => sorting.push((id, queue, String::new(), estimate(None))),
+                None => sorting.push((id, queue, String::new(), estimate(None), 1.0)),
             }
         }
         // A task gone meanwhile (expired, deleted) leaves the inbox.
@@ -135,9 +143,13 @@ impl Store {
         }
         let mut inv = self.invocation(&scripts::SORT_IN);
         inv.key(self.keys.wait_queues()).arg(sorting.len());
-        for (id, queue, fair_key, estimate) in &sorting {
+        for (id, queue, fair_key, estimate, step) in &sorting {
             self.queue_keys(&mut inv, id, queue);
-            inv.arg(*id).arg(queue).arg(fair_key).arg(*estimate);
+            inv.arg(*id)
+                .arg(queue)
+                .arg(fair_key)
+                .arg(*estimate)
+                .arg(format!("{step:.9}"));
         }
         let sorted: i64 = inv.invoke_async(&mut conn).await?;
         Ok(usize::try_from(sorted).unwrap_or(0))
@@ -319,7 +331,7 @@ impl Store {
     pub async fn place(
         &self,
         queue: &str,
-        decisions: &[(Decision, Option<&str>)],
+        decisions: &[(Decision, String, String)],
         live_since_ms: u64,
     ) -> Result<Vec<Placed>, StoreError> {
         if decisions.is_empty() {
@@ -331,7 +343,7 @@ impl Store {
             .arg(self.redeliver_ms)
             .arg(live_since_ms)
             .arg(self.retention_ms);
-        for (decision, fair_key) in decisions {
+        for (decision, fair_key, checks) in decisions {
             self.queue_keys(&mut inv, decision.id(), queue);
             inv.arg(decision.id());
             match decision {
@@ -346,8 +358,9 @@ impl Store {
                     inv.arg("k").arg(deadline).arg(reason)
                 }
                 Decision::Fail { reason, .. } => inv.arg("f").arg("").arg(reason),
+                Decision::Block { reason, .. } => inv.arg("b").arg("").arg(reason),
             };
-            inv.arg(queue).arg(fair_key.unwrap_or(""));
+            inv.arg(queue).arg(fair_key).arg(checks);
         }
         let rows: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != decisions.len() {
@@ -357,7 +370,7 @@ impl Store {
         }
         rows.into_iter()
             .zip(decisions)
-            .map(|(row, (decision, _))| match row {
+            .map(|(row, (decision, _, _))| match row {
                 Value::Array(items) => Ok(Placed::Placed(Dispatch {
                     id: decision.id().to_string(),
                     attempt: u32::try_from(number(items.first())?)
@@ -371,6 +384,7 @@ impl Store {
                     "waiting" => Ok(Placed::Waiting),
                     "parked" => Ok(Placed::Parked),
                     "failed" => Ok(Placed::Failed),
+                    "limited" => Ok(Placed::Limited),
                     _ => Err(StoreError::Protocol("place answered an unknown outcome")),
                 },
             })

@@ -71,6 +71,8 @@ pub static PLACE: LazyLock<Script> = transition!("place.lua");
 pub static SORT_IN: LazyLock<Script> = transition!("sort_in.lua");
 /// See `lua/unpark.lua`.
 pub static UNPARK: LazyLock<Script> = transition!("unpark.lua");
+/// See `lua/unblock.lua`.
+pub static UNBLOCK: LazyLock<Script> = transition!("unblock.lua");
 /// See `lua/revoke.lua`.
 pub static REVOKE: LazyLock<Script> = transition!("revoke.lua");
 /// See `lua/unhold.lua`.

@@ -68,9 +68,13 @@ const PLACEMENT_WAIT: &str = "fleet_placement_wait_seconds";
 const PLACEMENT_UNPLACEABLE: &str = "fleet_placement_unplaceable";
 const WORKER_CAPACITY: &str = "fleet_worker_capacity";
 const WORKER_RESERVED: &str = "fleet_worker_reserved";
+const FLOW_RUNNING: &str = "fleet_flow_running";
+const FLOW_WAITING: &str = "fleet_flow_waiting";
+const FLOW_BLOCKED: &str = "fleet_flow_blocked";
+const FLOW_THROTTLED: &str = "fleet_flow_throttled_total";
 
 /// Every metric: name, kind and help text.
-pub const CATALOGUE: [(&str, Kind, &str); 26] = [
+pub const CATALOGUE: [(&str, Kind, &str); 30] = [
     (
         TASKS_ACCEPTED,
         Kind::Counter,
@@ -201,6 +205,26 @@ pub const CATALOGUE: [(&str, Kind, &str); 26] = [
         Kind::Gauge,
         "What placed tasks hold on a live worker, by worker and resource.",
     ),
+    (
+        FLOW_RUNNING,
+        Kind::Gauge,
+        "Placed tasks holding a slot (placed or running), by limited dimension (`key:<k>`, `tenant:<t>`, …; each limit defined, and the 20 with most tasks blocked, the rest summed as `other`).",
+    ),
+    (
+        FLOW_WAITING,
+        Kind::Gauge,
+        "Placed tasks accepted and not yet holding a slot, by limited dimension (labels as fleet_flow_running).",
+    ),
+    (
+        FLOW_BLOCKED,
+        Kind::Gauge,
+        "Placed tasks in a limit's wait list (found over it), by limited dimension (labels as fleet_flow_running).",
+    ),
+    (
+        FLOW_THROTTLED,
+        Kind::Counter,
+        "Times the dispatcher found a task over a limit and moved it to the limit's wait list, by scope (queue, key, kind, rate, tenant).",
+    ),
 ];
 
 /// Registers every metric's help text with the installed recorder.
@@ -232,6 +256,21 @@ pub fn tasks_rejected(reason: &'static str) -> Counter {
 /// Placed tasks waiting for a worker (see `scheduler/src/dispatch.rs`).
 pub fn placement_waiting() -> Gauge {
     emit::gauge(PLACEMENT_WAITING, &[])
+}
+
+/// One use of a limited dimension (`running`, `waiting` or `blocked`).
+pub fn flow_use(what: &'static str, dim: impl Into<SharedString>) -> Gauge {
+    let name = match what {
+        "running" => FLOW_RUNNING,
+        "waiting" => FLOW_WAITING,
+        _ => FLOW_BLOCKED,
+    };
+    emit::gauge(name, &[("limit", dim.into())])
+}
+
+/// Tasks found over a limit of `scope`.
+pub fn flow_throttled(scope: &'static str) -> Counter {
+    emit::counter(FLOW_THROTTLED, &[("scope", scope.into())])
 }
 
 /// Seconds a placed task waited for its worker.

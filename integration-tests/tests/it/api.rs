@@ -273,7 +273,10 @@ async fn the_api_submits_reads_lists_and_controls_tasks_behind_a_token() {
     let before = call(addr, "GET", "/v1/stats", None).await.json()["states"].clone();
     for (body, code) in [
         (&b"{not json"[..], "invalid_json"),
-        (br#"{"kind":"noop","tenant":"x"}"#, "invalid_json"),
+        (br#"{"kind":"noop","tenant_id":"x"}"#, "invalid_json"),
+        (br#"{"kind":"noop","tenant":"a b"}"#, "invalid_field"),
+        (br#"{"kind":"noop","concurrency_key":""}"#, "invalid_field"),
+        (br#"{"kind":"noop","rate_key":7}"#, "invalid_json"),
         (br#"{"kind":"noop","max_attempts":0}"#, "invalid_field"),
         (br#"[{"kind":"noop"},{"kind":7}]"#, "invalid_json"),
         (br#"[]"#, "bad_batch"),
@@ -442,7 +445,8 @@ async fn the_openapi_document_and_the_routes_stay_in_step() {
     for (method, path) in &routed {
         let concrete = path
             .replace("{id}", "some-task")
-            .replace("{name}", "some-queue");
+            .replace("{name}", "some-queue")
+            .replace("{scope}", "key");
         let r = request(addr, method, &concrete, None, Some(b"{}")).await;
         let open = ["/v1/openapi.json", "/healthz", "/readyz", "/metrics", "/"];
         let expected = if open.contains(&path.as_str()) {
@@ -500,6 +504,7 @@ async fn every_documented_503_is_what_the_api_answers_while_redis_is_down() {
         ("/v1/pause", json!({"queue": "q"})),
         ("/v1/resume", json!({"queue": "q"})),
         ("/v1/tasks/{id}/priority", json!({"priority": "high"})),
+        ("/v1/limits/{scope}/{name}", json!({"max_running": 1})),
     ];
     for (method, path) in &documented {
         let body = bodies
@@ -509,7 +514,8 @@ async fn every_documented_503_is_what_the_api_answers_while_redis_is_down() {
         let body = (method == "POST" || method == "PUT").then_some(body);
         let concrete = path
             .replace("{id}", "some-task")
-            .replace("{name}", "some-queue");
+            .replace("{name}", "some-queue")
+            .replace("{scope}", "key");
         let r = call(addr, method, &concrete, body).await;
         assert_eq!(
             (r.status, r.error_code().as_str()),

@@ -15,6 +15,7 @@ mod deploy;
 mod failures;
 mod faults;
 mod fleetctl;
+mod flow;
 mod foundation;
 mod groups;
 mod harness;

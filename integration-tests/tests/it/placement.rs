@@ -371,7 +371,7 @@ async fn the_scripts_never_promise_a_worker_more_than_it_has_and_move_reservatio
     );
     beat(&store, "w", "cpu=2000;slots=8000").await;
     beat(&store, "big", "cpu=4000;slots=8000").await;
-    assert_eq!(store.sort_in(10, |_| 1000).await.unwrap(), 4);
+    assert_eq!(store.sort_in(10, |_| 1000, |_| 1).await.unwrap(), 4);
     let waiting = store
         .waiting_in("default", Strategy::Fifo, 10)
         .await
@@ -384,7 +384,7 @@ async fn the_scripts_never_promise_a_worker_more_than_it_has_and_move_reservatio
             id: id.into(),
             worker: worker.into(),
         };
-        (decision, None)
+        (decision, String::new(), String::new())
     };
 
     // Two dispatchers with the same view each put two tasks on `w`, which has room for two:
@@ -454,7 +454,7 @@ async fn the_scripts_never_promise_a_worker_more_than_it_has_and_move_reservatio
         "{c:?}"
     );
     // `c` went back to the inbox while still in its queue: sorted in again, it keeps its place.
-    assert_eq!(store.sort_in(10, |_| 1000).await.unwrap(), 1);
+    assert_eq!(store.sort_in(10, |_| 1000, |_| 1).await.unwrap(), 1);
     let waiting = store
         .waiting_in("default", Strategy::Fifo, 10)
         .await

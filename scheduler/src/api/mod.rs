@@ -9,6 +9,7 @@ mod auth;
 mod error;
 mod fleet;
 pub mod group;
+mod limits;
 mod queues;
 mod tasks;
 
@@ -51,6 +52,9 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/v1/queues/{name}"),
     (Method::PUT, "/v1/queues/{name}"),
     (Method::DELETE, "/v1/queues/{name}"),
+    (Method::GET, "/v1/limits"),
+    (Method::PUT, "/v1/limits/{scope}/{name}"),
+    (Method::DELETE, "/v1/limits/{scope}/{name}"),
     (Method::GET, "/v1/series"),
     (Method::GET, "/v1/openapi.json"),
     (Method::GET, "/healthz"),
@@ -90,6 +94,11 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
         .route(
             "/v1/queues/{name}",
             get(queues::get).put(queues::put).delete(queues::delete),
+        )
+        .route("/v1/limits", get(limits::list))
+        .route(
+            "/v1/limits/{scope}/{name}",
+            axum::routing::put(limits::put).delete(limits::delete),
         )
         .route("/v1/series", get(fleet::series))
         // Before the token layer: layered routes no longer take a fallback.

@@ -4,8 +4,10 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use fleet_common::Priority;
+use fleet_common::flow::OVER_QUOTA;
 use fleet_common::store::{Accepted, Cancel, Cursor, NewTask, Reprioritize, TaskFilter};
 use fleet_common::task::{State as TaskState, TaskSpec, new_task_id};
 use fleet_common::trace::TraceParent;
@@ -17,14 +19,20 @@ use super::{ApiError, ApiState};
 
 /// Most tasks in one submission request.
 const MAX_BATCH: usize = 1000;
+/// Seconds a client refused for a quota is told to wait (`Retry-After`): tasks end, and the
+/// quota's room comes back, continuously; a second is the limits' own refresh period.
+const RETRY_AFTER_S: &str = "1";
 
 /// `POST /v1/tasks`: one task object, or an array of up to 1000. Every task is validated
-/// first; if any is invalid nothing is accepted and the answer names it by index.
+/// first; if any is invalid nothing is accepted and the answer names it by index. A task that
+/// would make more tasks wait than a quota of its queue or tenant allows is refused: the answer
+/// is 429 with `Retry-After`, and lists, per task, the ones accepted and the ones refused
+/// (`error.code` `over_quota`), so a client resubmits only those.
 pub(super) async fn submit(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let parent = headers
         .get(fleet_common::wire::header::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -78,14 +86,32 @@ pub(super) async fn submit(
                 json!({"id": id, "state": "pending", "placing": true, "duplicate": false})
             }
             Accepted::Duplicate(id) => json!({"id": id, "duplicate": true}),
+            Accepted::OverQuota(why) => json!({
+                "error": {"code": OVER_QUOTA, "message": format!("over quota: {why}")}
+            }),
         })
         .collect();
+    if accepted.iter().any(|a| matches!(a, Accepted::OverQuota(_))) {
+        let refused = accepted
+            .iter()
+            .filter(|a| matches!(a, Accepted::OverQuota(_)))
+            .count();
+        let body = json!({
+            "error": {
+                "code": OVER_QUOTA,
+                "message": format!("{refused} of {} tasks refused: over quota; retry later", accepted.len()),
+            },
+            "tasks": answers,
+        });
+        let retry = [(header::RETRY_AFTER, RETRY_AFTER_S)];
+        return Ok((StatusCode::TOO_MANY_REQUESTS, retry, Json(body)).into_response());
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({ "tasks": answers }))))
+    Ok((status, Json(json!({ "tasks": answers }))).into_response())
 }
 
 /// `GET /v1/tasks/{id}`: every field of the task; JSON fields (`record`, `result`, `history`)
