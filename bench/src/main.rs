@@ -5,6 +5,7 @@
 
 mod client;
 mod cpu_check;
+mod flow;
 mod hop;
 mod placement;
 mod scenarios;
@@ -91,6 +92,9 @@ struct Args {
     /// Offered load (tasks/s) of the placement run's paced part, for 10 s.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     placed_rate: u64,
+    /// Tasks of each half of the flow-control run (none: 0).
+    #[arg(long, default_value_t = 5_000)]
+    flow_tasks: usize,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -203,6 +207,15 @@ async fn main() -> anyhow::Result<()> {
         ));
         let stack = throughput_stack("bench-placed", &args, &worker_vars).await?;
         placed = placement::placement(&stack, args.placed_tasks, args.placed_rate, 10).await?;
+    }
+    let mut flowed = json!(null);
+    if args.flow_tasks > 0 {
+        note(&format!(
+            "(i) flow control: {0} unlimited placed tasks alone, {0} with limits that never bind, then {0} beside {0} limited to 50 at once and 1000/s …",
+            args.flow_tasks
+        ));
+        let stack = throughput_stack("bench-flow", &args, &worker_vars).await?;
+        flowed = flow::flow(&stack, args.flow_tasks, 50, 1000).await?;
     }
     note(&format!(
         "(d) recovery after kill -9 of a worker holding {}+ tasks …",
@@ -340,6 +353,7 @@ async fn main() -> anyhow::Result<()> {
         "worker_concurrency": args.concurrency,
         "end_to_end": throughput,
         "placement": placed,
+        "flow": flowed,
         "drain": drain,
         "redis_aof": args.aof.name(),
         "aof_compared": compared,
@@ -412,6 +426,21 @@ fn print_table(r: &Value) {
         println!(
             "| (h) placement at {}/s | accepted → placed p50 {} ms, p99 {} ms, max {} ms |",
             q["rate"], q["decision"]["p50_ms"], q["decision"]["p99_ms"], q["decision"]["max_ms"]
+        );
+    }
+    let fl = &r["flow"];
+    if !fl.is_null() {
+        println!(
+            "| (i) flow control, {} unlimited placed tasks beside {} limited to 50 at once and 1000/s | unlimited half {:.0} tasks/s (alone {:.0}); limited half started at {:.0}/s; Redis {:.0} µs CPU and {:.1} commands per task with limits checked ({:.0} µs, {:.1} without) |",
+            fl["tasks"],
+            fl["tasks"],
+            f(&fl["unlimited_beside_limited_per_s"]),
+            f(&fl["unlimited_alone_per_s"]),
+            f(&fl["limited"]["observed_starts_per_s"]),
+            f(&fl["redis_us_per_task_checked"]),
+            f(&fl["redis_commands_per_task_checked"]),
+            f(&fl["redis_us_per_task_unlimited"]),
+            f(&fl["redis_commands_per_task_unlimited"])
         );
     }
     let d = &r["drain"];

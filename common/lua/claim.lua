@@ -132,6 +132,7 @@ for i = 0, n - 1 do
         redis.call('ZREM', INBOX, id)
         redis.call('ZREM', PARKED, id)
         redis.call('HDEL', key, 'wait_reason')
+        take_token(key, now)
       end
       move(id, 'pending', 'running', now)
       code = 1

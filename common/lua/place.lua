@@ -12,13 +12,15 @@
 --       'w' wait, 'k' park: no live worker could take it even when idle, 'f' fail: waited past
 --       its placement timeout, 'b' block: over a limit), worker (for 'p'; for 'k' when its
 --       placement timeout ends, ms, or '' for none), reason (for 'w', 'k' and 'f'), queue, fair
---       key, checks (for 'p' and 'b': the limits it must be within, see flow.rs)
+--       key, checks (for 'p' and 'b': the limits it must be within, see flow.rs), flow (its
+--       dimensions, for a task accepted before it had a `flow` field: then it is counted here)
 -- Returns per decision: {attempt, record json, traceparent} when placed; 'gone' when it no
 -- longer waits; 'full' when the worker is gone or the task no longer fits there; 'waiting';
 -- 'parked'; 'failed'; 'limited' when over a limit (it moved to that limit's wait list).
 -- A limit is checked here, atomically with the reservation, so no two dispatchers can both
 -- take its last slot or token: at most `max` tasks of a dimension hold a reservation, and a
--- token bucket (tokens, Redis ms of the last update) gives a start only for a whole token.
+-- task is placed only if its rate's bucket holds a whole token beyond those already promised
+-- to placed tasks (taken when they start, see prelude.lua's take_token).
 -- A parked task leaves its queue for the parked set, so that tasks behind it are considered;
 -- it returns to the inbox, with its arrival (`wait_since`), when the live workers change.
 local n, redeliver, live_since, retention = tonumber(ARGV[1]), tonumber(ARGV[2]),
@@ -27,12 +29,13 @@ local QUEUE_SET = KEYS[GLOBALS + 1]
 local now = now_ms()
 local out = {}
 
--- Token buckets read this call: rate key -> { tokens, dirty }.
+-- Token buckets read this call: rate dimension -> { free = tokens not promised yet }.
 local buckets = {}
 local function bucket(dim, limit, period, burst)
   local b = buckets[dim]
   if not b then
-    b = { tokens = bucket_tokens(dim, limit, period, burst, now) }
+    local placed = tonumber(redis.call('HGET', FLOW_TOKENS, dim .. '|placed')) or 0
+    b = { free = bucket_tokens(dim, limit, period, burst, now) - placed }
     buckets[dim] = b
   end
   return b
@@ -51,10 +54,10 @@ local function over_limit(checks)
       end
     elseif kind == 'r' then
       local bk = bucket(dim, tonumber(a), tonumber(b), tonumber(c))
-      if bk.tokens < 1 then
+      if bk.free < 1 then
         return dim, 'rate limit of ' .. dim .. ' (' .. a .. ' per ' .. b .. ' ms): waiting for a token'
       end
-      takes[#takes + 1] = bk
+      takes[#takes + 1] = { bk = bk, dim = dim, token = line:sub(3) }
     end
   end
   return nil, nil, takes
@@ -86,7 +89,7 @@ local function leave(id, k, queue, fair_key, placed)
 end
 
 for i = 0, n - 1 do
-  local k, a = GLOBALS + 2 + i * 5, 5 + i * 7
+  local k, a = GLOBALS + 2 + i * 5, 5 + i * 8
   local takes
   local key = KEYS[k]
   local id, action, worker, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
@@ -108,6 +111,7 @@ for i = 0, n - 1 do
       local since = redis.call('ZSCORE', KEYS[k + 1], id)
       leave(id, k, queue, fair_key, false)
       redis.call('HSET', key, 'wait_reason', why, 'blocked_on', dim)
+      redis.call('ZREM', INBOX, id)
       redis.call('ZADD', wait_list(dim), since, id)
       redis.call('SADD', FLOW_WAITS, dim)
       out[i + 1] = 'limited'
@@ -138,10 +142,18 @@ for i = 0, n - 1 do
     else
       -- It holds no reservation: one that does is not waiting (see above).
       leave(id, k, queue, fair_key, true)
-      reserve(key, id, worker, f[5], f[8])
-      for _, bk in ipairs(takes or {}) do
-        bk.tokens = bk.tokens - 1
-        bk.dirty = true
+      local flow = f[8]
+      if not flow and ARGV[a + 7] ~= '' then
+        -- Accepted before tasks had a `flow` field: counted from here on, as queued too.
+        flow = ARGV[a + 7]
+        redis.call('HSET', key, 'flow', flow)
+        for _, d in ipairs(dims_of(flow)) do incr_later(FLOW_QUEUED, d, 1) end
+      end
+      reserve(key, id, worker, f[5], flow)
+      for _, t in ipairs(takes or {}) do
+        t.bk.free = t.bk.free - 1
+        promised(t.dim, 1)
+        redis.call('HSET', key, 'token', t.token)
       end
       if f[6] then redis.call('HDEL', key, 'wait_reason') end
       redis.call('HSET', key, 'placed_ms', text(now))
@@ -150,8 +162,5 @@ for i = 0, n - 1 do
       out[i + 1] = { attempt, f[3], f[4] or '' }
     end
   end
-end
-for dim, b in pairs(buckets) do
-  if b.dirty then redis.call('HSET', FLOW_TOKENS, dim, string.format('%.6f', b.tokens) .. ',' .. text(now)) end
 end
 return out

@@ -405,6 +405,29 @@ local function bucket_tokens(dim, limit, period, burst, now)
   return math.min(burst, tokens + math.max(0, now - last) * limit / period)
 end
 
+-- A rate limit's token is promised at placement (`<dim>|placed` in FLOW_TOKENS counts the
+-- promises, which the place script counts as spent) and taken from the bucket at the start
+-- (claim), so the starts, not the placements, are what a bucket bounds: a message that sits
+-- on a lagging partition holds its promise and lets no extra task be placed meanwhile. The
+-- task's `token` field names it: `<dim>\t<limit>\t<period>\t<burst>`.
+local function promised(dim, by)
+  local n = redis.call('HINCRBY', FLOW_TOKENS, dim .. '|placed', by)
+  if n <= 0 then redis.call('HDEL', FLOW_TOKENS, dim .. '|placed') end
+end
+
+-- The start of a task with a promised token: the token leaves its bucket.
+local function take_token(key, now)
+  local t = redis.call('HGET', key, 'token')
+  if not t then return end
+  local dim, limit, period, burst = string.match(t, '^([^\t]+)\t(%d+)\t(%d+)\t(%d+)$')
+  if dim then
+    local tokens = bucket_tokens(dim, tonumber(limit), tonumber(period), tonumber(burst), now) - 1
+    redis.call('HSET', FLOW_TOKENS, dim, string.format('%.6f', tokens) .. ',' .. text(now))
+    promised(dim, -1)
+  end
+  redis.call('HDEL', key, 'token')
+end
+
 -- Reserves a task's needs on `worker` and holds its flow dimensions (`flow`, its field); both
 -- are bound to the task until `unreserve`.
 local function reserve(key, id, worker, needs, flow)
@@ -426,11 +449,16 @@ end
 -- Releases whatever the task holds on a worker and under its flow dimensions (nothing if it
 -- holds nothing), and wakes a task waiting for each slot that came free.
 local function unreserve(key, id)
-  local f = redis.call('HMGET', key, 'reserved_on', 'needs', 'flow')
+  local f = redis.call('HMGET', key, 'reserved_on', 'needs', 'flow', 'token')
   if not f[1] then return end
   add_use(f[1], f[2] or '', -1)
   redis.call('HDEL', key, 'reserved_on')
   redis.call('ZREM', RESERVED, f[1] .. '|' .. id)
+  -- Placed but not started: the token promised to it goes back.
+  if f[4] then
+    promised(string.match(f[4], '^[^\t]+'), -1)
+    redis.call('HDEL', key, 'token')
+  end
   if f[3] then
     local dims = dims_of(f[3])
     hold(dims, -1)

@@ -22,8 +22,10 @@ for i = 0, n - 1 do
   local since = redis.call('ZSCORE', INBOX, id)
   if since then
     redis.call('ZREM', INBOX, id)
-    local f = redis.call('HMGET', key, 'state', 'needs', 'reserved_on')
-    if f[1] == 'pending' and f[2] and not f[3] then
+    local f = redis.call('HMGET', key, 'state', 'needs', 'reserved_on', 'blocked_on')
+    -- One waiting in a limit's wait list stays there (a copy of its message sent it back).
+    local in_wait_list = f[4] and redis.call('ZSCORE', wait_list(f[4]), id)
+    if f[1] == 'pending' and f[2] and not f[3] and not in_wait_list then
       -- One still in its queue (a copy of its message reached a worker it did not fit)
       -- keeps its place.
       if not redis.call('ZSCORE', fifo, id) then

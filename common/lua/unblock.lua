@@ -1,7 +1,8 @@
 -- Sends tasks waiting in flow limits' wait lists (see place.lua) back to the inbox, as many as
 -- each limit lets start now: for a concurrency limit its free slots (a slot that comes free
 -- wakes one task at once, see prelude.lua's wake; this catches a limit raised or removed at
--- run time), for a rate limit its whole tokens (not taken here: the place script takes them),
+-- run time), for a rate limit its whole tokens not promised to placed tasks (the place script
+-- promises them),
 -- for a limit no longer in force all of them. At most `cap` per list and call.
 -- KEYS  globals
 -- ARGV  [1] lists  [2] cap, then per list: dimension, mode ('c' concurrency, 'r' rate, 'a'
@@ -19,7 +20,8 @@ for i = 0, n - 1 do
     free = math.max(0, tonumber(ARGV[a + 2]) - running_of(dim))
   elseif mode == 'r' then
     local limit, period, burst = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-    local tokens = bucket_tokens(dim, limit, period, burst, now)
+    local placed = tonumber(redis.call('HGET', FLOW_TOKENS, dim .. '|placed')) or 0
+    local tokens = bucket_tokens(dim, limit, period, burst, now) - placed
     free = math.floor(tokens)
     if free < 1 then next_ms = math.ceil((1 - tokens) * period / limit) end
   end

@@ -315,6 +315,9 @@ pub fn dims(record: &TaskRecord) -> Vec<String> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
     pub map: BTreeMap<(Scope, String), Limit>,
+    /// Stored limits that did not read (e.g. written by a newer release): a reader that knew
+    /// them keeps what it last read rather than dropping the limit.
+    pub unreadable: Vec<(Scope, String)>,
 }
 
 impl Limits {
@@ -330,7 +333,20 @@ impl Limits {
                 map.insert((*scope, name.clone()), *limit);
             }
         }
-        Self { map }
+        Self {
+            map,
+            unreadable: Vec::new(),
+        }
+    }
+
+    /// These limits, keeping `previous`'s value of each limit that did not read now.
+    pub fn keeping_unreadable(mut self, previous: &Limits) -> Self {
+        for at in &self.unreadable {
+            if let Some(limit) = previous.map.get(at) {
+                self.map.insert(at.clone(), *limit);
+            }
+        }
+        self
     }
 
     pub fn get(&self, scope: Scope, name: &str) -> Option<&Limit> {

@@ -543,7 +543,13 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (b"not json", "invalid_json"),
             (b"\xff\xfe{}", "not_utf8"),
-            (br#"{"kind":"noop","tenant":"b"}"#, "invalid_json"),
+            (br#"{"kind":"noop","tenant_id":"b"}"#, "invalid_json"),
+            (br#"{"kind":"noop","tenant":"a b"}"#, "invalid_field"),
+            (br#"{"kind":"noop","rate_key":""}"#, "invalid_field"),
+            (
+                br#"{"kind":"noop","concurrency_key":["x"]}"#,
+                "invalid_json",
+            ),
             (br#"{"kind":7}"#, "invalid_json"),
             (br#"{"payload":1}"#, "invalid_json"),
             (br#"{"kind":""}"#, "invalid_field"),

@@ -282,7 +282,7 @@ impl Dispatcher {
             })
             .collect();
         let mut flow = FlowView::read(&self.store, &checks).await?;
-        let decisions: Vec<(Decision, String, String)> = waiting
+        let decisions: Vec<(Decision, String, String, String)> = waiting
             .iter()
             .zip(&checks)
             .filter_map(|(task, checks)| {
@@ -297,14 +297,19 @@ impl Dispatcher {
                     flow.take(checks);
                 }
                 let fair_key = task.record.as_ref().map(flow::fair_key).unwrap_or_default();
-                Some((decision, fair_key, flow::checks_text(checks)))
+                let dims = task
+                    .record
+                    .as_ref()
+                    .map(flow::dims_text)
+                    .unwrap_or_default();
+                Some((decision, fair_key, flow::checks_text(checks), dims))
             })
             .collect();
         let live_since = now.saturating_sub(self.live_ms);
         let outcomes = self.store.place(queue, &decisions, live_since).await?;
         let mut sending = Vec::new();
         let mut limited = 0;
-        for ((decision, _, _), outcome) in decisions.iter().zip(&outcomes) {
+        for ((decision, ..), outcome) in decisions.iter().zip(&outcomes) {
             if *outcome == Placed::Limited {
                 limited += 1;
                 if let Some(dim) = decision_dim(decision, waiting, &checks) {

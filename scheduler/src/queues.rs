@@ -35,18 +35,25 @@ impl Queues {
     }
 
     /// Reads the run-time overrides and the limits from Redis; the first time it can, writes
-    /// the settings file's limits there first.
+    /// the settings file's limits there first (the dispatcher calls this every second).
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         if !self.written.load(Ordering::Relaxed) {
             store.write_limits(&self.file_limits).await?;
             self.written.store(true, Ordering::Relaxed);
         }
+        self.reload(store).await
+    }
+
+    /// Reads the run-time overrides and the limits from Redis (after a change through the
+    /// API: never writes the settings file's limits over it).
+    pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let overrides = store.queue_settings().await?;
         let limits = store.limits().await?;
         let mut merged = (*self.file).clone();
         merged.extend(overrides);
         *self.now.write().unwrap_or_else(PoisonError::into_inner) = merged;
-        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits;
+        let mut now = self.limits.write().unwrap_or_else(PoisonError::into_inner);
+        *now = limits.keeping_unreadable(&now);
         Ok(())
     }
 

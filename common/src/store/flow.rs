@@ -44,21 +44,26 @@ impl Store {
             .arg(self.keys.limits())
             .query_async(&mut self.conn.clone())
             .await?;
-        let mut map = BTreeMap::new();
+        let mut limits = Limits::default();
         for (field, json) in stored {
-            let parsed = parse_limit_field(&field).and_then(|(scope, name)| {
-                let limit: Limit = serde_json::from_str(&json).ok()?;
-                limit.validate(scope, name).ok()?;
-                Some(((scope, name.to_string()), limit))
-            });
+            let Some((scope, name)) = parse_limit_field(&field) else {
+                tracing::warn!(field = %field, "Ignoring a stored limit of an unknown scope.");
+                continue;
+            };
+            let parsed = serde_json::from_str::<Limit>(&json)
+                .ok()
+                .filter(|limit| limit.validate(scope, name).is_ok());
             match parsed {
-                Some((at, limit)) => {
-                    map.insert(at, limit);
+                Some(limit) => {
+                    limits.map.insert((scope, name.to_string()), limit);
                 }
-                None => tracing::warn!(field = %field, "Ignoring an unreadable stored limit."),
+                None => {
+                    tracing::warn!(field = %field, "A stored limit does not read; the last one read stays in force.");
+                    limits.unreadable.push((scope, name.to_string()));
+                }
             }
         }
-        Ok(Limits { map })
+        Ok(limits)
     }
 
     /// Stores a limit (replacing the one of that scope and name), or deletes it (`None`).
@@ -121,15 +126,15 @@ impl Store {
             .iter()
             .map(|v| number(Some(v)).unwrap_or(0).max(0) as u64)
             .collect();
-        let counts = |v: &Value| -> Vec<u64> {
-            redis::from_redis_value::<Vec<Option<i64>>>(v.clone())
-                .unwrap_or_default()
+        let counts = |v: &Value| -> Result<Vec<u64>, StoreError> {
+            Ok(redis::from_redis_value::<Vec<Option<i64>>>(v.clone())
+                .map_err(|_| StoreError::Protocol("HMGET answered other than counts"))?
                 .into_iter()
                 .map(|n| n.unwrap_or(0).max(0) as u64)
-                .collect()
+                .collect())
         };
-        let queued = counts(&replies[0]);
-        let running = counts(&replies[1]);
+        let queued = counts(&replies[0])?;
+        let running = counts(&replies[1])?;
         Ok((0..dims.len())
             .map(|i| DimUse {
                 queued: queued.get(i).copied().unwrap_or(0),
@@ -163,21 +168,24 @@ impl Store {
             .await?)
     }
 
-    /// The token bucket of rate dimension `dim` now (tokens, whole or not), by Redis time.
+    /// The tokens of rate dimension `dim`'s bucket now (whole or not, by Redis time) not yet
+    /// promised to placed tasks that have not started.
     pub async fn tokens(&self, dim: &str, rate: RateLimit) -> Result<f64, StoreError> {
         let mut conn = self.conn.clone();
-        let stored: Option<String> = redis::cmd("HGET")
+        let (stored, placed): (Option<String>, Option<u64>) = redis::cmd("HMGET")
             .arg(self.keys.flow_tokens())
             .arg(dim)
+            .arg(format!("{dim}|placed"))
             .query_async(&mut conn)
             .await?;
         let now = self.redis_time_ms().await?;
+        let placed = placed.unwrap_or(0) as f64;
         let Some((tokens, last)) = stored.as_deref().and_then(|s| s.split_once(',')) else {
-            return Ok(f64::from(rate.burst));
+            return Ok(f64::from(rate.burst) - placed);
         };
         let tokens: f64 = tokens.parse().unwrap_or(f64::from(rate.burst));
         let last: u64 = last.parse().unwrap_or(now);
-        Ok(rate.refill(tokens, last, now))
+        Ok(rate.refill(tokens, last, now) - placed)
     }
 
     /// Sends tasks of wait lists back to be placed (see `lua/unblock.lua`), at most `cap` per

@@ -331,7 +331,7 @@ impl Store {
     pub async fn place(
         &self,
         queue: &str,
-        decisions: &[(Decision, String, String)],
+        decisions: &[(Decision, String, String, String)],
         live_since_ms: u64,
     ) -> Result<Vec<Placed>, StoreError> {
         if decisions.is_empty() {
@@ -343,7 +343,7 @@ impl Store {
             .arg(self.redeliver_ms)
             .arg(live_since_ms)
             .arg(self.retention_ms);
-        for (decision, fair_key, checks) in decisions {
+        for (decision, fair_key, checks, flow) in decisions {
             self.queue_keys(&mut inv, decision.id(), queue);
             inv.arg(decision.id());
             match decision {
@@ -360,7 +360,7 @@ impl Store {
                 Decision::Fail { reason, .. } => inv.arg("f").arg("").arg(reason),
                 Decision::Block { reason, .. } => inv.arg("b").arg("").arg(reason),
             };
-            inv.arg(queue).arg(fair_key).arg(checks);
+            inv.arg(queue).arg(fair_key).arg(checks).arg(flow);
         }
         let rows: Vec<Value> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != decisions.len() {
@@ -370,7 +370,7 @@ impl Store {
         }
         rows.into_iter()
             .zip(decisions)
-            .map(|(row, (decision, _, _))| match row {
+            .map(|(row, (decision, ..))| match row {
                 Value::Array(items) => Ok(Placed::Placed(Dispatch {
                     id: decision.id().to_string(),
                     attempt: u32::try_from(number(items.first())?)

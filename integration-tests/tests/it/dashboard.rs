@@ -157,6 +157,47 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         .unwrap();
     browser.navigate(&base).await;
 
+    // Limits: one brand's tasks one at a time; the table shows the slot held and the task
+    // over the limit.
+    let limit = request(
+        addr,
+        "PUT",
+        "/v1/limits/key/brand-7",
+        Some(TOKEN),
+        Some(br#"{"max_running": 1}"#),
+    )
+    .await;
+    assert_eq!(limit.status, 200, "{}", limit.body);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let limited = json!([
+        {"id": "brand-1", "kind": "sleep", "payload": {"ms": 60000}, "concurrency_key": "brand-7"},
+        {"id": "brand-2", "kind": "sleep", "payload": {"ms": 10}, "concurrency_key": "brand-7"},
+    ])
+    .to_string();
+    let submitted = request(
+        addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(limited.as_bytes()),
+    )
+    .await;
+    assert_eq!(submitted.status, 201, "{}", submitted.body);
+    browser
+        .wait_for(
+            "the brand's slot held and one task over its limit",
+            "(() => { const row = document.getElementById('limit-key-brand-7');                return row && row.cells[3].textContent === '1 / 1' &&                  row.cells[6].textContent === '1' && row.querySelector('.bar i.full') !== null; })()",
+        )
+        .await;
+    browser
+        .eval("document.getElementById('limits').scrollIntoView()")
+        .await;
+    browser.screenshot(&shots.join("limits.png")).await;
+    store
+        .cancel(&["brand-1".to_string(), "brand-2".to_string()])
+        .await
+        .unwrap();
+
     // The task list, filtered by queue.
     browser
         .navigate(&format!("{base}#/tasks?queue=emails"))
@@ -261,6 +302,7 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
         "overview.png",
         "overview-charts.png",
         "capacity.png",
+        "limits.png",
         "tasks.png",
         "task-running.png",
         "task-cancelled.png",

@@ -511,6 +511,16 @@ async fn tenants_share_a_fair_queue_by_weight_and_a_quota_refuses_with_429() {
         .cloned()
         .unwrap();
     assert_eq!(tiny_view["waiting"], 5, "{tiny_view}");
+    // The metrics: what waits per limit, and the refusals by code.
+    eventually(Duration::from_secs(10), "the flow gauges", || async {
+        let body = request(addr, "GET", "/metrics", None, None).await.body;
+        body.lines()
+            .any(|l| l == r#"fleet_flow_waiting{limit="tenant:tiny"} 5"#)
+            && body
+                .lines()
+                .any(|l| l.starts_with("fleet_tasks_rejected_total") && l.contains("over_quota"))
+    })
+    .await;
 }
 
 /// Redis commands processed so far (its own count, `INFO stats`).

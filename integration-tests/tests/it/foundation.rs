@@ -458,11 +458,51 @@ fn services_refuse_bad_configuration_with_a_message_naming_the_key() {
             "0",
             "scheduler.queues.placement_timeout_ms",
         ),
+        (
+            "FLEET__SCHEDULER__LIMITS__KEY__HOT__MAX_RUNNING",
+            "0",
+            "`max_running` must be 1",
+        ),
+        (
+            "FLEET__SCHEDULER__LIMITS__KEY__HOT__WEIGHT",
+            "2",
+            "`weight` does not apply to a key limit",
+        ),
+        (
+            "FLEET__SCHEDULER__LIMITS__RATE__SMTP__LIMIT",
+            "5",
+            "a rate limit needs `limit` and `period_ms`",
+        ),
+        (
+            "FLEET__SCHEDULER__LIMITS__PLANET__X__MAX_RUNNING",
+            "1",
+            "scheduler",
+        ),
+        (
+            "FLEET__SCHEDULER__LIMITS__TENANT__ACME__MAX_WAITING",
+            "-3",
+            "scheduler",
+        ),
     ] {
         let (code, _, err) = run_binary("fleet-scheduler", &["--check-config"], &[(var, value)]);
         assert_eq!(code, 2, "{var}={value}: {err}");
         assert!(err.contains(key), "{var}={value}: {err}");
     }
+    // Limits as the README writes them are accepted.
+    let limits = dir.path().join("limits.toml");
+    std::fs::write(
+        &limits,
+        "[scheduler.limits.key.customer-42]\nmax_running = 3\n\
+         [scheduler.limits.rate.smtp]\nlimit = 100\nperiod_ms = 1000\nburst = 10\n\
+         [scheduler.limits.tenant.\"*\"]\nmax_waiting = 100000\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_binary(
+        "fleet-scheduler",
+        &["--check-config", "--config", limits.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
     // The largest task (1 MiB by default) must fit through the producer.
     let small = dir.path().join("small.toml");
     std::fs::write(

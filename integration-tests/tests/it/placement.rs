@@ -384,7 +384,7 @@ async fn the_scripts_never_promise_a_worker_more_than_it_has_and_move_reservatio
             id: id.into(),
             worker: worker.into(),
         };
-        (decision, String::new(), String::new())
+        (decision, String::new(), String::new(), String::new())
     };
 
     // Two dispatchers with the same view each put two tasks on `w`, which has room for two:

@@ -30,6 +30,14 @@ fn checked(scope: &str, name: &str) -> Result<Scope, ApiError> {
     Ok(scope)
 }
 
+/// Reads the limits again after a change (they are stored: a failure here only delays this
+/// scheduler's view to its next refresh, so it is logged, not answered).
+async fn reload(state: &ApiState) {
+    if let Err(err) = state.queues.reload(&state.store).await {
+        tracing::warn!(error = %err, "Cannot read the limits again after a change; the next refresh will.");
+    }
+}
+
 /// `GET /v1/limits`.
 pub(super) async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(all(&state).await?))
@@ -47,7 +55,7 @@ pub(super) async fn put(
         .validate(scope, &name)
         .map_err(|err| ApiError::bad_request("bad_limit", err))?;
     state.store.set_limit(scope, &name, Some(&limit)).await?;
-    state.queues.refresh(&state.store).await?;
+    reload(&state).await;
     tracing::info!(scope = scope.as_str(), name = %name, limit = %limit.describe(), "Limit set.");
     Ok(Json(all(&state).await?))
 }
@@ -66,7 +74,7 @@ pub(super) async fn delete(
             format!("no {} limit {name}", scope.as_str()),
         ));
     }
-    state.queues.refresh(&state.store).await?;
+    reload(&state).await;
     tracing::info!(scope = scope.as_str(), name = %name, "Limit deleted.");
     Ok(Json(all(&state).await?))
 }

@@ -71,7 +71,7 @@ pub(super) async fn put(
         .store
         .set_queue_settings(&queue, Some(&settings))
         .await?;
-    state.queues.refresh(&state.store).await?;
+    state.queues.reload(&state.store).await?;
     Ok(Json(view(&state, &queue).await?))
 }
 
@@ -82,6 +82,6 @@ pub(super) async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     checked_name(&queue)?;
     state.store.set_queue_settings(&queue, None).await?;
-    state.queues.refresh(&state.store).await?;
+    state.queues.reload(&state.store).await?;
     Ok(Json(view(&state, &queue).await?))
 }

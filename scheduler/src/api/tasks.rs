@@ -96,6 +96,7 @@ pub(super) async fn submit(
             .iter()
             .filter(|a| matches!(a, Accepted::OverQuota(_)))
             .count();
+        fleet_common::telemetry::metrics::tasks_rejected(OVER_QUOTA).increment(refused as u64);
         let body = json!({
             "error": {
                 "code": OVER_QUOTA,
