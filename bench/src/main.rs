@@ -211,11 +211,11 @@ async fn main() -> anyhow::Result<()> {
     let mut flowed = json!(null);
     if args.flow_tasks > 0 {
         note(&format!(
-            "(i) flow control: {0} unlimited placed tasks alone, {0} with limits that never bind, then {0} beside {0} limited to 50 at once and 1000/s …",
+            "(i) flow control: {0} unlimited placed tasks alone, {0} with limits that never bind, {0} beside {0} limited to 50 at once and 1000/s; then 500/s unlimited alone, and beside 500/s limited to 100/s …",
             args.flow_tasks
         ));
         let stack = throughput_stack("bench-flow", &args, &worker_vars).await?;
-        flowed = flow::flow(&stack, args.flow_tasks, 50, 1000).await?;
+        flowed = flow::flow(&stack, args.flow_tasks, 50, 1000, 500).await?;
     }
     note(&format!(
         "(d) recovery after kill -9 of a worker holding {}+ tasks …",
@@ -430,6 +430,19 @@ fn print_table(r: &Value) {
     }
     let fl = &r["flow"];
     if !fl.is_null() {
+        let pc = &fl["paced"];
+        println!(
+            "| (i) flow control, {}/s unlimited placed tasks beside {}/s limited to 5 at once and 100/s (a backlog of {} waiting at the end) | unlimited {:.0} tasks/s, accepted → started p50 {} ms, p99 {} ms (alone: {:.0} tasks/s, p50 {} ms, p99 {} ms) |",
+            pc["rate"],
+            pc["rate"],
+            pc["limited_backlog_at_end"],
+            f(&pc["beside_limited"]["per_s"]),
+            pc["beside_limited"]["start_p50_ms"],
+            pc["beside_limited"]["start_p99_ms"],
+            f(&pc["alone"]["per_s"]),
+            pc["alone"]["start_p50_ms"],
+            pc["alone"]["start_p99_ms"]
+        );
         println!(
             "| (i) flow control, {} unlimited placed tasks beside {} limited to 50 at once and 1000/s | unlimited half {:.0} tasks/s (alone {:.0}); limited half started at {:.0}/s; Redis {:.0} µs CPU and {:.1} commands per task with limits checked ({:.0} µs, {:.1} without) |",
             fl["tasks"],

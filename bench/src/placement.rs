@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fleet_common::task::State;
 use serde_json::{Value, json};
 
-use crate::stack::{Stack, now_ms, percentile, redis_usage};
+use crate::stack::{Stack, now_ms, percentile, redis_usage, task_times};
 
 /// Submission JSON of `n` placed no-op tasks named `<prefix><i>`.
 fn placed(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
@@ -23,25 +23,19 @@ fn placed(prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
 
 /// Accepted → placed and accepted → finished of each task, by Redis's clock.
 async fn decision_times(stack: &Stack, ids: &[String]) -> anyhow::Result<(Vec<u64>, u64)> {
-    let keys = stack.store.keys();
-    let mut conn = stack.store.conn();
+    let rows = task_times(
+        &stack.store,
+        ids,
+        &["created_ms", "placed_ms", "finished_ms"],
+    )
+    .await?;
     let mut decided = Vec::with_capacity(ids.len());
     let mut last_finish = 0;
-    for chunk in ids.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for id in chunk {
-            pipe.cmd("HMGET")
-                .arg(keys.task(id))
-                .arg(&["created_ms", "placed_ms", "finished_ms"]);
+    for row in rows {
+        if let (Some(created), Some(placed)) = (row[0], row[1]) {
+            decided.push(placed.saturating_sub(created));
         }
-        let rows: Vec<(Option<u64>, Option<u64>, Option<u64>)> =
-            pipe.query_async(&mut conn).await?;
-        for (created, placed, finished) in rows {
-            if let (Some(created), Some(placed)) = (created, placed) {
-                decided.push(placed.saturating_sub(created));
-            }
-            last_finish = last_finish.max(finished.unwrap_or(0));
-        }
+        last_finish = last_finish.max(row[2].unwrap_or(0));
     }
     decided.sort_unstable();
     Ok((decided, last_finish))
@@ -85,19 +79,8 @@ pub(crate) async fn placement(
     let total = (rate * secs) as usize;
     let (ids, bodies) = placed("r", total);
     let before = stack.count(State::Succeeded).await?;
-    let per_tick = (rate / 100).max(1) as usize;
-    let mut interval = tokio::time::interval(Duration::from_millis(10));
     let began = Instant::now();
-    let mut sends = Vec::with_capacity(total);
-    for chunk in bodies.chunks(per_tick) {
-        interval.tick().await;
-        for body in chunk {
-            sends.push(tokio::spawn(stack.submit_one(body.clone())));
-        }
-    }
-    for send in sends {
-        send.await??;
-    }
+    stack.submit_paced(&bodies, rate).await?;
     stack
         .wait_count(
             State::Succeeded,

@@ -259,6 +259,24 @@ impl Stack {
         Ok(bytes)
     }
 
+    /// Publishes `bodies` at `rate`/s, in 10 ms ticks, each send spawned; returns once Kafka
+    /// acknowledged them all.
+    pub(crate) async fn submit_paced(&self, bodies: &[String], rate: u64) -> anyhow::Result<()> {
+        let per_tick = (rate / 100).max(1) as usize;
+        let mut interval = tokio::time::interval(Duration::from_millis(10));
+        let mut sends = Vec::with_capacity(bodies.len());
+        for chunk in bodies.chunks(per_tick) {
+            interval.tick().await;
+            for body in chunk {
+                sends.push(tokio::spawn(self.submit_one(body.clone())));
+            }
+        }
+        for send in sends {
+            send.await??;
+        }
+        Ok(())
+    }
+
     /// Publishes one submission (a future to spawn, so the caller need not wait for it).
     pub(crate) fn submit_one(
         &self,
@@ -481,6 +499,26 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// The numeric `fields` of each of `ids`' task hashes (Redis ms), read in pipelines of 1,000.
+pub(crate) async fn task_times(
+    store: &fleet_common::store::Store,
+    ids: &[String],
+    fields: &[&str],
+) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
+    let keys = store.keys();
+    let mut conn = store.conn();
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("HMGET").arg(keys.task(id)).arg(fields);
+        }
+        let rows: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await?;
+        out.extend(rows);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 --       Redis time is not live)  [4] retention ms, then per decision: id, action ('p' place,
 --       'w' wait, 'k' park: no live worker could take it even when idle, 'f' fail: waited past
 --       its placement timeout, 'b' block: over a limit), worker (for 'p'; for 'k' when its
---       placement timeout ends, ms, or '' for none), reason (for 'w', 'k' and 'f'), queue, fair
+--       placement timeout ends, ms, or '' for none; for 'b' the dimension), reason (for 'w', 'k' and 'f'), queue, fair
 --       key, checks (for 'p' and 'b': the limits it must be within, see flow.rs), flow (its
 --       dimensions, for a task accepted before it had a `flow` field: then it is counted here)
 -- Returns per decision: {attempt, record json, traceparent} when placed; 'gone' when it no
@@ -105,6 +105,12 @@ for i = 0, n - 1 do
   elseif action == 'b' or action == 'p' then
     local dim, why
     if ARGV[a + 6] ~= '' then dim, why, takes = over_limit(ARGV[a + 6]) end
+    if not dim and action == 'b' and string.sub(worker, 1, 5) == 'rate:' then
+      -- The dispatcher found no token; one came since it looked. Its wait list gives tasks
+      -- back as tokens come (each round), so it waits there rather than at its queue's head,
+      -- where a backlog of such tasks would hold up the tasks behind it.
+      dim, why = worker, reason
+    end
     if dim then
       -- Out of its queue into the limit's wait list, keeping its arrival: a slot that comes
       -- free, or a token, sends it back (see prelude.lua's wake and unblock.lua).

@@ -25,7 +25,10 @@ pub(crate) async fn list(store: &Store, json: bool) -> anyhow::Result<()> {
             "{:<7} {:<28} {:<44} {:>8} {:>8} {:>8} {:>7}",
             v.scope.as_str(),
             v.name,
-            v.limit.describe(),
+            v.inherited_max_running.map_or_else(
+                || v.limit.describe(),
+                |max| format!("max_running {max} (its queue's key_max_running)")
+            ),
             v.running,
             v.waiting,
             v.blocked,

@@ -287,8 +287,9 @@ impl Dispatcher {
             .zip(&checks)
             .filter_map(|(task, checks)| {
                 let decision = match flow.over(checks) {
-                    Some(reason) if task.record.is_some() => Decision::Block {
+                    Some((dim, reason)) if task.record.is_some() => Decision::Block {
                         id: task.id.clone(),
+                        dim,
                         reason,
                     },
                     _ => decide(task, offers, (now, settings), unplaced)?,
@@ -422,22 +423,25 @@ impl FlowView {
         Ok(view)
     }
 
-    /// Why a task with `checks` is over a limit now, if it is.
-    fn over(&self, checks: &[Check]) -> Option<String> {
+    /// The limit a task with `checks` is over now, if any: its dimension, and why.
+    fn over(&self, checks: &[Check]) -> Option<(String, String)> {
         checks.iter().find_map(|check| match check {
             Check::Running { dim, max } => {
                 let running = self.running.get(dim).copied().unwrap_or(0);
                 (running + 1 > *max).then(|| {
-                    format!("concurrency limit of {dim} reached ({running} of {max} running)")
+                    let why =
+                        format!("concurrency limit of {dim} reached ({running} of {max} running)");
+                    (dim.clone(), why)
                 })
             }
             Check::Rate { dim, rate } => {
                 let tokens = self.tokens.get(dim).copied().unwrap_or(0.0);
                 (tokens < 1.0).then(|| {
-                    format!(
+                    let why = format!(
                         "rate limit of {dim} ({} per {} ms): waiting for a token",
                         rate.limit, rate.period_ms
-                    )
+                    );
+                    (dim.clone(), why)
                 })
             }
         })
@@ -463,13 +467,10 @@ fn decision_dim(
 ) -> Option<&'static str> {
     let i = waiting.iter().position(|w| w.id == decision.id())?;
     let dim = match decision {
-        Decision::Block { reason, .. } => checks[i]
-            .iter()
-            .find(|c| reason.contains(c.dim()))
-            .or(checks[i].first()),
-        _ => checks[i].first(),
-    }?;
-    let scope = dim.dim().split_once(':').map_or("", |(scope, _)| scope);
+        Decision::Block { dim, .. } => dim.as_str(),
+        _ => checks[i].first()?.dim(),
+    };
+    let scope = dim.split_once(':').map_or("", |(scope, _)| scope);
     flow::Scope::ALL
         .into_iter()
         .find(|s| s.as_str() == scope)

@@ -228,18 +228,34 @@ pub struct LimitView {
     pub waiting: u64,
     /// Tasks in its wait list (found over one of its limits).
     pub blocked: u64,
-    /// A rate limit's whole and partial tokens now.
+    /// A rate limit's whole and partial tokens now (not promised to placed tasks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<f64>,
+    /// For a dimension with tasks over a limit it has none of its own (a key under its queue's
+    /// `key_max_running`): the limit it is held to; `limit` is then empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inherited_max_running: Option<u64>,
 }
 
+/// Most dimensions without a limit of their own [`Store::limit_views`] lists (those with most
+/// tasks over a limit).
+const INHERITED_SHOWN: usize = 20;
+
 impl Store {
-    /// Every limit in `limits` with its use now (the tenant default `*` has none of its own).
+    /// Every limit in `limits` with its use now (the tenant default `*` has none of its own),
+    /// then the dimensions with tasks over a limit they have none of their own for (a key
+    /// under its queue's `key_max_running`), most first.
     pub async fn limit_views(&self, limits: &Limits) -> Result<Vec<LimitView>, StoreError> {
         let dims: Vec<String> = limits
             .map
             .keys()
             .map(|(scope, name)| format!("{}:{name}", scope.as_str()))
+            .collect();
+        let others: Vec<String> = self
+            .blocked_dims()
+            .await?
+            .into_iter()
+            .filter(|dim| !dims.contains(dim))
             .collect();
         let uses = self.dim_use(&dims).await?;
         let mut views = Vec::with_capacity(dims.len());
@@ -256,8 +272,34 @@ impl Store {
                 waiting: u.waiting(),
                 blocked: u.blocked,
                 tokens,
+                inherited_max_running: None,
             });
         }
+        let uses = self.dim_use(&others).await?;
+        let mut inherited: Vec<LimitView> = others
+            .iter()
+            .zip(uses)
+            .filter_map(|(dim, u)| {
+                let (scope, name) = dim.split_once(':')?;
+                let max = match limits.of_dim(dim) {
+                    Some(crate::flow::DimLimit::Running(max)) => Some(max),
+                    _ => None,
+                };
+                Some(LimitView {
+                    scope: scope.parse().ok()?,
+                    name: name.to_string(),
+                    limit: Limit::default(),
+                    running: u.running,
+                    waiting: u.waiting(),
+                    blocked: u.blocked,
+                    tokens: None,
+                    inherited_max_running: max,
+                })
+            })
+            .collect();
+        inherited.sort_by_key(|v| std::cmp::Reverse(v.blocked));
+        inherited.truncate(INHERITED_SHOWN);
+        views.extend(inherited);
         Ok(views)
     }
 }

@@ -42,9 +42,15 @@ pub enum Decision {
     },
     /// It waited past its placement timeout: it fails with this reason.
     Fail { id: String, reason: String },
-    /// It is over one of its flow limits: into that limit's wait list (if the place script,
-    /// checking again, finds it so).
-    Block { id: String, reason: String },
+    /// It is over the flow limit of dimension `dim`: into that limit's wait list (for a
+    /// concurrency limit, only if the place script, checking again, finds it so: a slot that
+    /// came free meanwhile would wake nobody; a rate's wait list gives tasks back as its tokens
+    /// come, so it goes there whatever a token that came meanwhile says).
+    Block {
+        id: String,
+        dim: String,
+        reason: String,
+    },
 }
 
 impl Decision {
@@ -358,7 +364,7 @@ impl Store {
                     inv.arg("k").arg(deadline).arg(reason)
                 }
                 Decision::Fail { reason, .. } => inv.arg("f").arg("").arg(reason),
-                Decision::Block { reason, .. } => inv.arg("b").arg("").arg(reason),
+                Decision::Block { dim, reason, .. } => inv.arg("b").arg(dim).arg(reason),
             };
             inv.arg(queue).arg(fair_key).arg(checks).arg(flow);
         }

@@ -228,6 +228,11 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
         out.contains("smtp") && out.contains("limit 5, period_ms 1000, burst 2"),
         "{out}"
     );
+    assert!(
+        out.lines().any(|l| l.contains("customer-2")
+            && l.contains("max_running 2 (its queue's key_max_running)")),
+        "a key held to its queue's default shows while its tasks wait: {out}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     fleetctl_ok(
         &env,
@@ -366,6 +371,7 @@ async fn tenants_share_a_fair_queue_by_weight_and_a_quota_refuses_with_429() {
         ("/v1/limits/tenant/acme", json!({"weight": 2})),
         ("/v1/limits/tenant/beta", json!({"weight": 1})),
         ("/v1/limits/tenant/tiny", json!({"max_waiting": 5})),
+        ("/v1/limits/queue/capped", json!({"max_waiting": 2})),
     ] {
         let r = call("PUT", path.into(), Some(body.to_string())).await;
         assert_eq!(r.status, 200, "{path}: {}", r.body);
@@ -444,6 +450,14 @@ async fn tenants_share_a_fair_queue_by_weight_and_a_quota_refuses_with_429() {
             store.task(&format!("tiny-{i}")).await.unwrap().is_none(),
             "tiny-{i} was not stored"
         );
+    }
+    // A queue's quota likewise.
+    for i in 0..3 {
+        let body =
+            json!({"id": format!("capped-{i}"), "kind": "nothing-runs-this", "queue": "capped"});
+        let r = call("POST", "/v1/tasks".into(), Some(body.to_string())).await;
+        let expected = if i < 2 { 201 } else { 429 };
+        assert_eq!(r.status, expected, "capped-{i}: {}", r.body);
     }
     // Cancelling one makes room for one more.
     let r = call("POST", "/v1/tasks/tiny-0/cancel".into(), None).await;
