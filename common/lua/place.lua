@@ -168,5 +168,12 @@ for i = 0, n - 1 do
       out[i + 1] = { attempt, f[3], f[4] or '' }
     end
   end
+  if out[i + 1] == 'limited' or type(out[i + 1]) == 'table' then
+    -- It left its queue: for each rate it is checked against, one handed-back task less.
+    for line in string.gmatch(ARGV[a + 6], '[^\n]+') do
+      local rate_dim = string.match(line, '^r\t([^\t]+)\t')
+      if rate_dim then back_done(rate_dim, now) end
+    end
+  end
 end
 return out

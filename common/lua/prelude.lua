@@ -415,6 +415,34 @@ local function promised(dim, by)
   if n <= 0 then redis.call('HDEL', FLOW_TOKENS, dim .. '|placed') end
 end
 
+-- Tasks of a rate's wait list handed back to be placed (unblock.lua), still counted against its
+-- tokens: `<n>,<ms>`, forgotten a second after the last hand-back (a task handed back and then
+-- cancelled, or parked, must not hold the list up for long).
+local HANDED_BACK_MS = 1000
+local function handed_back(dim, now)
+  local s = redis.call('HGET', FLOW_TOKENS, dim .. '|back')
+  if not s then return 0 end
+  local n, at = string.match(s, '^(%d+),(%d+)$')
+  if not n or now - tonumber(at) > HANDED_BACK_MS then return 0 end
+  return tonumber(n)
+end
+
+local function hand_back(dim, n, now)
+  redis.call('HSET', FLOW_TOKENS, dim .. '|back', text(handed_back(dim, now) + n) .. ',' .. text(now))
+end
+
+-- One task of rate dimension `dim` left its queue (placed, or into a wait list): one handed-back
+-- task less to count.
+local function back_done(dim, now)
+  local n = handed_back(dim, now)
+  if n > 1 then
+    local s = redis.call('HGET', FLOW_TOKENS, dim .. '|back')
+    redis.call('HSET', FLOW_TOKENS, dim .. '|back', text(n - 1) .. string.match(s, ',%d+$'))
+  elseif n == 1 then
+    redis.call('HDEL', FLOW_TOKENS, dim .. '|back')
+  end
+end
+
 -- The start of a task with a promised token: the token leaves its bucket.
 local function take_token(key, now)
   local t = redis.call('HGET', key, 'token')

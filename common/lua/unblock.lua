@@ -7,7 +7,11 @@
 -- KEYS  globals
 -- ARGV  [1] lists  [2] cap, then per list: dimension, mode ('c' concurrency, 'r' rate, 'a'
 --       all), max running (for 'c'), limit, period ms, burst (for 'r'; '' otherwise)
--- Returns per list {moved, ms until its next token (rate lists with tasks left), or -1}.
+-- A rate list's tasks handed back and not yet placed (or blocked again) count against its
+-- tokens for a second (`<dim>|back` in FLOW_TOKENS: `<n>,<ms>`, see prelude.lua), so a fleet
+-- with no room does not drain the list into its queue a token's worth per round.
+-- Returns per list {moved, ms until its next token (rate lists with tasks left, when waiting
+-- can bring one: not while the bucket's room is all promised or handed back), or -1}.
 local n, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = now_ms()
 local out = {}
@@ -16,14 +20,16 @@ for i = 0, n - 1 do
   local dim, mode = ARGV[a], ARGV[a + 1]
   local list = wait_list(dim)
   local free, next_ms = cap, -1
+  local rate
   if mode == 'c' then
     free = math.max(0, tonumber(ARGV[a + 2]) - running_of(dim))
   elseif mode == 'r' then
     local limit, period, burst = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
     local placed = tonumber(redis.call('HGET', FLOW_TOKENS, dim .. '|placed')) or 0
-    local tokens = bucket_tokens(dim, limit, period, burst, now) - placed
-    free = math.floor(tokens)
-    if free < 1 then next_ms = math.ceil((1 - tokens) * period / limit) end
+    local back = handed_back(dim, now)
+    local tokens = bucket_tokens(dim, limit, period, burst, now) - placed - back
+    free = math.max(0, math.floor(tokens))
+    rate = { limit = limit, period = period, room = burst - placed - back, tokens = tokens }
   end
   local moved = 0
   if free > 0 then
@@ -35,7 +41,13 @@ for i = 0, n - 1 do
   end
   if redis.call('ZCARD', list) == 0 then
     redis.call('SREM', FLOW_WAITS, dim)
-    next_ms = -1
+  elseif rate then
+    if moved > 0 then hand_back(dim, moved, now) end
+    -- The next token beyond those just handed back: only if the bucket can still hold one
+    -- (while its room is promised or handed back, starts and placements free it, not time).
+    if rate.room - moved >= 1 then
+      next_ms = math.max(1, math.ceil((moved + 1 - rate.tokens) * rate.period / rate.limit))
+    end
   end
   out[i + 1] = { moved, next_ms }
 end

@@ -421,7 +421,9 @@ impl Limits {
         Some(RateLimit {
             limit: l.limit?,
             period_ms: l.period_ms?,
-            burst: l.burst.unwrap_or(1),
+            // A tenth of the limit by default: room for a dispatcher round's delay at high
+            // rates (a bucket that is full when nobody takes from it loses what it gains).
+            burst: l.burst.unwrap_or((l.limit? / 10).max(1)),
         })
     }
 

@@ -57,6 +57,34 @@ fn events_before(tasks: &[&StoredTask], at: u64) -> i64 {
         .count() as i64
 }
 
+/// Starts of `tasks` (one rate key's, limit per 1 s with `burst`): never more than
+/// `limit + burst` in a window of one period; under their backlog, the limit within 10 %.
+fn assert_rate(name: &str, tasks: &[&StoredTask], limit: usize, burst: usize) {
+    let mut starts: Vec<u64> = tasks
+        .iter()
+        .flat_map(|t| intervals(t).into_iter().map(|(s, _)| s))
+        .collect();
+    starts.sort_unstable();
+    let most = starts
+        .iter()
+        .map(|&t| starts.iter().filter(|&&s| s >= t && s < t + 1000).count())
+        .max()
+        .unwrap();
+    println!("{name}: at most {most} starts in any 1 s window");
+    assert!(
+        most <= limit + burst,
+        "{name} started {most} in one period, limit {limit} + burst {burst}"
+    );
+    let span_s = (starts[starts.len() - 1] - starts[0]) as f64 / 1000.0;
+    let rate = (starts.len() - burst) as f64 / span_s;
+    println!("{name}: {rate:.2} starts/s under a backlog (limit {limit}/s)");
+    let limit = limit as f64;
+    assert!(
+        (limit * 0.9..=limit * 1.1).contains(&rate),
+        "{name} ran at {rate:.2}/s, limit {limit}/s"
+    );
+}
+
 fn fleetctl_ok(env: &TestEnv, args: &[&str]) -> String {
     let (code, out, err) = env.fleetctl(args);
     assert_eq!(code, 0, "fleetctl {args:?}: {out}{err}");
@@ -121,6 +149,19 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
     fleetctl_ok(
         &env,
         &["limits", "set", "key", "customer-1", "--max-running", "3"],
+    );
+    fleetctl_ok(
+        &env,
+        &[
+            "limits",
+            "set",
+            "rate",
+            "push",
+            "--limit",
+            "100",
+            "--period-ms",
+            "1000",
+        ],
     );
     fleetctl_ok(
         &env,
@@ -259,6 +300,12 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
         mail.push(task(id.clone(), json!({"rate_key": "smtp"}), 10));
         groups.entry("mail").or_default().push(id);
     }
+    // A faster rate with the default burst (a tenth of the limit: 10).
+    for i in 0..300 {
+        let id = format!("push-{i}");
+        mail.push(task(id.clone(), json!({"rate_key": "push"}), 1));
+        groups.entry("push").or_default().push(id);
+    }
     env.submit(&mail).await;
     let all: Vec<String> = groups.values().flatten().cloned().collect();
 
@@ -296,29 +343,9 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
         "customer-2 used its raised limit within 1.5 s"
     );
 
-    // Guarantee 2: starts of smtp per window of its period, and its rate under a backlog.
-    let mut starts: Vec<u64> = of("mail")
-        .iter()
-        .flat_map(|t| intervals(t).into_iter().map(|(s, _)| s))
-        .collect();
-    starts.sort_unstable();
-    let most = starts
-        .iter()
-        .map(|&t| starts.iter().filter(|&&s| s >= t && s < t + 1000).count())
-        .max()
-        .unwrap();
-    println!("smtp: at most {most} starts in any 1 s window");
-    assert!(
-        most <= 5 + 2,
-        "smtp started {most} in one period, limit 5 + burst 2"
-    );
-    let span_s = (starts[starts.len() - 1] - starts[0]) as f64 / 1000.0;
-    let rate = (starts.len() - 2) as f64 / span_s;
-    println!("smtp: {rate:.2} starts/s under a backlog (limit 5/s)");
-    assert!(
-        (4.5..=5.5).contains(&rate),
-        "smtp ran at {rate:.2}/s, limit 5/s"
-    );
+    // Guarantee 2: starts per window of the period, and the rate under a backlog.
+    assert_rate("smtp", &of("mail"), 5, 2);
+    assert_rate("push", &of("push"), 100, 10);
 
     // Guarantee 3: tasks of no limit flowed past the limited ones.
     let last_free = of("free")
@@ -338,7 +365,7 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
     let out = fleetctl_ok(&env, &["limits", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
     let limits = listed["limits"].as_array().unwrap();
-    assert_eq!(limits.len(), 4, "{listed}");
+    assert_eq!(limits.len(), 5, "{listed}");
     assert!(
         limits
             .iter()
