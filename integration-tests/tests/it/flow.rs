@@ -237,6 +237,20 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
             groups.entry(group).or_default().push(id);
         }
     }
+    // Retries go through the limit like any start: each of these fails its first attempt.
+    for i in 0..15 {
+        let id = format!("c1-retry-{i}");
+        let mut t: serde_json::Value = serde_json::from_str(&task(
+            id.clone(),
+            json!({"concurrency_key": "customer-1"}),
+            0,
+        ))
+        .unwrap();
+        t["kind"] = json!("flaky");
+        t["payload"] = json!({"failures": 1});
+        bodies.push(t.to_string());
+        groups.entry("c1").or_default().push(id);
+    }
     for i in 0..200 {
         let id = format!("free-{i}");
         bodies.push(task(id.clone(), json!({}), 10));
@@ -313,11 +327,17 @@ async fn concurrency_and_rate_limits_hold_fleet_wide_through_a_kill_and_a_change
     for id in &all {
         let t = &done[id];
         assert_eq!(t.state, State::Succeeded, "{id} succeeded");
-        // Only the kill may cost an attempt; waiting for a limit costs none.
-        assert!(t.attempt <= 2, "{id}: {} attempts", t.attempt);
+        // Only the kill and the planned failure may cost an attempt; waiting for a limit costs
+        // none.
+        let planned = u32::from(id.contains("retry"));
+        assert!(t.attempt <= 2 + planned, "{id}: {} attempts", t.attempt);
         let ran_on_w1 = t.history.iter().any(|h| h.worker == "w1");
         if !ran_on_w1 {
-            assert_eq!(t.attempt, 1, "{id}: waiting for a limit costs no attempts");
+            assert_eq!(
+                t.attempt,
+                1 + planned,
+                "{id}: waiting for a limit costs no attempts"
+            );
         }
     }
     let of =
