@@ -118,7 +118,7 @@ async fn invalid_submissions_go_to_the_rejected_topic_and_the_line_keeps_moving(
     );
     let bad: Vec<Vec<u8>> = [
         "not json",
-        r#"{"kind":"noop","tenant":"other"}"#,
+        r#"{"kind":"noop","tenant_id":"other"}"#,
         r#"{"kind":42}"#,
         r#"{"kind":"noop","priority":"urgent"}"#,
         r#"{"kind":"noop","max_attempts":0}"#,
