@@ -16,8 +16,10 @@
 -- A placed task due now waits in the placement inbox instead of the outbox: the dispatcher
 -- chooses its worker and publishes it.
 -- Returns per task one string: 'p' (new, pending), 'w' (new, pending, waiting for placement),
--- 's' (new, scheduled), 'd' followed by the existing task's id, 'q' followed by the quota it
--- is over (refused: nothing of it is stored). A flat array of short strings, not a pair per task: the caller already
+-- 's' (new, scheduled), 'W' (new, waiting for its parents), 'e' and a terminal state (new, and
+-- ended at once by a parent that had not succeeded), 'd' followed by the existing task's id,
+-- 'q' followed by the quota it is over, or 'x' and why its submission's dependencies are wrong
+-- (refused: nothing of it, or of its submission, is stored). A flat array of short strings, not a pair per task: the caller already
 -- has each new task's id, and parsing nested replies was a tenth of the scheduler's CPU.
 local n, redeliver, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
@@ -72,7 +74,105 @@ local function over_quota(quotas)
   return nil
 end
 
-for i = 0, n - 1 do
+
+-- Dependencies (after the placed tasks): their count, the retention ms, then per task of a
+-- submission with dependencies, in (submission, parents-first) order, 6 values: its position,
+-- its submission, its parents (one id per line), on_parent_failure, its workflow as given ('':
+-- none) and its submission's default workflow. Such a submission is accepted whole or refused
+-- whole, and its tasks are accepted parents first.
+local deps, groups = {}, {}
+local dep_at = placed_at + 1 + (placed_count or 0) * 4
+local dep_count = tonumber(ARGV[dep_at]) or 0
+local retention = tonumber(ARGV[dep_at + 1])
+for j = 0, dep_count - 1 do
+  local b = dep_at + 2 + j * 6
+  local pos, group = tonumber(ARGV[b]), ARGV[b + 1]
+  -- No default workflow: a batch record without dependencies, only accepted whole.
+  deps[pos] = { group = group, parents = ARGV[b + 2], policy = ARGV[b + 3],
+                workflow = ARGV[b + 4], default = ARGV[b + 5], whole_only = ARGV[b + 5] == '' }
+  if not groups[group] then groups[group] = {} end
+  local members = groups[group]
+  members[#members + 1] = pos
+end
+-- Ids of this batch's tasks that turned out to be stored ones under another id (a known
+-- idempotency key): a child naming them waits for the stored task.
+local alias = {}
+
+
+-- Whether a submission with dependencies can be accepted whole: every parent outside it is a
+-- stored task, and its placed tasks fit their quotas. Returns the refusal's code ('x', 'q') and
+-- reason, or nothing.
+local function check_group(members)
+  local ids = {}
+  for _, pos in ipairs(members) do ids[ARGV[4 + pos * 11]] = true end
+  for _, pos in ipairs(members) do
+    for parent in string.gmatch(deps[pos].parents, '[^\n]+') do
+      if not ids[parent] and not alias[parent] and redis.call('EXISTS', task_key(parent)) == 0 then
+        return 'x', 'unknown parent `' .. parent .. '` of task `' .. ARGV[4 + pos * 11]
+          .. '`: no such task (never accepted, or expired)'
+      end
+    end
+  end
+  if placed_quotas then
+    local before = {}
+    for dim, k in pairs(waiting) do before[dim] = k end
+    for _, pos in ipairs(members) do
+      local key = KEYS[GLOBALS + 1 + pos * 3]
+      if placed_quotas[pos] and not (created[key] or redis.call('EXISTS', key) == 1) then
+        local why = over_quota(placed_quotas[pos])
+        if why then
+          waiting = before
+          return 'q', why
+        end
+      end
+    end
+  end
+end
+
+-- Records what a new task of a submission with dependencies adds to its hash (`key`, written
+-- as `waiting`): its workflow, its parents, and the edges that make their ends release it.
+-- Parents already ended count at once (a failed one ends it by its policy). Returns its code.
+local function accept_dependent(key, id, dep, run_at, delay)
+  local parents = {}
+  for parent in string.gmatch(dep.parents, '[^\n]+') do parents[#parents + 1] = alias[parent] or parent end
+  local workflow = dep.workflow
+  if workflow == '' then
+    workflow = parents[1] and redis.call('HGET', task_key(parents[1]), 'workflow') or dep.default
+  end
+  local set = { 'dag', #parents > 0 and 'wp' or 'w', 'workflow', workflow }
+  if #parents > 0 then
+    set[#set + 1] = 'parents'; set[#set + 1] = table.concat(parents, '\n')
+  end
+  if dep.policy ~= 'fail' then set[#set + 1] = 'on_parent_failure'; set[#set + 1] = dep.policy end
+  if run_at ~= '0' then set[#set + 1] = 'run_at_ms'; set[#set + 1] = run_at end
+  if delay ~= '0' then set[#set + 1] = 'delay_ms'; set[#set + 1] = delay end
+  redis.call('ZADD', workflow_key(workflow), now, id)
+  workflow_opened(workflow)
+  zadd_later(IDX.waiting, now, id)
+  local open, ended = 0, {}
+  for _, parent in ipairs(parents) do
+    local pk = task_key(parent)
+    local state = redis.call('HGET', pk, 'state')
+    if state and not TERMINAL[state] then
+      redis.call('SADD', children_key(parent), id)
+      mark_dag(pk, 'c')
+      open = open + 1
+    else
+      hold_parent(pk, 1)
+      if state ~= 'succeeded' then ended[#ended + 1] = { parent, state or 'failed' } end
+    end
+  end
+  set[#set + 1] = 'deps_left'; set[#set + 1] = text(open + #ended)
+  redis.call('HSET', key, unpack(set))
+  for _, e in ipairs(ended) do
+    local code = parent_ended(key, id, e[1], e[2], now, retention, redeliver)
+    if code ~= 'W' then return code end
+  end
+  if open == 0 then return release(key, id, now, redeliver) end
+  return 'W'
+end
+
+local function accept_one(i)
   local key, idem_key, queue_key = KEYS[GLOBALS + 1 + i * 3], KEYS[GLOBALS + 2 + i * 3], KEYS[GLOBALS + 3 + i * 3]
   local a = 4 + i * 11
   local id, queue, priority, max_attempts, record = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -82,9 +182,13 @@ for i = 0, n - 1 do
   if ARGV[a + 6] ~= '0' then run_at = tonumber(ARGV[a + 6]) end
   if ARGV[a + 7] ~= '0' then run_at = now + tonumber(ARGV[a + 7]) end
   local existing = has_idem and idem_ids[idem_key]
+  -- `dep`: its submission's quotas were checked as a whole; `member`: it is in a workflow.
+  local dep = deps[i]
+  local member = dep and not dep.whole_only and dep
   if existing then
     out[i + 1] = 'd' .. existing
-  elseif placed_quotas and placed_quotas[i] and not (created[key] or (any_stored and redis.call('EXISTS', key) == 1)) then
+    alias[id] = existing
+  elseif placed_quotas and placed_quotas[i] and not dep and not (created[key] or (any_stored and redis.call('EXISTS', key) == 1)) then
     local why = over_quota(placed_quotas[i])
     if why then
       out[i + 1] = 'q' .. why
@@ -97,7 +201,7 @@ for i = 0, n - 1 do
   else
     created[key] = true
     local state = 'pending'
-    if run_at > now then state = 'scheduled' end
+    if member then state = 'waiting' elseif run_at > now then state = 'scheduled' end
     -- Field order matters: a field is found by scanning the hash from its start, so the ones
     -- that claim and complete read and write go first. Every field written is a scan of the
     -- hash so far, so none is stored that the reader can tell otherwise: not the id (the key
@@ -112,7 +216,9 @@ for i = 0, n - 1 do
       redis.call('HSET', key, 'needs', needs, 'flow', flow)
       for _, dim in ipairs(dims_of(flow)) do incr_later(FLOW_QUEUED, dim, 1) end
     end
-    if state == 'pending' and needs ~= '' then
+    if member then
+      out[i + 1] = accept_dependent(key, id, member, ARGV[a + 6], ARGV[a + 7])
+    elseif state == 'pending' and needs ~= '' then
       zadd_new_later(INBOX, now, id)
     elseif state == 'pending' then
       zadd_new_later(OUTBOX, now + redeliver, outbox_member(id, '1'))
@@ -120,7 +226,7 @@ for i = 0, n - 1 do
       redis.call('HSET', key, 'run_at_ms', text(run_at))
       zadd_new_later(DUE, run_at, id)
     end
-    zadd_new_later(IDX[state], now, id)
+    if not member then zadd_new_later(IDX[state], now, id) end
     zadd_new_later(queue_key, now, id)
     if not queues[queue] then
       queues[queue] = true
@@ -130,9 +236,25 @@ for i = 0, n - 1 do
       redis.call('SET', idem_key, id, 'PX', window)
       idem_ids[idem_key] = id
     end
-    if state == 'scheduled' then out[i + 1] = 's'
+    if member then -- answered above
+    elseif state == 'scheduled' then out[i + 1] = 's'
     elseif needs ~= '' then out[i + 1] = 'w'
     else out[i + 1] = 'p' end
+  end
+end
+
+for i = 0, n - 1 do
+  local dep = deps[i]
+  if not dep then
+    accept_one(i)
+  elseif groups[dep.group] then
+    -- A submission with dependencies, at its first task: checked, then accepted whole.
+    local members = groups[dep.group]
+    groups[dep.group] = nil
+    local code, why = check_group(members)
+    for _, pos in ipairs(members) do
+      if code then out[pos + 1] = code .. why else accept_one(pos) end
+    end
   end
 end
 return out

@@ -29,11 +29,13 @@ for i = 0, n - 1 do
   local f
   if attempt > 1 then
     f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
-      'queue', 'priority', 'timeout_ms', 'started_ms', 'history')
+      'queue', 'priority', 'timeout_ms', 'started_ms', 'history', 'dag')
   else
     f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
-      'queue', 'priority', 'timeout_ms')
+      'queue', 'priority', 'timeout_ms', 'dag')
   end
+  -- Whether it is in a workflow (see prelude.lua's dependencies).
+  local dag = f[attempt > 1 and 10 or 8]
   local state, current = f[1], tonumber(f[2])
   if state == 'running' and current == attempt and f[3] == worker then
     zrem_later(LEASES, id)
@@ -60,7 +62,7 @@ for i = 0, n - 1 do
         set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
       end
       finish(key, id, 'running', 'succeeded', now, retention,
-        f[5], f[6], f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set, flow)
+        f[5], f[6], f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set, flow, dag)
       out[i + 1] = 'succeeded'
     elseif kind == 'retry' and within_budget(key, current) then
       attempt_ended(key, now, 'retry', body)

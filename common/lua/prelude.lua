@@ -1,7 +1,8 @@
 -- Prepended to every transition script (see store/scripts.rs). KEYS[1..20] are the globals of
 -- Keys::globals(): leases, due, dead outbox, five state indexes, queues, workers, paused, held,
 -- totals, outbox, placement's inbox, use, capacity, reservations, run times and parked
--- tasks, and flow control's queued and running counts, wait lists and token buckets.
+-- tasks, flow control's queued and running counts, wait lists and token buckets, and
+-- dependencies' waiting and skipped indexes and open workflows.
 local LEASES, DUE, DEAD = KEYS[1], KEYS[2], KEYS[3]
 -- No `running` index: the lease set is the running tasks' index (schema 4), and every script
 -- that starts or ends an attempt adds or removes its lease itself.
@@ -12,8 +13,16 @@ local OUTBOX = KEYS[14]
 local INBOX, USED, CAPACITY, RESERVED = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
 local RUN_TIMES, PARKED = KEYS[19], KEYS[20]
 local FLOW_QUEUED, FLOW_RUNNING, FLOW_WAITS, FLOW_TOKENS = KEYS[21], KEYS[22], KEYS[23], KEYS[24]
-local GLOBALS = 24
-local TERMINAL = { succeeded = true, failed = true, cancelled = true }
+IDX.waiting, IDX.skipped = KEYS[25], KEYS[26]
+local WORKFLOWS = KEYS[27]
+local GLOBALS = 27
+local TERMINAL = { succeeded = true, failed = true, cancelled = true, skipped = true }
+-- `{prefix}`: keys named by data (a task's parents and children, its workflow) are built from
+-- it as store/keys.rs builds them, all under the one hash tag.
+local ROOT = string.sub(LEASES, 1, #LEASES - #':leases')
+local function task_key(id) return ROOT .. ':task:' .. id end
+local function children_key(id) return ROOT .. ':children:' .. id end
+local function workflow_key(id) return ROOT .. ':workflow:' .. id end
 -- Most entries a task's attempt history keeps (the oldest are dropped first).
 local HISTORY_MAX = 100
 
@@ -228,16 +237,20 @@ local function total_field(dimension, to, name)
   return field
 end
 
+-- Defined below (dependencies): called by finish for a task in a workflow.
+local dag_finished
+
 -- Ends a task in a terminal state: index, timestamps, totals per queue and priority, expiry
 -- after the retention period. A caller that already read `queue`, `priority` and whether the
 -- attempt has a deadline passes them, and may pass more fields to set (`set`, a list of
 -- field-value pairs), saving calls on the hot path; with no queue they are read here. A placed
 -- task's flow dimensions (`flow`, its field: read here with the rest, or passed; false for
--- none) count one queued task less.
-local function finish(key, id, from, to, now, retention, queue, priority, has_deadline, set, flow)
+-- none) count one queued task less. A task with dependencies (`dag`, its field, read or passed
+-- the same way) releases or ends its children here too.
+local function finish(key, id, from, to, now, retention, queue, priority, has_deadline, set, flow, dag)
   if not queue then
-    local f = redis.call('HMGET', key, 'queue', 'priority', 'deadline_ms', 'flow')
-    queue, priority, has_deadline, flow = f[1], f[2], f[3] ~= false, f[4]
+    local f = redis.call('HMGET', key, 'queue', 'priority', 'deadline_ms', 'flow', 'dag')
+    queue, priority, has_deadline, flow, dag = f[1], f[2], f[3] ~= false, f[4], f[5]
   end
   if flow then
     for _, dim in ipairs(dims_of(flow)) do incr_later(FLOW_QUEUED, dim, -1) end
@@ -253,6 +266,7 @@ local function finish(key, id, from, to, now, retention, queue, priority, has_de
   if has_deadline then redis.call('HDEL', key, 'deadline_ms') end
   move(id, from, to, now)
   redis.call('PEXPIRE', key, text(retention))
+  if dag then dag_finished(key, id, to, now, retention) end
 end
 
 -- Marks a task failed and queues its dead-letter record.
@@ -260,6 +274,149 @@ local function fail(key, id, from, now, retention, err)
   redis.call('HSET', key, 'error', err, 'last_error', err)
   finish(key, id, from, 'failed', now, retention)
   redis.call('ZADD', DEAD, now, id)
+end
+
+-- Dependencies (see workflow.rs). A task in a workflow has a `dag` field: `w`, then `p` if it
+-- names parents (`parents`, one id per line; `deps_left`, how many have not ended) and `c`
+-- once some task waits for it (its children set). Its `workflow` field names its workflow.
+
+-- Adds `flag` to a task's `dag` field.
+local function mark_dag(key, flag)
+  local dag = redis.call('HGET', key, 'dag') or ''
+  if not string.find(dag, flag, 1, true) then redis.call('HSET', key, 'dag', dag .. flag) end
+end
+
+-- One more task of `workflow` not ended; its set is kept meanwhile.
+local function workflow_opened(workflow)
+  redis.call('HINCRBY', WORKFLOWS, workflow, 1)
+  redis.call('PERSIST', workflow_key(workflow))
+end
+
+-- One task of `workflow` ended; with none left open, the set expires with its tasks.
+local function workflow_closed(workflow, retention)
+  if redis.call('HINCRBY', WORKFLOWS, workflow, -1) <= 0 then
+    redis.call('HDEL', WORKFLOWS, workflow)
+    redis.call('PEXPIRE', workflow_key(workflow), text(retention))
+  end
+end
+
+-- A parent that ended is kept (its result, for ctx.parents()) while children of its are not
+-- ended: `open_children` counts them; the last to end lets it expire.
+local function hold_parent(key, by)
+  redis.call('HINCRBY', key, 'open_children', by)
+  redis.call('PERSIST', key)
+end
+
+local function unhold_parent(key, retention)
+  local n = redis.call('HGET', key, 'open_children')
+  if not n then return end
+  if tonumber(n) <= 1 then
+    redis.call('HDEL', key, 'open_children')
+    redis.call('PEXPIRE', key, text(retention))
+  else
+    redis.call('HINCRBY', key, 'open_children', -1)
+  end
+end
+
+-- Moves a waiting task whose parents have all ended on to run: `pending` (its first dispatch
+-- in the outbox, due `redeliver` ms from now, or for a placed task the placement inbox) or
+-- `scheduled` (its run_at, or delay counted from now, is ahead). Returns accept's code.
+local function release(key, id, now, redeliver)
+  local g = redis.call('HMGET', key, 'needs', 'run_at_ms', 'delay_ms', 'attempt')
+  local run_at = tonumber(g[2]) or 0
+  if g[3] then run_at = now + tonumber(g[3]) end
+  redis.call('HDEL', key, 'deps_left', 'delay_ms')
+  if run_at > now then
+    redis.call('HSET', key, 'state', 'scheduled', 'updated_ms', text(now), 'run_at_ms', text(run_at))
+    move(id, 'waiting', 'scheduled', now)
+    zadd_later(DUE, run_at, id)
+    return 's'
+  end
+  redis.call('HSET', key, 'state', 'pending', 'updated_ms', text(now))
+  move(id, 'waiting', 'pending', now)
+  if g[1] then
+    redis.call('ZADD', INBOX, 'NX', now, id)
+    return 'w'
+  end
+  zadd_later(OUTBOX, now + (redeliver or 0), outbox_member(id, (tonumber(g[4]) or 0) + 1))
+  return 'p'
+end
+
+-- A waiting task's parent `parent` ended in `state`: it is released if that was its last
+-- parent, or ends now by its `on_parent_failure` (fail: `failed`, or `cancelled` after a
+-- cancelled parent; skip: `skipped`; a skipped parent skips it either way; run: it waits on).
+-- Returns accept's code for it: 'W' (waits on), 'p'/'w'/'s' (released), 'e' and the state it
+-- ended in, or nil if it was not waiting.
+local function parent_ended(key, id, parent, state, now, retention, redeliver)
+  local g = redis.call('HMGET', key, 'state', 'on_parent_failure')
+  if g[1] ~= 'waiting' then return nil end
+  local left = redis.call('HINCRBY', key, 'deps_left', -1)
+  local policy = g[2] or 'fail'
+  if state ~= 'succeeded' and policy ~= 'run' then
+    local what = 'failed'
+    if state == 'cancelled' then what = 'was cancelled' elseif state == 'skipped' then what = 'was skipped' end
+    local why = 'dependency ' .. parent .. ' ' .. what
+    if policy == 'fail' and state == 'failed' then
+      fail(key, id, 'waiting', now, retention, why)
+      return 'efailed'
+    end
+    local to = 'skipped'
+    if policy == 'fail' and state == 'cancelled' then to = 'cancelled' end
+    redis.call('HSET', key, 'error', why)
+    finish(key, id, 'waiting', to, now, retention)
+    return 'e' .. to
+  end
+  if left <= 0 then return release(key, id, now, redeliver) end
+  return 'W'
+end
+
+-- Tasks in a workflow that ended, whose children and parents are still to be told: a queue, not
+-- recursion, so a chain of any length ends children after children within the one script.
+local dag_queue, dag_busy = {}, false
+
+local function dag_ended(key, id, to, now, retention)
+  local f = redis.call('HMGET', key, 'dag', 'parents', 'workflow')
+  local dag = f[1] or ''
+  -- Its parents that ended kept their results for it: one child less to wait for.
+  if f[2] then
+    for parent in string.gmatch(f[2], '[^\n]+') do
+      local pk = task_key(parent)
+      if TERMINAL[redis.call('HGET', pk, 'state') or 'succeeded'] then unhold_parent(pk, retention) end
+    end
+  end
+  if string.find(dag, 'c', 1, true) then
+    local ck = children_key(id)
+    local children = redis.call('SMEMBERS', ck)
+    redis.call('DEL', ck)
+    -- Counted before they are told: each child open now releases its hold when it ends,
+    -- also one this very end makes fail or skip (its own end is handled after this one).
+    local open = 0
+    for _, child in ipairs(children) do
+      local s = redis.call('HGET', task_key(child), 'state')
+      if s and not TERMINAL[s] then open = open + 1 end
+    end
+    if open > 0 then
+      redis.call('HSET', key, 'open_children', text(open))
+      redis.call('PERSIST', key)
+    end
+    for _, child in ipairs(children) do
+      parent_ended(task_key(child), child, id, to, now, retention)
+    end
+  end
+  if f[3] then workflow_closed(f[3], retention) end
+end
+
+dag_finished = function(key, id, to, now, retention)
+  dag_queue[#dag_queue + 1] = { key, id, to }
+  if dag_busy then return end
+  dag_busy = true
+  local i = 1
+  while dag_queue[i] do
+    local e = dag_queue[i]
+    dag_ended(e[1], e[2], e[3], now, retention)
+    i = i + 1
+  end
+  dag_queue, dag_busy = {}, false
 end
 
 -- `s` cut to at most `n` bytes without splitting a UTF-8 character.

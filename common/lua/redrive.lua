@@ -12,8 +12,10 @@ local now = now_ms()
 local redriven = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[2 + i]
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'flow')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'flow', 'workflow')
   if f[1] == 'failed' then
+    -- Open again in its workflow (its children that ended by its failure stay ended).
+    if f[6] then workflow_opened(f[6]) end
     -- Queued again under its flow dimensions (finish counted it out).
     for _, dim in ipairs(dims_of(f[5])) do incr_later(FLOW_QUEUED, dim, 1) end
     incr_later(TOTALS, total_field('queue', 'failed', f[3] or '?'), -1)

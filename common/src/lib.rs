@@ -11,6 +11,7 @@
 //! - [`membership`]: group consumers whose assignment is logged, measured and watched.
 //! - [`placement`]: what tasks need and workers offer, and the choice of a worker.
 //! - [`flow`]: concurrency and rate limits, tenant quotas and fair-share weights.
+//! - [`workflow`]: dependencies between tasks (`depends_on`) and workflows.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
 //! - [`dependency`]: calling a dependency that is briefly away until it answers.
 //! - [`telemetry`]: `tracing` set-up.
@@ -33,6 +34,7 @@ pub mod telemetry;
 pub mod topics;
 pub mod trace;
 pub mod wire;
+pub mod workflow;
 
 pub use priority::Priority;
 pub use topics::Topics;

@@ -570,6 +570,9 @@ impl LeaseSettings {
 pub struct TaskSettings {
     /// Largest accepted submission, in bytes.
     pub max_task_bytes: usize,
+    /// Largest result a handler may return, in bytes of JSON: a larger one fails the attempt
+    /// permanently, with the reason (it is stored in Redis, and read by dependent tasks).
+    pub max_result_bytes: usize,
     /// `max_attempts` of tasks that do not set one.
     pub default_max_attempts: u32,
     /// `timeout_ms` of tasks that do not set one; 0 means no timeout.
@@ -605,6 +608,7 @@ impl Default for TaskSettings {
     fn default() -> Self {
         Self {
             max_task_bytes: 1 << 20,
+            max_result_bytes: 1 << 20,
             default_max_attempts: 5,
             default_timeout_ms: 0,
             retention_ms: 7 * 24 * 3600 * 1000,
@@ -626,6 +630,12 @@ impl TaskSettings {
         if !(1024..=16 << 20).contains(&self.max_task_bytes) {
             return Err(SettingsError::invalid(
                 "tasks.max_task_bytes",
+                "expected 1024 to 16777216",
+            ));
+        }
+        if !(1024..=16 << 20).contains(&self.max_result_bytes) {
+            return Err(SettingsError::invalid(
+                "tasks.max_result_bytes",
                 "expected 1024 to 16777216",
             ));
         }

@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 
 use crate::placement::{self, LabelRules, Resources};
 use crate::priority::Priority;
+pub use crate::workflow::OnParentFailure;
 
 /// Bytes a record may take beyond `tasks.max_task_bytes`: the envelope and filled-in record
 /// fields, headers, and a dead letter's error and attempt history (see `lua/prelude.lua`).
@@ -93,6 +94,15 @@ pub struct TaskSpec {
     /// Whose task it is: tenant quotas and fair-share weights apply.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Ids of tasks that must end before this one runs (see [`crate::workflow`]).
+    #[serde(default)]
+    pub depends_on: Option<Vec<String>>,
+    /// What happens to it when a parent does not succeed (default `fail`).
+    #[serde(default)]
+    pub on_parent_failure: Option<OnParentFailure>,
+    /// The workflow it belongs to: given, or inherited (see [`crate::workflow`]).
+    #[serde(default)]
+    pub workflow: Option<String>,
 }
 
 /// Longest accepted `delay_ms`, and farthest `run_at` from now: one year.
@@ -316,7 +326,50 @@ impl TaskSpec {
         if let Some(text) = &self.run_at {
             parse_run_at(text)?;
         }
+        if let Some(workflow) = &self.workflow {
+            check_name("workflow", workflow)?;
+        }
+        self.validate_dependencies()?;
         self.validate_placement()
+    }
+
+    /// Checks `depends_on` and `on_parent_failure` on their own; a submission's dependencies
+    /// as a whole are checked by [`crate::workflow::prepare`].
+    fn validate_dependencies(&self) -> Result<(), InvalidTask> {
+        let parents = self.depends_on.as_deref().unwrap_or_default();
+        if parents.len() > crate::workflow::MAX_PARENTS {
+            return Err(InvalidTask::field(
+                "depends_on",
+                format!(
+                    "lists {} tasks, over the limit of {}",
+                    parents.len(),
+                    crate::workflow::MAX_PARENTS
+                ),
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(parents.len());
+        for parent in parents {
+            check_name("depends_on", parent)?;
+            if !seen.insert(parent.as_str()) {
+                return Err(InvalidTask::field(
+                    "depends_on",
+                    format!("lists `{parent}` twice"),
+                ));
+            }
+            if self.id.as_deref() == Some(parent.as_str()) {
+                return Err(InvalidTask::field(
+                    "depends_on",
+                    format!("task `{parent}` cannot depend on itself"),
+                ));
+            }
+        }
+        if self.on_parent_failure.is_some() && parents.is_empty() {
+            return Err(InvalidTask::field(
+                "on_parent_failure",
+                "applies only to a task with `depends_on`",
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the placement fields: amounts, label rules, and the two durations.
@@ -384,6 +437,13 @@ pub struct TaskRecord {
     pub rate_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "OnParentFailure::is_default")]
+    pub on_parent_failure: OnParentFailure,
+    /// Set for every task of a submission with dependencies (see [`crate::workflow::prepare`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     /// Placed (a worker is chosen for it by the dispatcher) rather than streamed: it has needs
     /// or label rules, names a `concurrency_key`, `rate_key` or `tenant`, or its queue's
     /// strategy, placement policy or limits ask for it.
@@ -429,6 +489,9 @@ impl TaskRecord {
             concurrency_key: spec.concurrency_key,
             rate_key: spec.rate_key,
             tenant: spec.tenant,
+            depends_on: spec.depends_on.unwrap_or_default(),
+            on_parent_failure: spec.on_parent_failure.unwrap_or_default(),
+            workflow: spec.workflow,
             placed,
         }
     }
@@ -463,6 +526,8 @@ pub fn new_task_id() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
+    /// Accepted; waits for its parents (`depends_on`) to end. Nothing of it is on Kafka.
+    Waiting,
     /// Accepted; its message is on, or on its way to, a task topic.
     Pending,
     /// Waiting for its run time or a retry backoff.
@@ -473,31 +538,41 @@ pub enum State {
     /// Attempts exhausted or a permanent error; a dead-letter record is written.
     Failed,
     Cancelled,
+    /// Not run: a parent did not succeed and its `on_parent_failure` said `skip` (or a parent
+    /// was skipped).
+    Skipped,
 }
 
 impl State {
-    pub const ALL: [State; 6] = [
+    pub const ALL: [State; 8] = [
+        State::Waiting,
         State::Pending,
         State::Scheduled,
         State::Running,
         State::Succeeded,
         State::Failed,
         State::Cancelled,
+        State::Skipped,
     ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
+            State::Waiting => "waiting",
             State::Pending => "pending",
             State::Scheduled => "scheduled",
             State::Running => "running",
             State::Succeeded => "succeeded",
             State::Failed => "failed",
             State::Cancelled => "cancelled",
+            State::Skipped => "skipped",
         }
     }
 
     pub const fn is_terminal(self) -> bool {
-        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+        matches!(
+            self,
+            State::Succeeded | State::Failed | State::Cancelled | State::Skipped
+        )
     }
 }
 

@@ -94,7 +94,7 @@ pub(crate) async fn run(
     );
     let started = Instant::now();
     let submitted_ms = now_ms();
-    submit::publish(settings, &submissions).await?;
+    submit::publish(settings, &submissions, false).await?;
     println!(
         "demo: all {n} submissions acknowledged by the broker in {:.2}s",
         started.elapsed().as_secs_f64()

@@ -6,6 +6,7 @@ mod health;
 mod inspect;
 mod limits;
 mod submit;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,9 +73,30 @@ enum Command {
         queue: Option<String>,
         #[arg(long, requires = "kind")]
         key: Option<String>,
-        /// JSON lines, one task per line; `-` reads stdin.
+        /// Run after this task ended (repeatable): `depends_on`.
+        #[arg(long, requires = "kind", value_name = "ID")]
+        after: Vec<String>,
+        /// The workflow it belongs to.
+        #[arg(long, requires = "kind")]
+        workflow: Option<String>,
+        /// JSON lines, one task per line; `-` reads stdin. Tasks with `depends_on` are sent
+        /// together as one batch record, accepted whole or refused whole.
         #[arg(long, value_name = "PATH")]
         file: Option<String>,
+    },
+    /// Show a workflow: every task, its state and parents (`--cancel`: cancel every task of it
+    /// not yet ended).
+    Workflow {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, conflicts_with = "json")]
+        cancel: bool,
+    },
+    /// List the workflows with tasks not yet ended.
+    Workflows {
+        #[arg(long)]
+        json: bool,
     },
     /// Show one task.
     Status {
@@ -266,7 +288,7 @@ enum TopicsCommand {
 /// Exit codes scripts can rely on: 0 done, 1 not found, 2 bad settings or input, 3 a
 /// dependency did not answer, 4 the task ended otherwise than asked (failed, cancelled, or
 /// already ended).
-const EXIT_NOT_FOUND: u8 = 1;
+pub(crate) const EXIT_NOT_FOUND: u8 = 1;
 const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_UNAVAILABLE: u8 = 3;
 const EXIT_ENDED: u8 = 4;
@@ -327,6 +349,8 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
             id,
             queue,
             key,
+            after,
+            workflow,
             file,
         } => {
             let max = settings.tasks.max_task_bytes;
@@ -343,10 +367,18 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                         None => serde_json::Value::Null,
                     };
                     let mut body = serde_json::json!({ "kind": kind, "priority": priority, "payload": payload });
-                    for (name, value) in [("id", id), ("queue", queue), ("key", key)] {
+                    for (name, value) in [
+                        ("id", id),
+                        ("queue", queue),
+                        ("key", key),
+                        ("workflow", workflow),
+                    ] {
                         if let Some(value) = value {
                             body[name] = serde_json::Value::String(value);
                         }
+                    }
+                    if !after.is_empty() {
+                        body["depends_on"] = serde_json::json!(after);
                     }
                     vec![submit::prepare(&body.to_string(), max)]
                 }
@@ -370,11 +402,29 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                     }
                 }
             }
-            submit::publish(settings, &ready).await?;
+            let as_batch = match submit::check_dependencies(&ready, settings) {
+                Ok(as_batch) => as_batch,
+                Err(err) => {
+                    eprintln!("fleetctl: invalid task: {err:#}");
+                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
+                }
+            };
+            submit::publish(settings, &ready, as_batch).await?;
             for (id, _) in &ready {
                 println!("{id}");
             }
         }
+        Command::Workflow { id, json, cancel } => {
+            let store = connect(settings).await?;
+            if cancel {
+                return workflow::cancel(&store, &id).await;
+            }
+            if !workflow::show(&store, &id, json).await? {
+                eprintln!("fleetctl: no workflow `{id}`");
+                return Ok(ExitCode::from(EXIT_NOT_FOUND));
+            }
+        }
+        Command::Workflows { json } => workflow::list(&connect(settings).await?, json).await?,
         Command::Status { id, json } => {
             if !inspect::status(&connect(settings).await?, &id, json).await? {
                 eprintln!("fleetctl: no task `{id}`");

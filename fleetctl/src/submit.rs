@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use fleet_common::Topics;
 use fleet_common::kafka;
 use fleet_common::settings::CommonSettings;
+use fleet_common::store::NewTask;
 use fleet_common::task::{TaskSpec, new_task_id};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::Value;
@@ -25,8 +26,49 @@ pub(crate) fn prepare(line: &str, max_bytes: usize) -> anyhow::Result<(String, S
     Ok((id, value.to_string()))
 }
 
-/// Publishes prepared submissions and waits until the broker has them all.
+/// Checks the dependencies of a submission as the scheduler will (cycles, ids given twice),
+/// so a bad one is refused here, before anything is sent. Returns whether any task has
+/// dependencies.
+pub(crate) fn check_dependencies(
+    submissions: &[(String, String)],
+    settings: &CommonSettings,
+) -> anyhow::Result<bool> {
+    let mut tasks = Vec::with_capacity(submissions.len());
+    for (id, body) in submissions {
+        let spec = TaskSpec::parse(body.as_bytes(), settings.tasks.max_task_bytes)?;
+        tasks.push(NewTask::from_spec(spec, &settings.tasks, || id.clone()));
+    }
+    fleet_common::workflow::prepare(&mut tasks)?;
+    Ok(tasks.iter().any(|t| !t.record.depends_on.is_empty()))
+}
+
+/// Publishes prepared submissions and waits until the broker has them all. Submissions with
+/// dependencies (`as_batch`) go as one batch record (a JSON array), so the scheduler accepts
+/// them whole and a task may name another of the same submission.
 pub(crate) async fn publish(
+    settings: &CommonSettings,
+    submissions: &[(String, String)],
+    as_batch: bool,
+) -> anyhow::Result<()> {
+    if as_batch {
+        let bodies: Vec<&str> = submissions.iter().map(|(_, b)| b.as_str()).collect();
+        let batch = format!("[{}]", bodies.join(","));
+        if batch.len() > settings.tasks.max_task_bytes || submissions.len() > 1000 {
+            bail!(
+                "a submission with dependencies goes as one record: at most 1000 tasks and \
+                 {} bytes (tasks.max_task_bytes), this one is {} tasks, {} bytes",
+                settings.tasks.max_task_bytes,
+                submissions.len(),
+                batch.len()
+            );
+        }
+        return publish_records(settings, &[(String::new(), batch)]).await;
+    }
+    publish_records(settings, submissions).await
+}
+
+/// Publishes records and waits until the broker has them all.
+async fn publish_records(
     settings: &CommonSettings,
     submissions: &[(String, String)],
 ) -> anyhow::Result<()> {

@@ -187,6 +187,69 @@ fn derived_id(message: &BorrowedMessage<'_>) -> String {
     uuid::Uuid::from_u128(bytes).to_string()
 }
 
+/// Most tasks in one batch record (a JSON array on the submit topic).
+const MAX_BATCH_RECORD: usize = 1000;
+
+/// Refusal code of a submission whose dependencies name a task that does not exist.
+const INVALID_DEPENDENCY: &str = "invalid_dependency";
+
+/// The tasks of one submit-topic record: a task object, or an array of up to 1000 (a batch,
+/// accepted whole or refused whole, whose tasks may depend on each other). The whole record is
+/// at most `tasks.max_task_bytes`. Ids of id-less tasks are derived from the record's place in
+/// Kafka (and the task's index in a batch), so a replay names the same tasks.
+fn parse_record(
+    message: &BorrowedMessage<'_>,
+    settings: &SchedulerSettings,
+) -> Result<Vec<NewTask>, fleet_common::task::InvalidTask> {
+    use fleet_common::task::InvalidTask;
+    let bytes = message.payload().unwrap_or_default();
+    let max = settings.tasks.max_task_bytes;
+    let trace = TraceParent::continue_or_start(fleet_common::wire::trace_of(message).as_ref());
+    if bytes.trim_ascii_start().first() != Some(&b'[') {
+        let spec = TaskSpec::parse(bytes, max)?;
+        let mut task = NewTask::from_spec(spec, &settings.tasks, || derived_id(message));
+        task.trace = trace;
+        let mut tasks = vec![task];
+        fleet_common::workflow::prepare(&mut tasks)?;
+        return Ok(tasks);
+    }
+    if bytes.len() > max {
+        return Err(InvalidTask::TooLarge {
+            size: bytes.len(),
+            limit: max,
+        });
+    }
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(bytes).map_err(|e| {
+        InvalidTask::Json(format!("batch record is not a JSON array of tasks: {e}"))
+    })?;
+    if items.is_empty() || items.len() > MAX_BATCH_RECORD {
+        return Err(InvalidTask::Field {
+            field: "batch",
+            problem: format!(
+                "must hold 1 to {MAX_BATCH_RECORD} tasks, not {}",
+                items.len()
+            ),
+        });
+    }
+    let base = derived_id(message);
+    let mut tasks = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let spec = TaskSpec::parse(item.get().as_bytes(), max).map_err(|err| match err {
+            InvalidTask::Field { field, problem } => InvalidTask::Field {
+                field,
+                problem: format!("{problem} (task {index} of the batch)"),
+            },
+            InvalidTask::Json(text) => InvalidTask::Json(format!("task {index}: {text}")),
+            other => other,
+        })?;
+        let mut task = NewTask::from_spec(spec, &settings.tasks, || format!("{base}-{index}"));
+        task.trace = trace;
+        tasks.push(task);
+    }
+    fleet_common::workflow::prepare_batch(&mut tasks)?;
+    Ok(tasks)
+}
+
 /// Handles one batch; returns false if cancelled before the batch was fully handled.
 async fn handle_batch(
     settings: &SchedulerSettings,
@@ -202,16 +265,10 @@ async fn handle_batch(
     let mut sources = Vec::with_capacity(messages.len());
     let mut rejected: Vec<(&BorrowedMessage<'_>, &'static str, String)> = Vec::new();
     for message in messages {
-        match TaskSpec::parse(
-            message.payload().unwrap_or_default(),
-            settings.tasks.max_task_bytes,
-        ) {
-            Ok(spec) => {
-                let mut task = NewTask::from_spec(spec, &settings.tasks, || derived_id(message));
-                task.trace =
-                    TraceParent::continue_or_start(fleet_common::wire::trace_of(message).as_ref());
-                tasks.push(task);
-                sources.push(message);
+        match parse_record(message, settings) {
+            Ok(parsed) => {
+                sources.extend(std::iter::repeat_n(message, parsed.len()));
+                tasks.extend(parsed);
             }
             Err(err) => rejected.push((message, err.code(), err.to_string())),
         }
@@ -227,10 +284,19 @@ async fn handle_batch(
     };
 
     // Over a quota: refused as `over_quota`, nothing of it stored (accepted tasks before and
-    // after it in the batch are not affected).
+    // after it in the batch are not affected). A batch record is accepted or refused whole,
+    // so its tasks all have the same answer: the record is refused once.
+    let mut last: Option<(i32, i64)> = None;
     for (message, outcome) in sources.iter().zip(&accepted) {
-        if let Accepted::OverQuota(why) = outcome {
-            rejected.push((message, OVER_QUOTA, format!("over quota: {why}")));
+        let refusal = match outcome {
+            Accepted::OverQuota(why) => (OVER_QUOTA, format!("over quota: {why}")),
+            Accepted::Refused(why) => (INVALID_DEPENDENCY, why.clone()),
+            _ => continue,
+        };
+        let at = (message.partition(), message.offset());
+        if last != Some(at) {
+            last = Some(at);
+            rejected.push((message, refusal.0, refusal.1));
         }
     }
 

@@ -407,7 +407,7 @@ pub async fn publish_accepted(
                 duplicates += 1;
                 debug!(task_id = %existing, "Duplicate submission; existing task kept.");
             }
-            Accepted::OverQuota(_) => {}
+            Accepted::OverQuota(_) | Accepted::Refused(_) => {}
             _ => {
                 fleet_common::telemetry::metrics::tasks_accepted(
                     r.kind.clone(),
@@ -429,7 +429,10 @@ pub async fn publish_accepted(
     }
     if otlp::enabled() {
         for (task, outcome) in tasks.iter().zip(accepted) {
-            if !matches!(outcome, Accepted::Duplicate(_) | Accepted::OverQuota(_)) {
+            if !matches!(
+                outcome,
+                Accepted::Duplicate(_) | Accepted::OverQuota(_) | Accepted::Refused(_)
+            ) {
                 let r = &task.record;
                 otlp::record(
                     otlp::Span::of("accept", otlp::SpanKind::Server, &task.trace, start_ns)

@@ -10,6 +10,7 @@
 //! | `flaky` | `{"failures": N}` | fails (retryably) on attempts 1..=N, then succeeds |
 //! | `crash` | anything | aborts the whole worker process (a poison task) |
 //! | `panic` | `{"message": "…"}` | panics (caught by the worker: a retryable failure) |
+//! | `gather` | `{"ms": N}` (optional) | waits N ms, then returns how each parent (`depends_on`) ended: `{"parents": [{"id", "state", "result", "error"}…]}` |
 
 use std::time::Duration;
 
@@ -29,8 +30,33 @@ pub fn registry() -> Registry {
         .register("flaky", flaky)
         .register("crash", crash)
         .register("panic", panic)
-        .register("block", block);
+        .register("block", block)
+        .register("gather", gather);
     registry
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GatherPayload {
+    #[serde(default)]
+    ms: u64,
+}
+
+/// A fan-in step: reads its parents' outcomes (`ctx.parents()`) and returns them.
+async fn gather(ctx: TaskContext) -> HandlerResult {
+    let GatherPayload { ms } = if ctx.raw_payload() == "null" {
+        GatherPayload::default()
+    } else {
+        ctx.payload()?
+    };
+    if ms > 0 {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            () = ctx.cancelled() => return Err(HandlerError::retryable("gather interrupted")),
+        }
+    }
+    let parents = ctx.parents().await?;
+    Ok(serde_json::json!({ "parents": parents }))
 }
 
 async fn noop(_ctx: TaskContext) -> HandlerResult {

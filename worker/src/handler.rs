@@ -6,6 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use fleet_common::store::ParentOutcome;
+use fleet_common::store::Store;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +41,7 @@ impl HandlerError {
 pub type HandlerResult = Result<serde_json::Value, HandlerError>;
 
 /// Everything a handler gets for one attempt of one task.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TaskContext {
     pub id: Arc<str>,
     /// The attempt number: pass it to side effects as a fencing token
@@ -50,6 +52,19 @@ pub struct TaskContext {
     payload: Arc<RawValue>,
     cancel: CancellationToken,
     progress: ProgressSlot,
+    /// Where its parents' outcomes are read from, when it has parents.
+    parents: Option<(Store, Arc<[String]>)>,
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("kind", &self.kind)
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The latest progress a handler reported and the worker has not yet sent to Redis.
@@ -82,7 +97,29 @@ impl TaskContext {
             payload,
             cancel,
             progress: ProgressSlot::default(),
+            parents: None,
         }
+    }
+
+    /// Lets the handler read how the task's parents (`depends_on`) ended.
+    pub fn with_parents(mut self, store: Store, parents: Vec<String>) -> Self {
+        self.parents = Some((store, parents.into()));
+        self
+    }
+
+    /// How each of the task's parents (`depends_on`, in that order) ended: state, result (a
+    /// succeeded parent's JSON) or error. Empty for a task without parents. A parent's result
+    /// is at most `tasks.max_result_bytes`, and kept until every task depending on it has ended.
+    /// A task runs after parents that did not all succeed only with `on_parent_failure: run`.
+    /// Reading fails (retryably) only when Redis cannot be reached.
+    pub async fn parents(&self) -> Result<Vec<ParentOutcome>, HandlerError> {
+        let Some((store, ids)) = &self.parents else {
+            return Ok(Vec::new());
+        };
+        store
+            .parent_outcomes(ids)
+            .await
+            .map_err(|e| HandlerError::retryable(format!("reading the parents' results: {e}")))
     }
 
     /// The slot the worker reads progress from (shared with its running-task entry).

@@ -25,5 +25,5 @@ pub mod handler;
 pub mod runtime;
 pub mod settings;
 
-pub use handler::{Handler, HandlerError, HandlerResult, Registry, TaskContext};
+pub use handler::{Handler, HandlerError, HandlerResult, ParentOutcome, Registry, TaskContext};
 pub use runtime::{Worker, WorkerError};

@@ -5,7 +5,7 @@ use super::attempts::Attempt;
 use super::keys::{self};
 use super::{Store, StoreError, scripts};
 use crate::settings::TaskSettings;
-use crate::task::{TaskRecord, TaskSpec, parse_run_at};
+use crate::task::{State, TaskRecord, TaskSpec, parse_run_at};
 use crate::trace::TraceParent;
 
 /// A validated task ready to be recorded.
@@ -24,6 +24,8 @@ pub struct NewTask {
     /// The quotas it is accepted within (`max_waiting` of its queue and tenant), in the accept
     /// script's text form ([`crate::flow::quotas_text`]); empty for none.
     pub quotas: String,
+    /// Its submission's dependencies, when it has any (see [`crate::workflow::prepare`]).
+    pub membership: Option<crate::workflow::Membership>,
 }
 
 impl NewTask {
@@ -52,6 +54,7 @@ impl NewTask {
             delay_ms,
             trace: TraceParent::new_root(),
             quotas: String::new(),
+            membership: None,
         }
     }
 }
@@ -79,6 +82,14 @@ pub enum Accepted {
     Duplicate(String),
     /// Refused: accepting it would make more tasks wait than a quota allows (the reason).
     OverQuota(String),
+    /// New and waiting for its parents (`depends_on`) to end.
+    Waiting(String),
+    /// New and already ended, without running: a parent had ended without success (its state:
+    /// failed, cancelled or skipped).
+    Ended(String, State),
+    /// Refused with the rest of its submission: a dependency is wrong (the reason, e.g. an
+    /// unknown parent). Nothing of the submission is stored.
+    Refused(String),
 }
 
 impl Store {
@@ -125,6 +136,23 @@ impl Store {
                 .arg(crate::flow::dims_text(&task.record))
                 .arg(&task.quotas);
         }
+        // Tasks of submissions with dependencies, parents first: the script accepts them in
+        // this order, and each submission whole or not at all.
+        let mut members: Vec<(usize, &NewTask, &crate::workflow::Membership)> = tasks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.membership.as_ref().map(|m| (i, t, m)))
+            .collect();
+        members.sort_by_key(|(_, _, m)| (m.group, m.rank));
+        inv.arg(members.len()).arg(self.retention_ms());
+        for (i, task, m) in members {
+            inv.arg(i)
+                .arg(m.group)
+                .arg(task.record.depends_on.join("\n"))
+                .arg(task.record.on_parent_failure.as_str())
+                .arg(task.record.workflow.as_deref().unwrap_or(""))
+                .arg(&m.default_workflow);
+        }
         let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
         if rows.len() != tasks.len() {
             return Err(StoreError::Protocol(
@@ -141,6 +169,12 @@ impl Store {
                     Ok(Accepted::Duplicate(existing.to_string()))
                 }
                 Some(("q", why)) => Ok(Accepted::OverQuota(why.to_string())),
+                Some(("W", "")) => Ok(Accepted::Waiting(task.record.id.clone())),
+                Some(("e", state)) => state
+                    .parse()
+                    .map(|s| Accepted::Ended(task.record.id.clone(), s))
+                    .map_err(|_| StoreError::Protocol("accept answered an unknown end")),
+                Some(("x", why)) => Ok(Accepted::Refused(why.to_string())),
                 _ => Err(StoreError::Protocol("accept answered an unknown state")),
             })
             .collect()

@@ -14,7 +14,7 @@ pub struct Keys {
 }
 
 /// How many keys [`Keys::globals`] returns; per-task keys start after them.
-pub const GLOBAL_KEYS: usize = 24;
+pub const GLOBAL_KEYS: usize = 27;
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
@@ -244,16 +244,35 @@ impl Keys {
         format!("{}:flow:tokens", self.root)
     }
 
+    /// Set of the tasks that wait for task `id` to end (its `depends_on` children not yet
+    /// released). Deleted when `id` ends, in the script that releases them. Scripts build this
+    /// name from the task key's form (see `lua/prelude.lua`), since a task's children are data.
+    pub fn children(&self, id: &str) -> String {
+        join(&[&self.root, ":children:", id])
+    }
+
+    /// Sorted set of one workflow's task ids, scored by acceptance (ms). Kept while any of
+    /// them is not ended ([`Keys::workflows`] counts them), then expires with the tasks.
+    pub fn workflow(&self, id: &str) -> String {
+        join(&[&self.root, ":workflow:", id])
+    }
+
+    /// Hash of the workflows with tasks not yet ended: field workflow id, value how many.
+    pub fn workflows(&self) -> String {
+        format!("{}:workflows", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         join(&[&self.root, ":idem:", key])
     }
 
     /// The keys every transition script receives first, in this order: leases, due,
-    /// dead outbox, the state indexes but `running`'s (the lease set), in [`State::ALL`] order,
+    /// dead outbox, the indexes of `pending`, `scheduled`, `succeeded`, `failed`, `cancelled`,
     /// queues, workers, paused, held, totals, outbox, then placement's inbox, use, capacity,
     /// reservations, run times and parked tasks, then flow control's queued and running
-    /// counts, wait lists and token buckets.
+    /// counts, wait lists and token buckets, then dependencies' `waiting` and `skipped` indexes
+    /// and the open workflows.
     pub fn globals(&self) -> [String; GLOBAL_KEYS] {
         [
             self.leases(),
@@ -280,6 +299,9 @@ impl Keys {
             self.flow_running(),
             self.flow_waits(),
             self.flow_tokens(),
+            self.state_index(State::Waiting),
+            self.state_index(State::Skipped),
+            self.workflows(),
         ]
     }
 }

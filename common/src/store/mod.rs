@@ -13,6 +13,7 @@ mod relay;
 pub mod scripts;
 pub mod series;
 mod trim;
+mod workflow;
 
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, 
 pub use placement::{Decision, Placed, Unpark, Waiting};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use relay::{Backlog, Dispatch, Requeue};
+pub use workflow::{ParentOutcome, WorkflowCancel, WorkflowTask, WorkflowView};
 
 use crate::settings::RedisSettings;
 

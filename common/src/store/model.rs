@@ -129,6 +129,15 @@ pub struct StoredTask {
     /// A placed task waiting for a worker: why none took it yet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wait_reason: Option<String>,
+    /// The workflow it belongs to (see [`crate::workflow`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// Its parents (`depends_on`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<String>,
+    /// While `waiting`: how many of its parents have not ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<u64>,
     /// Fields this build does not model (an older or newer service's), kept so that readers
     /// still show them.
     #[serde(flatten, serialize_with = "extra_fields")]
@@ -169,6 +178,9 @@ mod field {
     pub(super) const RESERVED_ON: &str = "reserved_on";
     pub(super) const PLACED_MS: &str = "placed_ms";
     pub(super) const WAIT_REASON: &str = "wait_reason";
+    pub(super) const WORKFLOW: &str = "workflow";
+    pub(super) const PARENTS: &str = "parents";
+    pub(super) const DEPS_LEFT: &str = "deps_left";
     /// Not stored since schema 4 (the key holds it); read from older hashes.
     pub(super) const ID: &str = "id";
 }
@@ -208,6 +220,8 @@ impl StoredTask {
         let needs = text(field::NEEDS);
         let reserved_on = text(field::RESERVED_ON);
         let wait_reason = text(field::WAIT_REASON);
+        let workflow = text(field::WORKFLOW);
+        let parents = text(field::PARENTS);
         let mut number = |name: &str| fields.remove(name).and_then(|v| v.parse::<u64>().ok());
         let small = |n: Option<u64>| n.and_then(|n| u32::try_from(n).ok());
         let attempt = small(number(field::ATTEMPT)).unwrap_or(0);
@@ -226,6 +240,7 @@ impl StoredTask {
         let deadline_ms = number(field::DEADLINE_MS);
         let cancel_requested_ms = number(field::CANCEL_REQUESTED_MS);
         let placed_ms = number(field::PLACED_MS);
+        let waiting_for = number(field::DEPS_LEFT).filter(|_| parsed_state == State::Waiting);
         let updated_ms = last_update(stored_updated, started_ms, finished_ms);
         let mut task = Self {
             id: stored_id.unwrap_or_else(|| id.to_string()),
@@ -261,6 +276,11 @@ impl StoredTask {
             reserved_on,
             placed_ms,
             wait_reason,
+            workflow,
+            parents: parents
+                .map(|p| p.lines().map(str::to_string).collect())
+                .unwrap_or_default(),
+            waiting_for,
             other: fields.into_iter().collect(),
         };
         if history.is_none() && task.state == State::Succeeded {

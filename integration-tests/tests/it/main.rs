@@ -26,3 +26,4 @@ mod placement;
 mod series;
 mod store;
 mod store_control;
+mod workflows;

@@ -12,6 +12,7 @@ pub mod group;
 mod limits;
 mod queues;
 mod tasks;
+mod workflows;
 
 use std::sync::Arc;
 
@@ -55,6 +56,9 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/v1/limits"),
     (Method::PUT, "/v1/limits/{scope}/{name}"),
     (Method::DELETE, "/v1/limits/{scope}/{name}"),
+    (Method::GET, "/v1/workflows"),
+    (Method::GET, "/v1/workflows/{id}"),
+    (Method::POST, "/v1/workflows/{id}/cancel"),
     (Method::GET, "/v1/series"),
     (Method::GET, "/v1/openapi.json"),
     (Method::GET, "/healthz"),
@@ -100,6 +104,9 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
             "/v1/limits/{scope}/{name}",
             axum::routing::put(limits::put).delete(limits::delete),
         )
+        .route("/v1/workflows", get(workflows::list))
+        .route("/v1/workflows/{id}", get(workflows::get))
+        .route("/v1/workflows/{id}/cancel", post(workflows::cancel))
         .route("/v1/series", get(fleet::series))
         // Before the token layer: layered routes no longer take a fallback.
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -19,6 +19,8 @@ use super::{ApiError, ApiState};
 
 /// Most tasks in one submission request.
 const MAX_BATCH: usize = 1000;
+/// The refusal code of a submission whose dependencies name a task that does not exist.
+pub(crate) const INVALID_DEPENDENCY: &str = "invalid_dependency";
 /// Seconds a client refused for a quota is told to wait (`Retry-After`): tasks end, and the
 /// quota's room comes back, continuously; a second is the limits' own refresh period.
 const RETRY_AFTER_S: &str = "1";
@@ -69,11 +71,23 @@ pub(super) async fn submit(
         task.trace = TraceParent::continue_or_start(parent.as_ref());
         tasks.push(task);
     }
+    fleet_common::workflow::prepare(&mut tasks).map_err(|err| {
+        fleet_common::telemetry::metrics::tasks_rejected(err.code()).increment(1);
+        ApiError::bad_request(err.code(), err.to_string())
+    })?;
     state.queues.mark(&mut tasks);
     let accepted = state.submissions.submit(tasks).await.map_err(|err| {
         tracing::warn!(error = %err, "Accepting submissions failed.");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err)
     })?;
+    // A submission with dependencies is refused whole; every task has the same reason.
+    if let Some(Accepted::Refused(why)) =
+        accepted.iter().find(|a| matches!(a, Accepted::Refused(_)))
+    {
+        fleet_common::telemetry::metrics::tasks_rejected(INVALID_DEPENDENCY)
+            .increment(accepted.len() as u64);
+        return Err(ApiError::bad_request(INVALID_DEPENDENCY, why.clone()));
+    }
     let created = accepted
         .iter()
         .any(|a| !matches!(a, Accepted::Duplicate(_)));
@@ -85,7 +99,12 @@ pub(super) async fn submit(
             Accepted::Placing(id) => {
                 json!({"id": id, "state": "pending", "placing": true, "duplicate": false})
             }
+            Accepted::Waiting(id) => json!({"id": id, "state": "waiting", "duplicate": false}),
+            Accepted::Ended(id, ended) => json!({"id": id, "state": ended, "duplicate": false}),
             Accepted::Duplicate(id) => json!({"id": id, "duplicate": true}),
+            Accepted::Refused(why) => json!({
+                "error": {"code": INVALID_DEPENDENCY, "message": why}
+            }),
             Accepted::OverQuota(why) => json!({
                 "error": {"code": OVER_QUOTA, "message": format!("over quota: {why}")}
             }),

@@ -58,7 +58,7 @@ pub(super) fn prepare(
     let id: Arc<str> = task.id.as_str().into();
     let attempt = envelope.attempt;
     let cancel = CancellationToken::new();
-    let ctx = TaskContext::new(
+    let mut ctx = TaskContext::new(
         id.clone(),
         attempt,
         Arc::clone(&metrics.kind),
@@ -66,6 +66,9 @@ pub(super) fn prepare(
         Arc::from(task.payload.clone()),
         cancel.clone(),
     );
+    if !task.depends_on.is_empty() {
+        ctx = ctx.with_parents(shared.store.clone(), task.depends_on.clone());
+    }
     let span = log_start(shared, &id, attempt, &task.kind, trace);
     let started = Instant::now();
     register(
@@ -224,7 +227,20 @@ impl HandlerCall {
                 .retry_delay_ms(attempt, rand::random::<f64>()),
         };
         match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(Ok(value)) => Outcome::Ok(value.to_string()),
+            Ok(Ok(value)) => {
+                let json = value.to_string();
+                let max = self.settings.tasks.max_result_bytes;
+                if json.len() > max {
+                    // Refused, not cut: a dependent task must read what the handler returned.
+                    Outcome::Fail(format!(
+                        "result is {} bytes, over the {max}-byte limit (tasks.max_result_bytes); \
+                         store large results elsewhere and return a reference",
+                        json.len()
+                    ))
+                } else {
+                    Outcome::Ok(json)
+                }
+            }
             Ok(Err(err)) if err.retryable => retry(err.message),
             Ok(Err(err)) => Outcome::Fail(clip(err.message)),
             Err(panic) => {

@@ -125,6 +125,8 @@ struct Shared {
     waits: Mutex<WaitSample>,
     /// What this worker offers placed tasks (see [`crate::capacity`]).
     capacity: fleet_common::placement::Resources,
+    /// For handlers that read their parents' outcomes (`ctx.parents()`).
+    store: Store,
 }
 
 impl Shared {
@@ -188,6 +190,7 @@ impl Worker {
             settings.clone(),
             &topics,
             capacity,
+            store.clone(),
         ));
         let readiness = Readiness::default();
         let watcher = tokio::spawn(membership::watch(
@@ -251,8 +254,10 @@ impl Shared {
         settings: Arc<WorkerSettings>,
         topics: &Topics,
         capacity: fleet_common::placement::Resources,
+        store: Store,
     ) -> Self {
         Self {
+            store,
             worker_id,
             topic_names: Priority::ALL.map(|p| topics.tasks(p)),
             running: Mutex::new(HashMap::new()),

@@ -1,0 +1,272 @@
+//! Dependencies between tasks and the workflows they form.
+//!
+//! A task may name, in `depends_on`, tasks accepted earlier or in the same submission (an array
+//! over HTTP, or an array in one record of the submit topic). Until its parents have ended it is
+//! `waiting`: stored in Redis, not on Kafka, holding no worker. The script that ends its last
+//! parent releases it, in the same call (`lua/prelude.lua`, `dag_finished`), so there is no
+//! polling and no moment at which a crash could leave it stuck or release it twice.
+//!
+//! A submission with dependencies is accepted whole or not at all: [`prepare`] refuses cycles,
+//! ids given twice and the like here, and the accept script refuses unknown parents before it
+//! writes anything of the submission.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::NewTask;
+use crate::task::InvalidTask;
+
+/// Most parents one task may name. A chord of more parents is built in two levels.
+pub const MAX_PARENTS: usize = 1000;
+
+/// What happens to a task when a parent ends without succeeding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnParentFailure {
+    /// It fails with the reason `dependency X failed` (or ends `cancelled` when X was
+    /// cancelled), without running.
+    #[default]
+    Fail,
+    /// It ends `skipped`, without running.
+    Skip,
+    /// It runs once every parent has ended, whatever their outcome (`ctx.parents()` tells).
+    Run,
+}
+
+impl OnParentFailure {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OnParentFailure::Fail => "fail",
+            OnParentFailure::Skip => "skip",
+            OnParentFailure::Run => "run",
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == OnParentFailure::Fail
+    }
+}
+
+/// Where a task stands in its submission's dependencies, for the accept script.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// The submission (unique within the process): accepted whole or refused whole.
+    pub group: u64,
+    /// Its place in a topological order of the submission: parents come first.
+    pub rank: usize,
+    /// The workflow of a task that names none and whose first parent has none: the first
+    /// task's workflow, or its id. Empty for a batch record without dependencies: accepted
+    /// whole, in no workflow.
+    pub default_workflow: String,
+}
+
+static GROUPS: AtomicU64 = AtomicU64::new(1);
+
+/// Checks a submission's dependencies as a whole and marks its tasks as one group, when any
+/// task has `depends_on`; a submission without leaves its tasks untouched. Refused: an id
+/// given twice, a cycle. Parents outside the submission are checked by the accept script.
+pub fn prepare(tasks: &mut [NewTask]) -> Result<(), InvalidTask> {
+    if tasks.iter().all(|t| t.record.depends_on.is_empty()) {
+        return Ok(());
+    }
+    prepare_whole(tasks)
+}
+
+/// Marks a batch record's tasks (an array on the submit topic) as one group, accepted whole or
+/// refused whole, and checks its dependencies as [`prepare`] does. Without dependencies its
+/// tasks form no workflow.
+pub fn prepare_batch(tasks: &mut [NewTask]) -> Result<(), InvalidTask> {
+    if tasks.iter().any(|t| !t.record.depends_on.is_empty()) {
+        return prepare_whole(tasks);
+    }
+    let group = GROUPS.fetch_add(1, Ordering::Relaxed);
+    for (rank, task) in tasks.iter_mut().enumerate() {
+        task.membership = Some(Membership {
+            group,
+            rank,
+            default_workflow: String::new(),
+        });
+    }
+    Ok(())
+}
+
+fn prepare_whole(tasks: &mut [NewTask]) -> Result<(), InvalidTask> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(tasks.len());
+    for (i, task) in tasks.iter().enumerate() {
+        if index.insert(task.record.id.as_str(), i).is_some() {
+            return Err(problem(format!(
+                "needs the ids of its submission unique: `{}` is given twice",
+                task.record.id
+            )));
+        }
+    }
+    // Kahn's algorithm over the edges inside the submission.
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
+    let mut unmet = vec![0usize; tasks.len()];
+    for (i, task) in tasks.iter().enumerate() {
+        for parent in &task.record.depends_on {
+            if let Some(&p) = index.get(parent.as_str()) {
+                children[p].push(i);
+                unmet[i] += 1;
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..tasks.len()).filter(|&i| unmet[i] == 0).collect();
+    let mut next = 0;
+    while next < order.len() {
+        let at = order[next];
+        next += 1;
+        for &child in &children[at] {
+            unmet[child] -= 1;
+            if unmet[child] == 0 {
+                order.push(child);
+            }
+        }
+    }
+    if order.len() < tasks.len() {
+        let mut cycle: Vec<&str> = (0..tasks.len())
+            .filter(|&i| unmet[i] > 0)
+            .map(|i| tasks[i].record.id.as_str())
+            .take(5)
+            .collect();
+        if unmet.iter().filter(|&&n| n > 0).count() > cycle.len() {
+            cycle.push("…");
+        }
+        return Err(problem(format!(
+            "forms a cycle in its submission (through {})",
+            cycle.join(", ")
+        )));
+    }
+    let group = GROUPS.fetch_add(1, Ordering::Relaxed);
+    let default_workflow = tasks[0]
+        .record
+        .workflow
+        .clone()
+        .unwrap_or_else(|| tasks[0].record.id.clone());
+    for (rank, &i) in order.iter().enumerate() {
+        tasks[i].membership = Some(Membership {
+            group,
+            rank,
+            default_workflow: default_workflow.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn problem(text: String) -> InvalidTask {
+    InvalidTask::Field {
+        field: "depends_on",
+        problem: text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::TaskSettings;
+    use crate::task::TaskSpec;
+
+    fn task(json: &str) -> NewTask {
+        let spec = TaskSpec::parse(json.as_bytes(), 1 << 20).expect("valid");
+        NewTask::from_spec(spec, &TaskSettings::default(), || "generated".into())
+    }
+
+    #[test]
+    fn a_diamond_is_ordered_parents_first() {
+        let mut tasks = vec![
+            task(r#"{"id":"d","kind":"k","depends_on":["b","c"]}"#),
+            task(r#"{"id":"b","kind":"k","depends_on":["a"]}"#),
+            task(r#"{"id":"a","kind":"k"}"#),
+            task(r#"{"id":"c","kind":"k","depends_on":["a","outside"]}"#),
+        ];
+        prepare(&mut tasks).expect("a diamond is fine");
+        let rank = |i: usize| tasks[i].membership.as_ref().expect("member").rank;
+        assert!(rank(2) < rank(1) && rank(2) < rank(3));
+        assert!(rank(1) < rank(0) && rank(3) < rank(0));
+        let m = tasks[0].membership.as_ref().expect("member");
+        assert_eq!(
+            m.default_workflow, "d",
+            "the first task's id names the workflow"
+        );
+        assert!(
+            tasks
+                .iter()
+                .all(|t| t.membership.as_ref().unwrap().group == m.group)
+        );
+    }
+
+    #[test]
+    fn cycles_and_repeated_ids_are_refused() {
+        let mut cycle = vec![
+            task(r#"{"id":"a","kind":"k","depends_on":["c"]}"#),
+            task(r#"{"id":"b","kind":"k","depends_on":["a"]}"#),
+            task(r#"{"id":"c","kind":"k","depends_on":["b"]}"#),
+            task(r#"{"id":"free","kind":"k"}"#),
+        ];
+        let err = prepare(&mut cycle).unwrap_err().to_string();
+        assert!(err.contains("cycle") && err.contains("a, b, c"), "{err}");
+        assert!(cycle.iter().all(|t| t.membership.is_none()));
+
+        let mut twice = vec![
+            task(r#"{"id":"a","kind":"k"}"#),
+            task(r#"{"id":"a","kind":"k","depends_on":["x"]}"#),
+        ];
+        assert!(
+            prepare(&mut twice)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+    }
+
+    #[test]
+    fn a_submission_without_dependencies_is_untouched() {
+        let mut tasks = vec![task(r#"{"id":"a","kind":"k"}"#), task(r#"{"kind":"k"}"#)];
+        prepare(&mut tasks).expect("fine");
+        assert!(tasks.iter().all(|t| t.membership.is_none()));
+    }
+
+    #[test]
+    fn a_given_workflow_names_the_submission() {
+        let mut tasks = vec![
+            task(r#"{"id":"a","kind":"k","workflow":"nightly-2026-12-07"}"#),
+            task(r#"{"id":"b","kind":"k","depends_on":["a"]}"#),
+        ];
+        prepare(&mut tasks).expect("fine");
+        assert_eq!(
+            tasks[1].membership.as_ref().unwrap().default_workflow,
+            "nightly-2026-12-07"
+        );
+    }
+
+    #[test]
+    fn single_task_checks_name_the_problem() {
+        for (json, needle) in [
+            (
+                r#"{"id":"a","kind":"k","depends_on":["a"]}"#,
+                "cannot depend on itself",
+            ),
+            (r#"{"kind":"k","depends_on":["x","x"]}"#, "twice"),
+            (r#"{"kind":"k","depends_on":["a b"]}"#, "depends_on"),
+            (r#"{"kind":"k","on_parent_failure":"skip"}"#, "applies only"),
+            (
+                r#"{"kind":"k","depends_on":["x"],"on_parent_failure":"maybe"}"#,
+                "on_parent_failure",
+            ),
+            (r#"{"kind":"k","workflow":""}"#, "workflow"),
+        ] {
+            let err = TaskSpec::parse(json.as_bytes(), 1 << 20)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+        let many: Vec<String> = (0..=MAX_PARENTS).map(|i| format!("\"p{i}\"")).collect();
+        let json = format!(r#"{{"kind":"k","depends_on":[{}]}}"#, many.join(","));
+        let err = TaskSpec::parse(json.as_bytes(), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over the limit of 1000"), "{err}");
+    }
+}
