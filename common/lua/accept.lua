@@ -97,6 +97,8 @@ end
 -- Ids of this batch's tasks that turned out to be stored ones under another id (a known
 -- idempotency key): a child naming them waits for the stored task.
 local alias = {}
+-- With a success with follow-ups: the workflow they join, and the success's answer.
+local spawn_workflow, completed
 
 
 -- Whether a submission with dependencies can be accepted whole: every parent outside it is a
@@ -137,7 +139,8 @@ local function accept_dependent(key, id, dep, run_at, delay)
   for parent in string.gmatch(dep.parents, '[^\n]+') do parents[#parents + 1] = alias[parent] or parent end
   local workflow = dep.workflow
   if workflow == '' then
-    workflow = parents[1] and redis.call('HGET', task_key(parents[1]), 'workflow') or dep.default
+    workflow = parents[1] and redis.call('HGET', task_key(parents[1]), 'workflow')
+      or spawn_workflow or dep.default
   end
   local set = { 'dag', #parents > 0 and 'wp' or 'w', 'workflow', workflow }
   if #parents > 0 then
@@ -170,6 +173,37 @@ local function accept_dependent(key, id, dep, run_at, delay)
   end
   if open == 0 then return release(key, id, now, redeliver) end
   return 'W'
+end
+
+-- A success with follow-up tasks (a worker's, see store/intake.rs): after the dependencies, '1'
+-- and the ending attempt's id, attempt, worker, result JSON and whether its task is placed (its
+-- task key is the last key), else '0'. The follow-ups (one submission) are accepted only with
+-- the success, here: a crash before this script loses both (the attempt runs again), after it
+-- both exist exactly once. Follow-ups that cannot be accepted (an unknown parent) fail the
+-- attempt instead, with the reason. They join the workflow of the task that spawned them (which
+-- becomes a workflow, named by its id, if it was in none).
+local completion_at = dep_at + 2 + dep_count * 6
+if ARGV[completion_at] == '1' then
+  local c = completion_at + 1
+  local ckey, cid = KEYS[#KEYS], ARGV[c]
+  local kind, body = 'ok', ARGV[c + 3]
+  for _, members in pairs(groups) do
+    local code, why = check_group(members)
+    if code then
+      kind, body = 'fail', 'follow-up tasks refused: ' .. why
+      break
+    end
+  end
+  local code = complete_one(ckey, cid, tonumber(ARGV[c + 1]), kind, body, '0', ARGV[c + 2],
+    retention, ARGV[c + 4] == '1', now)
+  if code ~= 'succeeded' then return { '!' .. code } end
+  spawn_workflow = redis.call('HGET', ckey, 'workflow')
+  if not spawn_workflow then
+    spawn_workflow = cid
+    redis.call('HSET', ckey, 'workflow', cid)
+    redis.call('ZADD', workflow_key(cid), now, cid)
+  end
+  completed = code
 end
 
 local function accept_one(i)
@@ -257,4 +291,5 @@ for i = 0, n - 1 do
     end
   end
 end
+if completed then out[n + 1] = completed end
 return out

@@ -673,3 +673,83 @@ local function learn_run_time(key, now)
   if not times then times = {}; run_times_later[g[1]] = times end
   times[#times + 1] = string.format('%d', math.max(0, now - tonumber(g[2])))
 end
+
+-- Completions (complete.lua, and accept.lua for a success with follow-ups).
+-- Whether a failed attempt may be retried: read only on that path, not for every outcome.
+local function within_budget(key, current)
+  local b = redis.call('HMGET', key, 'released', 'max_attempts')
+  return current - tonumber(b[1]) < tonumber(b[2])
+end
+-- Records how one attempt ended: `kind` 'ok' | 'retry' | 'fail' | 'cancel', `body` the result
+-- JSON or the error, `delay` the retry's delay ms, `is_placed` whether the task is placed (the
+-- attempt releases what it reserved on its worker). Only the current attempt of the owning
+-- worker may change a running task. Returns 'succeeded', 'scheduled', 'failed', 'cancelled',
+-- 'already' or 'fenced' (see complete.lua).
+local function complete_one(key, id, attempt, kind, body, delay, worker, retention, is_placed, now)
+  -- Absent fields cost a scan of the whole hash, so two are avoided: a running attempt has a
+  -- deadline exactly when its task has a timeout (claim.lua), and a first attempt has no
+  -- history to extend (nor needs its start, which only a history entry records).
+  local f
+  if attempt > 1 then
+    f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
+      'queue', 'priority', 'timeout_ms', 'started_ms', 'history', 'dag')
+  else
+    f = redis.call('HMGET', key, 'state', 'attempt', 'worker', 'cancel_requested_ms',
+      'queue', 'priority', 'timeout_ms', 'dag')
+  end
+  -- Whether it is in a workflow (see prelude.lua's dependencies).
+  local dag = f[attempt > 1 and 10 or 8]
+  local state, current = f[1], tonumber(f[2])
+  if state == 'running' and current == attempt and f[3] == worker then
+    zrem_later(LEASES, id)
+    -- A placed task's flow dimensions (a streamed one has none: nothing is read for it).
+    local flow = false
+    if is_placed then
+      flow = redis.call('HGET', key, 'flow')
+      unreserve(key, id)
+      if kind == 'ok' and not f[4] then learn_run_time(key, now) end
+    end
+    if f[4] then
+      local note = 'cancelled while running'
+      if kind ~= 'ok' and kind ~= 'cancel' then note = note .. '; handler reported: ' .. body end
+      attempt_ended(key, now, 'cancelled', note)
+      finish(key, id, 'running', 'cancelled', now, retention)
+      return 'cancelled'
+    elseif kind == 'ok' then
+      -- The hot path: everything read above, one HSET. A task whose only attempt succeeded
+      -- gets no `history`: that attempt is its attempt, worker, started_ms and finished_ms
+      -- (Store::task shows it as a one-entry history), so nothing is built or stored for it.
+      local set = { 'result', body }
+      if f[9] and f[9] ~= '' then
+        set[3] = 'history'
+        set[4] = history_after(f[9], f[2], f[3], f[8], now, 'succeeded', '')
+      end
+      finish(key, id, 'running', 'succeeded', now, retention,
+        f[5], f[6], f[7] ~= '0' and (tonumber(f[7]) or 0) > 0, set, flow, dag)
+      return 'succeeded'
+    elseif kind == 'retry' and within_budget(key, current) then
+      attempt_ended(key, now, 'retry', body)
+      delay = tonumber(delay)
+      redis.call('HSET', key, 'state', 'scheduled', 'last_error', body, 'updated_ms', now,
+        'run_at_ms', now + delay)
+      redis.call('HDEL', key, 'deadline_ms')
+      move(id, 'running', 'scheduled', now)
+      zadd_later(DUE, now + delay, id)
+      return 'scheduled'
+    else
+      attempt_ended(key, now, 'failed', body)
+      fail(key, id, 'running', now, retention, body)
+      return 'failed'
+    end
+  elseif state and TERMINAL[state] and current == attempt and f[3] == worker then
+    return 'already'
+  elseif kind == 'retry' and (state == 'scheduled' or state == 'pending') and current == attempt
+      and f[3] == worker then
+    -- A retried call whose first try scheduled this very retry (its reply was lost): recorded,
+    -- not fenced. Only a handler's retry keeps the ended attempt's `worker`; a lease that
+    -- expired, a release and a redrive remove it, so their attempts' late reports are fenced.
+    return 'already'
+  else
+    return 'fenced'
+  end
+end

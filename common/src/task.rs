@@ -14,7 +14,6 @@ use serde_json::value::RawValue;
 
 use crate::placement::{self, LabelRules, Resources};
 use crate::priority::Priority;
-pub use crate::workflow::OnParentFailure;
 
 /// Bytes a record may take beyond `tasks.max_task_bytes`: the envelope and filled-in record
 /// fields, headers, and a dead letter's error and attempt history (see `lua/prelude.lua`).
@@ -103,6 +102,37 @@ pub struct TaskSpec {
     /// The workflow it belongs to: given, or inherited (see [`crate::workflow`]).
     #[serde(default)]
     pub workflow: Option<String>,
+}
+
+/// Most parents one task may name. A chord of more parents is built in two levels.
+pub const MAX_PARENTS: usize = 1000;
+
+/// What happens to a task when a parent ends without succeeding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnParentFailure {
+    /// It fails with the reason `dependency X failed` (or ends `cancelled` when X was
+    /// cancelled), without running.
+    #[default]
+    Fail,
+    /// It ends `skipped`, without running.
+    Skip,
+    /// It runs once every parent has ended, whatever their outcome (`ctx.parents()` tells).
+    Run,
+}
+
+impl OnParentFailure {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OnParentFailure::Fail => "fail",
+            OnParentFailure::Skip => "skip",
+            OnParentFailure::Run => "run",
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == OnParentFailure::Fail
+    }
 }
 
 /// Longest accepted `delay_ms`, and farthest `run_at` from now: one year.
@@ -337,13 +367,13 @@ impl TaskSpec {
     /// as a whole are checked by [`crate::workflow::prepare`].
     fn validate_dependencies(&self) -> Result<(), InvalidTask> {
         let parents = self.depends_on.as_deref().unwrap_or_default();
-        if parents.len() > crate::workflow::MAX_PARENTS {
+        if parents.len() > MAX_PARENTS {
             return Err(InvalidTask::field(
                 "depends_on",
                 format!(
                     "lists {} tasks, over the limit of {}",
                     parents.len(),
-                    crate::workflow::MAX_PARENTS
+                    MAX_PARENTS
                 ),
             ));
         }

@@ -13,54 +13,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
-
-use crate::store::NewTask;
+use crate::store::{Membership, NewTask};
 use crate::task::InvalidTask;
-
-/// Most parents one task may name. A chord of more parents is built in two levels.
-pub const MAX_PARENTS: usize = 1000;
-
-/// What happens to a task when a parent ends without succeeding.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnParentFailure {
-    /// It fails with the reason `dependency X failed` (or ends `cancelled` when X was
-    /// cancelled), without running.
-    #[default]
-    Fail,
-    /// It ends `skipped`, without running.
-    Skip,
-    /// It runs once every parent has ended, whatever their outcome (`ctx.parents()` tells).
-    Run,
-}
-
-impl OnParentFailure {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            OnParentFailure::Fail => "fail",
-            OnParentFailure::Skip => "skip",
-            OnParentFailure::Run => "run",
-        }
-    }
-
-    pub fn is_default(&self) -> bool {
-        *self == OnParentFailure::Fail
-    }
-}
-
-/// Where a task stands in its submission's dependencies, for the accept script.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Membership {
-    /// The submission (unique within the process): accepted whole or refused whole.
-    pub group: u64,
-    /// Its place in a topological order of the submission: parents come first.
-    pub rank: usize,
-    /// The workflow of a task that names none and whose first parent has none: the first
-    /// task's workflow, or its id. Empty for a batch record without dependencies: accepted
-    /// whole, in no workflow.
-    pub default_workflow: String,
-}
+pub use crate::task::{MAX_PARENTS, OnParentFailure};
 
 static GROUPS: AtomicU64 = AtomicU64::new(1);
 
@@ -88,6 +43,34 @@ pub fn prepare_batch(tasks: &mut [NewTask]) -> Result<(), InvalidTask> {
             rank,
             default_workflow: String::new(),
         });
+    }
+    Ok(())
+}
+
+/// Most follow-up tasks one success may return.
+pub const MAX_FOLLOW_UPS: usize = 1000;
+
+/// Prepares the follow-up tasks a handler returned with its success (`ctx.spawn`): one
+/// submission, accepted with the success or not at all, in the workflow of the task that
+/// spawned them (`spawner`'s, named by its id if it had none). They are placed, so the
+/// dispatcher applies their queue's strategy, placement and limits as for any task; quotas
+/// (`max_waiting`) do not refuse them: they are work already accepted.
+pub fn prepare_follow_ups(tasks: &mut [NewTask], spawner: &str) -> Result<(), InvalidTask> {
+    if tasks.len() > MAX_FOLLOW_UPS {
+        return Err(problem(format!(
+            "a success may spawn at most {MAX_FOLLOW_UPS} tasks, not {}",
+            tasks.len()
+        )));
+    }
+    for task in tasks.iter_mut() {
+        task.make_placed();
+        task.quotas.clear();
+    }
+    prepare_whole(tasks)?;
+    for task in tasks.iter_mut() {
+        if let Some(m) = task.membership.as_mut() {
+            m.default_workflow = spawner.to_string();
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! | `flaky` | `{"failures": N}` | fails (retryably) on attempts 1..=N, then succeeds |
 //! | `crash` | anything | aborts the whole worker process (a poison task) |
 //! | `panic` | `{"message": "…"}` | panics (caught by the worker: a retryable failure) |
+//! | `spawn` | `{"count": N, "kind": "…", "ms": M, "random_ids": bool, "after": [ids]}` | waits M ms, then returns with N follow-up tasks of that kind (`ctx.spawn`), named `<id>.<n>` or, with `random_ids`, a fresh id each attempt, depending on `after` |
 //! | `gather` | `{"ms": N}` (optional) | waits N ms, then returns how each parent (`depends_on`) ended: `{"parents": [{"id", "state", "result", "error"}…]}` |
 
 use std::time::Duration;
@@ -31,15 +32,60 @@ pub fn registry() -> Registry {
         .register("crash", crash)
         .register("panic", panic)
         .register("block", block)
-        .register("gather", gather);
+        .register("gather", gather)
+        .register("spawn", spawn);
     registry
 }
 
+/// Other fields are ignored (a follow-up's payload names its spawner).
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct GatherPayload {
     #[serde(default)]
     ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpawnPayload {
+    count: usize,
+    #[serde(default = "default_spawn_kind")]
+    kind: String,
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    random_ids: bool,
+    /// Tasks each follow-up depends on.
+    #[serde(default)]
+    after: Vec<String>,
+}
+
+fn default_spawn_kind() -> String {
+    "noop".into()
+}
+
+/// A fan-out step: succeeds with `count` follow-up tasks.
+async fn spawn(ctx: TaskContext) -> HandlerResult {
+    let SpawnPayload {
+        count,
+        kind,
+        ms,
+        random_ids,
+        after,
+    } = ctx.payload()?;
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    for n in 0..count {
+        let mut task = serde_json::json!({"kind": kind, "payload": {"spawner": &*ctx.id, "n": n}});
+        if random_ids {
+            task["id"] = Value::String(fleet_common::task::new_task_id());
+        }
+        if !after.is_empty() {
+            task["depends_on"] = serde_json::json!(after);
+        }
+        ctx.spawn(task);
+    }
+    Ok(serde_json::json!({ "spawned": count }))
 }
 
 /// A fan-in step: reads its parents' outcomes (`ctx.parents()`) and returns them.

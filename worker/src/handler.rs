@@ -54,6 +54,8 @@ pub struct TaskContext {
     progress: ProgressSlot,
     /// Where its parents' outcomes are read from, when it has parents.
     parents: Option<(Store, Arc<[String]>)>,
+    /// Follow-up tasks to create with its success (`spawn`).
+    spawned: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
 impl std::fmt::Debug for TaskContext {
@@ -98,7 +100,31 @@ impl TaskContext {
             cancel,
             progress: ProgressSlot::default(),
             parents: None,
+            spawned: Arc::default(),
         }
+    }
+
+    /// Adds a follow-up task (a submission, as on the submit topic) to create when this attempt
+    /// succeeds. Follow-ups are recorded in the same Redis call as the success: if the worker
+    /// dies before, the attempt runs again and its follow-ups with it; after, both exist exactly
+    /// once. Without an `id`, the n-th follow-up is `<this task's id>.<n>`. A follow-up may
+    /// depend on another follow-up or on a stored task. Invalid follow-ups fail the attempt
+    /// (permanently), with the reason; an attempt that fails or retries creates none.
+    pub fn spawn(&self, task: serde_json::Value) {
+        self.spawned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+    }
+
+    /// The follow-ups added so far (taken: the worker calls this once, after the handler).
+    pub fn take_spawned(&self) -> Vec<serde_json::Value> {
+        std::mem::take(
+            &mut *self
+                .spawned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Lets the handler read how the task's parents (`depends_on`) ended.

@@ -115,6 +115,20 @@ pub enum Completion {
     Fenced,
 }
 
+impl Completion {
+    /// The script's answer (`lua/prelude.lua`'s `complete_one`).
+    pub(super) fn from_answer(answer: &str) -> Self {
+        match answer {
+            "succeeded" => Completion::Succeeded,
+            "scheduled" => Completion::Scheduled,
+            "failed" => Completion::Failed,
+            "cancelled" => Completion::Cancelled,
+            "already" => Completion::Already,
+            _ => Completion::Fenced,
+        }
+    }
+}
+
 /// What a heartbeat learned: positions (0-based, in the order sent) of the tasks whose lease
 /// is lost, and of those whose cancellation was requested.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -268,17 +282,7 @@ impl Store {
             };
         }
         let answers: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
-        Ok(answers
-            .into_iter()
-            .map(|a| match a.as_str() {
-                "succeeded" => Completion::Succeeded,
-                "scheduled" => Completion::Scheduled,
-                "failed" => Completion::Failed,
-                "cancelled" => Completion::Cancelled,
-                "already" => Completion::Already,
-                _ => Completion::Fenced,
-            })
-            .collect())
+        Ok(answers.iter().map(|a| Completion::from_answer(a)).collect())
     }
 
     /// Hands `worker`'s running tasks back for immediate redelivery and removes the worker

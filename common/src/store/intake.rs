@@ -1,7 +1,7 @@
 //! A task's way in: recording submissions as `pending` (idempotent by id and key), confirming
 //! that their first dispatch reached Kafka, and counting what was refused or repeated.
 
-use super::attempts::Attempt;
+use super::attempts::{Attempt, Completion};
 use super::keys::{self};
 use super::{Store, StoreError, scripts};
 use crate::settings::TaskSettings;
@@ -25,7 +25,7 @@ pub struct NewTask {
     /// script's text form ([`crate::flow::quotas_text`]); empty for none.
     pub quotas: String,
     /// Its submission's dependencies, when it has any (see [`crate::workflow::prepare`]).
-    pub membership: Option<crate::workflow::Membership>,
+    pub membership: Option<Membership>,
 }
 
 impl NewTask {
@@ -69,6 +69,19 @@ impl NewTask {
     }
 }
 
+/// Where a task stands in its submission's dependencies, for the accept script.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// The submission (unique within the process): accepted whole or refused whole.
+    pub group: u64,
+    /// Its place in a topological order of the submission: parents come first.
+    pub rank: usize,
+    /// The workflow of a task that names none and whose first parent has none: the first
+    /// task's workflow, or its id. Empty for a batch record without dependencies: accepted
+    /// whole, in no workflow.
+    pub default_workflow: String,
+}
+
 /// What [`Store::accept`] did with one submission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
@@ -98,6 +111,46 @@ impl Store {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
+        let mut inv = self.accept_call(tasks);
+        inv.arg(0); // no completion
+        let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        answers(rows, tasks)
+    }
+
+    /// Records a successful attempt and the follow-up tasks its handler returned, in one
+    /// script call (see `lua/accept.lua`): both are stored, or neither. The follow-ups are one
+    /// submission (see [`crate::workflow::prepare_follow_ups`]). Returns how the completion
+    /// went and, when it succeeded, what became of each follow-up.
+    pub async fn complete_spawning(
+        &self,
+        worker: &str,
+        (id, attempt): Attempt<'_>,
+        result: &str,
+        placed: bool,
+        follow_ups: &[NewTask],
+    ) -> Result<(Completion, Vec<Accepted>), StoreError> {
+        let mut inv = self.accept_call(follow_ups);
+        inv.arg(1)
+            .arg(id)
+            .arg(attempt)
+            .arg(worker)
+            .arg(result)
+            .arg(u8::from(placed));
+        inv.key(self.keys.task(id));
+        let mut rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        if let Some(code) = rows.first().and_then(|r| r.strip_prefix('!')) {
+            return Ok((Completion::from_answer(code), Vec::new()));
+        }
+        let Some(code) = rows.pop().filter(|_| rows.len() == follow_ups.len()) else {
+            return Err(StoreError::Protocol(
+                "accept answered for a different number of tasks",
+            ));
+        };
+        Ok((Completion::from_answer(&code), answers(rows, follow_ups)?))
+    }
+
+    /// The accept script's call for `tasks`, up to its completion section.
+    fn accept_call(&self, tasks: &[NewTask]) -> scripts::ScriptCall<'static> {
         let mut inv = self.invocation(&scripts::ACCEPT);
         inv.arg(tasks.len())
             .arg(self.redeliver_ms)
@@ -138,7 +191,7 @@ impl Store {
         }
         // Tasks of submissions with dependencies, parents first: the script accepts them in
         // this order, and each submission whole or not at all.
-        let mut members: Vec<(usize, &NewTask, &crate::workflow::Membership)> = tasks
+        let mut members: Vec<(usize, &NewTask, &Membership)> = tasks
             .iter()
             .enumerate()
             .filter_map(|(i, t)| t.membership.as_ref().map(|m| (i, t, m)))
@@ -153,33 +206,39 @@ impl Store {
                 .arg(task.record.workflow.as_deref().unwrap_or(""))
                 .arg(&m.default_workflow);
         }
-        let rows: Vec<String> = inv.invoke_async(&mut self.conn.clone()).await?;
-        if rows.len() != tasks.len() {
-            return Err(StoreError::Protocol(
-                "accept answered for a different number of tasks",
-            ));
-        }
-        rows.into_iter()
-            .zip(tasks)
-            .map(|(row, task)| match row.split_at_checked(1) {
-                Some(("p", "")) => Ok(Accepted::Pending(task.record.id.clone())),
-                Some(("s", "")) => Ok(Accepted::Scheduled(task.record.id.clone())),
-                Some(("w", "")) => Ok(Accepted::Placing(task.record.id.clone())),
-                Some(("d", existing)) if !existing.is_empty() => {
-                    Ok(Accepted::Duplicate(existing.to_string()))
-                }
-                Some(("q", why)) => Ok(Accepted::OverQuota(why.to_string())),
-                Some(("W", "")) => Ok(Accepted::Waiting(task.record.id.clone())),
-                Some(("e", state)) => state
-                    .parse()
-                    .map(|s| Accepted::Ended(task.record.id.clone(), s))
-                    .map_err(|_| StoreError::Protocol("accept answered an unknown end")),
-                Some(("x", why)) => Ok(Accepted::Refused(why.to_string())),
-                _ => Err(StoreError::Protocol("accept answered an unknown state")),
-            })
-            .collect()
+        inv
     }
+}
 
+/// The accept script's answers, one per task.
+fn answers(rows: Vec<String>, tasks: &[NewTask]) -> Result<Vec<Accepted>, StoreError> {
+    if rows.len() != tasks.len() {
+        return Err(StoreError::Protocol(
+            "accept answered for a different number of tasks",
+        ));
+    }
+    rows.into_iter()
+        .zip(tasks)
+        .map(|(row, task)| match row.split_at_checked(1) {
+            Some(("p", "")) => Ok(Accepted::Pending(task.record.id.clone())),
+            Some(("s", "")) => Ok(Accepted::Scheduled(task.record.id.clone())),
+            Some(("w", "")) => Ok(Accepted::Placing(task.record.id.clone())),
+            Some(("d", existing)) if !existing.is_empty() => {
+                Ok(Accepted::Duplicate(existing.to_string()))
+            }
+            Some(("q", why)) => Ok(Accepted::OverQuota(why.to_string())),
+            Some(("W", "")) => Ok(Accepted::Waiting(task.record.id.clone())),
+            Some(("e", state)) => state
+                .parse()
+                .map(|s| Accepted::Ended(task.record.id.clone(), s))
+                .map_err(|_| StoreError::Protocol("accept answered an unknown end")),
+            Some(("x", why)) => Ok(Accepted::Refused(why.to_string())),
+            _ => Err(StoreError::Protocol("accept answered an unknown state")),
+        })
+        .collect()
+}
+
+impl Store {
     /// Confirms that Kafka acknowledged these `(id, published attempt)` messages: their outbox
     /// entries go, in one `ZREM`. An entry is keyed by attempt, so a later attempt's entry (a
     /// retry, a requeue) is never removed by an earlier attempt's late acknowledgement.

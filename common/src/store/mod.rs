@@ -23,7 +23,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use attempts::{Attempt, Beat, Claim, Completion, Fit, Heartbeat, Outcome, new_call_id};
 pub use control::{Cancel, Reprioritize, Selector};
 pub use flow::{DimUse, LimitView, Unblock};
-pub use intake::{Accepted, NewTask};
+pub use intake::{Accepted, Membership, NewTask};
 pub use keys::Keys;
 pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, WorkerInfo};
 pub use placement::{Decision, Placed, Unpark, Waiting};

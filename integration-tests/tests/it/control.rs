@@ -144,7 +144,7 @@ async fn cancels_racing_completions_end_each_task_once_as_the_answer_said() {
     env.submit(&bodies).await;
     eventually(WAIT, "the first tasks finish", || async {
         let counts = env.store().await.counts().await.unwrap();
-        counts[3].1 > 0
+        counts.iter().any(|&(s, n)| s == State::Succeeded && n > 0)
     })
     .await;
 

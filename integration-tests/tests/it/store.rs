@@ -79,7 +79,7 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
         "same idempotency key → existing task"
     );
     let counts: Vec<(State, u64)> = store.counts().await.unwrap();
-    assert_eq!(counts[0], (State::Pending, 2));
+    assert!(counts.contains(&(State::Pending, 2)), "{counts:?}");
 
     // A later batch mixing stored ids and idempotency keys with new tasks: the batch-wide reads
     // find the stored ones, and only those are answered as duplicates.
@@ -99,7 +99,7 @@ async fn accept_is_idempotent_by_id_and_by_idempotency_key() {
             Accepted::Pending(k4.record.id.clone()),
         ]
     );
-    assert_eq!(store.counts().await.unwrap()[0], (State::Pending, 4));
+    assert!(store.counts().await.unwrap().contains(&(State::Pending, 4)));
 
     let later = env.new_task(r#"{"kind":"noop","delay_ms":60000}"#);
     assert!(matches!(

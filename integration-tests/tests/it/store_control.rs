@@ -96,12 +96,14 @@ async fn cancel_ends_waiting_tasks_at_once_and_running_ones_whatever_they_report
     assert_eq!(
         counts,
         [
+            (State::Waiting, 0),
             (State::Pending, 0),
             (State::Scheduled, 0),
             (State::Running, 0),
             (State::Succeeded, 1),
             (State::Failed, 0),
-            (State::Cancelled, 3)
+            (State::Cancelled, 3),
+            (State::Skipped, 0)
         ]
     );
     let h = task(&store, "r").await.history;

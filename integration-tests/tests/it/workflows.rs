@@ -569,3 +569,129 @@ async fn bad_dependencies_are_refused_whole_with_the_reason() {
         assert!(store.task(id).await.unwrap().is_none(), "{id} was stored");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_ups_are_created_exactly_once_through_worker_kills() {
+    let env = TestEnv::start("wf-follow-ups");
+    env.create_topics().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let mut workers: Vec<_> = (0..3)
+        .map(|i| env.spawn("fleet-worker", &format!("w{i}"), &[]))
+        .collect();
+    // 300 spawners, each returning 3 follow-ups with ids fresh at every attempt (as a naive
+    // handler would make them): a follow-up created twice would be an extra task.
+    let spawners: Vec<String> = (0..300).map(|i| format!("sp{i}")).collect();
+    let records: Vec<String> = spawners
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({"id": id, "kind": "spawn", "payload": {"count": 3, "ms": 200 + (i % 40) * 20, "random_ids": true}})
+                .to_string()
+        })
+        .collect();
+    env.submit(&records).await;
+    // Once spawners run, kill -9 a worker every 400 ms, round robin, and start a new one in
+    // its place.
+    let store = env.store().await;
+    eventually(Duration::from_secs(60), "20 spawners succeeded", || async {
+        store
+            .counts()
+            .await
+            .unwrap()
+            .into_iter()
+            .any(|(s, n)| s == State::Succeeded && n >= 20)
+    })
+    .await;
+    let mut names = vec!["w0".to_string(), "w1".to_string(), "w2".to_string()];
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let slot = round % 3;
+        workers[slot].signal("KILL");
+        let name = format!("w{slot}-{round}");
+        workers[slot] = env.spawn("fleet-worker", &name, &[]);
+        names.push(name);
+    }
+    let tasks = env.wait_terminal(&spawners, Duration::from_secs(120)).await;
+    let mut lost_attempts = 0;
+    for id in &spawners {
+        let spawner = &tasks[id];
+        assert_eq!(spawner.state, State::Succeeded, "{id}: {:?}", spawner.error);
+        lost_attempts += spawner
+            .history
+            .iter()
+            .filter(|h| h.outcome == AttemptOutcome::LeaseExpired)
+            .count();
+    }
+    eventually(
+        Duration::from_secs(60),
+        "every follow-up succeeded",
+        || async { store.open_workflows().await.unwrap().is_empty() },
+    )
+    .await;
+    for id in &spawners {
+        let view = store
+            .workflow(id)
+            .await
+            .unwrap()
+            .expect("the spawner's workflow");
+        let follow_ups: Vec<_> = view.tasks.iter().filter(|t| &t.id != id).collect();
+        assert_eq!(
+            follow_ups.len(),
+            3,
+            "{id} has {} follow-ups: {:?}",
+            follow_ups.len(),
+            view.tasks
+        );
+        assert!(
+            follow_ups
+                .iter()
+                .all(|t| t.state == State::Succeeded && t.kind == "noop")
+        );
+    }
+    // Nothing else was created: 300 spawners and 900 follow-ups.
+    let total: u64 = store.counts().await.unwrap().iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 1200);
+    println!("attempts lost to kills: {lost_attempts}");
+    assert!(lost_attempts > 0, "the kills hit running spawners");
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let runs = executions(&env, &names);
+    assert!(runs.values().map(Vec::len).sum::<usize>() >= 1200);
+
+    // Follow-ups that cannot be accepted fail the attempt, with the reason, and none is made.
+    env.submit(&[
+        json!({"id": "bad-spawner", "kind": "spawn", "payload": {"count": 2, "after": ["ghost"]}})
+            .to_string(),
+    ])
+    .await;
+    let bad = env
+        .wait_terminal(&["bad-spawner".to_string()], Duration::from_secs(30))
+        .await;
+    assert_eq!(bad["bad-spawner"].state, State::Failed);
+    let error = bad["bad-spawner"].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("follow-up tasks refused: unknown parent `ghost`"),
+        "{error}"
+    );
+    assert!(store.task("bad-spawner.0").await.unwrap().is_none());
+    // Follow-ups may wait for a stored task: they join its ordering.
+    env.submit(&[
+        json!({"id": "gate", "kind": "sleep", "payload": {"ms": 1500}}).to_string(),
+        json!({"id": "fan", "kind": "spawn", "payload": {"count": 2, "kind": "gather", "after": ["gate"]}}).to_string(),
+    ])
+    .await;
+    let ended = env
+        .wait_terminal(
+            &["fan.0".to_string(), "fan.1".to_string(), "gate".to_string()],
+            Duration::from_secs(30),
+        )
+        .await;
+    for id in ["fan.0", "fan.1"] {
+        assert_eq!(ended[id].state, State::Succeeded);
+        assert!(
+            first_start(&ended[id]) >= ended["gate"].finished_ms.unwrap(),
+            "{id} waited for gate"
+        );
+        assert_eq!(result(&ended[id])["parents"][0]["id"], json!("gate"));
+    }
+}

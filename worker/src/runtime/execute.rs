@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use fleet_common::dependency::keep_trying;
 use fleet_common::otlp;
-use fleet_common::store::{Completion, Outcome, Store};
+use fleet_common::store::{Completion, NewTask, Outcome, Store};
+use fleet_common::task::TaskSpec;
 use fleet_common::trace::TraceParent;
 use fleet_common::wire::Envelope;
 use futures::FutureExt;
@@ -104,8 +105,20 @@ pub(super) fn prepare(
         .map(|trace| (trace.child(), otlp::now_ns(), shared.worker_id.clone()));
     let task_id = id.clone();
     let placed = task.is_placed();
+    let settings = Arc::clone(&shared.settings);
     let run = async move {
-        let outcome = call.run(ctx, attempt).await;
+        let spawner = ctx.clone();
+        let mut outcome = call.run(ctx, attempt).await;
+        let follow_ups = match &outcome {
+            Outcome::Ok(_) => match follow_ups(&spawner, &task_id, &settings) {
+                Ok(tasks) => tasks,
+                Err(why) => {
+                    outcome = Outcome::Fail(why);
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
+        };
         if let Some((span, start_ns, worker_id)) = exported {
             export_attempt(
                 span,
@@ -120,6 +133,7 @@ pub(super) fn prepare(
             id: task_id,
             attempt,
             outcome,
+            follow_ups,
             started,
             metrics,
             placed,
@@ -255,6 +269,37 @@ impl HandlerCall {
     }
 }
 
+/// The follow-up tasks a handler added with `ctx.spawn`, validated as submissions are (a bad
+/// one fails the attempt with the reason: nothing of it is created).
+fn follow_ups(
+    ctx: &TaskContext,
+    spawner: &str,
+    settings: &WorkerSettings,
+) -> Result<Vec<NewTask>, String> {
+    let specs = ctx.take_spawned();
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tasks = Vec::with_capacity(specs.len());
+    for (n, spec) in specs.iter().enumerate() {
+        let text = spec.to_string();
+        let spec = TaskSpec::parse(text.as_bytes(), settings.tasks.max_task_bytes)
+            .map_err(|err| format!("follow-up task {n} refused: {err}"))?;
+        let task = NewTask::from_spec(spec, &settings.tasks, || {
+            let id = format!("{spawner}.{n}");
+            if id.len() <= fleet_common::task::MAX_NAME_LEN {
+                id
+            } else {
+                fleet_common::task::new_task_id()
+            }
+        });
+        tasks.push(task);
+    }
+    fleet_common::workflow::prepare_follow_ups(&mut tasks, spawner)
+        .map_err(|err| format!("follow-up tasks refused: {err}"))?;
+    Ok(tasks)
+}
+
 /// Exports the attempt's span, named for how it ended.
 fn export_attempt(
     span: TraceParent,
@@ -296,6 +341,42 @@ fn clip(mut message: String) -> String {
     message
 }
 
+/// Records a success and its follow-up tasks in one call (retried until Redis answers; a
+/// retry after a lost reply is answered `already`, and creates nothing twice).
+async fn complete_spawning(
+    shared: &Shared,
+    store: &Store,
+    finished: &Finished,
+    never: &CancellationToken,
+) -> Completion {
+    let Outcome::Ok(result) = &finished.outcome else {
+        return Completion::Fenced;
+    };
+    let answer = keep_trying(
+        never,
+        "recording a success with its follow-up tasks",
+        || {
+            store.complete_spawning(
+                &shared.worker_id,
+                (&finished.id, finished.attempt),
+                result,
+                finished.placed,
+                &finished.follow_ups,
+            )
+        },
+    )
+    .await;
+    match answer {
+        Some((completion, accepted)) => {
+            if completion == Completion::Succeeded {
+                debug!(task_id = %finished.id, follow_ups = accepted.len(), "Follow-up tasks created with the success.");
+            }
+            completion
+        }
+        None => Completion::Fenced,
+    }
+}
+
 /// Records outcomes in batches; frees each slot once its outcome is recorded, so the lease is
 /// kept until then.
 pub(super) async fn complete_loop(
@@ -305,17 +386,28 @@ pub(super) async fn complete_loop(
 ) {
     let mut batch = Vec::with_capacity(256);
     while done.recv_many(&mut batch, 256).await > 0 {
-        let outcomes: Vec<((&str, u32), &Outcome)> = batch
+        // Successes with follow-ups go one by one, each with its follow-ups in one call.
+        let plain: Vec<&Finished> = batch.iter().filter(|f| f.follow_ups.is_empty()).collect();
+        let outcomes: Vec<((&str, u32), &Outcome)> = plain
             .iter()
             .map(|f| ((&*f.id, f.attempt), &f.outcome))
             .collect();
-        let placed: Vec<bool> = batch.iter().map(|f| f.placed).collect();
+        let placed: Vec<bool> = plain.iter().map(|f| f.placed).collect();
         let never = CancellationToken::new();
-        let answers = keep_trying(&never, "recording task outcomes", || {
+        let mut plain_answers = keep_trying(&never, "recording task outcomes", || {
             store.complete_placed(&shared.worker_id, &outcomes, &placed)
         })
         .await
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter();
+        let mut answers = Vec::with_capacity(batch.len());
+        for finished in &batch {
+            if finished.follow_ups.is_empty() {
+                answers.extend(plain_answers.next());
+            } else {
+                answers.push(complete_spawning(&shared, &store, finished, &never).await);
+            }
+        }
         for (finished, answer) in batch.iter().zip(answers) {
             let elapsed_ms = finished.started.elapsed().as_millis() as u64;
             finished.metrics.ended(answer, finished.started.elapsed());
@@ -329,6 +421,9 @@ pub(super) async fn complete_loop(
                 }
                 (_, Completion::Fenced) => {
                     warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Completion fenced: this attempt no longer owns the task.");
+                }
+                (Outcome::Ok(_), Completion::Failed) => {
+                    warn!(task_id = %id, attempt, worker_id = %shared.worker_id, "Task failed: its follow-up tasks were refused (see its error).");
                 }
                 (Outcome::Ok(_), _) => {
                     // Debug, not info: with "Handler started." that made two lines per task,

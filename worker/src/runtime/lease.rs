@@ -319,6 +319,7 @@ fn abort_cancelled(shared: &Shared, done: &mpsc::UnboundedSender<Finished>) {
                 id: id.clone(),
                 attempt: entry.attempt,
                 outcome: Outcome::Cancelled,
+                follow_ups: Vec::new(),
                 started: entry.started,
                 metrics: entry.metrics.clone(),
                 placed: entry.placed,

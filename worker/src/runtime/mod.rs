@@ -97,6 +97,8 @@ struct Finished {
     id: Arc<str>,
     attempt: u32,
     outcome: store::Outcome,
+    /// Follow-up tasks to create with its success (see `TaskContext::spawn`).
+    follow_ups: Vec<store::NewTask>,
     started: Instant,
     metrics: Arc<task_metrics::TaskMetrics>,
     placed: bool,
