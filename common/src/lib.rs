@@ -12,6 +12,7 @@
 //! - [`placement`]: what tasks need and workers offer, and the choice of a worker.
 //! - [`flow`]: concurrency and rate limits, tenant quotas and fair-share weights.
 //! - [`workflow`]: dependencies between tasks (`depends_on`) and workflows.
+//! - [`schedule`]: cron and interval schedules that submit tasks.
 //! - [`store`]: the Redis key schema, Lua scripts and connection.
 //! - [`dependency`]: calling a dependency that is briefly away until it answers.
 //! - [`telemetry`]: `tracing` set-up.
@@ -26,6 +27,7 @@ pub mod ops;
 pub mod otlp;
 pub mod placement;
 pub mod priority;
+pub mod schedule;
 pub mod settings;
 pub mod shutdown;
 pub mod store;

@@ -5,6 +5,7 @@ mod demo;
 mod health;
 mod inspect;
 mod limits;
+mod schedule;
 mod submit;
 mod workflow;
 
@@ -93,6 +94,9 @@ enum Command {
         #[arg(long, conflicts_with = "json")]
         cancel: bool,
     },
+    /// Cron and interval schedules: add, list, show, pause, resume, delete, run-now.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// List the workflows with tasks not yet ended.
     Workflows {
         #[arg(long)]
@@ -275,6 +279,32 @@ enum LimitsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// Create or replace a schedule, e.g. `add nightly --cron "0 2 * * *" --tz Europe/Berlin
+    /// --task '{"kind":"report"}'`; prints its next occurrences.
+    Add(schedule::AddArgs),
+    /// Every schedule and its next occurrence.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One schedule and its next 5 occurrences.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop firing until resumed.
+    Pause { name: String },
+    /// Fire again, from the next occurrence after now.
+    Resume { name: String },
+    /// Delete it (the tasks it fired stay).
+    Delete { name: String },
+    /// Submit its task now, once more.
+    RunNow { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 enum TopicsCommand {
     /// Create every Fleet topic that does not exist yet (submit, `tasks.<priority>`, rejected,
     /// dead). Existing topics are left alone.
@@ -289,7 +319,7 @@ enum TopicsCommand {
 /// dependency did not answer, 4 the task ended otherwise than asked (failed, cancelled, or
 /// already ended).
 pub(crate) const EXIT_NOT_FOUND: u8 = 1;
-const EXIT_BAD_INPUT: u8 = 2;
+pub(crate) const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_UNAVAILABLE: u8 = 3;
 const EXIT_ENDED: u8 = 4;
 
@@ -423,6 +453,23 @@ async fn run(command: Command, settings: &CommonSettings) -> anyhow::Result<Exit
                 eprintln!("fleetctl: no workflow `{id}`");
                 return Ok(ExitCode::from(EXIT_NOT_FOUND));
             }
+        }
+        Command::Schedule(command) => {
+            let store = connect(settings).await?;
+            return match command {
+                ScheduleCommand::Add(args) => schedule::add(&store, settings, args).await,
+                ScheduleCommand::List { json } => {
+                    schedule::list(&store, json).await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                ScheduleCommand::Show { name, json } => schedule::show(&store, &name, json).await,
+                ScheduleCommand::Pause { name } => schedule::pause(&store, &name, true).await,
+                ScheduleCommand::Resume { name } => schedule::pause(&store, &name, false).await,
+                ScheduleCommand::Delete { name } => schedule::delete(&store, &name).await,
+                ScheduleCommand::RunNow { name } => {
+                    schedule::run_now(&store, settings, &name).await
+                }
+            };
         }
         Command::Workflows { json } => workflow::list(&connect(settings).await?, json).await?,
         Command::Status { id, json } => {

@@ -10,5 +10,6 @@ pub mod queues;
 pub mod reaper;
 pub mod relay;
 pub mod routing;
+pub mod schedules;
 pub mod service;
 pub mod settings;

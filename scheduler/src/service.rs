@@ -18,7 +18,7 @@ use crate::publish::Publisher;
 use crate::queues::Queues;
 use crate::routing::Router;
 use crate::settings::SchedulerSettings;
-use crate::{api, dispatch, ingest, reaper, relay};
+use crate::{api, dispatch, ingest, reaper, relay, schedules};
 
 /// Connects to Redis (checking the schema version) and Kafka (creating missing topics).
 pub async fn connect(
@@ -151,6 +151,7 @@ pub async fn serve(
                 ),
             );
             parts.spawn_dispatcher(&mut supervisor);
+            parts.spawn_schedules(&mut supervisor);
         }
         Role::Reaper => parts.spawn_reaper(&mut supervisor),
     }
@@ -253,6 +254,25 @@ impl Parts {
                         Ok(relay::round(&store, &publisher, live_age, &sweep).await?
                             >= relay::BATCH)
                     }
+                },
+            ),
+        );
+    }
+
+    /// Schedules: fires every due occurrence (see [`schedules`]).
+    fn spawn_schedules(&self, supervisor: &mut Supervisor) {
+        let (store, publisher) = (self.store.clone(), self.publisher.clone());
+        let (settings, queues) = (self.settings.clone(), self.queues.clone());
+        supervisor.spawn(
+            "schedules",
+            every(
+                "schedules",
+                schedules::CHECK_EVERY,
+                self.token.child_token(),
+                move || {
+                    let (store, publisher) = (store.clone(), publisher.clone());
+                    let (settings, queues) = (settings.clone(), queues.clone());
+                    async move { schedules::round(&settings, &store, &publisher, &queues).await }
                 },
             ),
         );

@@ -262,6 +262,16 @@ impl Keys {
         format!("{}:workflows", self.root)
     }
 
+    /// Hash of the schedules: field name, value [`crate::schedule::Schedule`] JSON.
+    pub fn schedules(&self) -> String {
+        format!("{}:schedules", self.root)
+    }
+
+    /// Sorted set of the schedules not paused, scored by their next occurrence (unix ms).
+    pub fn schedule_next(&self) -> String {
+        format!("{}:schedule-next", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         join(&[&self.root, ":idem:", key])

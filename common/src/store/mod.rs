@@ -10,6 +10,7 @@ pub mod model;
 mod placement;
 mod query;
 mod relay;
+mod schedules;
 pub mod scripts;
 pub mod series;
 mod trim;
@@ -29,6 +30,7 @@ pub use model::{AttemptEnding, AttemptOutcome, NotATask, StoredTask, TaskTimes, 
 pub use placement::{Decision, Placed, Unpark, Waiting};
 pub use query::{BadCursor, Cursor, Page, Stats, TaskFilter, TaskSummary, WorkerView};
 pub use relay::{Backlog, Dispatch, Requeue};
+pub use schedules::StoredSchedule;
 pub use workflow::{ParentOutcome, WorkflowCancel, WorkflowTask, WorkflowView};
 
 use crate::settings::RedisSettings;

@@ -44,6 +44,9 @@ pub static SCHEMA: LazyLock<Script> =
 /// See `lua/expired.lua`.
 pub static EXPIRED: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/expired.lua")));
+/// See `lua/advance_schedule.lua`.
+pub static ADVANCE_SCHEDULE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/advance_schedule.lua")));
 /// See `lua/take_due.lua`.
 pub static TAKE_DUE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/take_due.lua")));

@@ -45,6 +45,7 @@ pub enum Kind {
 const TASKS_ACCEPTED: &str = "fleet_tasks_accepted_total";
 const TASKS_DUPLICATE: &str = "fleet_tasks_duplicate_total";
 const TASKS_REJECTED: &str = "fleet_tasks_rejected_total";
+const SCHEDULE_FIRED: &str = "fleet_schedule_fired_total";
 const TASKS_STARTED: &str = "fleet_tasks_started_total";
 const TASKS_SUCCEEDED: &str = "fleet_tasks_succeeded_total";
 const TASKS_RETRIED: &str = "fleet_tasks_retried_total";
@@ -74,7 +75,7 @@ const FLOW_BLOCKED: &str = "fleet_flow_blocked";
 const FLOW_THROTTLED: &str = "fleet_flow_throttled_total";
 
 /// Every metric: name, kind and help text.
-pub const CATALOGUE: [(&str, Kind, &str); 30] = [
+pub const CATALOGUE: [(&str, Kind, &str); 31] = [
     (
         TASKS_ACCEPTED,
         Kind::Counter,
@@ -89,6 +90,11 @@ pub const CATALOGUE: [(&str, Kind, &str); 30] = [
         TASKS_REJECTED,
         Kind::Counter,
         "Submissions refused, by reason code (sent to the rejected topic or answered 4xx).",
+    ),
+    (
+        SCHEDULE_FIRED,
+        Kind::Counter,
+        "Tasks a schedule created (occurrences and run-now), by schedule.",
     ),
     (
         TASKS_STARTED,
@@ -241,6 +247,11 @@ fn kind_priority(kind: SharedString, priority: SharedString) -> [(&'static str, 
 /// Submissions recorded as new tasks.
 pub fn tasks_accepted(kind: impl Into<SharedString>, priority: impl Into<SharedString>) -> Counter {
     emit::counter(TASKS_ACCEPTED, &kind_priority(kind.into(), priority.into()))
+}
+
+/// Tasks created by schedule `name`.
+pub fn schedule_fired(name: &str) -> Counter {
+    emit::counter(SCHEDULE_FIRED, &[("schedule", name.to_string().into())])
 }
 
 /// Submissions answered with an existing task.

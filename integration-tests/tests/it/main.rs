@@ -23,6 +23,7 @@ mod hostile;
 mod lifecycle;
 mod metrics;
 mod placement;
+mod schedules;
 mod series;
 mod store;
 mod store_control;

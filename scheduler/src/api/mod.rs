@@ -11,6 +11,7 @@ mod fleet;
 pub mod group;
 mod limits;
 mod queues;
+mod schedules;
 mod tasks;
 mod workflows;
 
@@ -56,6 +57,13 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/v1/limits"),
     (Method::PUT, "/v1/limits/{scope}/{name}"),
     (Method::DELETE, "/v1/limits/{scope}/{name}"),
+    (Method::GET, "/v1/schedules"),
+    (Method::GET, "/v1/schedules/{name}"),
+    (Method::PUT, "/v1/schedules/{name}"),
+    (Method::DELETE, "/v1/schedules/{name}"),
+    (Method::POST, "/v1/schedules/{name}/pause"),
+    (Method::POST, "/v1/schedules/{name}/resume"),
+    (Method::POST, "/v1/schedules/{name}/run"),
     (Method::GET, "/v1/workflows"),
     (Method::GET, "/v1/workflows/{id}"),
     (Method::POST, "/v1/workflows/{id}/cancel"),
@@ -104,6 +112,16 @@ pub fn router(state: ApiState, readiness: Readiness) -> Router {
             "/v1/limits/{scope}/{name}",
             axum::routing::put(limits::put).delete(limits::delete),
         )
+        .route("/v1/schedules", get(schedules::list))
+        .route(
+            "/v1/schedules/{name}",
+            get(schedules::get)
+                .put(schedules::put)
+                .delete(schedules::delete),
+        )
+        .route("/v1/schedules/{name}/pause", post(schedules::pause))
+        .route("/v1/schedules/{name}/resume", post(schedules::resume))
+        .route("/v1/schedules/{name}/run", post(schedules::run))
         .route("/v1/workflows", get(workflows::list))
         .route("/v1/workflows/{id}", get(workflows::get))
         .route("/v1/workflows/{id}/cancel", post(workflows::cancel))
