@@ -5,6 +5,7 @@
 
 mod client;
 mod cpu_check;
+mod dag;
 mod flow;
 mod hop;
 mod placement;
@@ -95,6 +96,10 @@ struct Args {
     /// Tasks of each half of the flow-control run (none: 0).
     #[arg(long, default_value_t = 5_000)]
     flow_tasks: usize,
+    /// Fan-ins (10 parents and a join) of the workflow run, with and without their edges (none:
+    /// 0); its chains are ten times as many pairs, at 200 pairs a second.
+    #[arg(long, default_value_t = 500)]
+    workflow_fan_ins: usize,
     /// Concurrent sleeping tasks held by one worker for the memory run.
     #[arg(long, default_value_t = 1000)]
     sleeping: usize,
@@ -216,6 +221,22 @@ async fn main() -> anyhow::Result<()> {
         ));
         let stack = throughput_stack("bench-flow", &args, &worker_vars).await?;
         flowed = flow::flow(&stack, args.flow_tasks, 50, 1000, 500).await?;
+    }
+    let mut workflowed = json!(null);
+    if args.workflow_fan_ins > 0 {
+        note(&format!(
+            "(j) workflows: {0} fan-ins of 10 parents and a join, with and without their edges; then {1} parent → child chains at 200/s …",
+            args.workflow_fan_ins,
+            args.workflow_fan_ins * 2
+        ));
+        let stack = throughput_stack("bench-workflows", &args, &worker_vars).await?;
+        workflowed = dag::workflows(
+            &stack,
+            args.workflow_fan_ins,
+            args.workflow_fan_ins * 2,
+            200,
+        )
+        .await?;
     }
     note(&format!(
         "(d) recovery after kill -9 of a worker holding {}+ tasks …",
@@ -354,6 +375,7 @@ async fn main() -> anyhow::Result<()> {
         "end_to_end": throughput,
         "placement": placed,
         "flow": flowed,
+        "workflows": workflowed,
         "drain": drain,
         "redis_aof": args.aof.name(),
         "aof_compared": compared,
@@ -454,6 +476,21 @@ fn print_table(r: &Value) {
             f(&fl["redis_commands_per_task_checked"]),
             f(&fl["redis_us_per_task_unlimited"]),
             f(&fl["redis_commands_per_task_unlimited"])
+        );
+    }
+    let wf = &r["workflows"];
+    if !wf.is_null() {
+        println!(
+            "| (j) workflows: {} fan-ins of 10 parents and a join; {} parent → child chains at {}/s | Redis {:.1} µs CPU and {:.1} commands per dependency edge ({:.0} µs per task with edges, {:.0} without); parent's end → child's start p50 {} ms, p99 {} ms |",
+            wf["fan_ins"],
+            wf["chains"],
+            wf["chain_rate"],
+            f(&wf["redis_us_per_edge"]),
+            f(&wf["redis_commands_per_edge"]),
+            f(&wf["redis_us_per_task_with_edges"]),
+            f(&wf["redis_us_per_task_without"]),
+            wf["release_p50_ms"],
+            wf["release_p99_ms"]
         );
     }
     let d = &r["drain"];

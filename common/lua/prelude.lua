@@ -51,6 +51,10 @@ end
 -- write wins, exactly as if the calls had run in order. Nothing reads these keys back within a
 -- script before the flush (state indexes, leases, due, held, queue indexes, totals).
 local later_add, later_rem, later_incr = {}, {}, {}
+-- Set when the script released a task waiting for its parents: the relays (its first dispatch
+-- is in the outbox) or the dispatchers (a placed task, in the inbox) are woken by a PUBLISH at
+-- the end, instead of finding it at their next round.
+local wake_wanted = {}
 
 local function zadd_later(key, score, id)
   local adds, rems = later_add[key], later_rem[key]
@@ -183,6 +187,7 @@ local function flush_later()
     local s = amounts_text(use_cache[worker])
     if s == '' then redis.call('HDEL', USED, worker) else redis.call('HSET', USED, worker, s) end
   end
+  for what in pairs(wake_wanted) do redis.call('PUBLISH', ROOT .. ':wake', what) end
   for kind, times in pairs(run_times_later) do
     local kept = {}
     local list = redis.call('HGET', RUN_TIMES, kind)
@@ -336,9 +341,12 @@ local function release(key, id, now, redeliver)
   move(id, 'waiting', 'pending', now)
   if g[1] then
     redis.call('ZADD', INBOX, 'NX', now, id)
+    if not redeliver then wake_wanted.place = true end
     return 'w'
   end
   zadd_later(OUTBOX, now + (redeliver or 0), outbox_member(id, (tonumber(g[4]) or 0) + 1))
+  -- At acceptance the scheduler publishes it itself (`redeliver` is given): no wake-up.
+  if not redeliver then wake_wanted.relay = true end
   return 'p'
 end
 

@@ -17,6 +17,52 @@ use crate::store::{Membership, NewTask};
 use crate::task::InvalidTask;
 pub use crate::task::{MAX_PARENTS, OnParentFailure};
 
+/// Helpers that build a submission (a JSON array of tasks, for `POST /v1/tasks` or one batch
+/// record on the submit topic) from task objects: a task without an `id` gets one.
+pub mod build {
+    use serde_json::{Value, json};
+
+    fn id_of(task: &mut Value) -> String {
+        if let Some(id) = task.get("id").and_then(Value::as_str) {
+            return id.to_string();
+        }
+        let id = crate::task::new_task_id();
+        task["id"] = json!(id);
+        id
+    }
+
+    fn depend(task: &mut Value, parents: &[String]) {
+        let mut all: Vec<Value> = task
+            .get("depends_on")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        all.extend(parents.iter().map(|p| json!(p)));
+        task["depends_on"] = Value::Array(all);
+    }
+
+    /// Each task after the one before it: `a → b → c`.
+    pub fn chain(mut tasks: Vec<Value>) -> Vec<Value> {
+        let mut previous: Option<String> = None;
+        for task in &mut tasks {
+            let id = id_of(task);
+            if let Some(parent) = previous.replace(id) {
+                depend(task, &[parent]);
+            }
+        }
+        tasks
+    }
+
+    /// A group and a task after all of it (Celery's chord): fan-out, then fan-in.
+    pub fn chord(mut group: Vec<Value>, mut callback: Value) -> Vec<Value> {
+        let parents: Vec<String> = group.iter_mut().map(id_of).collect();
+        id_of(&mut callback);
+        depend(&mut callback, &parents);
+        group.push(callback);
+        group
+    }
+}
+
 static GROUPS: AtomicU64 = AtomicU64::new(1);
 
 /// Checks a submission's dependencies as a whole and marks its tasks as one group, when any
@@ -202,6 +248,33 @@ mod tests {
                 .to_string()
                 .contains("twice")
         );
+    }
+
+    #[test]
+    fn chain_and_chord_build_submissions_prepare_accepts() {
+        use serde_json::json;
+        let chained = build::chain(vec![
+            json!({"id": "a", "kind": "k"}),
+            json!({"kind": "k"}),
+            json!({"id": "c", "kind": "k"}),
+        ]);
+        let b = chained[1]["id"].as_str().unwrap().to_string();
+        assert_eq!(chained[1]["depends_on"], json!(["a"]));
+        assert_eq!(chained[2]["depends_on"], json!([b]));
+        let chord = build::chord(
+            vec![
+                json!({"id": "p1", "kind": "k"}),
+                json!({"id": "p2", "kind": "k"}),
+            ],
+            json!({"id": "join", "kind": "k"}),
+        );
+        assert_eq!(chord[2]["depends_on"], json!(["p1", "p2"]));
+        let mut tasks: Vec<NewTask> = chained
+            .iter()
+            .chain(&chord)
+            .map(|v| task(&v.to_string()))
+            .collect();
+        prepare(&mut tasks).expect("a chain and a chord are one valid submission");
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(200);
 /// Most schedules fired in one round (more: the next round goes on at once).
 pub const BATCH: usize = 100;
 
-/// One round: fires every due schedule. Returns whether the round was full.
+/// One round: fires every due schedule, all as of one Redis time. Their tasks are accepted
+/// (and each schedule moved on) first, then published together in the background: a round
+/// never waits for Kafka. A scheduler that dies before publishing leaves them in the outbox, as
+/// ingest does.
 pub async fn round(
     settings: &SchedulerSettings,
     store: &Store,
@@ -30,6 +33,7 @@ pub async fn round(
 ) -> Result<bool, StoreError> {
     let now = store.redis_time_ms().await?;
     let due = store.due_schedules(now, BATCH).await?;
+    let (mut all_tasks, mut all_accepted) = (Vec::new(), Vec::new());
     for (name, next) in &due {
         let Some(stored) = store.schedule(name).await? else {
             // Deleted meanwhile (or unreadable): nothing to fire from it.
@@ -38,9 +42,20 @@ pub async fn round(
         };
         let schedule = stored.schedule;
         let firing = schedule.due(*next, now);
-        let tasks = tasks_of(&schedule, &firing.fire, settings);
-        fire(store, publisher, queues, &schedule, tasks, "occurrence").await?;
+        let mut tasks = tasks_of(&schedule, &firing.fire, settings);
+        let accepted = accept(store, queues, &schedule, &mut tasks, "occurrence").await?;
         store.advance_schedule(name, *next, firing.next).await?;
+        all_tasks.extend(tasks);
+        all_accepted.extend(accepted);
+    }
+    // Published beside the next rounds, not before them: a slow broker (its first connection,
+    // a leader change) must not make the next occurrences late, which past their grace would
+    // count as missed. What a publish does not send, the relay sends from the outbox.
+    if !all_tasks.is_empty() {
+        let (store, publisher) = (store.clone(), publisher.clone());
+        tokio::spawn(async move {
+            publish_accepted(&store, &publisher, &all_tasks, &all_accepted).await;
+        });
     }
     Ok(due.len() >= BATCH)
 }
@@ -96,11 +111,26 @@ pub async fn fire(
     mut tasks: Vec<NewTask>,
     what: &str,
 ) -> Result<Vec<Accepted>, StoreError> {
+    let accepted = accept(store, queues, schedule, &mut tasks, what).await?;
+    if !tasks.is_empty() {
+        publish_accepted(store, publisher, &tasks, &accepted).await;
+    }
+    Ok(accepted)
+}
+
+/// Accepts a schedule's tasks (marked as its queue says), logging and counting each.
+async fn accept(
+    store: &Store,
+    queues: &Queues,
+    schedule: &Schedule,
+    tasks: &mut Vec<NewTask>,
+    what: &str,
+) -> Result<Vec<Accepted>, StoreError> {
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
-    queues.mark(&mut tasks);
-    let accepted = store.accept(&tasks).await?;
+    queues.mark(tasks);
+    let accepted = store.accept(tasks).await?;
     for (task, outcome) in tasks.iter().zip(&accepted) {
         match outcome {
             Accepted::Duplicate(_) => {}
@@ -113,6 +143,5 @@ pub async fn fire(
             }
         }
     }
-    publish_accepted(store, publisher, &tasks, &accepted).await;
     Ok(accepted)
 }

@@ -236,16 +236,31 @@ impl Parts {
         Ok(())
     }
 
-    /// The relay: due timers, the outbox and the held-task sweep, every relay interval.
+    /// The relay: due timers, the outbox and the held-task sweep, every relay interval, and at
+    /// once when a script released a task waiting for its parents (which also wakes the
+    /// dispatcher for a placed one).
     fn spawn_relay(&self, supervisor: &mut Supervisor) {
         let (store, publisher) = (self.store.clone(), self.publisher.clone());
         let live_age = self.settings.lease.lease_ms;
         let sweep = Arc::new(relay::HeldSweep::default());
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let wakeups = tokio::spawn(fleet_common::store::wakeups(
+            self.settings.redis.clone(),
+            self.store.keys().clone(),
+            wake.clone(),
+            self.publisher.placing(),
+        ));
+        let token = self.token.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            wakeups.abort();
+        });
         supervisor.spawn(
             "relay",
-            every(
+            every_or_woken(
                 "relay",
                 self.settings.scheduler.relay_interval(),
+                Some(wake),
                 self.token.child_token(),
                 move || {
                     let (store, publisher, sweep) =
@@ -359,12 +374,28 @@ async fn every<F, Fut>(
     what: &'static str,
     interval: Duration,
     token: CancellationToken,
+    step: F,
+) -> TaskResult
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, StoreError>>,
+{
+    every_or_woken(what, interval, None, token, step).await
+}
+
+/// [`every`], and also as soon as `wake` is notified.
+async fn every_or_woken<F, Fut>(
+    what: &'static str,
+    interval: Duration,
+    wake: Option<Arc<tokio::sync::Notify>>,
+    token: CancellationToken,
     mut step: F,
 ) -> TaskResult
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool, StoreError>>,
 {
+    let wake = wake.unwrap_or_default();
     info!(
         interval_ms = interval.as_millis() as u64,
         "Loop `{what}` started."
@@ -378,6 +409,7 @@ where
             tokio::select! {
                 () = token.cancelled() => {}
                 () = tokio::time::sleep(interval) => {}
+                () = wake.notified() => {}
             }
         }
     }

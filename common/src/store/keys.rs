@@ -272,6 +272,13 @@ impl Keys {
         format!("{}:schedule-next", self.root)
     }
 
+    /// Pub/sub channel on which scripts that release a task waiting for its parents wake the
+    /// relays (message `relay`: its dispatch is in the outbox) or the dispatchers (`place`: a
+    /// placed task is in the inbox), so it goes on at once rather than at their next round.
+    pub fn wake(&self) -> String {
+        format!("{}:wake", self.root)
+    }
+
     /// Idempotency key → task id, expiring after the idempotency window.
     pub fn idempotency(&self, key: &str) -> String {
         join(&[&self.root, ":idem:", key])

@@ -88,6 +88,42 @@ pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, Stor
     Ok(conn)
 }
 
+/// Wakes `relay` or `place` whenever a script asks the relays or the dispatchers to run
+/// ([`Keys::wake`]), for as long as the process runs: subscribes, and subscribes again a second
+/// after the connection drops (meanwhile both run on their own period, as without it).
+pub async fn wakeups(
+    settings: RedisSettings,
+    keys: Keys,
+    relay: std::sync::Arc<tokio::sync::Notify>,
+    place: std::sync::Arc<tokio::sync::Notify>,
+) {
+    use futures::StreamExt;
+    loop {
+        let subscribed = async {
+            let client = redis::Client::open(settings.url.expose())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(keys.wake()).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match subscribed.await {
+            Ok(mut pubsub) => {
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    match message.get_payload_bytes() {
+                        b"place" => place.notify_one(),
+                        _ => relay.notify_one(),
+                    }
+                }
+                tracing::debug!("The relay wake-up subscription ended; subscribing again.");
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "Cannot subscribe to relay wake-ups; retrying.");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// What [`check_schema`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchemaCheck {

@@ -505,6 +505,10 @@ async fn every_documented_503_is_what_the_api_answers_while_redis_is_down() {
         ("/v1/resume", json!({"queue": "q"})),
         ("/v1/tasks/{id}/priority", json!({"priority": "high"})),
         ("/v1/limits/{scope}/{name}", json!({"max_running": 1})),
+        (
+            "/v1/schedules/{name}",
+            json!({"cron": "* * * * *", "task": {"kind": "noop"}}),
+        ),
     ];
     for (method, path) in &documented {
         let body = bodies

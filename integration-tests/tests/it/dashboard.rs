@@ -297,7 +297,47 @@ async fn the_dashboard_shows_the_fleet_and_its_cancel_button_cancels_a_running_t
              document.getElementById('count-succeeded')?.textContent === '12'",
         )
         .await;
+    // A workflow's page draws its graph: a box per task colored by state, an edge per
+    // dependency; its cancel button cancels what has not ended.
+    let workflow = json!([
+        {"id": "wf-a", "kind": "noop", "workflow": "etl"},
+        {"id": "wf-b", "kind": "sleep", "payload": {"ms": 60000}, "depends_on": ["wf-a"]},
+        {"id": "wf-c", "kind": "fail", "payload": {"message": "no data"}, "depends_on": ["wf-a"]},
+        {"id": "wf-d", "kind": "gather", "depends_on": ["wf-b", "wf-c"], "on_parent_failure": "run"},
+        {"id": "wf-e", "kind": "noop", "depends_on": ["wf-c"]},
+        {"id": "wf-f", "kind": "noop", "depends_on": ["wf-e"], "on_parent_failure": "skip"},
+    ])
+    .to_string();
+    let submitted = request(
+        addr,
+        "POST",
+        "/v1/tasks",
+        Some(TOKEN),
+        Some(workflow.as_bytes()),
+    )
+    .await;
+    assert_eq!(submitted.status, 201, "{}", submitted.body);
+    browser.navigate(&format!("{base}#/workflow/etl")).await;
+    browser
+        .wait_for(
+            "the workflow's graph: six tasks, six edges, each in its state",
+            "(() => { const s = id => document.querySelector(`#workflow-graph .node[data-id='${id}']`)?.dataset.state;                return document.querySelectorAll('#workflow-graph .node').length === 6 &&                  document.querySelectorAll('#workflow-graph path.edge').length === 6 &&                  s('wf-a') === 'succeeded' && s('wf-b') === 'running' && s('wf-c') === 'failed' &&                  s('wf-d') === 'waiting' && s('wf-e') === 'failed' && s('wf-f') === 'skipped'; })()",
+        )
+        .await;
+    browser.screenshot(&shots.join("workflow.png")).await;
+    browser
+        .eval("document.getElementById('cancel-workflow').click()")
+        .await;
+    browser
+        .wait_for(
+            "the workflow cancelled: nothing open, b and d cancelled",
+            "document.getElementById('workflow-summary')?.textContent.includes('0 open') &&              document.querySelector(\"#workflow-graph .node[data-id='wf-b']\")?.dataset.state === 'cancelled' &&              document.querySelector(\"#workflow-graph .node[data-id='wf-d']\")?.dataset.state === 'cancelled'",
+        )
+        .await;
+    let d = store.task("wf-d").await.unwrap().unwrap();
+    assert_eq!(d.attempt, 0, "the cancelled join never ran");
     for name in [
+        "workflow.png",
         "no-token.png",
         "overview.png",
         "overview-charts.png",
