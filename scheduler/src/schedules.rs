@@ -123,7 +123,7 @@ async fn accept(
     store: &Store,
     queues: &Queues,
     schedule: &Schedule,
-    tasks: &mut Vec<NewTask>,
+    tasks: &mut [NewTask],
     what: &str,
 ) -> Result<Vec<Accepted>, StoreError> {
     if tasks.is_empty() {
