@@ -142,6 +142,15 @@ fn invalid_values_name_the_key_and_the_expected_form() {
     ));
     assert_eq!(key, "topics.prefix");
 
+    for bytes in ["0", "1023", "16777217"] {
+        let (key, message) = invalid(load_with_env(
+            None,
+            env(&[("FLEET__TASKS__MAX_RESULT_BYTES", bytes)]),
+        ));
+        assert_eq!(key, "tasks.max_result_bytes", "{bytes}");
+        assert!(message.contains("1024 to 16777216"), "{message}");
+    }
+
     // Ten years is the longest a task or an idempotency key is kept; 1e17 ms would reach
     // Redis in exponent form.
     for (var, key) in [

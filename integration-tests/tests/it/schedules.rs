@@ -221,6 +221,15 @@ async fn each_misfire_policy_after_an_outage_and_the_api_and_cli() {
         store.task(&id).await.unwrap().is_some()
     })
     .await;
+    let out = fleetctl_ok(&env, &["schedule", "run-now", "nightly"]);
+    let cli_id = out.trim().to_string();
+    assert!(cli_id.starts_with("nightly:run-"), "{out}");
+    eventually(
+        Duration::from_secs(20),
+        "fleetctl's run-now made its task",
+        || async { store.task(&cli_id).await.unwrap().is_some() },
+    )
+    .await;
     let r = request(addr, "GET", "/v1/schedules", Some(TOKEN), None).await;
     let names: Vec<&str> = r.json()["schedules"]
         .as_array()

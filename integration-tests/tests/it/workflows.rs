@@ -178,10 +178,12 @@ async fn post(addr: std::net::SocketAddr, body: &Value) -> (u16, Value) {
 async fn each_parent_failure_policy_a_workflow_cancel_and_kept_parents() {
     let env = TestEnv::start("wf-policies");
     env.create_topics().await;
-    // A short retention, so that a parent kept for its child is visible as such.
+    // A short retention, so that a parent kept for its child is visible as such; a small
+    // result limit, so that a result over it is refused.
     let short = [
         ("FLEET__HTTP__TOKENS", TOKEN),
         ("FLEET__TASKS__RETENTION_MS", "3000"),
+        ("FLEET__TASKS__MAX_RESULT_BYTES", "2048"),
     ];
     let (_scheduler, addr) = env.spawn_api("scheduler", &short).await;
     let _reaper = env.spawn("fleet-reaper", "reaper", &short[1..]);
@@ -384,6 +386,71 @@ async fn each_parent_failure_policy_a_workflow_cancel_and_kept_parents() {
     assert!(store.open_workflows().await.unwrap().is_empty());
     let (code, _, err) = env.fleetctl(&["workflow", "no-such-workflow"]);
     assert_eq!(code, 1, "{err}");
+
+    // A result over the limit fails its attempt with the reason, not cut; its child, by its
+    // policy, does not run.
+    let (status, _) = post(
+        addr,
+        &json!([
+            {"id": "big", "kind": "echo", "payload": "x".repeat(3000)},
+            {"id": "big-child", "kind": "gather", "depends_on": ["big"]},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let big = env
+        .wait_terminal(&["big".into(), "big-child".into()], Duration::from_secs(15))
+        .await;
+    assert_eq!(big["big"].state, State::Failed);
+    let error = big["big"].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("result is 3002 bytes, over the 2048-byte limit (tasks.max_result_bytes)"),
+        "{error}"
+    );
+    assert!(big["big"].result.is_none());
+    assert_eq!(
+        big["big-child"].error.as_deref(),
+        Some("dependency big failed")
+    );
+
+    // fleetctl submits a DAG from a file as one batch record (accepted whole), and a task
+    // after others from flags.
+    let dag = env.dir.join("dag.json");
+    std::fs::write(
+        &dag,
+        json!([
+            {"id": "cli-a", "kind": "echo", "payload": 1},
+            {"id": "cli-b", "kind": "gather", "depends_on": ["cli-a"]},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let (code, out, err) = env.fleetctl(&["submit", "--file", dag.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["cli-a", "cli-b"]);
+    let (code, out, err) = env.fleetctl(&[
+        "submit", "--kind", "gather", "--id", "cli-c", "--after", "cli-b", "--after", "cli-a",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "cli-c");
+    let cli = env
+        .wait_terminal(&["cli-c".into()], Duration::from_secs(20))
+        .await;
+    let read = result(&cli["cli-c"]);
+    assert_eq!(read["parents"][1]["result"], json!(1), "{read}");
+    assert_eq!(read["parents"][0]["id"], json!("cli-b"));
+    std::fs::write(
+        &dag,
+        json!([
+            {"id": "cyc-a", "kind": "noop", "depends_on": ["cyc-b"]},
+            {"id": "cyc-b", "kind": "noop", "depends_on": ["cyc-a"]},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let (code, _, err) = env.fleetctl(&["submit", "--file", dag.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cycle"), "{err}");
 
     // A child submitted after its parent ended (within the parent's retention): after a
     // success it runs at once; after a failure it ends at acceptance by its policy.
