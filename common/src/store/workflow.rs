@@ -53,7 +53,7 @@ pub struct WorkflowView {
     pub open: u64,
     pub counts: BTreeMap<String, u64>,
     pub tasks: Vec<WorkflowTask>,
-    /// Members past [`MAX_LISTED`], not listed.
+    /// Members past the 10,000 listed.
     pub more: u64,
 }
 
