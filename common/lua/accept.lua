@@ -135,12 +135,21 @@ end
 -- as `waiting`): its workflow, its parents, and the edges that make their ends release it.
 -- Parents already ended count at once (a failed one ends it by its policy). Returns its code.
 local function accept_dependent(key, id, dep, run_at, delay)
-  local parents = {}
-  for parent in string.gmatch(dep.parents, '[^\n]+') do parents[#parents + 1] = alias[parent] or parent end
+  -- Each parent once: two ids of a submission may turn out to be one stored task (an
+  -- idempotency key), and a child waits for it once.
+  local parents, seen = {}, {}
+  for parent in string.gmatch(dep.parents, '[^\n]+') do
+    parent = alias[parent] or parent
+    if not seen[parent] then
+      seen[parent] = true
+      parents[#parents + 1] = parent
+    end
+  end
   local workflow = dep.workflow
   if workflow == '' then
-    workflow = parents[1] and redis.call('HGET', task_key(parents[1]), 'workflow')
-      or spawn_workflow or dep.default
+    workflow = spawn_workflow
+      or (parents[1] and redis.call('HGET', task_key(parents[1]), 'workflow'))
+      or dep.default
   end
   local set = { 'dag', #parents > 0 and 'wp' or 'w', 'workflow', workflow }
   if #parents > 0 then
@@ -202,6 +211,8 @@ if ARGV[completion_at] == '1' then
     spawn_workflow = cid
     redis.call('HSET', ckey, 'workflow', cid)
     redis.call('ZADD', workflow_key(cid), now, cid)
+    -- Kept while a follow-up in it is open (workflow_opened); else it goes with the spawner.
+    redis.call('PEXPIRE', workflow_key(cid), text(retention))
   end
   completed = code
 end
@@ -291,5 +302,11 @@ for i = 0, n - 1 do
     end
   end
 end
-if completed then out[n + 1] = completed end
+if completed then
+  out[n + 1] = completed
+  -- Placed follow-ups wait in the inbox: the dispatchers are woken for them.
+  for i = 1, n do
+    if out[i] == 'w' then wake_wanted.place = true end
+  end
+end
 return out

@@ -313,11 +313,12 @@ local function hold_parent(key, by)
 end
 
 local function unhold_parent(key, retention)
-  local n = redis.call('HGET', key, 'open_children')
-  if not n then return end
-  if tonumber(n) <= 1 then
+  local f = redis.call('HMGET', key, 'open_children', 'state')
+  if not f[1] then return end
+  if tonumber(f[1]) <= 1 then
     redis.call('HDEL', key, 'open_children')
-    redis.call('PEXPIRE', key, text(retention))
+    -- A parent redriven since it counted its children expires when it ends again.
+    if TERMINAL[f[2]] then redis.call('PEXPIRE', key, text(retention)) end
   else
     redis.call('HINCRBY', key, 'open_children', -1)
   end
@@ -352,7 +353,8 @@ end
 
 -- A waiting task's parent `parent` ended in `state`: it is released if that was its last
 -- parent, or ends now by its `on_parent_failure` (fail: `failed`, or `cancelled` after a
--- cancelled parent; skip: `skipped`; a skipped parent skips it either way; run: it waits on).
+-- cancelled parent; skip: `skipped`; a skipped parent skips a `fail` child too; run: it waits
+-- on).
 -- Returns accept's code for it: 'W' (waits on), 'p'/'w'/'s' (released), 'e' and the state it
 -- ended in, or nil if it was not waiting.
 local function parent_ended(key, id, parent, state, now, retention, redeliver)
@@ -385,13 +387,13 @@ local dag_queue, dag_busy = {}, false
 local function dag_ended(key, id, to, now, retention)
   local f = redis.call('HMGET', key, 'dag', 'parents', 'workflow')
   local dag = f[1] or ''
-  -- Its parents that ended kept their results for it: one child less to wait for.
+  -- Its parents that ended (and counted it, or were held for it) kept their results for it:
+  -- one child less to wait for. A parent holds an `open_children` count only once it ended.
   if f[2] then
-    for parent in string.gmatch(f[2], '[^\n]+') do
-      local pk = task_key(parent)
-      if TERMINAL[redis.call('HGET', pk, 'state') or 'succeeded'] then unhold_parent(pk, retention) end
-    end
+    for parent in string.gmatch(f[2], '[^\n]+') do unhold_parent(task_key(parent), retention) end
   end
+  -- Children counted at an earlier end (before a redrive) still hold it.
+  local held = tonumber(redis.call('HGET', key, 'open_children')) or 0
   if string.find(dag, 'c', 1, true) then
     local ck = children_key(id)
     local children = redis.call('SMEMBERS', ck)
@@ -403,13 +405,13 @@ local function dag_ended(key, id, to, now, retention)
       local s = redis.call('HGET', task_key(child), 'state')
       if s and not TERMINAL[s] then open = open + 1 end
     end
-    if open > 0 then
-      redis.call('HSET', key, 'open_children', text(open))
-      redis.call('PERSIST', key)
-    end
+    if open > 0 then held = held + open; redis.call('HSET', key, 'open_children', text(held)) end
+    if held > 0 then redis.call('PERSIST', key) end
     for _, child in ipairs(children) do
       parent_ended(task_key(child), child, id, to, now, retention)
     end
+  elseif held > 0 then
+    redis.call('PERSIST', key)
   end
   if f[3] then workflow_closed(f[3], retention) end
 end

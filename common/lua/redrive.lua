@@ -12,10 +12,19 @@ local now = now_ms()
 local redriven = 0
 for i = 0, tonumber(ARGV[1]) - 1 do
   local key, id = KEYS[GLOBALS + 1 + i], ARGV[2 + i]
-  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'flow', 'workflow')
+  local f = redis.call('HMGET', key, 'state', 'attempt', 'queue', 'priority', 'flow', 'workflow',
+    'parents')
   if f[1] == 'failed' then
     -- Open again in its workflow (its children that ended by its failure stay ended).
     if f[6] then workflow_opened(f[6]) end
+    -- Its parents that ended are held for it again: its first end let them go, its next one
+    -- will. (A task failed by a parent runs now, whatever its parents: an operator's choice.)
+    if f[7] then
+      for parent in string.gmatch(f[7], '[^\n]+') do
+        local pk = task_key(parent)
+        if TERMINAL[redis.call('HGET', pk, 'state') or ''] then hold_parent(pk, 1) end
+      end
+    end
     -- Queued again under its flow dimensions (finish counted it out).
     for _, dim in ipairs(dims_of(f[5])) do incr_later(FLOW_QUEUED, dim, 1) end
     incr_later(TOTALS, total_field('queue', 'failed', f[3] or '?'), -1)

@@ -200,11 +200,21 @@ impl Schedule {
     pub fn next_after(&self, after_ms: u64) -> Option<u64> {
         match self.timing().ok()? {
             Timing::Cron(cron, tz) => {
-                // Whole seconds: croner keeps the start's fraction in what it finds.
-                let after = tz.timestamp_opt((after_ms / 1000) as i64, 0).single()?;
-                cron.find_next_occurrence(&after, false)
-                    .ok()
-                    .map(|t: DateTime<Tz>| t.timestamp_millis() as u64)
+                // Whole seconds: croner keeps the start's fraction in what it finds. In the
+                // second pass of a repeated hour croner answers the first pass's time, which is
+                // behind: such a time is passed over (it fired in the first pass), a second at a
+                // time, at most two hours' worth.
+                let mut from = after_ms / 1000;
+                for _ in 0..7200 {
+                    let start = tz.timestamp_opt(from as i64, 0).single()?;
+                    let found = cron.find_next_occurrence(&start, false).ok()?;
+                    let found = found.timestamp_millis() as u64;
+                    if found > after_ms {
+                        return Some(found);
+                    }
+                    from += 1;
+                }
+                None
             }
             Timing::Every { anchor, every } => {
                 if after_ms < anchor {
@@ -244,14 +254,32 @@ impl Schedule {
             Misfire::CatchUp => self.catch_up_max as usize,
         };
         let mut fire = Vec::new();
-        // Missed: older than the cutoff (later than `misfire_grace_ms` now).
-        if next_ms < cutoff {
-            let mut at = self.at_or_before(cutoff - 1);
-            while let Some(t) = at.filter(|&t| t >= next_ms && fire.len() < wanted) {
-                fire.push(t);
-                at = t.checked_sub(1).and_then(|b| self.at_or_before(b));
+        // Missed: older than the cutoff (later than `misfire_grace_ms` now). Found forward from
+        // the stored next, as they would have fired (a daylight-saving gap's occurrence is the
+        // first second after it, as forward search finds it); past 10,000 of them, backward
+        // from the cutoff instead, so an outage of any length costs a bounded amount of work.
+        if next_ms < cutoff && wanted > 0 {
+            let mut kept = std::collections::VecDeque::with_capacity(wanted);
+            let mut at = Some(next_ms);
+            let mut steps = 0;
+            while let Some(t) = at.filter(|&t| t < cutoff && steps < 10_000) {
+                if kept.len() == wanted {
+                    kept.pop_front();
+                }
+                kept.push_back(t);
+                at = self.next_after(t);
+                steps += 1;
             }
-            fire.reverse();
+            if steps < 10_000 {
+                fire.extend(kept);
+            } else {
+                let mut at = self.at_or_before(cutoff - 1);
+                while let Some(t) = at.filter(|&t| t >= next_ms && fire.len() < wanted) {
+                    fire.push(t);
+                    at = t.checked_sub(1).and_then(|b| self.at_or_before(b));
+                }
+                fire.reverse();
+            }
         }
         // On time: every occurrence from the later of the stored next and the cutoff to now.
         let mut at = if next_ms >= cutoff {
@@ -420,6 +448,41 @@ mod tests {
         let got = s.upcoming(start, 2);
         assert_eq!(got[0], start + 1000);
         assert_eq!(got[1], ms(tz, 2026, 10, 25, 3, 0, 0));
+    }
+
+    #[test]
+    fn after_an_outage_a_gap_days_occurrence_is_the_one_that_would_have_fired() {
+        // Berlin, 2026-03-29: 02:30 does not exist; the occurrence is 03:00 CEST.
+        let tz: Tz = "Europe/Berlin".parse().unwrap();
+        let mut s = schedule("0 30 2 * * *", "Europe/Berlin");
+        s.misfire = Misfire::RunOnce;
+        let next = ms(tz, 2026, 3, 29, 3, 0, 0);
+        assert_eq!(s.next_after(ms(tz, 2026, 3, 28, 12, 0, 0)), Some(next));
+        let firing = s.due(next, ms(tz, 2026, 3, 29, 6, 0, 0));
+        assert_eq!(
+            firing.fire,
+            vec![next],
+            "the missed gap-day occurrence, by its own time"
+        );
+        assert_eq!(firing.next, Some(ms(tz, 2026, 3, 30, 2, 30, 0)));
+    }
+
+    #[test]
+    fn in_the_second_pass_of_a_repeated_hour_the_next_occurrence_is_ahead() {
+        let mut s = schedule("0 * * * * *", "Europe/Berlin");
+        // 01:30 UTC on 2026-10-25 is 02:30 CET, the repeated hour's second pass.
+        let second_pass = utc_ms(2026, 10, 25, 1, 30, 0);
+        let next = s.next_after(second_pass).unwrap();
+        assert_eq!(
+            next,
+            utc_ms(2026, 10, 25, 2, 0, 0),
+            "the first minute after the repeated hour"
+        );
+        // A scheduler back in the second pass fires no burst of the first pass's minutes.
+        s.misfire = Misfire::Skip;
+        let firing = s.due(second_pass, second_pass + 500);
+        assert_eq!(firing.fire, vec![second_pass]);
+        assert_eq!(firing.next, Some(next));
     }
 
     #[test]

@@ -762,3 +762,191 @@ async fn follow_ups_are_created_exactly_once_through_worker_kills() {
         assert_eq!(result(&ended[id])["parents"][0]["id"], json!("gate"));
     }
 }
+
+/// The success and its follow-ups recorded in Redis, and the worker killed with -9 before it
+/// heard so (a proxy loses the script's reply): each of three tries leaves the spawner
+/// succeeded on its only attempt and its follow-ups there exactly once, none made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_recorded_before_a_kill_exist_once_and_are_not_made_again() {
+    let env = TestEnv::start("wf-follow-kill");
+    env.create_topics().await;
+    let store = env.store().await;
+    let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
+    let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
+    let redis_addr = env
+        .settings()
+        .redis
+        .url
+        .expose()
+        .trim_start_matches("redis://")
+        .parse()
+        .expect("the test Redis's address");
+    let proxy = fleet_testkit::reply_cut::ReplyCut::start(redis_addr).await;
+    let url = proxy.url();
+    // The accept script is what records a success with follow-ups.
+    let accept = fleet_common::store::scripts::ACCEPT
+        .get_hash()
+        .as_bytes()
+        .to_vec();
+    let mut names = Vec::new();
+    for round in 0..3 {
+        let name = format!("proxied-{round}");
+        let mut worker = env.spawn("fleet-worker", &name, &[("FLEET__REDIS__URL", &url)]);
+        names.push(name.clone());
+        eventually(
+            Duration::from_secs(60),
+            "the worker owns partitions",
+            || async {
+                store
+                    .live_workers(2_000)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|(id, info)| {
+                        id == &name
+                            && info
+                                .partitions_of(fleet_common::Priority::Normal)
+                                .is_some_and(|p| !p.is_empty())
+                    })
+            },
+        )
+        .await;
+        let cuts = proxy.cuts();
+        proxy.cut_reply_of(&accept);
+        let id = format!("spawner-{round}");
+        env.submit(&[
+            json!({"id": id, "kind": "spawn", "payload": {"count": 3, "random_ids": true}})
+                .to_string(),
+        ])
+        .await;
+        eventually(
+            Duration::from_secs(30),
+            "the success's reply was lost",
+            || async { proxy.cuts() > cuts },
+        )
+        .await;
+        worker.signal("KILL");
+        worker.wait_exit(Duration::from_secs(10));
+        let spawner = store.task(&id).await.unwrap().expect("the spawner");
+        assert_eq!(spawner.state, State::Succeeded, "recorded before the kill");
+        assert_eq!(spawner.attempt, 1);
+    }
+    // A worker with a direct connection runs the follow-ups.
+    let _runner = env.spawn("fleet-worker", "runner", &[]);
+    for round in 0..3 {
+        let id = format!("spawner-{round}");
+        eventually(
+            Duration::from_secs(60),
+            "the follow-ups succeeded",
+            || async {
+                store
+                    .workflow(&id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|w| w.open == 0 && w.tasks.len() == 4)
+            },
+        )
+        .await;
+        let view = store.workflow(&id).await.unwrap().unwrap();
+        let follow_ups = view.tasks.iter().filter(|t| t.id != id).count();
+        assert_eq!(follow_ups, 3, "{:?}", view.tasks);
+        assert_eq!(
+            store.task(&id).await.unwrap().unwrap().attempt,
+            1,
+            "never ran again"
+        );
+    }
+    let runs = executions(&env, &names.iter().map(String::as_str).collect::<Vec<_>>());
+    for round in 0..3 {
+        assert_eq!(runs[&format!("spawner-{round}")].len(), 1, "{runs:?}");
+    }
+    let total: u64 = store.counts().await.unwrap().iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 12, "3 spawners and 9 follow-ups, nothing more");
+}
+
+/// The scripts directly: a parent named twice through an idempotency key is waited for once;
+/// a redriven child holds its ended parent again, so the parent outlives its retention until
+/// the child's second end.
+#[tokio::test]
+async fn parents_named_twice_or_held_again_after_a_redrive_keep_their_counts() {
+    use fleet_common::store::{Accepted, Claim, Completion, Outcome};
+    let env = TestEnv::redis_only("wf-scripts");
+    let store = env.store().await;
+    let ok = Outcome::Ok("1".into());
+    let mut tasks = vec![
+        env.new_task(r#"{"id":"a","kind":"noop","idempotency_key":"k1"}"#),
+        env.new_task(r#"{"id":"b","kind":"noop","idempotency_key":"k1"}"#),
+        env.new_task(r#"{"id":"c","kind":"noop","depends_on":["a","b"]}"#),
+    ];
+    fleet_common::workflow::prepare(&mut tasks).unwrap();
+    let got = store.accept(&tasks).await.unwrap();
+    assert_eq!(got[1], Accepted::Duplicate("a".into()));
+    assert_eq!(got[2], Accepted::Waiting("c".into()));
+    let c = store.task("c").await.unwrap().unwrap();
+    assert_eq!(
+        (c.parents.clone(), c.waiting_for),
+        (vec!["a".to_string()], Some(1))
+    );
+    assert_eq!(
+        store.claim("w", 30_000, &[("a", 1)]).await.unwrap(),
+        [Claim::Claimed]
+    );
+    assert_eq!(
+        store.complete("w", &[(("a", 1), &ok)]).await.unwrap(),
+        [Completion::Succeeded]
+    );
+    assert_eq!(
+        store.task("c").await.unwrap().unwrap().state,
+        State::Pending,
+        "released once a ended"
+    );
+
+    // p succeeds with two children; q fails, so the child of both fails; a redrive of it holds
+    // p again: p is kept (no expiry) until the redriven child ends, then expires.
+    let mut tasks = vec![
+        env.new_task(r#"{"id":"p","kind":"noop"}"#),
+        env.new_task(r#"{"id":"q","kind":"noop"}"#),
+        env.new_task(r#"{"id":"c1","kind":"noop","depends_on":["p","q"]}"#),
+        env.new_task(r#"{"id":"c2","kind":"noop","depends_on":["p"]}"#),
+    ];
+    fleet_common::workflow::prepare(&mut tasks).unwrap();
+    store.accept(&tasks).await.unwrap();
+    store
+        .claim("w", 30_000, &[("p", 1), ("q", 1)])
+        .await
+        .unwrap();
+    let failed = Outcome::Fail("boom".into());
+    store
+        .complete("w", &[(("p", 1), &ok), (("q", 1), &failed)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.task("c1").await.unwrap().unwrap().state,
+        State::Failed
+    );
+    let mut conn = env.redis_conn().await;
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+        let key = store.keys().task("p");
+        let mut conn = conn.clone();
+        async move {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            ttl
+        }
+    };
+    assert_eq!(pttl(&mut conn).await, -1, "c2 has not ended: p is held");
+    assert_eq!(store.redrive(&["c1".to_string()]).await.unwrap(), 1);
+    store.claim("w", 30_000, &[("c2", 1)]).await.unwrap();
+    store.complete("w", &[(("c2", 1), &ok)]).await.unwrap();
+    assert_eq!(pttl(&mut conn).await, -1, "the redriven c1 holds p");
+    let attempt = store.task("c1").await.unwrap().unwrap().attempt + 1;
+    store.claim("w", 30_000, &[("c1", attempt)]).await.unwrap();
+    store
+        .complete("w", &[(("c1", attempt), &ok)])
+        .await
+        .unwrap();
+    assert!(pttl(&mut conn).await > 0, "after its last child, p expires");
+}
