@@ -204,15 +204,14 @@ impl Schedule {
                 // second pass of a repeated hour croner answers the first pass's time, which is
                 // behind: such a time is passed over (it fired in the first pass), a second at a
                 // time, at most two hours' worth.
-                let mut from = after_ms / 1000;
-                for _ in 0..7200 {
+                let first = after_ms / 1000;
+                for from in first..first + 7200 {
                     let start = tz.timestamp_opt(from as i64, 0).single()?;
                     let found = cron.find_next_occurrence(&start, false).ok()?;
                     let found = found.timestamp_millis() as u64;
                     if found > after_ms {
                         return Some(found);
                     }
-                    from += 1;
                 }
                 None
             }
