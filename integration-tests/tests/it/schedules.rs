@@ -251,6 +251,38 @@ async fn each_misfire_policy_after_an_outage_and_the_api_and_cli() {
     let r = request(addr, "GET", "/v1/schedules/nightly", Some(TOKEN), None).await;
     assert_eq!(r.status, 404);
 
+    // An interval with jitter: a task a second, each due up to 3 s after its occurrence.
+    fleetctl_ok(
+        &env,
+        &[
+            "schedule",
+            "add",
+            "jit",
+            "--every-ms",
+            "1000",
+            "--jitter-ms",
+            "3000",
+            "--task",
+            r#"{"kind":"noop","queue":"jitter"}"#,
+        ],
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the interval fired 4 times",
+        || async { fired(&env, &store, "jitter", "jit").await.len() >= 4 },
+    )
+    .await;
+    fleetctl_ok(&env, &["schedule", "delete", "jit"]);
+    let times = fired(&env, &store, "jitter", "jit").await;
+    assert_every_second(&times);
+    let mut delays = Vec::new();
+    for at in &times {
+        let task = store.task(&format!("jit:{at}")).await.unwrap().unwrap();
+        delays.push(task.run_at_ms.saturating_sub(task.created_ms));
+    }
+    assert!(delays.iter().all(|&d| d <= 3000), "{delays:?}");
+    assert!(delays.iter().any(|&d| d > 0), "jittered: {delays:?}");
+
     // Malformed cron expressions, time zones and tasks are refused with the reason.
     for (body, says) in [
         (
