@@ -618,14 +618,15 @@ async fn twenty_thousand_tasks_waiting_for_one_slot_cost_redis_nothing_and_go_on
         &[("FLEET__WORKER__CONCURRENCY", "50")],
     );
     fleetctl_ok(&env, &["limits", "set", "key", "hot", "--max-running", "1"]);
-    // A first task holds the one slot for a while; the rest queue behind it.
+    // A first task holds the one slot (until it is cancelled below, long after the measure);
+    // the rest queue behind it.
     let n = 20_000;
     let ids: Vec<String> = (0..n).map(|i| format!("hot-{i}")).collect();
     let bodies: Vec<String> = ids
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let ms = if i == 0 { 12_000 } else { 1 };
+            let ms = if i == 0 { 600_000 } else { 1 };
             json!({"id": id, "kind": "sleep", "payload": {"ms": ms}, "concurrency_key": "hot"})
                 .to_string()
         })
@@ -684,6 +685,9 @@ async fn twenty_thousand_tasks_waiting_for_one_slot_cost_redis_nothing_and_go_on
         waiting < idle * 1.5 + 100.0,
         "waiting tasks cost Redis {waiting:.0} commands/s (idle {idle:.0})"
     );
+    // The measure is of waiting only: the slot was held throughout.
+    let holder = store.task("hot-0").await.unwrap().unwrap();
+    assert_eq!(holder.state, State::Running, "hot-0 held the slot");
     let task = store.task("hot-1").await.unwrap().unwrap();
     assert_eq!(task.state, State::Pending);
     assert_eq!(
@@ -696,11 +700,15 @@ async fn twenty_thousand_tasks_waiting_for_one_slot_cost_redis_nothing_and_go_on
         "the backlog shows: {out}"
     );
 
-    // Guarantee 5: the limit lifted, every waiting task goes on and nothing is lost.
+    // Guarantee 5: the limit lifted, every waiting task goes on and nothing is lost (the
+    // holder is cancelled: its slot's span is over).
     fleetctl_ok(&env, &["limits", "delete", "key", "hot"]);
+    store.cancel(&["hot-0".to_string()]).await.unwrap();
     let done = env.wait_terminal(&ids, Duration::from_secs(240)).await;
+    assert_eq!(done["hot-0"].state, State::Cancelled);
     assert!(
         done.values()
+            .filter(|t| t.id != "hot-0")
             .all(|t| t.state == State::Succeeded && t.attempt == 1)
     );
     assert_nothing_held(&env).await;
