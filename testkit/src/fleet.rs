@@ -66,6 +66,19 @@ impl TestEnv {
         (process, addr)
     }
 
+    /// A proxy in front of this environment's Redis that can lose replies on purpose.
+    pub async fn reply_cut_proxy(&self) -> crate::reply_cut::ReplyCut {
+        let redis_addr = self
+            .settings()
+            .redis
+            .url
+            .expose()
+            .trim_start_matches("redis://")
+            .parse()
+            .expect("the test Redis's address");
+        crate::reply_cut::ReplyCut::start(redis_addr).await
+    }
+
     /// Log file of the process started as `name`.
     pub fn log_of(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))

@@ -447,15 +447,7 @@ async fn lost_reply_stack(
         .claim("nobody", 1_000, &[("unknown", 1)])
         .await
         .unwrap();
-    let redis_addr = env
-        .settings()
-        .redis
-        .url
-        .expose()
-        .trim_start_matches("redis://")
-        .parse()
-        .expect("the test Redis's address");
-    let proxy = fleet_testkit::reply_cut::ReplyCut::start(redis_addr).await;
+    let proxy = env.reply_cut_proxy().await;
     (env, store, task, proxy)
 }
 

@@ -773,15 +773,7 @@ async fn follow_ups_recorded_before_a_kill_exist_once_and_are_not_made_again() {
     let store = env.store().await;
     let _scheduler = env.spawn("fleet-scheduler", "scheduler", &[]);
     let _reaper = env.spawn("fleet-reaper", "reaper", &[]);
-    let redis_addr = env
-        .settings()
-        .redis
-        .url
-        .expose()
-        .trim_start_matches("redis://")
-        .parse()
-        .expect("the test Redis's address");
-    let proxy = fleet_testkit::reply_cut::ReplyCut::start(redis_addr).await;
+    let proxy = env.reply_cut_proxy().await;
     let url = proxy.url();
     // The accept script is what records a success with follow-ups.
     let accept = fleet_common::store::scripts::ACCEPT
