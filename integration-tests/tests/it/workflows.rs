@@ -942,3 +942,73 @@ async fn parents_named_twice_or_held_again_after_a_redrive_keep_their_counts() {
         .unwrap();
     assert!(pttl(&mut conn).await > 0, "after its last child, p expires");
 }
+
+/// At the limit: a join of 1,000 parents is released once, after the last, and reads all 1,000
+/// results; nothing is left held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_of_a_thousand_parents_runs_once_after_all_of_them() {
+    let env = TestEnv::start("wf-wide");
+    env.create_topics().await;
+    let (_scheduler, addr) = env
+        .spawn_api("scheduler", &[("FLEET__HTTP__TOKENS", TOKEN)])
+        .await;
+    let _workers: Vec<_> = ["w1", "w2"]
+        .iter()
+        .map(|name| env.spawn("fleet-worker", name, &[]))
+        .collect();
+    let parents: Vec<String> = (0..1000).map(|i| format!("wide-{i}")).collect();
+    let body: Vec<Value> = parents
+        .iter()
+        .enumerate()
+        .map(|(i, id)| json!({"id": id, "kind": "echo", "payload": i}))
+        .collect();
+    let (status, answer) = post(
+        addr,
+        &json!({"id": "join", "kind": "gather", "depends_on": parents}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_dependency")),
+        "parents first"
+    );
+    let (status, _) = post(addr, &Value::Array(body)).await;
+    assert_eq!(status, 201);
+    let (status, answer) = post(
+        addr,
+        &json!({"id": "join", "kind": "gather", "depends_on": parents}),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let mut all = parents.clone();
+    all.push("join".into());
+    let tasks = env.wait_terminal(&all, Duration::from_secs(120)).await;
+    let join = &tasks["join"];
+    assert_eq!(join.state, State::Succeeded);
+    let last_parent = parents
+        .iter()
+        .map(|p| tasks[p].finished_ms.unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        first_start(join) >= last_parent,
+        "the join ran after its last parent"
+    );
+    let read = result(join);
+    let read = read["parents"].as_array().unwrap();
+    assert_eq!(read.len(), 1000);
+    for (i, parent) in read.iter().enumerate() {
+        assert_eq!(parent["result"], json!(i), "{parent}");
+    }
+    assert_eq!(executions(&env, &["w1", "w2"])["join"].len(), 1);
+    let store = env.store().await;
+    let mut conn = env.redis_conn().await;
+    for p in ["wide-0", "wide-999"] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(store.keys().task(p))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{p} expires once the join ended: {ttl}");
+    }
+}
